@@ -1,0 +1,203 @@
+"""Loading a pipeline with ``from_pretrained`` and preparing it for the engine.
+
+Real models and the tiny offline ones take the same path: a diffusers directory (local, or the hub
+cache) → ``DiffusionPipeline.from_pretrained`` → placement, memory modes, optimizations, progress
+bars off.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import queue
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fluxserve.engine.device import DevicePlan, validate_generator_device
+from fluxserve.engine.families import ADAPTERS, FamilyAdapter, PromptEmbedding
+from fluxserve.engine.memory import apply_attention_slicing, apply_offload, apply_vae_modes
+from fluxserve.engine.registry import ModelSpec, family_of_class
+from fluxserve.engine.tiny import ensure_tiny_model
+from fluxserve.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class ModelLoadError(RuntimeError):
+    """A model could not be loaded; the message says why and what to do instead."""
+
+
+def tiny_model_dir(settings: Settings, spec: ModelSpec) -> Path:
+    return settings.cache_dir / "models" / spec.key
+
+
+def _explain_load_failure(spec: ModelSpec, exc: Exception) -> str:
+    name = type(exc).__name__
+    text = str(exc)
+    if name == "GatedRepoError" or "gated" in text.lower() or "401" in text:
+        return (f"{spec.source} is a gated repository: accept its licence on the hub and set HF_TOKEN "
+                "(or HUGGINGFACE_HUB_TOKEN) to a token that has access")
+    if name in {"RepositoryNotFoundError", "RevisionNotFoundError"}:
+        return f"{spec.source} was not found on the hub (check the repo id and FLUX_REVISION)"
+    if name in {"LocalEntryNotFoundError", "ConnectionError", "ConnectTimeout", "OfflineModeIsEnabled",
+                "MaxRetryError", "ReadTimeout"} or "connect" in text.lower() or "offline" in text.lower():
+        return (f"could not download {spec.source}; this machine cannot reach the hub and the model is not in "
+                "the cache — use tiny-flux / tiny-qwen or a local diffusers directory")
+    if isinstance(exc, OSError | ValueError):
+        first = text.strip().splitlines()[0] if text.strip() else name
+        return f"could not load {spec.source}: {first[:300]}"
+    return f"could not load {spec.source}: {name}"
+
+
+@dataclass
+class PipelineView:
+    """One pipeline object that at most one thread uses at a time, with its own cached generators.
+
+    Several views of one model share the weights (same modules) but not the scheduler state, so up to
+    ``FLUX_MAX_CONCURRENT`` generations can run on one device without sharing a pipeline object.
+    """
+
+    pipeline: Any
+    generator_device: str
+    generators: list[torch.Generator] = field(default_factory=list)
+
+    def seeded_generators(self, seeds: list[int]) -> list[torch.Generator]:
+        """Re-seed the cached generators (growing the cache as needed) — never recreated per request."""
+        while len(self.generators) < len(seeds):
+            self.generators.append(torch.Generator(device=self.generator_device))
+        for gen, seed in zip(self.generators, seeds, strict=False):
+            gen.manual_seed(seed)
+        return self.generators[: len(seeds)]
+
+
+class PromptCache:
+    """LRU of prompt embeddings keyed by (prompt, max_sequence_length); thread-safe."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._items: OrderedDict[tuple[str, int], PromptEmbedding] = OrderedDict()
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, key: tuple[str, int]) -> PromptEmbedding | None:
+        if self.capacity == 0:
+            return None
+        with self._lock:
+            item = self._items.get(key)
+            if item is None:
+                self.misses += 1
+                return None
+            self._items.move_to_end(key)
+            self.hits += 1
+            return item
+
+    def put(self, key: tuple[str, int], value: PromptEmbedding) -> None:
+        if self.capacity == 0:
+            return
+        with self._lock:
+            self._items[key] = value
+            self._items.move_to_end(key)
+            while len(self._items) > self.capacity:
+                self._items.popitem(last=False)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+
+
+@dataclass
+class LoadedModel:
+    """A model resident on one device, ready for the engine."""
+
+    spec: ModelSpec
+    plan: DevicePlan
+    adapter: FamilyAdapter
+    pipeline_class: str
+    load_seconds: float
+    modes: list[str]
+    prompt_cache: PromptCache
+    _views: queue.Queue[PipelineView] = field(default_factory=queue.Queue)
+    primary: Any = None
+    warmup: dict[str, Any] = field(default_factory=dict)
+
+    @contextmanager
+    def view(self) -> Iterator[PipelineView]:
+        """Borrow a pipeline view exclusively for one generation."""
+        v = self._views.get()
+        try:
+            yield v
+        finally:
+            self._views.put(v)
+
+    def add_view(self, view: PipelineView) -> None:
+        self._views.put(view)
+
+
+def _make_view(pipe: Any, generator_device: str) -> PipelineView:
+    components = dict(pipe.components)
+    components["scheduler"] = copy.deepcopy(pipe.scheduler)
+    clone = type(pipe)(**components)
+    clone.set_progress_bar_config(disable=True)
+    return PipelineView(clone, generator_device)
+
+
+def load_model(spec: ModelSpec, plan: DevicePlan, settings: Settings, *, views: int = 1) -> LoadedModel:
+    """Load ``spec`` onto ``plan.device`` and prepare it (memory modes, optimizations, views)."""
+    from diffusers import DiffusionPipeline
+
+    started = time.perf_counter()
+    source: str | Path = spec.source
+    if spec.tiny is not None:
+        source = ensure_tiny_model(tiny_model_dir(settings, spec), spec.tiny)
+    kwargs: dict[str, Any] = {"torch_dtype": plan.torch_dtype, "trust_remote_code": settings.trust_remote_code}
+    if spec.tiny is None:
+        kwargs.update(cache_dir=str(settings.cache_dir / "hub"), revision=settings.revision,
+                      variant=settings.variant, token=settings.hf_token_value())
+    try:
+        pipe = DiffusionPipeline.from_pretrained(source, **kwargs)
+    except Exception as exc:  # every loader failure becomes one clear message
+        log.warning("loading %s failed: %s: %s", spec.key, type(exc).__name__, exc)
+        raise ModelLoadError(_explain_load_failure(spec, exc)) from exc
+
+    pipeline_class = type(pipe).__name__
+    family = family_of_class(pipeline_class)
+    if spec.family != family:
+        spec = spec.with_family(family)
+    pipe.set_progress_bar_config(disable=True)
+
+    modes: list[str] = []
+    vae = getattr(pipe, "vae", None)
+    if vae is not None and plan.vae_dtype != plan.dtype:
+        vae.to(plan.torch_vae_dtype)
+        modes.append(f"vae_{plan.vae_dtype}")
+    apply_offload(pipe, settings.offload, plan.device)
+    if settings.offload != "none":
+        modes.append(f"offload_{settings.offload}")
+    if apply_attention_slicing(pipe, settings.attention_slicing):
+        modes.append(f"attention_slicing_{settings.attention_slicing}")
+    modes += apply_vae_modes(pipe, slicing=settings.vae_slicing, tiling=settings.vae_tiling,
+                             tile_size=settings.vae_tile_size)
+
+    from fluxserve.engine.optimize import apply_optimizations
+
+    modes += apply_optimizations(pipe, settings, plan)
+    validate_generator_device(plan, pipe._execution_device if settings.offload == "none" else plan.torch_device)
+
+    model = LoadedModel(
+        spec=spec, plan=plan, adapter=ADAPTERS[family], pipeline_class=pipeline_class,
+        load_seconds=0.0, modes=modes, prompt_cache=PromptCache(settings.prompt_cache_size), primary=pipe,
+    )
+    model.add_view(PipelineView(pipe, plan.generator_device))
+    for _ in range(views - 1):
+        model.add_view(_make_view(pipe, plan.generator_device))
+    model.load_seconds = time.perf_counter() - started
+    return model

@@ -1,0 +1,361 @@
+"""The one place that reads the environment.
+
+Every knob of fluxserve is a field of :class:`Settings`. Values come from the process environment
+(prefix ``FLUX_``) and from a ``.env`` file in the working directory; the earlier server's names
+(``FLUX_MODEL_KEY``, ``FLUX_MODEL_ID``, ``IMAGE_SERVER_PORT``, ``HUGGINGFACE_HUB_TOKEN``...) still work
+as aliases. ``.env.example`` lists every field with its default; ``tests/test_settings.py`` checks that
+the two never drift apart.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+ENV_PREFIX = "FLUX_"
+
+
+def _default_cache_dir() -> Path:
+    """Where tiny models and the compile cache go unless ``FLUX_CACHE_DIR`` says otherwise."""
+    xdg = os.environ.get("XDG_CACHE_HOME")  # read once here, at import; settings stays the only reader
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "fluxserve"
+
+
+def _split_csv(value: Any) -> Any:
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+CsvList = Annotated[list[str], NoDecode]
+
+
+class SettingsError(ValueError):
+    """A setting has a value fluxserve cannot run with; the message names the variable."""
+
+
+class Settings(BaseSettings):
+    """All runtime configuration. Each field documents itself; the env var is ``FLUX_<NAME>``."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        populate_by_name=True,
+        validate_default=True,
+    )
+
+    # --- model -------------------------------------------------------------------------------
+    model: str = Field(
+        "schnell",
+        validation_alias=AliasChoices("FLUX_MODEL", "FLUX_MODEL_ID", "FLUX_MODEL_KEY", "model"),
+    )
+    """Default model: a registry key (schnell, dev, qwen, tiny-flux, tiny-qwen), a hub repo id or a
+    local diffusers directory. ``FLUX_MODEL_ID`` and ``FLUX_MODEL_KEY`` are the earlier names."""
+    preload_models: CsvList = Field(default_factory=list)
+    """Comma-separated extra models loaded at start-up besides the default one."""
+    cache_dir: Path = Field(default_factory=_default_cache_dir)
+    """Hub download cache, tiny models and compile caches live under this directory."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit) for hub models."""
+    variant: str | None = None
+    """Weights variant to load (e.g. ``fp16``) where the repo has one."""
+    hf_token: SecretStr | None = Field(
+        None,
+        validation_alias=AliasChoices("HF_TOKEN", "HUGGINGFACE_HUB_TOKEN", "HF_ACCESS_TOKEN", "hf_token"),
+    )
+    """Hub token for gated repos (FLUX.1-dev). Read from HF_TOKEN, HUGGINGFACE_HUB_TOKEN or
+    HF_ACCESS_TOKEN. Never logged."""
+    trust_remote_code: bool = False
+    """Allow repos to run their own Python code when loading. Off: only diffusers' own classes load."""
+    allow_any_model: bool = False
+    """Let requests name hub repos or paths not in the registry (otherwise only registry keys and
+    models configured by the operator)."""
+
+    # --- device & precision --------------------------------------------------------------------
+    device: str = "auto"
+    """auto | cuda | cuda:N | mps | cpu."""
+    devices: CsvList = Field(default_factory=list)
+    """One worker per listed device (e.g. ``cuda:0,cuda:1`` or ``cpu,cpu``); empty: one worker on
+    the resolved device."""
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    """Compute dtype. auto: bfloat16 on CUDA (float16 on GPUs without bf16), float16 on MPS,
+    float32 on CPU."""
+    generator_device: Literal["auto", "cpu", "device"] = "auto"
+    """Where random latents are drawn. auto = cpu: the same seed gives the same image on any
+    hardware, and MPS never sees a generator/device mismatch."""
+
+    # --- server --------------------------------------------------------------------------------
+    host: str = "127.0.0.1"
+    """Bind address. Loopback by default; set 0.0.0.0 deliberately to expose the server."""
+    port: int = Field(8000, ge=1, le=65535, validation_alias=AliasChoices("FLUX_PORT", "IMAGE_SERVER_PORT", "port"))
+    """TCP port (``IMAGE_SERVER_PORT`` is the earlier name)."""
+    public_url: str | None = None
+    """Base URL used to build ``url`` answers (default: from the request)."""
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    """Log level."""
+    structured_logs: bool = False
+    """One JSON object per log line instead of human-readable lines."""
+    log_prompts: bool = False
+    """Include prompts in logs (off: prompts are never logged)."""
+    api_keys: CsvList = Field(default_factory=list)
+    """Comma-separated API keys; when set, every /v1 route needs ``Authorization: Bearer <key>``."""
+    api_keys_file: Path | None = None
+    """File with one API key per line (merged with FLUX_API_KEYS)."""
+    cors_origins: CsvList = Field(default_factory=list)
+    """Origins allowed to call the API from a browser (default: same origin only)."""
+    metrics_require_auth: bool = False
+    """Require the API key for /metrics too."""
+    max_body_bytes: int = Field(1_000_000, ge=1024)
+    """Largest request body accepted (413 above it)."""
+    shutdown_timeout: float = Field(30.0, ge=0)
+    """On SIGTERM/SIGINT, seconds to finish in-flight and queued jobs before cancelling the rest."""
+
+    # --- request limits ------------------------------------------------------------------------
+    max_images_per_request: int = Field(4, ge=1, le=64)
+    """Upper bound for ``n``."""
+    max_prompt_chars: int = Field(4000, ge=1)
+    """Longest prompt accepted, in characters."""
+    min_size: int = Field(64, ge=8)
+    """Smallest width/height in pixels."""
+    max_size: int = Field(2048, ge=64)
+    """Largest width/height in pixels."""
+    max_pixels: int = Field(2048 * 2048, ge=64 * 64)
+    """Largest width × height per image."""
+    max_steps: int = Field(100, ge=1)
+    """Most denoising steps a request may ask for."""
+    max_guidance: float = Field(30.0, ge=0)
+    """Largest guidance scale a request may ask for."""
+
+    # --- outputs -------------------------------------------------------------------------------
+    output_dir: Path = Path("outputs")
+    """Where ``store_local`` images and metadata sidecars are written."""
+    store_local: bool = True
+    """Default of the request field ``store_local`` (the earlier server saved every image)."""
+    file_ttl: float = Field(3600.0, gt=0)
+    """Seconds an image served by ``response_format=url`` stays downloadable."""
+    png_compress_level: int = Field(1, ge=0, le=9)
+    """zlib level for PNG output; 1 is fast and still lossless."""
+    encode_threads: int = Field(2, ge=1, le=64)
+    """Threads that encode, base64 and save images off the GPU's critical path."""
+
+    # --- scheduler -----------------------------------------------------------------------------
+    max_queue: int = Field(64, ge=0)
+    """Jobs waiting beyond those running; when full, requests get 429 at once."""
+    queue_timeout: float = Field(300.0, gt=0)
+    """Seconds a job may wait in the queue before it is dropped with 504."""
+    max_concurrent: int = Field(1, ge=1, le=16)
+    """Generations in flight per device (the earlier checklist's semaphore)."""
+    max_batch: int = Field(4, ge=1, le=64)
+    """Most images merged into one pipeline call by dynamic batching (1 disables batching)."""
+    batch_wait_ms: float = Field(0.0, ge=0)
+    """How long the first job of a batch waits for company."""
+    model_lock_timeout: float = Field(600.0, gt=0)
+    """Seconds to wait for another load of the same model before answering 503."""
+    job_ttl: float = Field(3600.0, gt=0)
+    """Seconds finished async jobs and their results are kept."""
+
+    # --- memory --------------------------------------------------------------------------------
+    offload: Literal["none", "model", "sequential"] = "none"
+    """CPU offload: model = enable_model_cpu_offload, sequential = enable_sequential_cpu_offload."""
+    attention_slicing: str = "off"
+    """off | auto | max | <int> slice size."""
+    vae_slicing: bool = False
+    """Decode a batch one image at a time."""
+    vae_tiling: bool = False
+    """Decode in tiles (large images on small cards)."""
+    vae_tile_size: int | None = Field(None, ge=64)
+    """Tile size in pixels for VAE tiling (default: the VAE's own)."""
+    oom_policy: CsvList = Field(default_factory=lambda: ["clear_cache", "slicing", "offload", "downscale"])
+    """Recovery ladder after out-of-memory, in order: clear_cache, slicing, offload, downscale."""
+    allow_fallback: bool = True
+    """Default of the request field ``allow_fallback`` (lets the ladder lower resolution)."""
+    oom_max_consecutive: int = Field(3, ge=1)
+    """After this many failed requests in a row for OOM, /ready answers 503."""
+    fault_injection: bool = False
+    """Test only: enable FLUX_FAULTS."""
+    faults: str = ""
+    """Test only: e.g. ``oom@denoise:2,nan@decode:1`` (needs FLUX_FAULT_INJECTION=1)."""
+
+    # --- performance ---------------------------------------------------------------------------
+    compile: Literal["off", "regional", "full"] = "off"
+    """torch.compile the transformer's repeated blocks (regional) or the whole model."""
+    quantize: Literal["none", "fp8"] = "none"
+    """fp8 dynamic quantization of the transformer (torchao; CUDA with compute capability ≥ 8.9)."""
+    fuse_qkv: bool = False
+    """Fuse the attention QKV projections (lossless, fewer kernel launches)."""
+    channels_last: bool = False
+    """channels_last memory format for the VAE."""
+    attention_backend: str | None = None
+    """diffusers attention backend name (e.g. native, flash, _native_cudnn); empty: default."""
+    step_cache: str = Field("off", validation_alias=AliasChoices("FLUX_CACHE", "FLUX_STEP_CACHE", "step_cache"))
+    """Step caching for many-step models: off | fbcache:<threshold>. Lossy, opt-in."""
+    prompt_cache_size: int = Field(64, ge=0)
+    """LRU entries of prompt embeddings; a repeated prompt skips the text encoders (0 disables)."""
+    warmup_enable: bool = True
+    """Run a 1-step generation per model and warmup size after loading; /ready waits for it."""
+    warmup_sizes: CsvList = Field(default_factory=list)
+    """Sizes to warm up (e.g. ``1024x1024,512x512``); empty: the model's default size."""
+
+    # --- observability -------------------------------------------------------------------------
+    metrics_window: int = Field(200, ge=1)
+    """Requests kept for the rolling averages of /v1/metrics/summary."""
+
+    # --- ray serve -----------------------------------------------------------------------------
+    ray_num_gpus: float = Field(1.0, ge=0)
+    """GPUs per model replica (0: CPU replicas)."""
+    ray_num_cpus: float = Field(1.0, ge=0)
+    """CPUs reserved per model replica."""
+    ray_min_replicas: int = Field(1, ge=0)
+    """Fewest replicas per model deployment."""
+    ray_max_replicas: int = Field(1, ge=1)
+    """Most replicas per model deployment."""
+    ray_target_ongoing_requests: float = Field(2.0, gt=0)
+    """Autoscaling target of ongoing requests per replica."""
+    ray_max_queued_requests: int = Field(64, ge=-1)
+    """Requests queued per deployment before 429 (-1: unbounded)."""
+
+    # --- validators ----------------------------------------------------------------------------
+    @field_validator("preload_models", "devices", "api_keys", "cors_origins", "oom_policy", "warmup_sizes",
+                     mode="before")
+    @classmethod
+    def _csv(cls, value: Any) -> Any:
+        return _split_csv(value)
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper(cls, value: Any) -> Any:
+        return value.upper() if isinstance(value, str) else value
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        value = value.strip().lower()
+        if not _is_device_name(value, allow_auto=True):
+            raise ValueError(f"must be auto, cpu, mps, cuda or cuda:N, got {value!r}")
+        return value
+
+    @field_validator("devices")
+    @classmethod
+    def _devices(cls, value: list[str]) -> list[str]:
+        bad = [d for d in value if not _is_device_name(d.lower(), allow_auto=False)]
+        if bad:
+            raise ValueError(f"each entry must be cpu, mps, cuda or cuda:N, got {bad!r}")
+        return [d.lower() for d in value]
+
+    @field_validator("attention_slicing")
+    @classmethod
+    def _slicing(cls, value: str) -> str:
+        value = value.strip().lower()
+        if value in {"off", "auto", "max"} or (value.isdigit() and int(value) > 0):
+            return value
+        raise ValueError(f"must be off, auto, max or a positive integer, got {value!r}")
+
+    @field_validator("oom_policy")
+    @classmethod
+    def _oom_policy(cls, value: list[str]) -> list[str]:
+        allowed = {"clear_cache", "slicing", "offload", "downscale"}
+        bad = [v for v in value if v not in allowed]
+        if bad:
+            raise ValueError(f"unknown rung(s) {bad!r}; allowed: {sorted(allowed)}")
+        return value
+
+    @field_validator("step_cache")
+    @classmethod
+    def _step_cache(cls, value: str) -> str:
+        value = value.strip().lower()
+        if value == "off":
+            return value
+        kind, _, arg = value.partition(":")
+        if kind == "fbcache":
+            try:
+                threshold = float(arg or "0.08")
+            except ValueError:
+                raise ValueError(f"fbcache threshold must be a number, got {arg!r}") from None
+            if not 0 < threshold < 1:
+                raise ValueError(f"fbcache threshold must be in (0, 1), got {threshold}")
+            return f"fbcache:{threshold}"
+        raise ValueError(f"must be off or fbcache:<threshold>, got {value!r}")
+
+    @field_validator("warmup_sizes")
+    @classmethod
+    def _sizes(cls, value: list[str]) -> list[str]:
+        for size in value:
+            w, sep, h = size.lower().partition("x")
+            if not (sep and w.isdigit() and h.isdigit()):
+                raise ValueError(f"sizes look like 1024x1024, got {size!r}")
+        return [s.lower() for s in value]
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Settings:
+        if self.max_size < self.min_size:
+            raise ValueError("FLUX_MAX_SIZE must be ≥ FLUX_MIN_SIZE")
+        if self.faults and not self.fault_injection:
+            raise ValueError("FLUX_FAULTS is set but FLUX_FAULT_INJECTION is not 1 (fault injection is test-only)")
+        if self.offload != "none" and self.compile != "off":
+            raise ValueError("FLUX_OFFLOAD and FLUX_COMPILE cannot be combined: offload hooks break compiled graphs")
+        if self.offload != "none" and self.quantize != "none":
+            raise ValueError("FLUX_OFFLOAD and FLUX_QUANTIZE=fp8 cannot be combined")
+        if self.ray_min_replicas > self.ray_max_replicas:
+            raise ValueError("FLUX_RAY_MIN_REPLICAS must be ≤ FLUX_RAY_MAX_REPLICAS")
+        return self
+
+    # --- helpers -------------------------------------------------------------------------------
+    def all_api_keys(self) -> list[str]:
+        """Keys from FLUX_API_KEYS and FLUX_API_KEYS_FILE together."""
+        keys = list(self.api_keys)
+        if self.api_keys_file is not None:
+            text = self.api_keys_file.read_text(encoding="utf-8")
+            keys += [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+        return keys
+
+    def redacted(self) -> dict[str, Any]:
+        """Settings as a dict that is safe to log or to show in /v1/models."""
+        data = self.model_dump(mode="json")
+        data["hf_token"] = "***" if self.hf_token else None
+        data["api_keys"] = ["***"] * len(self.api_keys)
+        return data
+
+    def hf_token_value(self) -> str | None:
+        return self.hf_token.get_secret_value() if self.hf_token else None
+
+
+def _is_device_name(value: str, *, allow_auto: bool) -> bool:
+    if value in {"cpu", "mps", "cuda"} or (allow_auto and value == "auto"):
+        return True
+    kind, sep, index = value.partition(":")
+    return kind in {"cuda", "mps"} and bool(sep) and index.isdigit()
+
+
+def env_var_name(field_name: str) -> str:
+    """The environment variable that sets ``field_name``."""
+    field = Settings.model_fields.get(field_name)
+    if field is not None and isinstance(field.validation_alias, AliasChoices):
+        first = field.validation_alias.choices[0]
+        if isinstance(first, str):
+            return first
+    return ENV_PREFIX + field_name.upper()
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Build settings from the environment/.env plus explicit overrides (e.g. CLI flags).
+
+    Raises :class:`SettingsError` with one line per bad variable, naming it and what it allows.
+    """
+    try:
+        return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            loc = [str(part) for part in err["loc"]]
+            name = env_var_name(loc[0]) if loc else "settings"
+            value = err.get("input")
+            shown = "" if isinstance(value, dict) or loc and loc[0] in {"hf_token", "api_keys"} else f"={value!r}"
+            message = err["msg"].removeprefix("Value error, ")
+            lines.append(f"{name}{shown}: {message}")
+        raise SettingsError("invalid settings:\n  " + "\n  ".join(lines)) from None
