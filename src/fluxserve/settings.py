@@ -355,7 +355,7 @@ def load_settings(**overrides: Any) -> Settings:
             loc = [str(part) for part in err["loc"]]
             name = env_var_name(loc[0]) if loc else "settings"
             value = err.get("input")
-            shown = "" if isinstance(value, dict) or loc and loc[0] in {"hf_token", "api_keys"} else f"={value!r}"
+            shown = "" if isinstance(value, dict) or (loc and loc[0] in {"hf_token", "api_keys"}) else f"={value!r}"
             message = err["msg"].removeprefix("Value error, ")
             lines.append(f"{name}{shown}: {message}")
         raise SettingsError("invalid settings:\n  " + "\n  ".join(lines)) from None

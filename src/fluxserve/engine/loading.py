@@ -128,6 +128,8 @@ class LoadedModel:
     _views: queue.Queue[PipelineView] = field(default_factory=queue.Queue)
     primary: Any = None
     warmup: dict[str, Any] = field(default_factory=dict)
+    loaded_at: float = field(default_factory=time.monotonic)
+    """Monotonic time the load finished (tells whether a request waited for it)."""
 
     @contextmanager
     def view(self) -> Iterator[PipelineView]:
@@ -200,4 +202,5 @@ def load_model(spec: ModelSpec, plan: DevicePlan, settings: Settings, *, views: 
     for _ in range(views - 1):
         model.add_view(_make_view(pipe, plan.generator_device))
     model.load_seconds = time.perf_counter() - started
+    model.loaded_at = time.monotonic()
     return model

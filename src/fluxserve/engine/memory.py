@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import os
@@ -40,10 +41,8 @@ def empty_cache(backend: str) -> None:
     if backend == "cuda" and torch.cuda.is_available():
         torch.cuda.empty_cache()
     elif backend == "mps" and hasattr(torch, "mps"):
-        try:
+        with contextlib.suppress(RuntimeError):  # no MPS device at all
             torch.mps.empty_cache()
-        except RuntimeError:  # no MPS device at all
-            pass
 
 
 def memory_snapshot(device: str) -> dict[str, Any]:
@@ -100,7 +99,7 @@ def apply_attention_slicing(pipe: Any, value: str) -> bool:
 def apply_vae_modes(pipe: Any, *, slicing: bool, tiling: bool, tile_size: int | None) -> list[str]:
     """Turn on VAE slicing/tiling where the VAE supports it; return the modes applied."""
     vae = getattr(pipe, "vae", None)
-    applied = []
+    applied: list[str] = []
     if vae is None:
         return applied
     if slicing and hasattr(vae, "enable_slicing"):

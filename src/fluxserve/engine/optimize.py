@@ -1,16 +1,307 @@
 """Speed optimizations applied to a loaded pipeline (FLUX_COMPILE, FLUX_QUANTIZE, ...).
 
-Placeholder kept deliberately small until the performance work lands: returns the list of
-optimizations applied so far (none).
+:func:`apply_optimizations` runs once per loaded model, after the pipeline is on its device and the
+memory modes are applied. Every optimization is driven by one field of :class:`~fluxserve.settings.Settings`
+and everything is off by default, so a default CPU start changes nothing. The order is fixed because the
+steps depend on each other:
+
+1. ``FLUX_ATTENTION_BACKEND`` — diffusers' attention dispatcher (e.g. ``_native_cudnn`` on Hopper).
+2. ``FLUX_FUSE_QKV`` — one matmul for Q, K and V (exact up to float rounding; done before quantizing so
+   the fused weight is quantized once).
+3. ``FLUX_QUANTIZE=fp8`` — torchao float8 dynamic activation × float8 weight, row-wise scales (lossy,
+   CUDA compute capability ≥ 8.9).
+4. ``FLUX_STEP_CACHE=fbcache:<t>`` — diffusers' First Block Cache (lossy; skips most blocks on steps
+   whose first-block residual barely changed; for many-step models).
+5. ``FLUX_CHANNELS_LAST`` — channels_last memory format for the VAE's convolutions.
+6. ``FLUX_COMPILE`` — ``torch.compile`` of the transformer's repeated blocks (regional, fast to compile)
+   or of the whole transformer (full), plus the VAE decoder on CUDA.
+
+Invalid combinations raise :class:`OptimizationError` (a ``ValueError``) naming the variable to change,
+before anything is modified.
 """
 
 from __future__ import annotations
 
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
+
+import torch
 
 from fluxserve.engine.device import DevicePlan
 from fluxserve.settings import Settings
 
+log = logging.getLogger(__name__)
+
+FP8_MIN_CAPABILITY = (8, 9)
+"""float8 matmuls (``torch._scaled_mm``) need Ada (8.9) or Hopper (9.0) and later."""
+RECOMPILE_LIMIT = 64
+"""Compiled variants kept per code object: every (batch size, width, height) is one static graph."""
+
+
+class OptimizationError(ValueError):
+    """The requested optimizations cannot run here; the message names the setting (``FLUX_...``)."""
+
+
+@dataclass(frozen=True)
+class StepCache:
+    """A parsed ``FLUX_STEP_CACHE`` value."""
+
+    kind: str
+    """off | fbcache."""
+    threshold: float = 0.0
+
+    @property
+    def enabled(self) -> bool:
+        return self.kind != "off"
+
+
+def parse_step_cache(value: str) -> StepCache:
+    """Parse ``off`` or ``fbcache[:<threshold>]`` (threshold in (0, 1), default 0.08)."""
+    text = value.strip().lower()
+    if text in ("", "off", "none", "0", "false"):
+        return StepCache("off")
+    kind, _, arg = text.partition(":")
+    if kind != "fbcache":
+        raise OptimizationError(f"FLUX_STEP_CACHE={value!r}: must be off or fbcache:<threshold>")
+    try:
+        threshold = float(arg) if arg else 0.08
+    except ValueError:
+        raise OptimizationError(f"FLUX_STEP_CACHE={value!r}: the fbcache threshold must be a number") from None
+    if not 0.0 < threshold < 1.0:
+        raise OptimizationError(f"FLUX_STEP_CACHE={value!r}: the fbcache threshold must be in (0, 1)")
+    return StepCache("fbcache", threshold)
+
+
+def _cuda_capability(plan: DevicePlan) -> tuple[int, int] | None:
+    if plan.backend != "cuda" or not torch.cuda.is_available():
+        return None
+    return torch.cuda.get_device_capability(plan.torch_device)
+
+
+def _torchao_available() -> bool:
+    try:
+        import torchao  # noqa: F401
+        from torchao.quantization import Float8DynamicActivationFloat8WeightConfig  # noqa: F401
+    except Exception:  # ImportError, or a torchao built for another torch failing at import
+        return False
+    return True
+
+
+def _diffusers_has_cache() -> bool:
+    try:
+        from diffusers.hooks import FirstBlockCacheConfig  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def validate_optimizations(settings: Settings, plan: DevicePlan, transformer: Any = None) -> StepCache:
+    """Check the requested optimizations against the device and the installed libraries.
+
+    Raises :class:`OptimizationError` naming the variable for any combination that cannot work, before
+    the pipeline is touched. Returns the parsed step cache.
+    """
+    cache = parse_step_cache(settings.step_cache)
+    if settings.quantize == "fp8":
+        if plan.backend != "cuda":
+            raise OptimizationError(
+                f"FLUX_QUANTIZE=fp8 needs a CUDA GPU with compute capability >= 8.9 (Ada, Hopper or later); "
+                f"this model runs on {plan.device}. Unset FLUX_QUANTIZE (or set it to none)."
+            )
+        capability = _cuda_capability(plan)
+        if capability is None or capability < FP8_MIN_CAPABILITY:
+            found = "unknown" if capability is None else f"{capability[0]}.{capability[1]}"
+            raise OptimizationError(
+                f"FLUX_QUANTIZE=fp8 needs compute capability >= 8.9 (Ada, Hopper or later); {plan.device} has "
+                f"{found}. Unset FLUX_QUANTIZE (or set it to none)."
+            )
+        if not _torchao_available():
+            raise OptimizationError(
+                "FLUX_QUANTIZE=fp8 needs torchao (pip install 'fluxserve[fp8]', a torchao release that matches "
+                f"torch {torch.__version__}). Unset FLUX_QUANTIZE or install it."
+            )
+        if settings.offload != "none":
+            raise OptimizationError(
+                f"FLUX_QUANTIZE=fp8 cannot be combined with FLUX_OFFLOAD={settings.offload} (quantized weights "
+                "must stay on the GPU); set FLUX_OFFLOAD=none."
+            )
+    if settings.compile != "off" and settings.offload == "sequential":
+        raise OptimizationError(
+            f"FLUX_COMPILE={settings.compile} cannot be combined with FLUX_OFFLOAD=sequential (its hooks move "
+            "weights inside every layer); use FLUX_OFFLOAD=model or none, or FLUX_COMPILE=off."
+        )
+    if cache.enabled:
+        if not _diffusers_has_cache():
+            raise OptimizationError(
+                f"FLUX_STEP_CACHE={settings.step_cache}: the installed diffusers has no First Block Cache "
+                "(needs diffusers >= 0.35); set FLUX_STEP_CACHE=off."
+            )
+        if transformer is not None and not hasattr(transformer, "enable_cache"):
+            raise OptimizationError(
+                f"FLUX_STEP_CACHE={settings.step_cache}: this model's transformer does not support caching; "
+                "set FLUX_STEP_CACHE=off."
+            )
+    if settings.attention_backend and transformer is not None and not hasattr(transformer, "set_attention_backend"):
+        raise OptimizationError(
+            f"FLUX_ATTENTION_BACKEND={settings.attention_backend}: the installed diffusers has no attention "
+            "backends (needs diffusers >= 0.35); unset FLUX_ATTENTION_BACKEND."
+        )
+    return cache
+
+
+def _set_attention_backend(transformer: Any, name: str) -> None:
+    try:
+        transformer.set_attention_backend(name)
+    except (ValueError, RuntimeError, ImportError) as exc:
+        raise OptimizationError(f"FLUX_ATTENTION_BACKEND={name}: {exc}") from exc
+
+
+def _fuse_qkv(pipe: Any, transformer: Any) -> bool:
+    if hasattr(transformer, "fuse_qkv_projections"):
+        transformer.fuse_qkv_projections()
+        return True
+    if hasattr(pipe, "fuse_qkv_projections"):
+        pipe.fuse_qkv_projections(text_encoder=False, vae=False)
+        return True
+    return False
+
+
+def _unused_projection(name: str, module: Any, fused_parents: set[str]) -> bool:
+    parent, _, leaf = name.rpartition(".")
+    return parent in fused_parents and leaf in {"to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj"}
+
+
+def _quantize_fp8(transformer: Any) -> int:
+    """Row-wise float8 dynamic quantization of the transformer's linear layers; returns how many."""
+    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+
+    fused_parents = {name for name, module in transformer.named_modules()
+                     if getattr(module, "fused_projections", False)}
+    count = 0
+
+    def wanted(module: torch.nn.Module, fqn: str) -> bool:
+        nonlocal count
+        if not isinstance(module, torch.nn.Linear):
+            return False
+        # _scaled_mm needs both dimensions to be multiples of 16; tiny layers gain nothing anyway.
+        if module.in_features % 16 or module.out_features % 16 or module.in_features < 256:
+            return False
+        if _unused_projection(fqn, module, fused_parents):
+            return False  # replaced by the fused to_qkv / to_added_qkv; quantizing it costs time only
+        count += 1
+        return True
+
+    quantize_(transformer, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()), filter_fn=wanted)
+    return count
+
+
+def _enable_fbcache(transformer: Any, threshold: float) -> None:
+    from diffusers.hooks import FirstBlockCacheConfig
+
+    transformer.enable_cache(FirstBlockCacheConfig(threshold=threshold))
+
+
+def _configure_compile_cache(settings: Settings) -> Path:
+    """Keep Inductor's caches under FLUX_CACHE_DIR so a second start reuses the compiled kernels."""
+    import torch._dynamo
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    cache_dir = Path(settings.cache_dir) / "inductor"
+    current = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    # torch writes its default into the environment on first use; anything else is an operator's choice.
+    if current is None or os.path.abspath(current) == os.path.abspath(default_cache_dir()):
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir)
+    else:
+        cache_dir = Path(current)
+    config = torch._dynamo.config
+    limit_name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    setattr(config, limit_name, max(getattr(config, limit_name), RECOMPILE_LIMIT))
+    if hasattr(config, "accumulated_recompile_limit"):
+        config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, 4 * RECOMPILE_LIMIT)
+    return cache_dir
+
+
+def _compile_transformer(transformer: Any, mode: str, fullgraph: bool) -> str:
+    """Compile the transformer; returns the variant used (regional falls back to full without blocks)."""
+    # dynamic=False: each (batch, size) gets its own static graph — the fastest kernels, compiled once
+    # per shape (warm-up sizes at start, cached on disk across restarts).
+    options: dict[str, Any] = {"fullgraph": fullgraph, "dynamic": False}
+    if mode == "regional" and getattr(transformer, "_repeated_blocks", None) and hasattr(
+        transformer, "compile_repeated_blocks"
+    ):
+        transformer.compile_repeated_blocks(**options)
+        return "regional"
+    transformer.compile(**options)
+    return "full"
+
+
+def _compile_vae_decoder(vae: Any) -> bool:
+    decoder = getattr(vae, "decoder", None)
+    if decoder is None or not isinstance(decoder, torch.nn.Module):
+        return False
+    decoder.compile(fullgraph=False, dynamic=False)
+    return True
+
 
 def apply_optimizations(pipe: Any, settings: Settings, plan: DevicePlan) -> list[str]:
-    return []
+    """Apply the optimizations the settings ask for; return their names (shown to users).
+
+    With default settings nothing happens and ``[]`` comes back. Raises :class:`OptimizationError`
+    (a ``ValueError`` naming the ``FLUX_`` variable) for combinations this device or install cannot run.
+    """
+    transformer = getattr(pipe, "transformer", None)
+    cache = validate_optimizations(settings, plan, transformer)
+    applied: list[str] = []
+    wants_transformer = (settings.attention_backend or settings.fuse_qkv or settings.quantize != "none"
+                         or cache.enabled or settings.compile != "off")
+    if transformer is None:
+        if wants_transformer:
+            log.warning("pipeline %s has no transformer; transformer optimizations skipped",
+                        type(pipe).__name__)
+        transformer_ops = False
+    else:
+        transformer_ops = True
+
+    if transformer_ops and settings.attention_backend:
+        _set_attention_backend(transformer, settings.attention_backend)
+        applied.append(f"attention_{settings.attention_backend}")
+
+    if transformer_ops and settings.fuse_qkv:
+        if _fuse_qkv(pipe, transformer):
+            applied.append("fuse_qkv")
+        else:
+            log.warning("FLUX_FUSE_QKV: %s cannot fuse QKV projections; skipped", type(transformer).__name__)
+
+    if transformer_ops and settings.quantize == "fp8":
+        count = _quantize_fp8(transformer)
+        applied.append("fp8_rowwise")
+        log.info("fp8: quantized %d linear layers of the transformer (torchao, row-wise scales)", count)
+
+    if transformer_ops and cache.enabled:
+        _enable_fbcache(transformer, cache.threshold)
+        applied.append(f"fbcache_{cache.threshold:g}")
+
+    vae = getattr(pipe, "vae", None)
+    if settings.channels_last and vae is not None:
+        vae.to(memory_format=torch.channels_last)
+        applied.append("vae_channels_last")
+
+    if settings.compile != "off":
+        cache_dir = _configure_compile_cache(settings)
+        if transformer_ops:
+            # The cache's decision (a .item() in the first block) is a graph break: no fullgraph then.
+            variant = _compile_transformer(transformer, settings.compile, fullgraph=not cache.enabled)
+            applied.append(f"compile_{variant}")
+        # The VAE decoder pays on CUDA (fused group norms/activations); on CPU/MPS compiling it only
+        # costs start-up time.
+        if plan.backend == "cuda" and vae is not None and _compile_vae_decoder(vae):
+            applied.append("compile_vae_decoder")
+        log.info("torch.compile (%s) set up; kernels compile on the first call of each shape (cache: %s)",
+                 settings.compile, cache_dir)
+    if applied:
+        log.info("optimizations: %s", ", ".join(applied))
+    return applied

@@ -38,20 +38,16 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(printable, (chr(c) for c in chars), strict=True))
 
 
-def _byte_level_vocab(specials: list[str]) -> dict[str, int]:
-    vocab = {ch: i for i, ch in enumerate(sorted(_bytes_to_unicode().values()))}
-    for token in specials:
-        vocab[token] = len(vocab)
-    return vocab
+def _byte_level_vocab() -> dict[str, int]:
+    return {ch: i for i, ch in enumerate(sorted(_bytes_to_unicode().values()))}
 
 
 def _clip_tokenizer(max_length: int = 77):  # type: ignore[no-untyped-def]
     from transformers import CLIPTokenizer
 
-    specials = ["<|startoftext|>", "<|endoftext|>"]
-    vocab = _byte_level_vocab([])
+    vocab = _byte_level_vocab()
     vocab.update({ch + "</w>": len(vocab) + i for i, ch in enumerate(sorted(_bytes_to_unicode().values()))})
-    for token in specials:
+    for token in ("<|startoftext|>", "<|endoftext|>"):
         vocab[token] = len(vocab)
     return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=max_length)
 
@@ -68,11 +64,9 @@ def _t5_tokenizer(max_length: int = 512):  # type: ignore[no-untyped-def]
 def _qwen_tokenizer():  # type: ignore[no-untyped-def]
     from transformers import Qwen2Tokenizer
 
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
-                "<|image_pad|>"]
-    vocab = _byte_level_vocab([])
-    tok = Qwen2Tokenizer(vocab=vocab, merges=[], model_max_length=2048)
-    tok.add_special_tokens({"additional_special_tokens": specials[1:]})
+    tok = Qwen2Tokenizer(vocab=_byte_level_vocab(), merges=[], model_max_length=2048)
+    tok.add_special_tokens({"additional_special_tokens": [
+        "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>"]})
     tok.add_tokens(["<|endoftext|>"], special_tokens=True)
     return tok
 
@@ -101,7 +95,6 @@ def _build_flux():  # type: ignore[no-untyped-def]
     t5 = T5EncoderModel(T5Config(
         vocab_size=len(t5_tok), d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
         feed_forward_proj="gated-gelu", pad_token_id=t5_tok.pad_token_id, eos_token_id=t5_tok.eos_token_id,
-        decoder_start_token_id=0,
     ))
     torch.manual_seed(3)
     vae = AutoencoderKL(
@@ -127,6 +120,10 @@ def _build_qwen():  # type: ignore[no-untyped-def]
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     tok = _qwen_tokenizer()
+
+    def ids(token: str) -> int:
+        return int(tok.convert_tokens_to_ids(token))
+
     torch.manual_seed(0)
     transformer = QwenImageTransformer2DModel(
         patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16, num_attention_heads=3,
@@ -142,16 +139,14 @@ def _build_qwen():  # type: ignore[no-untyped-def]
         text_config={
             "hidden_size": 16, "intermediate_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2,
             "num_key_value_heads": 2, "vocab_size": len(tok),
+            "bos_token_id": ids("<|endoftext|>"), "eos_token_id": ids("<|im_end|>"),
+            "pad_token_id": ids("<|endoftext|>"),
             "rope_scaling": {"mrope_section": [1, 1, 2], "rope_type": "default", "type": "default"},
             "rope_theta": 1000000.0,
         },
         vision_config={"depth": 2, "hidden_size": 16, "intermediate_size": 16, "num_heads": 2, "out_hidden_size": 16},
-        hidden_size=16, vocab_size=len(tok), bos_token_id=tok.convert_tokens_to_ids("<|endoftext|>"),
-        eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"), pad_token_id=tok.convert_tokens_to_ids("<|endoftext|>"),
-        vision_start_token_id=tok.convert_tokens_to_ids("<|vision_start|>"),
-        vision_end_token_id=tok.convert_tokens_to_ids("<|vision_end|>"),
-        vision_token_id=tok.convert_tokens_to_ids("<|image_pad|>"),
-        image_token_id=tok.convert_tokens_to_ids("<|image_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"),
+        image_token_id=ids("<|image_pad|>"),
     )
     text_encoder = Qwen2_5_VLForConditionalGeneration(config).eval()
     scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=0.9,

@@ -1,0 +1,5 @@
+import sys
+
+from fluxserve.cli import main
+
+sys.exit(main())

@@ -1,0 +1,66 @@
+"""The FastAPI application: routes, middleware, error handlers, static web page, lifespan."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.staticfiles import StaticFiles
+
+from fluxserve import __version__
+from fluxserve.api.errors import install_error_handlers
+from fluxserve.api.middleware import ApiKeyMiddleware, BodyLimitMiddleware, RequestContextMiddleware
+from fluxserve.api.routes import images, models, system
+from fluxserve.api.serving import ImageService
+from fluxserve.runtime import Runtime
+from fluxserve.settings import Settings
+
+log = logging.getLogger(__name__)
+
+STATIC_DIR = Path(__file__).resolve().parent.parent / "web" / "static"
+
+
+def create_app(settings: Settings, runtime: Runtime | None = None, *, manage_runtime: bool = True) -> FastAPI:
+    """Build the app. ``runtime`` defaults to a new one started/stopped by the app's lifespan."""
+    runtime = runtime or Runtime(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if manage_runtime:
+            runtime.start()
+        yield
+        if manage_runtime:
+            await asyncio.get_running_loop().run_in_executor(None, runtime.close)
+
+    app = FastAPI(
+        title="fluxserve", version=__version__, lifespan=lifespan,
+        description="Self-hosted, OpenAI-compatible image generation on diffusers. Every error is "
+                    '`{"error": {"message", "type", "param", "code"}}`.',
+    )
+    app.state.runtime = runtime
+    app.state.images = ImageService(runtime)
+    app.state.static_dir = STATIC_DIR
+    install_error_handlers(app)
+    app.include_router(system.router)
+    app.include_router(images.router)
+    app.include_router(models.router)
+    if STATIC_DIR.is_dir():
+        app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+
+    # Outermost last: request context → body limit → auth → CORS → app.
+    if settings.cors_origins:
+        allow_all = settings.cors_origins == ["*"]
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins,
+                           allow_credentials=not allow_all,  # never '*' together with credentials
+                           allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
+                           allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
+                           expose_headers=["X-Request-ID", "Retry-After"])
+    app.add_middleware(ApiKeyMiddleware, keys=settings.all_api_keys(), protect_metrics=settings.metrics_require_auth)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestContextMiddleware, metrics=runtime.metrics)
+    return app

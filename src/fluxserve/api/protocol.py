@@ -1,0 +1,165 @@
+"""Request and response models of the HTTP API (OpenAI's images API plus fluxserve's extensions).
+
+Requests accept unknown fields (newer OpenAI clients send fields we do not know yet): they are
+ignored, logged and listed back in ``ignored_fields``. Bounds that depend on settings (n, sizes,
+steps, prompt length) are checked in the serving layer, which names the bad ``param``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+MAX_SEED = 2**63 - 1
+REQUEST_ID_PATTERN = r"^[A-Za-z0-9._:\-]{1,128}$"
+
+OPENAI_IGNORED = ("style", "background", "moderation", "input_fidelity")
+
+
+class APIModel(BaseModel):
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+
+    def unknown_fields(self) -> list[str]:
+        return sorted((self.model_extra or {}).keys())
+
+
+class ImageGenerationRequest(APIModel):
+    """``POST /v1/images/generations`` (and ``/v1/images/jobs``)."""
+
+    prompt: str = Field(..., min_length=1, description="What to draw. Required, non-empty.")
+    model: str | None = Field(None, description="Registry key, hub repo id or local path; default: active model.")
+    n: int | None = Field(1, ge=1, description="Images to generate (1..FLUX_MAX_IMAGES_PER_REQUEST).")
+    size: str | None = Field(None, description='"WIDTHxHEIGHT" or "auto" (the model\'s default size).')
+    response_format: Literal["b64_json", "url"] | None = Field(None, description="b64_json (default) or url.")
+    output_format: Literal["png", "jpeg", "webp"] | None = Field(None, description="Image file format.")
+    output_compression: int | None = Field(None, ge=0, le=100, description="0–100, higher is smaller.")
+    quality: Literal["auto", "low", "medium", "high", "standard", "hd"] | None = Field(
+        None, description="Maps to the model's step presets (standard=medium, hd=high).")
+    user: str | None = Field(None, max_length=256, description="End-user id; accepted and logged.")
+    stream: bool = Field(False, description="Server-sent events: progress, partial images, then the image.")
+    partial_images: int | None = Field(None, ge=0, le=3, description="Partial previews to stream (0–3).")
+    style: Any = Field(None, description="Accepted and ignored (no meaning for diffusion models here).")
+    background: Any = Field(None, description="Accepted and ignored.")
+    moderation: Any = Field(None, description="Accepted and ignored (no moderation model runs here).")
+
+    # fluxserve / earlier-server extensions
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Seed of the first image; image i uses seed+i.")
+    num_inference_steps: int | None = Field(None, ge=1, description="Denoising steps (overrides quality).")
+    guidance_scale: float | None = Field(None, ge=0, description="Guidance (Qwen-Image: true CFG scale).")
+    true_cfg_scale: float | None = Field(None, ge=0, description="Qwen-Image's name for guidance_scale.")
+    negative_prompt: str | None = Field(None, description="What to avoid (Qwen-Image).")
+    max_sequence_length: int | None = Field(None, ge=1, description="Text tokens given to the T5/Qwen encoder.")
+    height: int | None = Field(None, ge=1, description="Earlier server's form of size; must agree with size.")
+    width: int | None = Field(None, ge=1, description="Earlier server's form of size; must agree with size.")
+    store_local: bool | None = Field(None, description="Also save the image under FLUX_OUTPUT_DIR.")
+    write_metadata: bool = Field(False, description="Save a JSON sidecar next to the saved image.")
+    request_id: str | None = Field(None, pattern=REQUEST_ID_PATTERN, description="Client-chosen id to cancel.")
+    allow_fallback: bool | None = Field(None, description="Let OOM recovery lower the resolution.")
+
+    @field_validator("guidance_scale", "true_cfg_scale")
+    @classmethod
+    def _finite(cls, value: float | None) -> float | None:
+        if value is not None and not math.isfinite(value):
+            raise ValueError("must be a finite number")
+        return value
+
+    @field_validator("prompt", "negative_prompt")
+    @classmethod
+    def _no_nul(cls, value: str | None) -> str | None:
+        if value is not None and "\x00" in value:
+            raise ValueError("must not contain NUL characters")
+        return value
+
+    def ignored_fields(self) -> list[str]:
+        named = [name for name in OPENAI_IGNORED if getattr(self, name, None) is not None]
+        return named + self.unknown_fields()
+
+
+class ImageParams(BaseModel):
+    height: int
+    width: int
+    num_inference_steps: int
+    guidance_scale: float
+    max_sequence_length: int
+    seed: int
+    negative_prompt: str | None = None
+    fallback_applied: bool = False
+    fallback_reason: str | None = None
+    original_params: dict[str, Any] | None = None
+
+
+class ImageData(BaseModel):
+    """One image. OpenAI's fields first; fluxserve's extensions after them, inside the item."""
+
+    b64_json: str | None = None
+    url: str | None = None
+    revised_prompt: str | None = None
+    seed: int
+    model: str
+    model_key: str
+    device: str
+    dtype: str
+    params: ImageParams
+    timing: dict[str, float]
+    batch_size: int
+    request_id: str
+    saved_path: str | None = None
+    metadata_path: str | None = None
+    replica: str | None = None
+
+
+class ImagesResponse(BaseModel):
+    created: int
+    data: list[ImageData]
+    output_format: str
+    size: str
+    quality: str
+    background: str | None = None
+    ignored_fields: list[str] = Field(default_factory=list)
+    usage: dict[str, Any] | None = None
+
+
+class SelectModelRequest(APIModel):
+    model: str = Field(..., min_length=1)
+
+
+class UnloadModelRequest(APIModel):
+    model: str = Field(..., min_length=1)
+
+
+class ReleaseMemoryRequest(APIModel):
+    all: bool = Field(False, description="Also drop the active model.")
+
+
+class CancelRequest(APIModel):
+    request_id: str = Field(..., pattern=REQUEST_ID_PATTERN)
+
+
+class TokenizeRequest(APIModel):
+    prompt: str = Field(..., max_length=100_000)
+    model: str | None = None
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorResponse, "description": "Invalid request (names the bad `param`)"},
+    401: {"model": ErrorResponse, "description": "Missing or wrong API key"},
+    404: {"model": ErrorResponse, "description": "Unknown model, job or file"},
+    413: {"model": ErrorResponse, "description": "Request body too large"},
+    429: {"model": ErrorResponse, "description": "Queue full (see Retry-After)"},
+    500: {"model": ErrorResponse, "description": "Unexpected error (details in the server log)"},
+    503: {"model": ErrorResponse, "description": "Model unavailable, out of memory, or shutting down"},
+    504: {"model": ErrorResponse, "description": "Waited too long in the queue"},
+}

@@ -1,0 +1,171 @@
+"""Model routes: list, inspect, select, unload; memory release; token counts."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+
+from fluxserve.api.errors import APIError
+from fluxserve.api.protocol import (
+    ERROR_RESPONSES,
+    ReleaseMemoryRequest,
+    SelectModelRequest,
+    TokenizeRequest,
+    UnloadModelRequest,
+)
+from fluxserve.engine.registry import ModelSpec, UnknownModelError
+from fluxserve.runtime import Runtime
+from fluxserve.scheduler.jobs import JobError
+
+router = APIRouter(responses=ERROR_RESPONSES)
+
+
+def _runtime(request: Request) -> Runtime:
+    return request.app.state.runtime
+
+
+def _spec(runtime: Runtime, name: str) -> ModelSpec:
+    try:
+        return runtime.resolve(name)
+    except UnknownModelError as exc:
+        raise APIError(404, str(exc), param="model", code="model_not_found") from None
+
+
+def model_card(runtime: Runtime, spec: ModelSpec) -> dict[str, Any]:
+    loaded = runtime.model_info(spec.key)
+    return {
+        "id": spec.key, "object": "model", "created": int(runtime.started_at), "owned_by": "fluxserve",
+        "source": spec.source if spec.tiny is None else f"built offline ({spec.key})",
+        "family": spec.family, "description": spec.description, "active": spec.key == runtime.active_key,
+        "loaded": bool(loaded), "loaded_on": sorted(loaded), "gated": spec.gated,
+        "defaults": {"num_inference_steps": spec.steps, "guidance_scale": spec.guidance,
+                     "max_sequence_length": spec.max_sequence_length, "width": spec.width, "height": spec.height,
+                     "size": f"{spec.width}x{spec.height}", "size_multiple": spec.size_multiple,
+                     "max_sequence_length_limit": spec.max_sequence_length_limit,
+                     "negative_prompt": spec.negative_prompt},
+        "guidance_parameter": "true_cfg_scale" if spec.family == "qwen" else "guidance_scale",
+        "presets": {name: {"width": p.width, "height": p.height, "num_inference_steps": p.steps,
+                           "size": f"{p.width}x{p.height}"} for name, p in spec.presets.items()},
+        "quality_steps": spec.quality_steps,
+        "modes": sorted({m for model in loaded.values() for m in model.modes}),
+        "load_seconds": {d: round(m.load_seconds, 3) for d, m in loaded.items()},
+        "warmup": {d: m.warmup for d, m in loaded.items()},
+    }
+
+
+def runtime_snapshot(runtime: Runtime) -> dict[str, Any]:
+    import platform
+
+    import diffusers
+    import torch
+    import transformers
+
+    from fluxserve import __version__
+
+    s = runtime.settings
+    return {
+        "devices": [{"device": p.device, "dtype": p.dtype, "vae_dtype": p.vae_dtype,
+                     "generator_device": p.generator_device, "reasons": list(p.reasons)} for p in runtime.plans],
+        "memory": [engine.memory() for engine in runtime.scheduler.engines],
+        "offload": s.offload, "attention_slicing": s.attention_slicing, "vae_slicing": s.vae_slicing,
+        "vae_tiling": s.vae_tiling, "compile": s.compile, "quantize": s.quantize, "step_cache": s.step_cache,
+        "queue": runtime.scheduler.stats(), "max_batch": s.max_batch, "batch_wait_ms": s.batch_wait_ms,
+        "max_concurrent": s.max_concurrent, "queue_timeout": s.queue_timeout,
+        "warmup": {"enabled": s.warmup_enable, "sizes": s.warmup_sizes,
+                   "runs": [w.__dict__ for w in runtime.warmups]},
+        "limits": {"max_images_per_request": s.max_images_per_request, "max_prompt_chars": s.max_prompt_chars,
+                   "min_size": s.min_size, "max_size": s.max_size, "max_pixels": s.max_pixels,
+                   "max_steps": s.max_steps, "max_guidance": s.max_guidance},
+        "cache_dir": str(s.cache_dir), "revision": s.revision, "variant": s.variant,
+        "output_dir": str(s.output_dir), "store_local": s.store_local,
+        "auth_required": bool(s.all_api_keys()),
+        "versions": {"fluxserve": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
+                     "transformers": transformers.__version__, "python": platform.python_version()},
+    }
+
+
+@router.get("/v1/models", summary="Models: OpenAI list plus the active model and the runtime snapshot")
+async def list_models(request: Request) -> JSONResponse:
+    runtime = _runtime(request)
+    cards = [model_card(runtime, spec) for spec in runtime.known_models()]
+    active = runtime.resolve(None)
+    plan = runtime.plans[0]
+    return JSONResponse({
+        "object": "list", "data": cards,
+        "active": {"key": active.key, "id": active.source}, "active_key": active.key,
+        "device": plan.device, "dtype": plan.dtype, "cache_dir": str(runtime.settings.cache_dir),
+        "revision": runtime.settings.revision, "variant": runtime.settings.variant,
+        "runtime": runtime_snapshot(runtime),
+    })
+
+
+@router.get("/v1/models/{model_id:path}", summary="One model")
+async def get_model(model_id: str, request: Request) -> JSONResponse:
+    runtime = _runtime(request)
+    return JSONResponse(model_card(runtime, _spec(runtime, model_id)))
+
+
+@router.post("/v1/models/select", summary="Load (if needed) and make a model the default")
+async def select_model(body: SelectModelRequest, request: Request) -> JSONResponse:
+    runtime = _runtime(request)
+    spec = _spec(runtime, body.model)
+    request.state.model = spec.key
+    started = time.perf_counter()
+    try:
+        await asyncio.get_running_loop().run_in_executor(None, runtime.select, spec.key)
+    except JobError as exc:
+        raise APIError(exc.status, exc.message, param="model", code=exc.code) from None
+    return JSONResponse({"ok": True, "active": {"key": spec.key, "id": spec.source},
+                         "seconds": round(time.perf_counter() - started, 3)})
+
+
+@router.post("/v1/models/unload", summary="Drop one model from every device")
+async def unload_model(body: UnloadModelRequest, request: Request) -> JSONResponse:
+    runtime = _runtime(request)
+    spec = _spec(runtime, body.model)
+    before = sum(e.memory().get("allocated_bytes", e.memory().get("process_rss_bytes", 0))
+                 for e in runtime.scheduler.engines)
+    dropped = [e.device for e in runtime.scheduler.engines if e.unload(spec.key)]
+    if not dropped:
+        raise APIError(404, f"model {spec.key!r} is not loaded", param="model", code="model_not_loaded")
+    after = sum(e.memory().get("allocated_bytes", e.memory().get("process_rss_bytes", 0))
+                for e in runtime.scheduler.engines)
+    return JSONResponse({"ok": True, "model": spec.key, "devices": dropped, "freed_bytes": max(0, before - after)})
+
+
+@router.post("/v1/memory/release", summary="Drop cached pipelines (all but the active one) and free memory")
+async def release_memory(request: Request, body: ReleaseMemoryRequest | None = None) -> JSONResponse:
+    runtime = _runtime(request)
+    keep = set() if body is not None and body.all else {runtime.active_key}
+
+    def release() -> dict[str, Any]:
+        before = [e.memory() for e in runtime.scheduler.engines]
+        dropped = sorted({k for e in runtime.scheduler.engines for k in e.release(keep)})
+        after = [e.memory() for e in runtime.scheduler.engines]
+        freed = 0
+        for b, a in zip(before, after, strict=True):
+            key = "allocated_bytes" if "allocated_bytes" in b else "process_rss_bytes"
+            freed += max(0, int(b.get(key, 0)) - int(a.get(key, 0)))
+        return {"ok": True, "dropped": dropped, "kept": sorted(keep), "freed_bytes": freed, "memory": after}
+
+    return JSONResponse(await asyncio.get_running_loop().run_in_executor(None, release))
+
+
+@router.post("/v1/tokenize", summary="Count the prompt's tokens for a model's text encoders")
+async def tokenize(body: TokenizeRequest, request: Request) -> JSONResponse:
+    runtime = _runtime(request)
+    spec = _spec(runtime, body.model or runtime.active_key)
+    loaded = runtime.model_info(spec.key)
+    if not loaded:
+        raise APIError(409, f"model {spec.key!r} is not loaded yet", param="model", code="model_not_loaded")
+    model = next(iter(loaded.values()))
+    counts = await asyncio.get_running_loop().run_in_executor(
+        None, model.adapter.token_count, model.primary, body.prompt)
+    limits = {"tokenizer": 77, "tokenizer_2": spec.max_sequence_length}
+    if spec.family == "qwen":
+        limits = {"tokenizer": spec.max_sequence_length}
+    return JSONResponse({"model": spec.key, "counts": counts, "limits": limits})

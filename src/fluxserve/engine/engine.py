@@ -1,0 +1,415 @@
+"""The engine of one device: owns that device's pipelines and turns batches of requests into pixels.
+
+It knows nothing of HTTP or queues. The scheduler hands it a batch of compatible requests (same model,
+size, steps, guidance) and gets back one result per request, each with its own images, seeds, stage
+timings and fallback story. Out-of-memory recovery (the ladder) and NaN/black-image checks live here.
+
+Lock order (never reversed, never two model locks at once):
+  1. ``DeviceEngine._guard`` — a short lock around the model table and the per-model lock table;
+  2. the per-model load lock of one model — held only while that model loads, waited on with
+     ``FLUX_MODEL_LOCK_TIMEOUT``. Generation never takes it: a loaded model generates while another
+     model loads.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+import torch
+
+from fluxserve.engine.device import DevicePlan
+from fluxserve.engine.families import DenoiseArgs, PromptEmbedding, preview_rgb, to_uint8
+from fluxserve.engine.faults import FaultInjector
+from fluxserve.engine.loading import LoadedModel, PipelineView, load_model
+from fluxserve.engine.memory import (
+    apply_attention_slicing,
+    apply_vae_modes,
+    empty_cache,
+    in_use_bytes,
+    is_oom,
+    memory_snapshot,
+)
+from fluxserve.engine.registry import ModelSpec
+from fluxserve.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class ModelLockTimeout(TimeoutError):
+    """Waited longer than FLUX_MODEL_LOCK_TIMEOUT for another load of the same model."""
+
+
+class GenerationCancelled(Exception):
+    """Every request of the batch was cancelled; the pipeline was interrupted between steps."""
+
+
+class OutOfMemory(RuntimeError):
+    """Out of memory even after the recovery ladder; ``reason`` says what was tried."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class BadOutput(RuntimeError):
+    """The pipeline kept producing NaN or black images after the retry."""
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    """Parameters shared by every request of a batch (the batching key)."""
+
+    model: str
+    width: int
+    height: int
+    steps: int
+    guidance: float
+    max_sequence_length: int
+    allow_fallback: bool = True
+
+    def scaled(self, factor: float, multiple: int, minimum: int) -> GenerationParams:
+        """Smaller size with the same aspect ratio, on the model's multiple; steps unchanged."""
+        def fit(x: int) -> int:
+            return max(minimum, int(x * factor) // multiple * multiple)
+        return replace(self, width=fit(self.width), height=fit(self.height))
+
+
+@dataclass
+class ImageRequest:
+    """What one job asks the engine for: a prompt and one seed per image."""
+
+    prompt: str
+    seeds: list[int]
+    negative_prompt: str | None = None
+    is_cancelled: Callable[[], bool] = lambda: False
+    on_progress: Callable[[int, int, np.ndarray | None], None] | None = None
+    """Called after each step with (step, total, preview or None)."""
+    want_previews: bool = False
+
+
+@dataclass
+class ImageResult:
+    images: list[np.ndarray]
+    seeds: list[int]
+    params: GenerationParams
+    timings: dict[str, float]
+    batch_size: int
+    fallback_applied: bool = False
+    fallback_reason: str | None = None
+    original_params: GenerationParams | None = None
+    cancelled: bool = False
+
+
+@dataclass
+class _Attempt:
+    params: GenerationParams
+    reasons: list[str] = field(default_factory=list)
+    temporary_modes: list[str] = field(default_factory=list)
+    offloaded: bool = False
+    kind: str | None = None
+    """What went wrong first: cuda_oom, mps_oom, cpu_oom or nan_output."""
+
+
+class DeviceEngine:
+    """Pipelines and generation for one device."""
+
+    def __init__(self, settings: Settings, plan: DevicePlan, faults: FaultInjector | None = None) -> None:
+        self.settings = settings
+        self.plan = plan
+        self.faults = faults or FaultInjector(False)
+        self._guard = threading.Lock()
+        self._models: dict[str, LoadedModel] = {}
+        self._load_locks: dict[str, threading.Lock] = {}
+        self.consecutive_oom_failures = 0
+        self.oom_events: list[str] = []
+
+    # --- models ----------------------------------------------------------------------------------
+    @property
+    def device(self) -> str:
+        return self.plan.device
+
+    def loaded(self) -> dict[str, LoadedModel]:
+        with self._guard:
+            return dict(self._models)
+
+    def get(self, key: str) -> LoadedModel | None:
+        with self._guard:
+            return self._models.get(key)
+
+    def load(self, spec: ModelSpec) -> tuple[LoadedModel, bool]:
+        """Load ``spec`` unless already loaded; returns (model, loaded_now). One load per model at a time."""
+        with self._guard:
+            model = self._models.get(spec.key)
+            if model is not None:
+                return model, False
+            lock = self._load_locks.setdefault(spec.key, threading.Lock())
+        if not lock.acquire(timeout=self.settings.model_lock_timeout):
+            raise ModelLockTimeout(
+                f"timed out after {self.settings.model_lock_timeout:.0f}s waiting for {spec.key} to load "
+                "(FLUX_MODEL_LOCK_TIMEOUT)"
+            )
+        try:
+            with self._guard:
+                model = self._models.get(spec.key)
+            if model is not None:  # somebody else loaded it while we waited
+                return model, False
+            before = in_use_bytes(self.device)
+            model = load_model(spec, self.plan, self.settings, views=self.settings.max_concurrent)
+            log.info("model loaded", extra={"ctx": {
+                "model": spec.key, "device": self.device, "seconds": round(model.load_seconds, 3),
+                "pipeline": model.pipeline_class, "modes": model.modes,
+                "memory_delta_bytes": in_use_bytes(self.device) - before}})
+            with self._guard:
+                self._models[spec.key] = model
+            return model, True
+        finally:
+            lock.release()
+
+    def unload(self, key: str) -> bool:
+        with self._guard:
+            model = self._models.pop(key, None)
+        if model is None:
+            return False
+        model.prompt_cache.clear()
+        del model
+        empty_cache(self.plan.backend)
+        return True
+
+    def release(self, keep: set[str]) -> list[str]:
+        """Drop every loaded model not in ``keep``; free caches. Returns the keys dropped."""
+        dropped = [k for k in self.loaded() if k not in keep]
+        for key in dropped:
+            self.unload(key)
+        for model in self.loaded().values():
+            model.prompt_cache.clear()
+        empty_cache(self.plan.backend)
+        return dropped
+
+    def memory(self) -> dict[str, Any]:
+        return memory_snapshot(self.device)
+
+    # --- generation ------------------------------------------------------------------------------
+    def generate(self, model: LoadedModel, params: GenerationParams, requests: list[ImageRequest]) -> list[ImageResult]:
+        """Run one batch, recovering from out-of-memory per FLUX_OOM_POLICY.
+
+        Raises :class:`OutOfMemory` (ladder exhausted), :class:`BadOutput`, :class:`GenerationCancelled`.
+        """
+        attempt = _Attempt(params)
+        rungs = list(self.settings.oom_policy)
+        downscales = 0
+        with model.view() as view:
+            try:
+                while True:
+                    try:
+                        results = self._run(model, view, attempt, requests)
+                        self.consecutive_oom_failures = 0
+                        if attempt.params != params:
+                            for result in results:
+                                result.original_params = params
+                        return results
+                    except Exception as exc:
+                        if not is_oom(exc):
+                            raise
+                        kind = f"{self.plan.backend}_oom"
+                        self.oom_events.append(kind)
+                        attempt.kind = attempt.kind or kind
+                        log.warning("out of memory", extra={"ctx": {"model": model.spec.key, "kind": kind,
+                                                                     "params": attempt.params.__dict__}})
+                        empty_cache(self.plan.backend)
+                        if not self._next_rung(model, view, attempt, rungs, kind):
+                            if "downscale" in self.settings.oom_policy and attempt.params.allow_fallback \
+                                    and downscales < 2:
+                                downscales += 1
+                                self._downscale(model, attempt)
+                                continue
+                            self.consecutive_oom_failures += 1
+                            tried = "; ".join(attempt.reasons) or "no recovery configured"
+                            raise OutOfMemory(f"{kind}: out of memory after: {tried}") from None
+            finally:
+                self._undo_temporary(view, attempt)
+
+    def _next_rung(self, model: LoadedModel, view: PipelineView, attempt: _Attempt, rungs: list[str],
+                   kind: str) -> bool:
+        """Apply the next non-downscale rung; False when none is left."""
+        while rungs:
+            rung = rungs.pop(0)
+            if rung == "clear_cache":
+                attempt.reasons.append("cache cleanup")
+                return True
+            if rung == "slicing":
+                pipe = view.pipeline
+                applied = apply_vae_modes(pipe, slicing=True, tiling=True, tile_size=None)
+                if apply_attention_slicing(pipe, "auto"):
+                    applied.append("attention_slicing")
+                attempt.temporary_modes += applied
+                attempt.reasons.append("VAE tiling/slicing" + (" and attention slicing"
+                                                               if "attention_slicing" in applied else ""))
+                return True
+            if rung == "offload":
+                if self.plan.backend != "cuda" or self.settings.offload != "none":
+                    continue  # offload only helps when weights can move off a CUDA device
+                view.pipeline.enable_model_cpu_offload(device=self.device)
+                attempt.offloaded = True
+                attempt.reasons.append("model CPU offload")
+                return True
+        return False
+
+    def _downscale(self, model: LoadedModel, attempt: _Attempt) -> None:
+        spec = model.spec
+        before = attempt.params
+        attempt.params = before.scaled(0.75, spec.size_multiple, max(spec.size_multiple * 4, 64))
+        attempt.reasons.append(f"retried at {attempt.params.width}x{attempt.params.height}")
+
+    def _undo_temporary(self, view: PipelineView, attempt: _Attempt) -> None:
+        vae = getattr(view.pipeline, "vae", None)
+        if "vae_tiling" in attempt.temporary_modes and not self.settings.vae_tiling and vae is not None:
+            vae.disable_tiling()
+        if "vae_slicing" in attempt.temporary_modes and not self.settings.vae_slicing and vae is not None:
+            vae.disable_slicing()
+        if "attention_slicing" in attempt.temporary_modes and self.settings.attention_slicing == "off":
+            view.pipeline.disable_attention_slicing()
+        if attempt.offloaded:
+            view.pipeline.remove_all_hooks()
+            view.pipeline.to(self.device)
+
+    def _encode(self, model: LoadedModel, pipe: Any, prompt: str, max_len: int) -> PromptEmbedding:
+        key = (prompt, max_len)
+        cached = model.prompt_cache.get(key)
+        if cached is not None:
+            return cached
+        with torch.inference_mode():
+            embedding = model.adapter.encode(pipe, prompt, max_len)
+        model.prompt_cache.put(key, embedding)
+        return embedding
+
+    def _run(self, model: LoadedModel, view: PipelineView, attempt: _Attempt,
+             requests: list[ImageRequest]) -> list[ImageResult]:
+        params = attempt.params
+        pipe = view.pipeline
+        adapter = model.adapter
+        backend = self.plan.backend
+        sync = _synchronizer(backend)
+        timings: dict[str, float] = {}
+
+        # 1. Encode prompts (cached per unique prompt), one embedding per image.
+        started = time.perf_counter()
+        self.faults.raise_if_armed("encode", backend)
+        positives: list[PromptEmbedding] = []
+        negatives: list[PromptEmbedding] = []
+        use_negative = adapter.uses_negative_prompt and params.guidance > 1
+        for request in requests:
+            pos = self._encode(model, pipe, request.prompt, params.max_sequence_length)
+            neg = None
+            if use_negative:
+                neg_text = request.negative_prompt if request.negative_prompt is not None else \
+                    (model.spec.negative_prompt or " ")
+                neg = self._encode(model, pipe, neg_text, params.max_sequence_length)
+            for _ in request.seeds:
+                positives.append(pos)
+                if neg is not None:
+                    negatives.append(neg)
+        sync()
+        timings["text_encode"] = time.perf_counter() - started
+
+        # 2. Denoise, with per-step progress, previews and cancellation.
+        seeds = [seed for request in requests for seed in request.seeds]
+        owners = [i for i, request in enumerate(requests) for _ in request.seeds]
+        generators = view.seeded_generators(seeds)
+
+        def on_step(p: Any, step: int, _t: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+            total = params.steps
+            latents = kwargs.get("latents")
+            if all(r.is_cancelled() for r in requests):
+                p._interrupt = True
+                return {}
+            wants = [r for r in requests if r.on_progress is not None and not r.is_cancelled()]
+            previews = None
+            if latents is not None and any(r.want_previews for r in wants):
+                with torch.inference_mode():
+                    spatial = adapter.spatial_latents(p, latents, params.width, params.height)
+                    previews = preview_rgb(spatial)
+            for index, request in enumerate(requests):
+                if request.on_progress is None or request.is_cancelled():
+                    continue
+                preview = None
+                if previews is not None and request.want_previews:
+                    preview = previews[owners.index(index)]
+                request.on_progress(step + 1, total, preview)
+            return {}
+
+        started = time.perf_counter()
+        self.faults.raise_if_armed("denoise", backend)
+        with torch.inference_mode():
+            latents = adapter.denoise(pipe, positives, negatives if use_negative else None, DenoiseArgs(
+                width=params.width, height=params.height, steps=params.steps, guidance=params.guidance,
+                generators=generators, callback=on_step))
+        sync()
+        timings["denoise"] = time.perf_counter() - started
+        if all(r.is_cancelled() for r in requests):
+            raise GenerationCancelled("cancelled during denoising")
+
+        # 3. Decode (VAE) and move pixels to the CPU as uint8, checking for NaN/black output.
+        started = time.perf_counter()
+        make_nan = self.faults.raise_if_armed("decode", backend)
+        with torch.inference_mode():
+            decoded = adapter.decode(pipe, latents, params.width, params.height)
+            if make_nan:
+                decoded = torch.full_like(decoded, float("nan"))
+            if _bad_output(decoded):
+                attempt.kind = attempt.kind or "nan_output"
+                attempt.reasons.append("re-decoded VAE in float32 after NaN/black output")
+                decoded = self._decode_float32(pipe, adapter, latents, params)
+                if _bad_output(decoded):
+                    raise BadOutput("the model produced NaN or black images even with a float32 VAE")
+            pixels = to_uint8(decoded)
+        timings["vae_decode"] = time.perf_counter() - started
+
+        results = []
+        for index, request in enumerate(requests):
+            picks = [pixels[i] for i, owner in enumerate(owners) if owner == index]
+            fallback = bool(attempt.reasons)
+            results.append(ImageResult(
+                images=picks, seeds=list(request.seeds), params=params, timings=dict(timings),
+                batch_size=len(seeds), fallback_applied=fallback,
+                fallback_reason=f"{attempt.kind}: {', '.join(attempt.reasons)}" if fallback else None,
+                cancelled=request.is_cancelled(),
+            ))
+        return results
+
+    def _decode_float32(self, pipe: Any, adapter: Any, latents: torch.Tensor, params: GenerationParams) -> torch.Tensor:
+        vae = pipe.vae
+        original = vae.dtype
+        try:
+            vae.to(torch.float32)
+            return adapter.decode(pipe, latents.float(), params.width, params.height)
+        finally:
+            vae.to(original)
+
+
+def _bad_output(images: torch.Tensor) -> bool:
+    """Cheap check: any NaN/inf, or every pixel black."""
+    if not torch.isfinite(images).all():
+        return True
+    return bool(images.max() <= -0.99)
+
+
+def _synchronizer(backend: str) -> Callable[[], None]:
+    """Synchronize only so stage times are attributed to the right stage (CUDA/MPS are asynchronous)."""
+    if backend == "cuda":
+        return torch.cuda.synchronize
+    if backend == "mps":
+        return torch.mps.synchronize
+    return lambda: None
+
+
+def pick_seed(rng: np.random.Generator | None = None) -> int:
+    """A fresh random seed (never a constant), within 0 ≤ seed < 2**63."""
+    rng = rng or np.random.default_rng()
+    return int(rng.integers(0, 2**63 - 1))
+

@@ -1,0 +1,213 @@
+"""The composition root: settings → device plans → scheduler (engines) → storage and observability.
+
+One :class:`Runtime` exists per server process (the HTTP app, the CLI's ``generate`` and the Ray
+replicas all build one). It starts the workers, preloads and warms models in the background, tracks
+readiness and shuts down gracefully.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from fluxserve import __version__
+from fluxserve.engine.device import BackendProbe, DevicePlan, select_device_dtype
+from fluxserve.engine.engine import GenerationParams, ImageRequest, OutOfMemory
+from fluxserve.engine.registry import BUILTIN_MODELS, ModelSpec, UnknownModelError, resolve_model
+from fluxserve.observability.logs import register_secrets
+from fluxserve.observability.metrics import Metrics
+from fluxserve.scheduler.jobs import Job, JobError
+from fluxserve.scheduler.scheduler import Scheduler
+from fluxserve.settings import Settings
+from fluxserve.storage.files import FileRegistry
+from fluxserve.storage.outputs import OutputStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class WarmupRecord:
+    model: str
+    size: str
+    seconds: float
+    outcome: str
+
+
+class Runtime:
+    """Everything a server process owns, wired together."""
+
+    def __init__(self, settings: Settings, probe: BackendProbe | None = None) -> None:
+        self.settings = settings
+        register_secrets([settings.hf_token_value(), *settings.all_api_keys()])
+        devices = settings.devices or [settings.device]
+        self.plans: list[DevicePlan] = [
+            select_device_dtype(device, settings.dtype, settings.generator_device, probe) for device in devices
+        ]
+        self.default_spec = resolve_model(settings.model)
+        self._configured: dict[str, ModelSpec] = {self.default_spec.key: self.default_spec}
+        for name in settings.preload_models:
+            spec = resolve_model(name)
+            self._configured[spec.key] = spec
+        self.active_key = self.default_spec.key
+        self.metrics = Metrics(settings.metrics_window)
+        self.scheduler = Scheduler(settings, self.plans, hook=self._on_event)
+        self.outputs = OutputStore(settings.output_dir)
+        self.files = FileRegistry(settings.file_ttl)
+        self.encoder = ThreadPoolExecutor(settings.encode_threads, thread_name_prefix="encode")
+        self.warmups: list[WarmupRecord] = []
+        self.startup_error: str | None = None
+        self.started_at = time.time()
+        self._startup_done = threading.Event()
+        self.shutting_down = False
+
+    # --- lifecycle -------------------------------------------------------------------------------
+    def start(self, *, wait: bool = False) -> None:
+        for plan in self.plans:
+            log.info("device selected", extra={"ctx": {"device": plan.device, "dtype": plan.dtype,
+                                                         "vae_dtype": plan.vae_dtype,
+                                                         "generator_device": plan.generator_device,
+                                                         "reasons": list(plan.reasons)}})
+        log.info("settings", extra={"ctx": {"settings": self.settings.redacted(), "version": __version__}})
+        removed = self.outputs.cleanup_temporaries()
+        if removed:
+            log.info("removed %d partial files left by an earlier crash", removed)
+        self.scheduler.start()
+        thread = threading.Thread(target=self._startup, name="startup", daemon=True)
+        thread.start()
+        if wait:
+            thread.join()
+
+    def _startup(self) -> None:
+        try:
+            for spec in self._configured.values():
+                self.scheduler.ensure_loaded(spec, wait=True)
+                if self.settings.warmup_enable:
+                    self.warmup(spec)
+        except JobError as exc:
+            self.startup_error = exc.message
+            log.error("start-up failed: %s", exc.message)
+        except Exception as exc:  # keep serving /health and explain in /ready
+            self.startup_error = f"{type(exc).__name__}: {exc}"
+            log.exception("start-up failed")
+        finally:
+            self._startup_done.set()
+
+    def wait_started(self, timeout: float | None = None) -> bool:
+        return self._startup_done.wait(timeout)
+
+    def warmup(self, spec: ModelSpec) -> None:
+        """One 1-step generation per engine and warmup size; logs duration and outcome."""
+        sizes = self.settings.warmup_sizes or [f"{spec.width}x{spec.height}"]
+        for engine in self.scheduler.engines:
+            model = engine.get(spec.key)
+            if model is None:
+                continue
+            for size in sizes:
+                width, height = (int(x) for x in size.split("x"))
+                params = GenerationParams(spec.key, width, height, 1, spec.guidance,
+                                          min(spec.max_sequence_length, 64))
+                started = time.perf_counter()
+                try:
+                    engine.generate(model, params, [ImageRequest("warmup", [0])])
+                    outcome = "ok"
+                except OutOfMemory as exc:
+                    outcome = f"out of memory: {exc.reason}"
+                seconds = time.perf_counter() - started
+                self.warmups.append(WarmupRecord(spec.key, size, seconds, outcome))
+                self.metrics.warmup.labels(model=spec.key).set(seconds)
+                model.warmup[size] = {"seconds": round(seconds, 4), "outcome": outcome}
+                log.info("warmup", extra={"ctx": {"model": spec.key, "device": engine.device, "size": size,
+                                                   "seconds": round(seconds, 4), "outcome": outcome}})
+
+    def readiness(self) -> tuple[bool, list[str]]:
+        """(ready, reasons it is not)."""
+        reasons = []
+        if self.shutting_down:
+            reasons.append("shutting down")
+        if self.startup_error:
+            reasons.append(f"start-up failed: {self.startup_error}")
+        elif not self._startup_done.is_set():
+            reasons.append("loading and warming up the default model")
+        elif not self.scheduler.is_loaded(self.active_key):
+            reasons.append(f"model {self.active_key} is not loaded")
+        failures = self.scheduler.consecutive_oom_failures
+        if failures >= self.settings.oom_max_consecutive:
+            reasons.append(f"{failures} requests in a row failed out of memory")
+        return not reasons, reasons
+
+    def begin_shutdown(self) -> None:
+        self.shutting_down = True
+        self.scheduler.stop_accepting()
+
+    def close(self, timeout: float | None = None) -> int:
+        """Finish queued/running jobs up to FLUX_SHUTDOWN_TIMEOUT, cancel the rest, stop threads."""
+        self.begin_shutdown()
+        cancelled = self.scheduler.drain(self.settings.shutdown_timeout if timeout is None else timeout)
+        self.scheduler.shutdown()
+        self.encoder.shutdown(wait=True)
+        log.info("shut down", extra={"ctx": {"cancelled_jobs": cancelled}})
+        return cancelled
+
+    # --- models ----------------------------------------------------------------------------------
+    def resolve(self, name: str | None, *, from_request: bool = True) -> ModelSpec:
+        """Model a request names (None: the active one). Requests may only name registry keys and
+        configured models unless FLUX_ALLOW_ANY_MODEL=1."""
+        if not name:
+            return self._configured.get(self.active_key) or resolve_model(self.active_key)
+        if name in self._configured:
+            return self._configured[name]
+        spec = resolve_model(name, allow_unregistered=self.settings.allow_any_model or not from_request)
+        return spec
+
+    def known_models(self) -> list[ModelSpec]:
+        specs = dict(BUILTIN_MODELS)
+        specs.update(self._configured)
+        for engine in self.scheduler.engines:
+            for key, model in engine.loaded().items():
+                specs[key] = model.spec
+        return list(specs.values())
+
+    def select(self, name: str) -> ModelSpec:
+        spec = self.resolve(name)
+        self.scheduler.ensure_loaded(spec, wait=True)
+        self._configured.setdefault(spec.key, spec)
+        self.active_key = spec.key
+        return spec
+
+    def model_info(self, key: str) -> dict[str, Any]:
+        loaded = {engine.device: engine.get(key) for engine in self.scheduler.engines}
+        return {k: v for k, v in loaded.items() if v is not None}
+
+    # --- observability ---------------------------------------------------------------------------
+    def _on_event(self, name: str, data: dict[str, Any]) -> None:
+        if name == "batch_started":
+            self.metrics.batch_size.observe(data["size"])
+        elif name == "job_cancelled":
+            self.metrics.cancelled.inc()
+        elif name == "oom_failure":
+            self.metrics.oom_fallbacks.labels(reason="failed").inc()
+        elif name == "model_loaded":
+            self.metrics.model_load.labels(model=data["model"]).set(data["seconds"])
+
+    def refresh_gauges(self) -> None:
+        stats = self.scheduler.stats()
+        self.metrics.queue_depth.set(stats["queue_depth"])
+        self.metrics.in_flight.set(stats["jobs_in_flight"])
+        for engine in self.scheduler.engines:
+            for kind, value in engine.memory().items():
+                if kind.endswith("_bytes"):
+                    self.metrics.device_memory.labels(device=engine.device, kind=kind[:-6]).set(value)
+
+    def submit(self, job: Job) -> Job:
+        return self.scheduler.submit(job)
+
+
+def spec_or_none(name: str) -> ModelSpec | None:
+    try:
+        return resolve_model(name)
+    except UnknownModelError:
+        return None
