@@ -18,6 +18,7 @@ from fluxserve import __version__
 from fluxserve.engine.device import BackendProbe, DevicePlan, select_device_dtype
 from fluxserve.engine.engine import GenerationParams, ImageRequest, OutOfMemory
 from fluxserve.engine.registry import BUILTIN_MODELS, ModelSpec, UnknownModelError, resolve_model
+from fluxserve.observability.events import job_ended
 from fluxserve.observability.logs import register_secrets
 from fluxserve.observability.metrics import Metrics
 from fluxserve.scheduler.jobs import Job, JobError
@@ -111,17 +112,23 @@ class Runtime:
                 params = GenerationParams(spec.key, width, height, 1, spec.guidance,
                                           min(spec.max_sequence_length, 64))
                 started = time.perf_counter()
+                fallback: str | None = None
                 try:
-                    engine.generate(model, params, [ImageRequest("warmup", [0])])
+                    result = engine.generate(model, params, [ImageRequest("warmup", [0])])[0]
                     outcome = "ok"
+                    fallback = result.fallback_reason if result.fallback_applied else None
                 except OutOfMemory as exc:
                     outcome = f"out of memory: {exc.reason}"
+                    fallback = exc.reason
                 seconds = time.perf_counter() - started
+                if fallback:
+                    self.metrics.record_fallback(fallback, failed=outcome != "ok")
                 self.warmups.append(WarmupRecord(spec.key, size, seconds, outcome))
                 self.metrics.warmup.labels(model=spec.key).set(seconds)
                 model.warmup[size] = {"seconds": round(seconds, 4), "outcome": outcome}
                 log.info("warmup", extra={"ctx": {"model": spec.key, "device": engine.device, "size": size,
-                                                   "seconds": round(seconds, 4), "outcome": outcome}})
+                                                   "seconds": round(seconds, 4), "outcome": outcome,
+                                                   **({"fallback_reason": fallback} if fallback else {})}})
 
     def readiness(self) -> tuple[bool, list[str]]:
         """(ready, reasons it is not)."""
@@ -186,10 +193,8 @@ class Runtime:
     def _on_event(self, name: str, data: dict[str, Any]) -> None:
         if name == "batch_started":
             self.metrics.batch_size.observe(data["size"])
-        elif name == "job_cancelled":
-            self.metrics.cancelled.inc()
-        elif name == "oom_failure":
-            self.metrics.oom_fallbacks.labels(reason="failed").inc()
+        elif name in ("job_cancelled", "job_failed"):  # one log line and the counters, per job
+            job_ended(self.metrics, data["job"], log_prompts=self.settings.log_prompts)
         elif name == "model_loaded":
             self.metrics.model_load.labels(model=data["model"]).set(data["seconds"])
 

@@ -48,6 +48,7 @@ class Settings(BaseSettings):
         extra="ignore",
         populate_by_name=True,
         validate_default=True,
+        use_attribute_docstrings=True,
     )
 
     # --- model -------------------------------------------------------------------------------

@@ -14,7 +14,12 @@ from fastapi.staticfiles import StaticFiles
 
 from fluxserve import __version__
 from fluxserve.api.errors import install_error_handlers
-from fluxserve.api.middleware import ApiKeyMiddleware, BodyLimitMiddleware, RequestContextMiddleware
+from fluxserve.api.middleware import (
+    ApiKeyMiddleware,
+    BodyLimitMiddleware,
+    RequestContextMiddleware,
+    StrictJsonMiddleware,
+)
 from fluxserve.api.routes import images, models, system
 from fluxserve.api.serving import ImageService
 from fluxserve.runtime import Runtime
@@ -52,9 +57,10 @@ def create_app(settings: Settings, runtime: Runtime | None = None, *, manage_run
     if STATIC_DIR.is_dir():
         app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
-    # Outermost last: request context → body limit → auth → CORS → app.
+    # Outermost last: request context → body limit → auth → CORS → strict JSON → app.
+    app.add_middleware(StrictJsonMiddleware)
     if settings.cors_origins:
-        allow_all = settings.cors_origins == ["*"]
+        allow_all = "*" in settings.cors_origins
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins,
                            allow_credentials=not allow_all,  # never '*' together with credentials
                            allow_methods=["GET", "POST", "DELETE", "OPTIONS"],

@@ -80,6 +80,8 @@ def validation_message(err: dict[str, Any]) -> tuple[str, str | None]:
         return "the request body is not valid JSON: " + str(err.get("ctx", {}).get("error", "")), None
     if kind in ("model_attributes_type", "dict_type") and param is None:
         return ("the request body must be a JSON object; send it with 'Content-Type: application/json'"), None
+    if kind == "missing" and param is None:
+        return "a request body is required: send a JSON object with 'Content-Type: application/json'", None
     if kind == "missing":
         return f"'{param}' is required", param
     msg = str(err.get("msg", "invalid value")).removeprefix("Value error, ")

@@ -19,7 +19,7 @@ OPENAI_IGNORED = ("style", "background", "moderation", "input_fidelity")
 
 
 class APIModel(BaseModel):
-    model_config = ConfigDict(extra="allow", populate_by_name=True)
+    model_config = ConfigDict(extra="allow", populate_by_name=True, strict=True)  # no "2" or true for an int
 
     def unknown_fields(self) -> list[str]:
         return sorted((self.model_extra or {}).keys())

@@ -26,7 +26,7 @@ from fluxserve.storage.images import MEDIA_TYPES, encode_image, to_base64
 
 log = logging.getLogger(__name__)
 
-_SIZE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
+_SIZE = re.compile(r"^(\d{1,5})x(\d{1,5})$", re.ASCII)
 _QUALITY_ALIASES = {"standard": "medium", "hd": "high"}
 
 
@@ -189,11 +189,11 @@ class ImageService:
         for item in response.data:
             item.timing["total"] = round(total, 6)
         timing = dict(response.data[0].timing) if response.data else {}
-        self.runtime.metrics.observe_generation(job.spec.key, len(response.data), timing)
-        if result.fallback_applied:
-            self.runtime.metrics.oom_fallbacks.labels(reason=(result.fallback_reason or "?").split(":")[0]).inc()
+        self.runtime.metrics.observe_generation(job.spec.key, len(response.data), timing, fallback_reason=(
+            result.fallback_reason or "unknown") if result.fallback_applied else None)
         ctx: dict[str, Any] = {"request_id": job.id, "model": job.spec.key, "outcome": "succeeded",
-                               "params": result.params.__dict__, "seeds": result.seeds, "timing": timing,
+                               "images": len(response.data), "device": job.device,
+                               "params": result.params.__dict__, "seeds": result.seeds, "timings": timing,
                                "batch_size": result.batch_size, "user": options.user}
         if result.fallback_applied:
             ctx["fallback_reason"] = result.fallback_reason
@@ -210,8 +210,9 @@ class ImageService:
         queue_wait = job.queue_wait
         model_load = 0.0
         loaded = self.runtime.model_info(job.spec.key).get(job.device or "")
-        if loaded is not None and loaded.loaded_at > job.enqueued_at:
-            model_load = min(queue_wait, loaded.load_seconds)
+        if loaded is not None and loaded.loaded_at > job.enqueued_at:  # only the part of the load it waited for
+            overlap = loaded.loaded_at - max(job.enqueued_at, loaded.loaded_at - loaded.load_seconds)
+            model_load = min(queue_wait, max(0.0, overlap))
             queue_wait -= model_load
         timing = {"queue_wait": queue_wait, "model_load": model_load, **result.timings}
         return timing

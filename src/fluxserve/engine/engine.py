@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -34,6 +35,7 @@ from fluxserve.engine.memory import (
     in_use_bytes,
     is_oom,
     memory_snapshot,
+    oom_kind,
 )
 from fluxserve.engine.registry import ModelSpec
 from fluxserve.settings import Settings
@@ -73,11 +75,15 @@ class GenerationParams:
     max_sequence_length: int
     allow_fallback: bool = True
 
-    def scaled(self, factor: float, multiple: int, minimum: int) -> GenerationParams:
-        """Smaller size with the same aspect ratio, on the model's multiple; steps unchanged."""
-        def fit(x: int) -> int:
-            return max(minimum, int(x * factor) // multiple * multiple)
-        return replace(self, width=fit(self.width), height=fit(self.height))
+    def scaled(self, factor: float, multiple: int, minimum: int) -> GenerationParams | None:
+        """A smaller size with (as near as the multiple allows) the same aspect ratio, on the model's
+        multiple. Steps, guidance and everything else stay as they are: a fallback never raises the step
+        count. None when a side would fall under ``minimum`` or nothing would shrink."""
+        width = max(multiple, round(self.width * factor / multiple) * multiple)
+        height = max(multiple, round(self.height * factor / multiple) * multiple)
+        if width < minimum or height < minimum or width * height >= self.width * self.height:
+            return None
+        return replace(self, width=width, height=height)
 
 
 @dataclass
@@ -106,14 +112,63 @@ class ImageResult:
     cancelled: bool = False
 
 
+MAX_DOWNSCALES = 2
+"""The downscale rung lowers the size by a quarter per side at most this many times (1024 → 768 → 576)."""
+DOWNSCALE_FACTOR = 0.75
+
+
+class _RetryInFloat32(Exception):
+    """Internal: half precision produced NaN/black images; run the whole generation again in float32."""
+
+
 @dataclass
 class _Attempt:
+    """One batch's way through the OOM ladder and the NaN checks; becomes the fallback story."""
+
     params: GenerationParams
-    reasons: list[str] = field(default_factory=list)
+    actions: list[str] = field(default_factory=list)
+    """Recovery steps taken for out-of-memory, in order (cache cleanup, VAE tiling and slicing, ...)."""
+    notes: list[str] = field(default_factory=list)
+    """Recovery from NaN/black output."""
     temporary_modes: list[str] = field(default_factory=list)
     offloaded: bool = False
+    in_float32: bool = False
+    float32_restore: dict[str, torch.dtype] = field(default_factory=dict)
+    """Components moved to float32 for the NaN retry, with the dtype to restore."""
+    ooms: int = 0
+    downscales: int = 0
+    downscale_refused: bool = False
     kind: str | None = None
     """What went wrong first: cuda_oom, mps_oom, cpu_oom or nan_output."""
+
+    @property
+    def reasons(self) -> list[str]:
+        return self.actions + self.notes
+
+    def fallback_reason(self, original: GenerationParams) -> str | None:
+        """e.g. ``cuda_oom: retried at 768x768 after cache cleanup, VAE tiling and slicing``."""
+        parts = []
+        if self.ooms:
+            resized = (self.params.width, self.params.height) != (original.width, original.height)
+            steps = [a for a in self.actions if not a.startswith("downscale")]
+            parts.append("retried" + (f" at {self.params.width}x{self.params.height}" if resized else "")
+                         + (f" after {_and_join(steps)}" if steps else ""))
+        parts += self.notes
+        if not parts:
+            return None
+        return f"{self.kind}: " + "; ".join(parts)
+
+    def failure_reason(self, kind: str) -> str:
+        """Why the ladder gave up, e.g. ``cpu_oom: still out of memory after cache cleanup, ...``."""
+        tried = _and_join(self.actions) if self.actions else "nothing (no rung of FLUX_OOM_POLICY applied)"
+        text = f"{kind}: still out of memory after {tried} at {self.params.width}x{self.params.height}"
+        if self.downscale_refused:
+            text += "; a lower resolution was not allowed (allow_fallback=false)"
+        return text
+
+
+def _and_join(items: list[str]) -> str:
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
 
 
 class DeviceEngine:
@@ -127,7 +182,8 @@ class DeviceEngine:
         self._models: dict[str, LoadedModel] = {}
         self._load_locks: dict[str, threading.Lock] = {}
         self.consecutive_oom_failures = 0
-        self.oom_events: list[str] = []
+        self.oom_events: deque[str] = deque(maxlen=256)
+        """The latest out-of-memory kinds seen (bounded: a long-running server must not grow it)."""
 
     # --- models ----------------------------------------------------------------------------------
     @property
@@ -294,7 +350,7 @@ class DeviceEngine:
         pipe = view.pipeline
         adapter = model.adapter
         backend = self.plan.backend
-        sync = _synchronizer(backend)
+        sync = _synchronizer(backend, self.device)
         timings: dict[str, float] = {}
 
         # 1. Encode prompts (cached per unique prompt), one embedding per image.
@@ -399,10 +455,10 @@ def _bad_output(images: torch.Tensor) -> bool:
     return bool(images.max() <= -0.99)
 
 
-def _synchronizer(backend: str) -> Callable[[], None]:
+def _synchronizer(backend: str, device: str) -> Callable[[], None]:
     """Synchronize only so stage times are attributed to the right stage (CUDA/MPS are asynchronous)."""
     if backend == "cuda":
-        return torch.cuda.synchronize
+        return lambda: torch.cuda.synchronize(device)  # this engine's device, not the thread's current one
     if backend == "mps":
         return torch.mps.synchronize
     return lambda: None

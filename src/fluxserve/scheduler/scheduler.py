@@ -176,6 +176,7 @@ class Scheduler:
             if len(self._pending) >= self.settings.max_queue:
                 raise queue_full(
                     f"the queue is full ({self.settings.max_queue} waiting); retry later", self._retry_after())
+            job.enqueued_at = time.monotonic()  # queue_wait counts from here, not from when the Job was built
             self._pending.append(job)
             self._jobs[job.id] = job
             job.queue_position = len(self._pending)

@@ -1,0 +1,413 @@
+// fluxserve studio: wires the page to the API (models, tokenize, streamed generations, cancel, memory).
+
+import { ApiClient, ApiError, newRequestId, normalizeBase } from "./api.js";
+import { base64ToBlob, curlCommand, debounce, el, formatBytes, formatSeconds, mediaType } from "./format.js";
+import { Gallery } from "./gallery.js";
+import { ParamsForm } from "./params.js";
+import * as store from "./store.js";
+import { Turn } from "./turn.js";
+
+const $ = (id) => document.getElementById(id);
+
+const ui = {
+  modelSelect: $("model-select"), modelStatus: $("model-status"), badge: $("device-badge"),
+  freeMemory: $("free-memory"), openSettings: $("open-settings"), dot: $("connection-dot"), banner: $("banner"),
+  history: $("history"), emptyState: $("empty-state"), composer: $("composer"), prompt: $("prompt"),
+  tokens: $("token-count"), generate: $("generate"), cancel: $("cancel"), curl: $("curl"), copyCurl: $("copy-curl"),
+  toasts: $("toasts"), settingsDialog: $("settings-dialog"), settingsForm: $("settings-form"),
+  settingsReason: $("settings-reason"), apiBase: $("api-base"), apiKey: $("api-key"), rememberKey: $("remember-key"),
+  memoryDialog: $("memory-dialog"), memoryAll: $("memory-all"), toggleParams: $("toggle-params"),
+  turnTemplate: $("turn-template"),
+};
+
+const state = {
+  models: null, // the last GET /v1/models answer
+  card: null, // the active model's card
+  inflight: new Map(), // request_id → {turn, controller}
+  switching: false,
+  lastRequest: null,
+};
+
+const api = new ApiClient(connectionSettings());
+const params = new ParamsForm(document, { onChange: () => {} });
+const gallery = new Gallery({
+  list: $("gallery"), count: $("gallery-count"), empty: $("gallery-empty"), viewer: $("viewer"),
+  onUse: (image) => useSettings(image),
+});
+
+function connectionSettings() {
+  const base = store.getApiBase();
+  return { base, key: store.getApiKey(base).key };
+}
+
+// --- feedback ------------------------------------------------------------------------------------
+function toast(message, kind = "info", ms = 4000) {
+  const node = el("div", { class: `toast toast-${kind}`, text: message });
+  ui.toasts.append(node);
+  setTimeout(() => node.remove(), ms);
+}
+
+function showBanner(message, { action } = {}) {
+  ui.banner.replaceChildren(el("span", { text: message }));
+  if (action) {
+    ui.banner.append(el("button", { type: "button", class: "btn btn-small", text: action.label, onclick: action.run }));
+  }
+  ui.banner.hidden = false;
+}
+
+function hideBanner() {
+  ui.banner.hidden = true;
+}
+
+function setConnection(ok, title) {
+  ui.dot.classList.toggle("ok", ok === true);
+  ui.dot.classList.toggle("bad", ok === false);
+  ui.openSettings.title = title;
+}
+
+function describeError(err) {
+  const parts = [err.message];
+  if (err.param) parts.push(`(param: ${err.param})`);
+  return parts.join(" ");
+}
+
+// --- models --------------------------------------------------------------------------------------
+async function loadModels({ reset = false } = {}) {
+  let data;
+  try {
+    data = await api.models();
+  } catch (err) {
+    handleConnectionError(err);
+    return false;
+  }
+  hideBanner();
+  setConnection(true, `Connected to ${api.base || "this origin"}`);
+  const first = state.models === null;
+  state.models = data;
+  const active = data.active_key || data.active?.key;
+  const card = data.data.find((c) => c.id === active) || data.data[0];
+  const changed = !state.card || state.card.id !== card.id;
+  state.card = card;
+
+  ui.modelSelect.replaceChildren(...data.data.map((c) => el("option", { value: c.id },
+    c.id + (c.loaded ? "" : " · not loaded") + (c.gated ? " · gated" : ""))));
+  ui.modelSelect.value = card.id;
+  ui.modelSelect.disabled = false;
+  ui.modelSelect.title = card.description || "";
+  ui.badge.textContent = `${data.device} · ${data.dtype}`;
+  const devices = data.runtime?.devices || [];
+  ui.badge.title = devices.map((d) => `${d.device}: ${d.dtype} (VAE ${d.vae_dtype}, generator on ${d.generator_device})`)
+    .join("\n") || "Device and dtype";
+  params.applyModel(card, data.runtime, { reset: reset || first || changed });
+  updateTokens();
+  updateButtons();
+  return true;
+}
+
+function handleConnectionError(err) {
+  setConnection(false, err.message);
+  ui.badge.textContent = "offline";
+  if (err instanceof ApiError && err.isAuth) {
+    showBanner(`This server needs an API key: ${err.message}`, { action: { label: "Enter key", run: () => openSettings() } });
+    openSettings(api.key ? `The API key was refused: ${err.message}` : "This server requires an API key.");
+  } else {
+    showBanner(describeError(err), { action: { label: "Connection settings", run: () => openSettings() } });
+  }
+}
+
+async function selectModel(id) {
+  const previous = state.card?.id;
+  if (!id || id === previous) return;
+  state.switching = true;
+  ui.modelSelect.disabled = true;
+  ui.modelSelect.setAttribute("aria-busy", "true");
+  ui.modelStatus.replaceChildren(el("span", { class: "spinner", "aria-hidden": "true" }), `Loading ${id}…`);
+  ui.modelStatus.dataset.state = "loading";
+  updateButtons();
+  try {
+    const answer = await api.selectModel(id);
+    await loadModels({ reset: true });
+    ui.modelStatus.textContent = `${answer.active.key} ready (${formatSeconds(answer.seconds)})`;
+    ui.modelStatus.dataset.state = "ready";
+  } catch (err) {
+    ui.modelSelect.value = previous;
+    ui.modelStatus.textContent = `Could not load ${id}`;
+    ui.modelStatus.dataset.state = "error";
+    toast(`Could not switch to ${id}: ${describeError(err)}`, "error", 8000);
+    if (err.isAuth) openSettings("This server requires an API key.");
+  } finally {
+    state.switching = false;
+    ui.modelSelect.disabled = false;
+    ui.modelSelect.removeAttribute("aria-busy");
+    updateButtons();
+  }
+}
+
+// --- token count ---------------------------------------------------------------------------------
+const TOKENIZER_NAMES = { flux: { tokenizer: "CLIP", tokenizer_2: "T5" }, qwen: { tokenizer: "Qwen" } };
+let tokenController = null;
+
+const updateTokens = debounce(async () => {
+  tokenController?.abort();
+  const prompt = ui.prompt.value;
+  const card = state.card;
+  if (!card) return;
+  if (!prompt) {
+    ui.tokens.textContent = "0 tokens";
+    ui.tokens.classList.remove("over");
+    ui.tokens.removeAttribute("title");
+    return;
+  }
+  tokenController = new AbortController();
+  try {
+    const answer = await api.tokenize(prompt, card.id, tokenController.signal);
+    const names = TOKENIZER_NAMES[card.family] || {};
+    const parts = [];
+    const over = [];
+    for (const [key, count] of Object.entries(answer.counts || {})) {
+      const limit = answer.limits?.[key];
+      const name = names[key] || key;
+      parts.push(limit ? `${name} ${count}/${limit}` : `${name} ${count}`);
+      if (limit && count > limit) over.push(`${name} keeps the first ${limit} tokens; the rest is cut off`);
+    }
+    ui.tokens.textContent = parts.length ? `Tokens: ${parts.join(" · ")}` : "Tokens: –";
+    ui.tokens.classList.toggle("over", over.length > 0);
+    ui.tokens.title = over.join("\n") || `Token counts from ${answer.model}'s tokenizers`;
+  } catch (err) {
+    if (err.name === "AbortError") return;
+    ui.tokens.classList.remove("over");
+    ui.tokens.textContent = err.code === "model_not_loaded" ? "Tokens: load the model to count" : "Tokens: unavailable";
+    ui.tokens.title = err.message;
+  }
+}, 250);
+
+// --- generation ----------------------------------------------------------------------------------
+function buildRequest() {
+  const prompt = ui.prompt.value;
+  if (!prompt.trim()) {
+    params.markInvalid("prompt", "Type a prompt first.");
+    ui.prompt.focus();
+    return null;
+  }
+  params.clearInvalid(ui.prompt);
+  return { prompt, model: state.card?.id, ...params.read() };
+}
+
+function showCurl(request) {
+  const { request_id: _id, ...body } = request;
+  state.lastRequest = body;
+  ui.curl.textContent = curlCommand(api.url("/v1/images/generations"), body,
+                                    { auth: Boolean(api.key) || Boolean(state.models?.runtime?.auth_required) });
+  ui.copyCurl.disabled = false;
+}
+
+async function run(request) {
+  request = { ...request, request_id: newRequestId() };
+  for (const key of Object.keys(request)) if (request[key] === undefined) delete request[key];
+  showCurl(request);
+  params.clearAllInvalid();
+  const turn = new Turn(ui.turnTemplate, request, turnHandlers);
+  ui.emptyState.hidden = true;
+  ui.history.append(turn.node);
+  turn.node.scrollIntoView({ block: "end" });
+  const controller = new AbortController();
+  state.inflight.set(request.request_id, { turn, controller });
+  updateButtons();
+  try {
+    await api.generate({ ...request, stream: true, partial_images: 2 }, {
+      signal: controller.signal,
+      onEvent: (type, data) => onStreamEvent(turn, type, data),
+    });
+    turn.finish();
+  } catch (err) {
+    if (err.name === "AbortError") {
+      turn.cancelled();
+    } else {
+      turn.fail(err);
+      if (err.param) params.markInvalid(err.param, err.message);
+      if (err.isAuth) openSettings("This server requires an API key.");
+    }
+  } finally {
+    state.inflight.delete(request.request_id);
+    updateButtons();
+  }
+}
+
+function onStreamEvent(turn, type, data) {
+  switch (type) {
+    case "image_generation.progress":
+      turn.onProgress(data);
+      break;
+    case "image_generation.partial_image":
+      turn.onPartial(URL.createObjectURL(base64ToBlob(data.b64_json, mediaType(data.output_format))), data);
+      break;
+    case "image_generation.completed": {
+      const url = data.b64_json ? URL.createObjectURL(base64ToBlob(data.b64_json, mediaType(data.output_format)))
+        : data.url;
+      turn.addImage(url, data);
+      turn.node.scrollIntoView({ block: "end" });
+      break;
+    }
+    case "error":
+      turn.fail(data.error || { message: "the server reported an error" });
+      break;
+    default:
+      break; // newer event types: ignore
+  }
+}
+
+async function cancelTurn(turn) {
+  const entry = state.inflight.get(turn.request.request_id);
+  if (!entry || !turn.active) return;
+  turn.cancelButton.disabled = true;
+  turn.stateLabel.textContent = "Cancelling…";
+  if (turn.state === "sending") {
+    entry.controller.abort(); // the server may not know the id yet: dropping the stream cancels it
+    return;
+  }
+  try {
+    await api.cancel(turn.request.request_id);
+    // The stream now ends with an error event whose code is "cancelled"; drop it if it lingers.
+    setTimeout(() => turn.active && entry.controller.abort(), 5000);
+  } catch (err) {
+    if (err.status === 404 && turn.images.length) return; // it finished meanwhile
+    entry.controller.abort();
+  }
+}
+
+const turnHandlers = {
+  onCancel: (turn) => cancelTurn(turn),
+  onSameSeed: (turn, seed) => run({ ...turn.request, seed: seed ?? turn.request.seed }),
+  onVary: (turn) => run({ ...turn.request, seed: undefined }),
+  onRetry: (turn) => run({ ...turn.request }),
+  onImage: (_turn, image) => gallery.add(image),
+};
+
+function useSettings(image) {
+  const p = image.params;
+  if (image.model !== state.card?.id) toast(`Made with ${image.model}; the active model is ${state.card?.id}`, "info");
+  params.setValues({ width: p.width, height: p.height, num_inference_steps: p.num_inference_steps,
+                     guidance: p.guidance_scale, seed: image.seed });
+  ui.prompt.value = image.prompt;
+  updateTokens();
+  ui.prompt.focus();
+}
+
+function updateButtons() {
+  ui.cancel.disabled = state.inflight.size === 0;
+  ui.generate.disabled = state.switching || !state.card;
+  ui.cancel.textContent = state.inflight.size > 1 ? `Cancel (${state.inflight.size})` : "Cancel";
+}
+
+// --- connection settings -------------------------------------------------------------------------
+function openSettings(reason = "") {
+  const base = store.getApiBase();
+  const { key, remember } = store.getApiKey(base);
+  ui.apiBase.value = base;
+  ui.apiKey.value = key;
+  ui.rememberKey.checked = remember;
+  ui.settingsReason.textContent = reason;
+  ui.settingsReason.hidden = !reason;
+  if (!ui.settingsDialog.open) ui.settingsDialog.showModal();
+  (reason && /key/i.test(reason) ? ui.apiKey : ui.apiBase).focus();
+}
+
+ui.settingsForm.addEventListener("submit", (event) => {
+  if (event.submitter?.value !== "save") return;
+  let base;
+  try {
+    base = normalizeBase(ui.apiBase.value);
+  } catch (err) {
+    event.preventDefault();
+    ui.settingsReason.textContent = `API base: ${err.message}`;
+    ui.settingsReason.hidden = false;
+    ui.apiBase.focus();
+    return;
+  }
+  store.setApiBase(base);
+  store.setApiKey(base, ui.apiKey.value.trim(), ui.rememberKey.checked);
+  api.configure({ base, key: ui.apiKey.value.trim() });
+  if (state.card) state.card = null; // another server may serve other models
+  state.models = null;
+  loadModels({ reset: true });
+});
+
+// --- memory --------------------------------------------------------------------------------------
+ui.freeMemory.addEventListener("click", () => {
+  ui.memoryAll.checked = false;
+  ui.memoryDialog.showModal();
+});
+
+ui.memoryDialog.addEventListener("close", async () => {
+  if (ui.memoryDialog.returnValue !== "release") return;
+  ui.memoryDialog.returnValue = "";
+  ui.freeMemory.disabled = true;
+  try {
+    const answer = await api.releaseMemory(ui.memoryAll.checked);
+    const dropped = answer.dropped?.length ? `dropped ${answer.dropped.join(", ")}` : "nothing to drop";
+    toast(`Memory released: ${dropped}; freed ${formatBytes(answer.freed_bytes || 0)}.`, "ok", 6000);
+    await loadModels();
+  } catch (err) {
+    toast(`Could not free memory: ${describeError(err)}`, "error", 8000);
+  } finally {
+    ui.freeMemory.disabled = false;
+  }
+});
+
+// --- the rest of the wiring ----------------------------------------------------------------------
+ui.composer.addEventListener("submit", (event) => {
+  event.preventDefault();
+  if (ui.generate.disabled) return;
+  const request = buildRequest();
+  if (request) run(request);
+});
+
+document.addEventListener("keydown", (event) => {
+  if (event.key !== "Enter" || !(event.ctrlKey || event.metaKey) || event.isComposing) return;
+  if (document.querySelector("dialog[open]")) return;
+  event.preventDefault();
+  ui.composer.requestSubmit();
+});
+
+ui.cancel.addEventListener("click", () => {
+  for (const { turn } of state.inflight.values()) cancelTurn(turn);
+});
+
+ui.prompt.addEventListener("input", () => {
+  params.clearInvalid(ui.prompt);
+  updateTokens();
+});
+
+ui.modelSelect.addEventListener("change", () => selectModel(ui.modelSelect.value));
+ui.openSettings.addEventListener("click", () => openSettings());
+
+ui.copyCurl.addEventListener("click", async () => {
+  const text = ui.curl.textContent;
+  try {
+    await navigator.clipboard.writeText(text);
+  } catch {
+    const range = document.createRange(); // no clipboard API (plain http): select it for Ctrl+C
+    range.selectNodeContents(ui.curl);
+    const selection = window.getSelection();
+    selection.removeAllRanges();
+    selection.addRange(range);
+    toast("Selected: press Ctrl+C to copy.", "info");
+    return;
+  }
+  ui.copyCurl.textContent = "Copied";
+  setTimeout(() => (ui.copyCurl.textContent = "Copy curl"), 1500);
+});
+
+ui.toggleParams.addEventListener("click", () => {
+  const open = ui.toggleParams.getAttribute("aria-expanded") !== "true";
+  ui.toggleParams.setAttribute("aria-expanded", String(open));
+  ui.toggleParams.textContent = open ? "Hide" : "Show";
+  document.body.classList.toggle("params-open", open);
+});
+
+if (/Mac|iPhone|iPad/.test(navigator.platform || navigator.userAgent)) {
+  for (const kbd of document.querySelectorAll(".shortcut")) kbd.textContent = "⌘ ⏎";
+}
+
+updateButtons();
+loadModels({ reset: true });

@@ -1,0 +1,65 @@
+"""Tiny offline models: built with fixed seeds, saved with save_pretrained, loaded with from_pretrained."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.torch import load_file
+
+from fluxserve.engine.device import select_device_dtype
+from fluxserve.engine.engine import DeviceEngine, GenerationParams, ImageRequest
+from fluxserve.engine.registry import resolve_model
+from fluxserve.engine.tiny import is_tiny_model_dir, write_tiny_model
+
+
+def _weights_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    for file in sorted(path.rglob("*.safetensors")):
+        for name, tensor in sorted(load_file(file).items()):
+            digest.update(name.encode())
+            digest.update(tensor.numpy().tobytes())
+    return digest.hexdigest()
+
+
+@pytest.mark.parametrize("family", ["flux", "qwen"])
+def test_written_in_diffusers_format_with_the_same_weights_every_time(tmp_path: Path, family: str) -> None:
+    a = write_tiny_model(tmp_path / "a", family)  # type: ignore[arg-type]
+    b = write_tiny_model(tmp_path / "b", family)  # type: ignore[arg-type]
+    index = json.loads((a / "model_index.json").read_text())
+    assert index["_class_name"] == {"flux": "FluxPipeline", "qwen": "QwenImagePipeline"}[family]
+    assert is_tiny_model_dir(a, family)  # type: ignore[arg-type]
+    assert not is_tiny_model_dir(a, "qwen" if family == "flux" else "flux")
+    assert _weights_digest(a) == _weights_digest(b)
+    assert not list(tmp_path.glob(".a-*")), "temporary build directory left behind"
+
+
+@pytest.fixture(scope="module")
+def engine(cache_dir: Path) -> DeviceEngine:
+    from fluxserve.settings import Settings
+
+    settings = Settings(cache_dir=cache_dir, device="cpu", _env_file=None)  # type: ignore[call-arg]
+    return DeviceEngine(settings, select_device_dtype("cpu"))
+
+
+@pytest.mark.parametrize("key", ["tiny-flux", "tiny-qwen"])
+def test_same_seed_same_image_different_seed_different_image(engine: DeviceEngine, key: str) -> None:
+    spec = resolve_model(key)
+    model, _ = engine.load(spec)
+    assert model.pipeline_class == ("FluxPipeline" if key == "tiny-flux" else "QwenImagePipeline")
+    params = GenerationParams(key, 64, 64, 3, spec.guidance, 32)
+    first = engine.generate(model, params, [ImageRequest("a red fox", [7])])[0].images[0]
+    second = engine.generate(model, params, [ImageRequest("a red fox", [7])])[0].images[0]
+    other = engine.generate(model, params, [ImageRequest("a red fox", [8])])[0].images[0]
+    assert first.shape == (64, 64, 3) and first.dtype == np.uint8
+    assert first.tobytes() == second.tobytes()
+    assert np.abs(first.astype(int) - other.astype(int)).mean() > 1
+
+
+def test_progress_bars_disabled_and_on_the_resolved_device(engine: DeviceEngine) -> None:
+    model, _ = engine.load(resolve_model("tiny-flux"))
+    assert model.primary._progress_bar_config.get("disable") is True
+    assert str(model.primary.transformer.device) == "cpu"

@@ -1,0 +1,72 @@
+"""The fluxserve command, run as a real subprocess."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+def run_cli(args: list[str], env: dict[str, str], cwd: Path, timeout: float = 180) -> subprocess.CompletedProcess[str]:
+    full = {k: v for k, v in os.environ.items() if not k.startswith("FLUX_")}
+    full.update(env)
+    return subprocess.run([sys.executable, "-m", "fluxserve", *args], env=full, cwd=cwd, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("model", ["tiny-flux", "tiny-qwen"])
+def test_generate_twice_gives_identical_files(model: str, cache_dir: Path, tmp_path: Path) -> None:
+    env = {"FLUX_CACHE_DIR": str(cache_dir)}
+    outputs = []
+    for name in ("a.png", "b.png"):
+        done = run_cli(["generate", "a red fox", "--model", model, "--seed", "7", "--size", "64x64", "-o", name],
+                       env, tmp_path)
+        assert done.returncode == 0, done.stderr
+        assert "seed=7" in done.stdout and "device=cpu" in done.stdout and "dtype=float32" in done.stdout
+        assert "denoise=" in done.stdout
+        outputs.append((tmp_path / name).read_bytes())
+    assert outputs[0] == outputs[1]
+    assert outputs[0][:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_generate_without_seed_reports_a_fresh_one(cache_dir: Path, tmp_path: Path) -> None:
+    seeds = set()
+    for name in ("a.png", "b.png"):
+        done = run_cli(["generate", "x", "--model", "tiny-flux", "--size", "64x64", "--steps", "1", "-o", name],
+                       {"FLUX_CACHE_DIR": str(cache_dir)}, tmp_path)
+        assert done.returncode == 0, done.stderr
+        seeds.add(next(p for p in done.stdout.split() if p.startswith("seed=")))
+    assert len(seeds) == 2
+
+
+def test_float16_on_cpu_is_refused_naming_the_variable(tmp_path: Path) -> None:
+    done = run_cli(["serve"], {"FLUX_DTYPE": "float16", "FLUX_DEVICE": "cpu", "FLUX_MODEL": "tiny-flux"}, tmp_path,
+                   timeout=60)
+    assert done.returncode == 2
+    assert "FLUX_DTYPE" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_missing_cuda_is_refused(tmp_path: Path) -> None:
+    done = run_cli(["serve", "--device", "cuda:3", "--model", "tiny-flux"], {}, tmp_path, timeout=60)
+    assert done.returncode == 2
+    assert "FLUX_DEVICE=cuda:3" in done.stderr
+
+
+def test_invalid_setting_is_refused(tmp_path: Path) -> None:
+    done = run_cli(["serve"], {"FLUX_OFFLOAD": "disk"}, tmp_path, timeout=60)
+    assert done.returncode == 2
+    assert "FLUX_OFFLOAD='disk'" in done.stderr
+
+
+def test_make_tiny_model(tmp_path: Path) -> None:
+    done = run_cli(["make-tiny-model", str(tmp_path / "tq"), "--family", "qwen"], {}, tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "tq" / "model_index.json").is_file()
+    # ...and the directory serves as a model by path, through the same from_pretrained path.
+    done = run_cli(["generate", "hi", "--model", str(tmp_path / "tq"), "--size", "64x64", "--steps", "1", "-o",
+                    "p.png"], {"FLUX_ALLOW_ANY_MODEL": "1"}, tmp_path)
+    assert done.returncode == 0, done.stderr

@@ -1,0 +1,90 @@
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from fluxserve.settings import Settings, SettingsError, env_var_name, load_settings
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_defaults_are_safe() -> None:
+    s = Settings(_env_file=None)
+    assert s.host == "127.0.0.1"
+    assert s.model == "schnell"
+    assert s.trust_remote_code is False
+    assert s.allow_any_model is False
+    assert s.port == 8000
+
+
+def test_prefix_and_earlier_aliases(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FLUX_MODEL_KEY", "dev")
+    monkeypatch.setenv("IMAGE_SERVER_PORT", "9001")
+    monkeypatch.setenv("HUGGINGFACE_HUB_TOKEN", "hf_secret_value")
+    monkeypatch.setenv("FLUX_PRELOAD_MODELS", "tiny-flux, tiny-qwen")
+    s = Settings(_env_file=None)
+    assert s.model == "dev"
+    assert s.port == 9001
+    assert s.hf_token_value() == "hf_secret_value"
+    assert s.preload_models == ["tiny-flux", "tiny-qwen"]
+    # FLUX_MODEL_ID (a direct repo override in the earlier server) wins over the key; FLUX_MODEL over both.
+    monkeypatch.setenv("FLUX_MODEL_ID", "someone/some-flux")
+    assert Settings(_env_file=None).model == "someone/some-flux"
+    monkeypatch.setenv("FLUX_MODEL", "tiny-flux")
+    assert Settings(_env_file=None).model == "tiny-flux"
+
+
+def test_dotenv_file_is_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    env = tmp_path / ".env"
+    env.write_text("FLUX_DEVICE=cpu\nFLUX_MAX_QUEUE=7\n")
+    s = Settings(_env_file=str(env))
+    assert s.device == "cpu"
+    assert s.max_queue == 7
+
+
+@pytest.mark.parametrize(
+    ("var", "value", "expected"),
+    [
+        ("FLUX_DTYPE", "float8", "FLUX_DTYPE='float8'"),
+        ("FLUX_DEVICE", "tpu", "FLUX_DEVICE='tpu'"),
+        ("FLUX_PORT", "99999", "FLUX_PORT"),
+        ("FLUX_ATTENTION_SLICING", "sometimes", "FLUX_ATTENTION_SLICING"),
+        ("FLUX_OFFLOAD", "disk", "FLUX_OFFLOAD"),
+        ("FLUX_CACHE", "teacache", "FLUX_CACHE"),
+    ],
+)
+def test_invalid_values_name_the_variable(monkeypatch: pytest.MonkeyPatch, var: str, value: str,
+                                          expected: str) -> None:
+    monkeypatch.setenv(var, value)
+    with pytest.raises(SettingsError) as info:
+        load_settings(_env_file=None)
+    assert expected in str(info.value)
+
+
+def test_allowed_values_are_listed(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FLUX_DTYPE", "half")
+    with pytest.raises(SettingsError) as info:
+        load_settings(_env_file=None)
+    for allowed in ("auto", "bfloat16", "float16", "float32"):
+        assert allowed in str(info.value)
+
+
+def test_conflicting_modes_are_refused() -> None:
+    with pytest.raises(SettingsError, match="FLUX_OFFLOAD and FLUX_COMPILE"):
+        load_settings(offload="model", compile="regional", _env_file=None)
+
+
+def test_secrets_are_redacted() -> None:
+    s = Settings(hf_token="hf_abcdefgh", api_keys=["k1-secret"], _env_file=None)
+    text = str(s.redacted())
+    assert "hf_abcdefgh" not in text and "k1-secret" not in text
+    assert "hf_abcdefgh" not in repr(s)
+
+
+def test_env_example_lists_every_setting_with_its_default() -> None:
+    text = (ROOT / ".env.example").read_text()
+    listed = set(re.findall(r"^#?\s*([A-Z][A-Z0-9_]+)=", text, flags=re.M))
+    for name in Settings.model_fields:
+        assert env_var_name(name) in listed, f"{env_var_name(name)} missing from .env.example"
