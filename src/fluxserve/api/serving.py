@@ -163,7 +163,7 @@ class ImageService:
             return
         while not done.is_set():
             try:
-                await asyncio.wait_for(done.wait(), timeout=0.25)
+                await asyncio.wait_for(done.wait(), timeout=0.1)
             except TimeoutError:
                 if is_disconnected is not None and await is_disconnected():
                     self.runtime.scheduler.cancel(job.id)
@@ -236,10 +236,10 @@ class ImageService:
                  "num_inference_steps": result.original_params.steps}
                 if result.original_params is not None else None),
         )
-        plan = self.runtime.scheduler.engines[0].plan
-        for engine in self.runtime.scheduler.engines:
-            if engine.device == job.device:
-                plan = engine.plan
+        plan = job.metadata.get("device_plan")  # set for jobs a Ray replica ran (fluxserve.distributed)
+        if plan is None:
+            engines = self.runtime.scheduler.engines
+            plan = next((e.plan for e in engines if e.device == job.device), engines[0].plan)
         saved_path = metadata_path = None
         started = time.perf_counter()
         if options.store_local:
@@ -262,7 +262,7 @@ class ImageService:
             seed=seed, model=job.spec.source if job.spec.tiny is None else job.spec.key, model_key=job.spec.key,
             device=plan.device, dtype=plan.dtype, params=params,
             timing={k: round(v, 6) for k, v in timing.items()}, batch_size=result.batch_size, request_id=job.id,
-            saved_path=saved_path, metadata_path=metadata_path,
+            saved_path=saved_path, metadata_path=metadata_path, replica=job.metadata.get("replica"),
         )
         if options.response_format == "url":
             file_id = self.runtime.files.put(data, MEDIA_TYPES[options.output_format], _ext(options.output_format))
@@ -299,7 +299,7 @@ class ImageService:
             self.submit(job)
             while True:
                 try:
-                    event = await asyncio.wait_for(events.get(), timeout=0.5)
+                    event = await asyncio.wait_for(events.get(), timeout=0.1)
                 except TimeoutError:
                     if await is_disconnected():
                         self.runtime.scheduler.cancel(job.id)

@@ -31,6 +31,12 @@ from fluxserve.settings import Settings
 log = logging.getLogger(__name__)
 
 
+# transformers/accelerate build models under process-global "empty weights" context managers, so two
+# from_pretrained calls in different threads corrupt each other (meta tensors). Reads from disk are
+# serialized by this lock; generation never takes it, so loading B still never stops A from generating.
+_FROM_PRETRAINED_LOCK = threading.Lock()
+
+
 class ModelLoadError(RuntimeError):
     """A model could not be loaded; the message says why and what to do instead."""
 
@@ -158,14 +164,15 @@ def load_model(spec: ModelSpec, plan: DevicePlan, settings: Settings, *, views: 
 
     started = time.perf_counter()
     source: str | Path = spec.source
-    if spec.tiny is not None:
-        source = ensure_tiny_model(tiny_model_dir(settings, spec), spec.tiny)
     kwargs: dict[str, Any] = {"torch_dtype": plan.torch_dtype, "trust_remote_code": settings.trust_remote_code}
     if spec.tiny is None:
         kwargs.update(cache_dir=str(settings.cache_dir / "hub"), revision=settings.revision,
                       variant=settings.variant, token=settings.hf_token_value())
     try:
-        pipe = DiffusionPipeline.from_pretrained(source, **kwargs)
+        with _FROM_PRETRAINED_LOCK:
+            if spec.tiny is not None:
+                source = ensure_tiny_model(tiny_model_dir(settings, spec), spec.tiny)
+            pipe = DiffusionPipeline.from_pretrained(source, **kwargs)
     except Exception as exc:  # every loader failure becomes one clear message
         log.warning("loading %s failed: %s: %s", spec.key, type(exc).__name__, exc)
         raise ModelLoadError(_explain_load_failure(spec, exc)) from exc

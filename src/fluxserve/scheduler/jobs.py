@@ -69,6 +69,8 @@ class Job:
     started_at: float | None = None
     finished_at: float | None = None
     batch_size: int | None = None
+    cancel_step: int | None = None
+    """The denoising step the job had reached when cancellation was asked for."""
     device: str | None = None
     model_load_seconds: float = 0.0
     result: ImageResult | None = None
@@ -94,6 +96,8 @@ class Job:
         return end - self.enqueued_at
 
     def request_cancel(self) -> None:
+        if not self._cancel.is_set():
+            self.cancel_step = self.step
         self._cancel.set()
 
     def add_listener(self, listener: Listener) -> None:
@@ -122,7 +126,9 @@ class Job:
             self.error = error
             self.finished_at = time.monotonic()
             self.queue_position = None
-        event: dict[str, Any] = {"type": status.value}
+        event: dict[str, Any] = {"type": status.value, "step": self.step}
+        if self.cancel_step is not None:
+            event["cancel_step"] = self.cancel_step
         if error is not None:
             event.update(code=error.code, message=error.message, status=error.status)
         self.emit(event)
@@ -142,7 +148,7 @@ class Job:
             "id": self.id, "object": "image.job", "status": self.status.value, "created": self.created,
             "model": self.spec.key, "queue_position": self.queue_position,
             "progress": {"step": self.step, "total": self.total_steps or self.params.steps},
-            "batch_size": self.batch_size,
+            "batch_size": self.batch_size, "cancel_step": self.cancel_step,
         }
         if self.error is not None:
             data["error"] = {"message": self.error.message, "code": self.error.code}
