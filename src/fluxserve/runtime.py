@@ -17,7 +17,8 @@ from typing import Any
 from fluxserve import __version__
 from fluxserve.engine.device import BackendProbe, DevicePlan, select_device_dtype
 from fluxserve.engine.engine import GenerationParams, ImageRequest, OutOfMemory
-from fluxserve.engine.registry import BUILTIN_MODELS, ModelSpec, UnknownModelError, resolve_model
+from fluxserve.engine.memory import check_memory_modes
+from fluxserve.engine.registry import BUILTIN_MODELS, ModelSpec, resolve_model
 from fluxserve.observability.events import job_ended
 from fluxserve.observability.logs import register_secrets
 from fluxserve.observability.metrics import Metrics
@@ -48,6 +49,11 @@ class Runtime:
         self.plans: list[DevicePlan] = [
             select_device_dtype(device, settings.dtype, settings.generator_device, probe) for device in devices
         ]
+        for plan in self.plans:  # a memory mode that cannot work here stops start-up, naming FLUX_OFFLOAD etc.
+            for warning in check_memory_modes(settings, plan):
+                log.warning(warning)
+        if any(plan.backend == "cpu" for plan in self.plans):
+            _leave_a_core_for_the_server()
         self.default_spec = resolve_model(settings.model)
         self._configured: dict[str, ModelSpec] = {self.default_spec.key: self.default_spec}
         for name in settings.preload_models:
@@ -114,7 +120,8 @@ class Runtime:
                 started = time.perf_counter()
                 fallback: str | None = None
                 try:
-                    result = engine.generate(model, params, [ImageRequest("warmup", [0])])[0]
+                    with engine.faults.suspended():  # injected faults are for requests, not warm-up
+                        result = engine.generate(model, params, [ImageRequest("warmup", [0])])[0]
                     outcome = "ok"
                     fallback = result.fallback_reason if result.fallback_applied else None
                 except OutOfMemory as exc:
@@ -189,6 +196,10 @@ class Runtime:
         loaded = {engine.device: engine.get(key) for engine in self.scheduler.engines}
         return {k: v for k, v in loaded.items() if v is not None}
 
+    def replicas(self, key: str) -> list[dict[str, Any]] | None:
+        """Replicas serving ``key`` on Ray Serve (fluxserve.distributed.ingress); None on a single server."""
+        return None
+
     # --- observability ---------------------------------------------------------------------------
     def _on_event(self, name: str, data: dict[str, Any]) -> None:
         if name == "batch_started":
@@ -211,8 +222,12 @@ class Runtime:
         return self.scheduler.submit(job)
 
 
-def spec_or_none(name: str) -> ModelSpec | None:
-    try:
-        return resolve_model(name)
-    except UnknownModelError:
-        return None
+def _leave_a_core_for_the_server() -> None:
+    """On the CPU backend torch would use every core and starve the event loop (health checks stall).
+    Keep one core for the HTTP server and the encoders."""
+    import os
+
+    import torch
+
+    cores = os.cpu_count() or 1
+    torch.set_num_threads(max(1, min(torch.get_num_threads(), cores - 1)))

@@ -1,0 +1,182 @@
+"""A real `fluxserve serve` on loopback, driven by the official openai client and plain HTTP."""
+
+from __future__ import annotations
+
+import base64
+import io
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+import openai
+import pytest
+from PIL import Image
+
+from tests.conftest import ServerProcess
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def live(cache_dir: Any, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    out = tmp_path_factory.mktemp("e2e")
+    server = ServerProcess({"FLUX_MODEL": "tiny-flux", "FLUX_PRELOAD_MODELS": "tiny-qwen",
+                            "FLUX_CACHE_DIR": str(cache_dir), "FLUX_DEVICE": "cpu", "FLUX_WARMUP_SIZES": "64x64",
+                            "FLUX_OUTPUT_DIR": str(out / "outputs"), "FLUX_MAX_STEPS": "2000"},
+                           out / "server.log")
+    server.wait_ready()
+    yield server
+    assert server.stop() == 0
+
+
+def client_for(server: ServerProcess) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.base_url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+@pytest.mark.parametrize("model", ["tiny-flux", "tiny-qwen"])
+def test_openai_client_b64_and_url(live: ServerProcess, model: str) -> None:
+    client = client_for(live)
+    result = client.images.generate(model=model, prompt="a red fox", size="64x64", n=2,  # type: ignore[arg-type]
+                                    extra_body={"seed": 11, "num_inference_steps": 2})
+    assert len(result.data) == 2
+    first = result.data[0]
+    assert first.b64_json is not None
+    assert Image.open(io.BytesIO(base64.b64decode(first.b64_json))).size == (64, 64)
+    extra: dict[str, Any] = first.model_extra or {}
+    assert extra["seed"] == 11 and (result.data[1].model_extra or {})["seed"] == 12
+    assert extra["model_key"] == model
+
+    as_url = client.images.generate(model=model, prompt="a red fox", size="64x64", response_format="url",
+                                    extra_body={"seed": 11, "num_inference_steps": 2})
+    url = as_url.data[0].url
+    assert url is not None and url.startswith(live.base_url + "/v1/images/files/")
+    downloaded = httpx.get(url).content
+    assert downloaded == base64.b64decode(first.b64_json)
+
+
+def test_openai_client_errors_carry_param_and_code(live: ServerProcess) -> None:
+    client = client_for(live)
+    with pytest.raises(openai.BadRequestError) as bad:
+        client.images.generate(prompt="a", size="65x64")  # type: ignore[arg-type]
+    assert bad.value.param == "size" and bad.value.code == "invalid_size"
+    with pytest.raises(openai.NotFoundError) as missing:
+        client.images.generate(prompt="a", model="no-such-model")
+    assert missing.value.param == "model" and missing.value.code == "model_not_found"
+
+
+def test_openai_client_streaming(live: ServerProcess) -> None:
+    client = client_for(live)
+    stream = client.images.generate(prompt="a", size="64x64", stream=True, partial_images=1,  # type: ignore[arg-type]
+                                    extra_body={"num_inference_steps": 4, "seed": 1})
+    types = [event.type for event in stream]
+    assert "image_generation.partial_image" in types and types[-1] == "image_generation.completed"
+
+
+def test_earlier_server_clients_work_unchanged(live: ServerProcess) -> None:
+    root = httpx.get(live.base_url + "/", headers={"accept": "application/json"}).json()
+    assert root["status"] == "ok" and root["model"]["active_key"] == "tiny-flux"
+    assert httpx.get(live.base_url + "/health").json() == {"status": "ok"}
+    models = httpx.get(live.base_url + "/v1/models").json()
+    for key in ("active", "device", "dtype", "cache_dir", "revision", "variant", "runtime"):
+        assert key in models
+    assert models["object"] == "list" and {"id", "object", "created", "owned_by"} <= set(models["data"][0])
+    body = {"prompt": "a cat", "store_local": True, "write_metadata": True, "request_id": "old-client-1",
+            "height": 64, "width": 64, "num_inference_steps": 2, "guidance_scale": 3.5, "max_sequence_length": 256,
+            "seed": 3}
+    answer = httpx.post(live.base_url + "/v1/images/generations", json=body, timeout=120).json()
+    item = answer["data"][0]
+    for key in ("b64_json", "saved_path", "metadata_path", "model", "model_key", "device", "dtype", "params",
+                "timing"):
+        assert key in item
+    for key in ("total", "pipeline_load", "generation", "save", "encode"):
+        assert key in item["timing"]
+    selected = httpx.post(live.base_url + "/v1/models/select", json={"model": "tiny-qwen"}, timeout=120).json()
+    assert selected == {**selected, "ok": True, "active": {"key": "tiny-qwen", "id": "tiny-qwen"}}
+    httpx.post(live.base_url + "/v1/models/select", json={"model": "tiny-flux"}, timeout=120)
+    released = httpx.post(live.base_url + "/v1/memory/release", timeout=60)
+    assert released.status_code == 200 and released.json()["ok"] is True
+
+
+def test_health_answers_fast_during_a_slow_generation(live: ServerProcess) -> None:
+    done = threading.Event()
+
+    def slow() -> None:
+        httpx.post(live.base_url + "/v1/images/generations",
+                   json={"prompt": "slow", "size": "256x256", "num_inference_steps": 150}, timeout=300)
+        done.set()
+
+    thread = threading.Thread(target=slow)
+    thread.start()
+    time.sleep(1.0)
+    latencies = []
+    with httpx.Client(base_url=live.base_url) as http:
+        http.get("/health")  # open the connection first: measure answers, not TCP set-up
+        while not done.is_set() and len(latencies) < 30:
+            started = time.perf_counter()
+            assert http.get("/health").status_code == 200
+            latencies.append(time.perf_counter() - started)
+            time.sleep(0.05)
+    thread.join()
+    assert len(latencies) >= 10, "generation finished too fast to measure"
+    assert max(latencies) < 0.1, latencies
+
+
+def test_disconnect_cancels_and_frees_the_worker_within_one_step(live: ServerProcess) -> None:
+    request_id = "disconnect-me"
+    body = {"prompt": "slow", "size": "256x256", "num_inference_steps": 400, "request_id": request_id}
+
+    def post() -> None:
+        try:
+            httpx.post(live.base_url + "/v1/images/generations", json=body, timeout=1.5)
+        except httpx.ReadTimeout:
+            pass  # the client gives up and closes the connection
+
+    thread = threading.Thread(target=post)
+    thread.start()
+    thread.join()
+    deadline = time.monotonic() + 10
+    status: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        status = httpx.get(f"{live.base_url}/v1/images/jobs/{request_id}").json()
+        if status["status"] == "cancelled":
+            break
+        time.sleep(0.05)
+    assert status["status"] == "cancelled", status
+    assert 0 < status["progress"]["step"] < 400
+    assert status["progress"]["step"] - status["cancel_step"] <= 1  # interrupted at the next step
+    quick = httpx.post(live.base_url + "/v1/images/generations",
+                       json={"prompt": "next", "size": "64x64", "num_inference_steps": 1}, timeout=30)
+    assert quick.status_code == 200
+    assert quick.json()["data"][0]["timing"]["queue_wait"] < 0.5
+
+
+def test_sixteen_clients_against_a_small_queue(server_factory: Callable[..., ServerProcess]) -> None:
+    import asyncio
+
+    from fluxserve.loadtest import run_load
+
+    server = server_factory({"FLUX_MAX_QUEUE": "4", "FLUX_MAX_BATCH": "1"}, name="load")
+    result = asyncio.run(run_load(server.base_url, clients=16, requests=64,
+                                  body={"prompt": "a", "size": "128x128", "num_inference_steps": 4},
+                                  max_seconds=120))
+    summary = result.summary()
+    assert set(summary["statuses"]) <= {"200", "429"}, summary
+    assert summary["statuses"].get("429", 0) > 0 and summary["statuses"].get("200", 0) > 0
+    assert result.retry_after_missing == 0 and result.invalid_images == 0
+    assert result.errors == {} and result.health_failures == 0
+    assert httpx.get(server.base_url + "/ready").status_code == 200
+
+
+def test_loadtest_command(server: ServerProcess) -> None:
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "fluxserve", "loadtest", "--url", server.base_url, "--clients", "3",
+                           "--requests", "6", "--steps", "1", "--json"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert '"200": 6' in done.stdout
+    refused = subprocess.run([sys.executable, "-m", "fluxserve", "loadtest", "--url", "http://10.0.0.1:8000"],
+                             capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2 and "loopback only" in refused.stderr
