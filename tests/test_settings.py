@@ -88,3 +88,14 @@ def test_env_example_lists_every_setting_with_its_default() -> None:
     listed = set(re.findall(r"^#?\s*([A-Z][A-Z0-9_]+)=", text, flags=re.M))
     for name in Settings.model_fields:
         assert env_var_name(name) in listed, f"{env_var_name(name)} missing from .env.example"
+
+
+def test_readme_settings_table_is_current() -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gen", ROOT / "scripts" / "gen_settings_docs.py")
+    assert spec is not None and spec.loader is not None
+    gen = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gen)
+    assert gen.table() in (ROOT / "README.md").read_text()
+    assert gen.env_example() == (ROOT / ".env.example").read_text()
