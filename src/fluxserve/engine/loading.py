@@ -12,6 +12,7 @@ import logging
 import queue
 import threading
 import time
+import warnings
 from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -53,8 +54,10 @@ def _explain_load_failure(spec: ModelSpec, exc: Exception) -> str:
                 "(or HUGGINGFACE_HUB_TOKEN) to a token that has access")
     if name in {"RepositoryNotFoundError", "RevisionNotFoundError"}:
         return f"{spec.source} was not found on the hub (check the repo id and FLUX_REVISION)"
+    lowered = text.lower()
     if name in {"LocalEntryNotFoundError", "ConnectionError", "ConnectTimeout", "OfflineModeIsEnabled",
-                "MaxRetryError", "ReadTimeout"} or "connect" in text.lower() or "offline" in text.lower():
+                "MaxRetryError", "ReadTimeout"} or any(
+            marker in lowered for marker in ("connect", "offline", "not fully cached", "outgoing traffic")):
         return (f"could not download {spec.source}; this machine cannot reach the hub and the model is not in "
                 "the cache — use tiny-flux / tiny-qwen or a local diffusers directory")
     if isinstance(exc, OSError | ValueError):
@@ -172,7 +175,9 @@ def load_model(spec: ModelSpec, plan: DevicePlan, settings: Settings, *, views: 
         with _FROM_PRETRAINED_LOCK:
             if spec.tiny is not None:
                 source = ensure_tiny_model(tiny_model_dir(settings, spec), spec.tiny)
-            pipe = DiffusionPipeline.from_pretrained(source, **kwargs)
+            with warnings.catch_warnings():  # newer diffusers rename torch_dtype; older ones need it
+                warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
+                pipe = DiffusionPipeline.from_pretrained(source, **kwargs)
     except Exception as exc:  # every loader failure becomes one clear message
         log.warning("loading %s failed: %s: %s", spec.key, type(exc).__name__, exc)
         raise ModelLoadError(_explain_load_failure(spec, exc)) from exc

@@ -1,0 +1,51 @@
+"""/v1/models and friends, in-process."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+
+async def test_models_list_and_one_model(app_factory: Callable[..., Any]) -> None:
+    async with app_factory() as client:
+        body = (await client.get("/v1/models")).json()
+        ids = [m["id"] for m in body["data"]]
+        assert {"schnell", "dev", "qwen", "tiny-flux", "tiny-qwen"} <= set(ids)
+        tiny = next(m for m in body["data"] if m["id"] == "tiny-flux")
+        assert tiny["loaded"] and tiny["active"] and tiny["object"] == "model"
+        assert set(tiny["presets"]) == {"low", "medium", "high", "wide"}
+        assert tiny["defaults"]["num_inference_steps"] == 4 and tiny["warmup"]["cpu"]["64x64"]["outcome"] == "ok"
+        snapshot = body["runtime"]
+        assert snapshot["devices"][0]["device"] == "cpu" and snapshot["devices"][0]["reasons"]
+        assert "process_rss_bytes" in snapshot["memory"][0]
+        assert snapshot["queue"]["max_queue"] == 64 and "torch" in snapshot["versions"]
+        one = await client.get("/v1/models/tiny-flux")
+        assert one.status_code == 200 and one.json()["id"] == "tiny-flux"
+        assert not (await client.get("/v1/models/dev")).json()["loaded"]
+        missing = await client.get("/v1/models/nope")
+        assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
+
+
+async def test_select_unknown_model_is_404_and_root_is_json(app_factory: Callable[..., Any]) -> None:
+    async with app_factory() as client:
+        response = await client.post("/v1/models/select", json={"model": "nope"})
+        assert response.status_code == 404 and response.json()["error"]["param"] == "model"
+        root = (await client.get("/", headers={"accept": "application/json"})).json()
+        assert root["model"]["active_key"] == "tiny-flux" and "POST /v1/images/generations" in root["endpoints"]
+
+
+async def test_ready_waits_for_the_model(app_factory: Callable[..., Any]) -> None:
+    async with app_factory(ready=False, warmup_sizes=["256x256"]) as client:
+        first = await client.get("/ready")
+        assert first.status_code in (200, 503)
+        if first.status_code == 503:
+            assert first.json()["error"]["code"] == "not_ready"
+        assert (await client.get("/health")).status_code == 200
+
+
+async def test_tokenize_counts_tokens(app_factory: Callable[..., Any]) -> None:
+    async with app_factory() as client:
+        short = (await client.post("/v1/tokenize", json={"prompt": "a fox"})).json()
+        longer = (await client.post("/v1/tokenize", json={"prompt": "a fox in a very long prompt"})).json()
+        assert short["counts"]["tokenizer"] < longer["counts"]["tokenizer"]
+        assert short["limits"]["tokenizer"] == 77
