@@ -258,3 +258,23 @@ async def test_streaming_progress_and_partial_images(app_factory: Callable[..., 
         preview = Image.open(io.BytesIO(base64.b64decode(payloads[kinds.index("image_generation.partial_image")]
                                                          ["b64_json"])))
         assert max(preview.size) <= 64
+
+
+async def test_max_concurrent_runs_separate_pipeline_views_on_one_device(app_factory: Callable[..., Any]) -> None:
+    body = {"prompt": "slow", "size": "128x128", "num_inference_steps": 10}
+    async with app_factory(max_concurrent=2, max_batch=1) as client:
+        runtime = client.app.state.runtime
+        model = runtime.scheduler.engines[0].get("tiny-flux")
+        assert model._views.qsize() == 2  # two pipeline objects sharing one set of weights
+        a, b = await asyncio.gather(client.post(GEN, json={**body, "seed": 1}),
+                                    client.post(GEN, json={**body, "seed": 2}))
+        ta, tb = a.json()["data"][0]["timing"], b.json()["data"][0]["timing"]
+        assert max(ta["queue_wait"], tb["queue_wait"]) < 0.5 * min(ta["denoise"], tb["denoise"])
+        again = await client.post(GEN, json={**body, "seed": 2})
+        assert np.abs(pixels(again.json()["data"][0]) - pixels(b.json()["data"][0])).max() <= 2
+
+
+async def test_warmup_can_be_turned_off(app_factory: Callable[..., Any]) -> None:
+    async with app_factory(warmup_enable=False) as client:
+        card = (await client.get("/v1/models/tiny-flux")).json()
+        assert card["loaded"] and card["warmup"] == {"cpu": {}}
