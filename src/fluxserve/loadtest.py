@@ -38,7 +38,7 @@ class LoadResult:
         if not self.latencies:
             return None
         ordered = sorted(self.latencies)
-        return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+        return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
     def summary(self) -> dict[str, Any]:
         return {

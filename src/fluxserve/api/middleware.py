@@ -59,7 +59,7 @@ class RequestContextMiddleware:
         headers = dict(scope.get("headers") or [])
         given = headers.get(b"x-request-id", b"").decode("latin-1")
         request_id = given if given and len(given) <= 128 and given.isprintable() else "req_" + uuid.uuid4().hex
-        state = scope.setdefault("state", {})
+        state = scope["state"] = dict(scope.get("state") or {})  # per-request copy (asgi-lifespan shares one)
         state["request_id"] = request_id
         started = time.perf_counter()
         status_holder = {"status": 500}
