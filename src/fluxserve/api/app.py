@@ -57,8 +57,11 @@ def create_app(settings: Settings, runtime: Runtime | None = None, *, manage_run
     if STATIC_DIR.is_dir():
         app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
-    # Outermost last: request context → body limit → auth → CORS → strict JSON → app.
+    # Outermost last: request context → CORS → body limit → auth → strict JSON → app. CORS wraps auth
+    # and the body limit so that their 401/413 reach pages on allowed origins (the web page asks for a key).
     app.add_middleware(StrictJsonMiddleware)
+    app.add_middleware(ApiKeyMiddleware, keys=settings.all_api_keys(), protect_metrics=settings.metrics_require_auth)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     if settings.cors_origins:
         allow_all = "*" in settings.cors_origins
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins,
@@ -66,7 +69,5 @@ def create_app(settings: Settings, runtime: Runtime | None = None, *, manage_run
                            allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
                            allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
                            expose_headers=["X-Request-ID", "Retry-After"])
-    app.add_middleware(ApiKeyMiddleware, keys=settings.all_api_keys(), protect_metrics=settings.metrics_require_auth)
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestContextMiddleware, metrics=runtime.metrics)
     return app

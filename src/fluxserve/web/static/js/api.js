@@ -1,5 +1,6 @@
 // The HTTP client: API base and key, OpenAI-shaped errors, and streamed generations (SSE over fetch).
 
+import { encodeJSON, parseJSON } from "./format.js";
 import { parseSSE } from "./sse.js";
 
 /** An error as the server sent it: {"error": {"message", "type", "param", "code"}} plus the HTTP status. */
@@ -61,7 +62,7 @@ export class ApiClient {
   async fetch(path, { method = "GET", body, signal, accept } = {}) {
     const init = { method, signal, headers: this.headers(accept ? { Accept: accept } : {}), cache: "no-store" };
     if (body !== undefined) {
-      init.body = JSON.stringify(body);
+      init.body = encodeJSON(body);
       init.headers["Content-Type"] = "application/json";
     }
     let response;
@@ -86,7 +87,7 @@ export class ApiClient {
         code: "not_json",
       });
     }
-    return response.json();
+    return parseJSON(await response.text());
   }
 
   models() {
@@ -120,7 +121,7 @@ export class ApiClient {
     const type = response.headers.get("content-type") || "";
     if (!type.includes("text/event-stream")) {
       // A server that ignored "stream": answer as if it had streamed the images.
-      const result = await response.json();
+      const result = parseJSON(await response.text());
       for (const item of result.data || []) onEvent("image_generation.completed", item);
       return;
     }
@@ -128,7 +129,7 @@ export class ApiClient {
       if (data === "[DONE]") return;
       let payload;
       try {
-        payload = JSON.parse(data);
+        payload = parseJSON(data);
       } catch {
         continue; // a comment or keep-alive line
       }

@@ -54,11 +54,28 @@ export function shellQuote(text) {
   return `'${String(text).replace(/'/g, `'\\''`)}'`;
 }
 
+/**
+ * Seeds go up to 2**63 - 1, beyond the integers a JS number holds exactly (2**53). The page keeps
+ * them as decimal strings: parseJSON quotes long "seed" integers before parsing, encodeJSON writes
+ * digit-string seeds back as JSON numbers.
+ */
+export function parseJSON(text) {
+  return JSON.parse(text.replace(/("seed"\s*:\s*)(\d{16,})/g, '$1"$2"'));
+}
+
+export function encodeJSON(body) {
+  const { seed, ...rest } = body;
+  const text = JSON.stringify(rest);
+  if (seed === undefined || seed === null || seed === "") return text;
+  const value = /^\d+$/.test(String(seed)) ? String(seed) : JSON.stringify(seed);
+  return `${text.slice(0, -1)}${text.length > 2 ? "," : ""}"seed":${value}}`;
+}
+
 /** A curl command that repeats a generation request (without the page's streaming fields). */
 export function curlCommand(url, body, { auth = false } = {}) {
   const lines = [`curl -sS ${shellQuote(url)}`, `  -H 'Content-Type: application/json'`];
   if (auth) lines.push(`  -H "Authorization: Bearer $FLUX_API_KEY"`);
-  lines.push(`  -d ${shellQuote(JSON.stringify(body))}`);
+  lines.push(`  -d ${shellQuote(encodeJSON(body))}`);
   return lines.join(" \\\n");
 }
 

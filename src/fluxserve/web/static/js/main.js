@@ -77,7 +77,7 @@ async function loadModels({ reset = false } = {}) {
   try {
     data = await api.models();
   } catch (err) {
-    handleConnectionError(err);
+    handleConnectionError(err, { first: state.models === null && !ui.settingsDialog.open });
     return false;
   }
   hideBanner();
@@ -104,15 +104,21 @@ async function loadModels({ reset = false } = {}) {
   return true;
 }
 
-function handleConnectionError(err) {
+function handleConnectionError(err, { first = false } = {}) {
   setConnection(false, err.message);
   ui.badge.textContent = "offline";
+  const where = api.base || window.location.origin;
   if (err instanceof ApiError && err.isAuth) {
     showBanner(`This server needs an API key: ${err.message}`, { action: { label: "Enter key", run: () => openSettings() } });
     openSettings(api.key ? `The API key was refused: ${err.message}` : "This server requires an API key.");
-  } else {
-    showBanner(describeError(err), { action: { label: "Connection settings", run: () => openSettings() } });
+    return;
   }
+  let message = describeError(err);
+  if (err.status === 404 || err.code === "not_json") {
+    message = `No fluxserve API answered at ${where} (${err.status ? `HTTP ${err.status}` : err.message}). Set the API base URL.`;
+  }
+  showBanner(message, { action: { label: "Connection settings", run: () => openSettings() } });
+  if (first) openSettings(message);
 }
 
 async function selectModel(id) {
@@ -128,10 +134,12 @@ async function selectModel(id) {
     const answer = await api.selectModel(id);
     await loadModels({ reset: true });
     ui.modelStatus.textContent = `${answer.active.key} ready (${formatSeconds(answer.seconds)})`;
+    ui.modelStatus.title = "";
     ui.modelStatus.dataset.state = "ready";
   } catch (err) {
     ui.modelSelect.value = previous;
-    ui.modelStatus.textContent = `Could not load ${id}`;
+    ui.modelStatus.textContent = `Could not load ${id}: ${err.message}`;
+    ui.modelStatus.title = err.message;
     ui.modelStatus.dataset.state = "error";
     toast(`Could not switch to ${id}: ${describeError(err)}`, "error", 8000);
     if (err.isAuth) openSettings("This server requires an API key.");
@@ -230,6 +238,7 @@ async function run(request) {
   } finally {
     state.inflight.delete(request.request_id);
     updateButtons();
+    if (ui.history.lastElementChild === turn.node) turn.node.scrollIntoView({ block: "end" });
   }
 }
 
@@ -245,7 +254,6 @@ function onStreamEvent(turn, type, data) {
       const url = data.b64_json ? URL.createObjectURL(base64ToBlob(data.b64_json, mediaType(data.output_format)))
         : data.url;
       turn.addImage(url, data);
-      turn.node.scrollIntoView({ block: "end" });
       break;
     }
     case "error":
@@ -259,8 +267,7 @@ function onStreamEvent(turn, type, data) {
 async function cancelTurn(turn) {
   const entry = state.inflight.get(turn.request.request_id);
   if (!entry || !turn.active) return;
-  turn.cancelButton.disabled = true;
-  turn.stateLabel.textContent = "Cancelling…";
+  turn.markCancelling();
   if (turn.state === "sending") {
     entry.controller.abort(); // the server may not know the id yet: dropping the stream cancels it
     return;
@@ -311,6 +318,8 @@ function openSettings(reason = "") {
   if (!ui.settingsDialog.open) ui.settingsDialog.showModal();
   (reason && /key/i.test(reason) ? ui.apiKey : ui.apiBase).focus();
 }
+
+$("cancel-settings").addEventListener("click", () => ui.settingsDialog.close());
 
 ui.settingsForm.addEventListener("submit", (event) => {
   if (event.submitter?.value !== "save") return;
@@ -369,8 +378,9 @@ document.addEventListener("keydown", (event) => {
   ui.composer.requestSubmit();
 });
 
-ui.cancel.addEventListener("click", () => {
-  for (const { turn } of state.inflight.values()) cancelTurn(turn);
+ui.cancel.addEventListener("click", async () => {
+  // Newest first: queued requests go before the running one frees the worker for them.
+  for (const { turn } of [...state.inflight.values()].reverse()) await cancelTurn(turn);
 });
 
 ui.prompt.addEventListener("input", () => {

@@ -151,8 +151,8 @@ export class ParamsForm {
     };
     const guidance = num(f.guidance);
     if (guidance !== undefined) body[this.card?.guidance_parameter || "guidance_scale"] = guidance;
-    const seed = num(f.seed);
-    if (seed !== undefined) body.seed = seed;
+    const seed = f.seed.value.trim(); // a string: seeds can exceed what a JS number holds exactly
+    if (seed !== "") body.seed = /^\d+$/.test(seed) ? seed.replace(/^0+(?=\d)/, "") : num(f.seed);
     const n = num(f.count);
     if (n !== undefined && n !== 1) body.n = n;
     if (!this.negativeField.hidden && f.negative.value !== "") body.negative_prompt = f.negative.value;

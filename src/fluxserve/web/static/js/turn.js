@@ -74,14 +74,26 @@ export class Turn {
     }
   }
 
+  /** The user asked to cancel; the server's answer (an error event "cancelled") ends the turn. */
+  markCancelling() {
+    this.cancelling = true;
+    this.cancelButton.disabled = true;
+    this.stateLabel.textContent = "Cancelling…";
+  }
+
   /** image_generation.progress: {status, step, total, queue_position} */
   onProgress({ status, step = 0, total = 0, queue_position: position }) {
     if (!this.active) return;
+    if (this.cancelling) {
+      if (status !== "queued") this.lastStep = { step, total };
+      return;
+    }
     if (status === "queued") {
       this.setState("queued", position ? `position ${position}` : "");
       this.progress.removeAttribute("value");
       return;
     }
+    this.lastStep = { step, total };
     this.setState("running", total ? `step ${step} / ${total}` : "");
     this.progress.max = Math.max(1, total);
     this.progress.value = step;
@@ -93,6 +105,7 @@ export class Turn {
     if (!this.active) return;
     if (this.previewImage.src.startsWith("blob:")) URL.revokeObjectURL(this.previewImage.src);
     this.previewImage.src = url;
+    this.node.dataset.previews = String(Number(this.node.dataset.previews || 0) + 1);
     this.previewLabel.textContent = `Preview ${Number(index) + 1}${step ? ` · step ${step}` : ""}`;
     this.preview.hidden = false;
   }
@@ -104,7 +117,7 @@ export class Turn {
     const height = params.height || this.request.height;
     const image = {
       url,
-      seed: data.seed ?? params.seed,
+      seed: String(data.seed ?? params.seed),
       prompt: this.request.prompt,
       model: this.request.model,
       params,
@@ -113,10 +126,13 @@ export class Turn {
       requestId: data.request_id || this.request.request_id,
       format: data.output_format || "png",
       index: this.images.length,
-      filename: `fluxserve-${slug(this.request.prompt, 32)}-${data.seed ?? params.seed}.${data.output_format || "png"}`,
+      filename: `fluxserve-${slug(this.request.prompt, 32)}-${data.seed ?? params.seed}.${data.output_format || "png"}`
+        .replace(/\.jpeg$/, ".jpg"),
     };
     this.images.push(image);
     this.preview.hidden = true;
+    if (this.previewImage.src.startsWith("blob:")) URL.revokeObjectURL(this.previewImage.src);
+    this.previewImage.removeAttribute("src");
 
     const img = el("img", { src: url, alt: `Generated image for: ${this.request.prompt}`, width, height,
                             class: Math.max(width, height) < 256 ? "pixelated" : null });
@@ -135,6 +151,7 @@ export class Turn {
       figure.append(el("p", { class: "hint saved", title: image.savedPath, text: `Saved on the server as ${name}` }));
     }
     this.imagesBox.append(figure);
+    this.imagesBox.classList.toggle("multi", (this.request.n || 1) > 1);
     this.handlers.onImage(this, image);
   }
 
@@ -149,9 +166,10 @@ export class Turn {
     this.actions.querySelector(".retry").hidden = true;
   }
 
-  cancelled(reason = "") {
+  cancelled() {
     if (!this.active) return;
-    this.setState("cancelled", reason);
+    const at = this.lastStep?.step > 0 ? `at step ${this.lastStep.step} / ${this.lastStep.total}` : "";
+    this.setState("cancelled", at);
     this.actions.hidden = false;
     this.showOnly(".retry");
   }
