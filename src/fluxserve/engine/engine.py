@@ -161,7 +161,7 @@ class _Attempt:
     def failure_reason(self, kind: str) -> str:
         """Why the ladder gave up, e.g. ``cpu_oom: still out of memory after cache cleanup, ...``."""
         tried = _and_join(self.actions) if self.actions else "nothing (no rung of FLUX_OOM_POLICY applied)"
-        text = f"{kind}: still out of memory after {tried} at {self.params.width}x{self.params.height}"
+        text = f"{kind}: still out of memory at {self.params.width}x{self.params.height} after {tried}"
         if self.downscale_refused:
             text += "; a lower resolution was not allowed (allow_fallback=false)"
         return text
@@ -254,94 +254,169 @@ class DeviceEngine:
     def generate(self, model: LoadedModel, params: GenerationParams, requests: list[ImageRequest]) -> list[ImageResult]:
         """Run one batch, recovering from out-of-memory per FLUX_OOM_POLICY.
 
+        The ladder's rungs run in the configured order, each at most once (downscale up to
+        :data:`MAX_DOWNSCALES` times): ``clear_cache`` retries as asked after the cache is emptied,
+        ``slicing`` turns on VAE tiling/slicing (and attention slicing where the pipeline has it),
+        ``offload`` turns on model CPU offload (CUDA only), ``downscale`` lowers the resolution if the
+        request allows it. Temporary modes are undone afterwards. Steps are never changed.
+
         Raises :class:`OutOfMemory` (ladder exhausted), :class:`BadOutput`, :class:`GenerationCancelled`.
         """
         attempt = _Attempt(params)
         rungs = list(self.settings.oom_policy)
-        downscales = 0
         with model.view() as view:
             try:
                 while True:
+                    failure: str | None = None
                     try:
                         results = self._run(model, view, attempt, requests)
-                        self.consecutive_oom_failures = 0
-                        if attempt.params != params:
-                            for result in results:
-                                result.original_params = params
-                        return results
+                    except _RetryInFloat32:
+                        failure = "nan_output"
                     except Exception as exc:
                         if not is_oom(exc):
                             raise
-                        kind = f"{self.plan.backend}_oom"
-                        self.oom_events.append(kind)
-                        attempt.kind = attempt.kind or kind
-                        log.warning("out of memory", extra={"ctx": {"model": model.spec.key, "kind": kind,
-                                                                     "params": attempt.params.__dict__}})
-                        empty_cache(self.plan.backend)
-                        if not self._next_rung(model, view, attempt, rungs, kind):
-                            if "downscale" in self.settings.oom_policy and attempt.params.allow_fallback \
-                                    and downscales < 2:
-                                downscales += 1
-                                self._downscale(model, attempt)
-                                continue
-                            self.consecutive_oom_failures += 1
-                            tried = "; ".join(attempt.reasons) or "no recovery configured"
-                            raise OutOfMemory(f"{kind}: out of memory after: {tried}") from None
+                        failure = oom_kind(exc, self.plan.backend)
+                    else:
+                        self.consecutive_oom_failures = 0
+                        reason = attempt.fallback_reason(params)
+                        for result in results:
+                            result.fallback_applied = reason is not None
+                            result.fallback_reason = reason
+                            result.original_params = params if attempt.params != params else None
+                        return results
+                    # Outside the except block: the error and its traceback, which pin the failed attempt's
+                    # tensors, are gone now, so emptying the cache below really returns their memory.
+                    assert attempt.params.steps == params.steps, "a fallback must never change the step count"
+                    if failure == "nan_output":
+                        self._to_float32(view, attempt)
+                        continue
+                    self._record_oom(model, attempt, failure)
+                    if all(r.is_cancelled() for r in requests):
+                        raise GenerationCancelled("cancelled while recovering from out of memory")
+                    if not self._next_rung(model, view, attempt, rungs):
+                        self.consecutive_oom_failures += 1
+                        raise OutOfMemory(attempt.failure_reason(failure))
             finally:
-                self._undo_temporary(view, attempt)
+                self._undo_temporary(model, view, attempt)
 
-    def _next_rung(self, model: LoadedModel, view: PipelineView, attempt: _Attempt, rungs: list[str],
-                   kind: str) -> bool:
-        """Apply the next non-downscale rung; False when none is left."""
+    def _record_oom(self, model: LoadedModel, attempt: _Attempt, kind: str) -> None:
+        self.oom_events.append(kind)
+        attempt.kind = attempt.kind or kind
+        attempt.ooms += 1
+        log.warning("out of memory", extra={"ctx": {"model": model.spec.key, "kind": kind, "attempt": attempt.ooms,
+                                                     "params": attempt.params.__dict__}})
+        # A full collection on the batch's first OOM; later retries only made young garbage.
+        empty_cache(self.plan.backend, full_gc=attempt.ooms == 1)
+
+    def _next_rung(self, model: LoadedModel, view: PipelineView, attempt: _Attempt, rungs: list[str]) -> bool:
+        """Apply the next rung that changes something; False when none is left."""
         while rungs:
             rung = rungs.pop(0)
-            if rung == "clear_cache":
-                attempt.reasons.append("cache cleanup")
-                return True
-            if rung == "slicing":
-                pipe = view.pipeline
-                applied = apply_vae_modes(pipe, slicing=True, tiling=True, tile_size=None)
-                if apply_attention_slicing(pipe, "auto"):
-                    applied.append("attention_slicing")
-                attempt.temporary_modes += applied
-                attempt.reasons.append("VAE tiling/slicing" + (" and attention slicing"
-                                                               if "attention_slicing" in applied else ""))
-                return True
-            if rung == "offload":
-                if self.plan.backend != "cuda" or self.settings.offload != "none":
-                    continue  # offload only helps when weights can move off a CUDA device
-                view.pipeline.enable_model_cpu_offload(device=self.device)
-                attempt.offloaded = True
-                attempt.reasons.append("model CPU offload")
+            try:
+                applied = self._apply_rung(rung, model, view, attempt)
+            except Exception:  # a rung that cannot be applied is skipped, never the end of the worker
+                log.exception("OOM recovery step %s could not be applied", rung)
+                empty_cache(self.plan.backend)
+                applied = False
+            if applied:
+                if rung == "downscale" and attempt.downscales < MAX_DOWNSCALES:
+                    rungs.insert(0, "downscale")  # may shrink once more if this size fails too
                 return True
         return False
 
-    def _downscale(self, model: LoadedModel, attempt: _Attempt) -> None:
-        spec = model.spec
-        before = attempt.params
-        attempt.params = before.scaled(0.75, spec.size_multiple, max(spec.size_multiple * 4, 64))
-        attempt.reasons.append(f"retried at {attempt.params.width}x{attempt.params.height}")
+    def _apply_rung(self, rung: str, model: LoadedModel, view: PipelineView, attempt: _Attempt) -> bool:
+        pipe = view.pipeline
+        if rung == "clear_cache":  # the cache was emptied when the OOM was recorded; retry as asked
+            attempt.actions.append("cache cleanup")
+            return True
+        if rung == "slicing":
+            applied = apply_vae_modes(pipe, slicing=True, tiling=True, tile_size=self.settings.vae_tile_size)
+            attempt.temporary_modes += applied
+            if self.settings.attention_slicing == "off" and apply_attention_slicing(pipe, "auto"):
+                attempt.temporary_modes.append("attention_slicing")
+                applied.append("attention_slicing")
+            if not applied:
+                return False  # everything was on already: no retry spent on it
+            vae_modes = [m.removeprefix("vae_") for m in sorted(applied, reverse=True) if m.startswith("vae_")]
+            described = ["VAE " + "/".join(vae_modes)] if vae_modes else []
+            if "attention_slicing" in applied:
+                described.append("attention slicing")
+            attempt.actions.append(" + ".join(described))  # e.g. "VAE tiling/slicing + attention slicing"
+            return True
+        if rung == "offload":
+            # Offload helps only where weights can leave a CUDA device; with several concurrent views it would
+            # move shared modules under another generation's feet.
+            if self.plan.backend != "cuda" or self.settings.offload != "none" or self.settings.max_concurrent > 1:
+                return False
+            attempt.offloaded = True
+            pipe.enable_model_cpu_offload(device=self.device)
+            attempt.actions.append("model CPU offload")
+            return True
+        if rung == "downscale":
+            if not attempt.params.allow_fallback:
+                attempt.downscale_refused = True
+                return False
+            multiple = model.spec.size_multiple
+            smaller = attempt.params.scaled(DOWNSCALE_FACTOR, multiple, max(self.settings.min_size, multiple))
+            if smaller is None:
+                return False
+            attempt.params = smaller
+            attempt.downscales += 1
+            attempt.actions.append(f"downscale to {smaller.width}x{smaller.height}")
+            return True
+        return False
 
-    def _undo_temporary(self, view: PipelineView, attempt: _Attempt) -> None:
-        vae = getattr(view.pipeline, "vae", None)
-        if "vae_tiling" in attempt.temporary_modes and not self.settings.vae_tiling and vae is not None:
-            vae.disable_tiling()
-        if "vae_slicing" in attempt.temporary_modes and not self.settings.vae_slicing and vae is not None:
-            vae.disable_slicing()
-        if "attention_slicing" in attempt.temporary_modes and self.settings.attention_slicing == "off":
-            view.pipeline.disable_attention_slicing()
+    def _to_float32(self, view: PipelineView, attempt: _Attempt) -> None:
+        """Move every component to float32 for one more try (undone in :meth:`_undo_temporary`)."""
+        for name, module in view.pipeline.components.items():
+            if isinstance(module, torch.nn.Module):
+                dtype = next((p.dtype for p in module.parameters()), torch.float32)
+                if dtype != torch.float32:
+                    attempt.float32_restore[name] = dtype
+                    module.to(torch.float32)
+        attempt.in_float32 = True
+        attempt.kind = attempt.kind or "nan_output"
+        attempt.notes.append(f"retried in float32 after NaN/black output in {self.plan.dtype}")
+
+    def _undo_temporary(self, model: LoadedModel, view: PipelineView, attempt: _Attempt) -> None:
+        """Turn off what the ladder turned on; never raises (the batch's outcome is already decided)."""
+        pipe = view.pipeline
+        vae = getattr(pipe, "vae", None)
+        try:
+            if "vae_tiling" in attempt.temporary_modes and vae is not None:
+                vae.disable_tiling()
+            if "vae_slicing" in attempt.temporary_modes and vae is not None:
+                vae.disable_slicing()
+            if "attention_slicing" in attempt.temporary_modes:
+                pipe.disable_attention_slicing()
+            for name, dtype in attempt.float32_restore.items():
+                pipe.components[name].to(dtype)
+        except Exception:
+            log.exception("could not undo temporary memory modes")
         if attempt.offloaded:
-            view.pipeline.remove_all_hooks()
-            view.pipeline.to(self.device)
+            try:
+                pipe.remove_all_hooks()
+                pipe.to(self.device)
+            except Exception as exc:  # could not move back: stay offloaded so the next request still works
+                log.warning("model stays CPU-offloaded: moving it back failed (%s)", type(exc).__name__)
+                empty_cache(self.plan.backend)
+                try:
+                    pipe.enable_model_cpu_offload(device=self.device)
+                    if "offload_model_after_oom" not in model.modes:
+                        model.modes.append("offload_model_after_oom")
+                except Exception:
+                    log.exception("could not re-enable model CPU offload")
 
-    def _encode(self, model: LoadedModel, pipe: Any, prompt: str, max_len: int) -> PromptEmbedding:
+    def _encode(self, model: LoadedModel, pipe: Any, prompt: str, max_len: int, *,
+                cache: bool = True) -> PromptEmbedding:
         key = (prompt, max_len)
-        cached = model.prompt_cache.get(key)
+        cached = model.prompt_cache.get(key) if cache else None
         if cached is not None:
             return cached
         with torch.inference_mode():
             embedding = model.adapter.encode(pipe, prompt, max_len)
-        model.prompt_cache.put(key, embedding)
+        if cache:
+            model.prompt_cache.put(key, embedding)
         return embedding
 
     def _run(self, model: LoadedModel, view: PipelineView, attempt: _Attempt,
@@ -359,13 +434,14 @@ class DeviceEngine:
         positives: list[PromptEmbedding] = []
         negatives: list[PromptEmbedding] = []
         use_negative = adapter.uses_negative_prompt and params.guidance > 1
+        cache = not attempt.in_float32  # cached embeddings are in the half-precision dtype
         for request in requests:
-            pos = self._encode(model, pipe, request.prompt, params.max_sequence_length)
+            pos = self._encode(model, pipe, request.prompt, params.max_sequence_length, cache=cache)
             neg = None
             if use_negative:
                 neg_text = request.negative_prompt if request.negative_prompt is not None else \
                     (model.spec.negative_prompt or " ")
-                neg = self._encode(model, pipe, neg_text, params.max_sequence_length)
+                neg = self._encode(model, pipe, neg_text, params.max_sequence_length, cache=cache)
             for _ in request.seeds:
                 positives.append(pos)
                 if neg is not None:
@@ -400,11 +476,13 @@ class DeviceEngine:
             return {}
 
         started = time.perf_counter()
-        self.faults.raise_if_armed("denoise", backend)
+        nan_latents = self.faults.raise_if_armed("denoise", backend)
         with torch.inference_mode():
             latents = adapter.denoise(pipe, positives, negatives if use_negative else None, DenoiseArgs(
                 width=params.width, height=params.height, steps=params.steps, guidance=params.guidance,
                 generators=generators, callback=on_step))
+            if nan_latents:
+                latents = torch.full_like(latents, float("nan"))
         sync()
         timings["denoise"] = time.perf_counter() - started
         if all(r.is_cancelled() for r in requests):
@@ -418,29 +496,43 @@ class DeviceEngine:
             if make_nan:
                 decoded = torch.full_like(decoded, float("nan"))
             if _bad_output(decoded):
-                attempt.kind = attempt.kind or "nan_output"
-                attempt.reasons.append("re-decoded VAE in float32 after NaN/black output")
-                decoded = self._decode_float32(pipe, adapter, latents, params)
-                if _bad_output(decoded):
-                    raise BadOutput("the model produced NaN or black images even with a float32 VAE")
+                decoded = self._recover_bad_output(pipe, adapter, latents, params, attempt)
             pixels = to_uint8(decoded)
         timings["vae_decode"] = time.perf_counter() - started
 
         results = []
         for index, request in enumerate(requests):
             picks = [pixels[i] for i, owner in enumerate(owners) if owner == index]
-            fallback = bool(attempt.reasons)
             results.append(ImageResult(
                 images=picks, seeds=list(request.seeds), params=params, timings=dict(timings),
-                batch_size=len(seeds), fallback_applied=fallback,
-                fallback_reason=f"{attempt.kind}: {', '.join(attempt.reasons)}" if fallback else None,
-                cancelled=request.is_cancelled(),
-            ))
+                batch_size=len(seeds), cancelled=request.is_cancelled(),
+            ))  # generate() fills in the fallback story
         return results
+
+    def _recover_bad_output(self, pipe: Any, adapter: Any, latents: torch.Tensor, params: GenerationParams,
+                            attempt: _Attempt) -> torch.Tensor:
+        """NaN/black pixels: re-decode with a float32 VAE where the latents are sound; if that does not help
+        (or the latents themselves are NaN), retry the whole generation in float32 where half precision is
+        the likely cause (MPS in float16), else raise :class:`BadOutput`."""
+        attempt.kind = attempt.kind or "nan_output"
+        latents_ok = bool(torch.isfinite(latents).all())
+        if latents_ok:
+            attempt.notes.append("re-decoded the VAE in float32 after NaN/black output")
+            decoded = self._decode_float32(pipe, adapter, latents, params)
+            if not _bad_output(decoded):
+                return decoded
+        if (self.plan.backend == "mps" and self.plan.dtype != "float32" and not attempt.in_float32
+                and self.settings.max_concurrent == 1):
+            raise _RetryInFloat32
+        where = "even after re-decoding the VAE in float32" if latents_ok else "(the denoiser returned NaN latents)"
+        hint = " and in float32" if attempt.in_float32 else ""
+        raise BadOutput(f"the model produced NaN or black images {where}{hint}")
 
     def _decode_float32(self, pipe: Any, adapter: Any, latents: torch.Tensor, params: GenerationParams) -> torch.Tensor:
         vae = pipe.vae
         original = vae.dtype
+        if original == torch.float32:  # already float32 (CPU, MPS): decode again, no conversion round trip
+            return adapter.decode(pipe, latents.float(), params.width, params.height)
         try:
             vae.to(torch.float32)
             return adapter.decode(pipe, latents.float(), params.width, params.height)

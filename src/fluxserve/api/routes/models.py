@@ -17,6 +17,7 @@ from fluxserve.api.protocol import (
     TokenizeRequest,
     UnloadModelRequest,
 )
+from fluxserve.engine.memory import in_use_bytes
 from fluxserve.engine.registry import ModelSpec, UnknownModelError
 from fluxserve.runtime import Runtime
 from fluxserve.scheduler.jobs import JobError
@@ -54,6 +55,7 @@ def model_card(runtime: Runtime, spec: ModelSpec) -> dict[str, Any]:
         "modes": sorted({m for model in loaded.values() for m in model.modes}),
         "load_seconds": {d: round(m.load_seconds, 3) for d, m in loaded.items()},
         "warmup": {d: m.warmup for d, m in loaded.items()},
+        "replicas": runtime.replicas(spec.key),
     }
 
 
@@ -127,13 +129,12 @@ async def select_model(body: SelectModelRequest, request: Request) -> JSONRespon
 async def unload_model(body: UnloadModelRequest, request: Request) -> JSONResponse:
     runtime = _runtime(request)
     spec = _spec(runtime, body.model)
-    before = sum(e.memory().get("allocated_bytes", e.memory().get("process_rss_bytes", 0))
-                 for e in runtime.scheduler.engines)
+    devices = sorted({e.device for e in runtime.scheduler.engines})  # cpu,cpu share one process RSS
+    before = sum(in_use_bytes(d) for d in devices)
     dropped = [e.device for e in runtime.scheduler.engines if e.unload(spec.key)]
     if not dropped:
         raise APIError(404, f"model {spec.key!r} is not loaded", param="model", code="model_not_loaded")
-    after = sum(e.memory().get("allocated_bytes", e.memory().get("process_rss_bytes", 0))
-                for e in runtime.scheduler.engines)
+    after = sum(in_use_bytes(d) for d in devices)
     return JSONResponse({"ok": True, "model": spec.key, "devices": dropped, "freed_bytes": max(0, before - after)})
 
 
@@ -143,13 +144,11 @@ async def release_memory(request: Request, body: ReleaseMemoryRequest | None = N
     keep = set() if body is not None and body.all else {runtime.active_key}
 
     def release() -> dict[str, Any]:
-        before = [e.memory() for e in runtime.scheduler.engines]
+        devices = sorted({e.device for e in runtime.scheduler.engines})  # cpu,cpu share one process RSS
+        before = {d: in_use_bytes(d) for d in devices}
         dropped = sorted({k for e in runtime.scheduler.engines for k in e.release(keep)})
         after = [e.memory() for e in runtime.scheduler.engines]
-        freed = 0
-        for b, a in zip(before, after, strict=True):
-            key = "allocated_bytes" if "allocated_bytes" in b else "process_rss_bytes"
-            freed += max(0, int(b.get(key, 0)) - int(a.get(key, 0)))
+        freed = sum(max(0, before[d] - in_use_bytes(d)) for d in devices)
         return {"ok": True, "dropped": dropped, "kept": sorted(keep), "freed_bytes": freed, "memory": after}
 
     return JSONResponse(await asyncio.get_running_loop().run_in_executor(None, release))
