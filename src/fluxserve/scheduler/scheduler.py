@@ -90,7 +90,8 @@ class Scheduler:
         error = JobError("the server is shutting down; the job was cancelled", code="shutting_down", status=503)
         for job in leftovers:
             job.request_cancel()
-            job.finish(JobStatus.CANCELLED, error=error)
+            if job.finish(JobStatus.CANCELLED, error=error):
+                self._hook("job_cancelled", {"job": job})
         return len(leftovers)
 
     def shutdown(self) -> None:
@@ -165,7 +166,8 @@ class Scheduler:
                 failed = []
             self._cond.notify_all()
         for job in failed:
-            job.finish(JobStatus.FAILED, error=error)
+            if job.finish(JobStatus.FAILED, error=error):
+                self._hook("job_failed", {"job": job})
 
     # --- jobs ------------------------------------------------------------------------------------
     def submit(self, job: Job) -> Job:
@@ -215,7 +217,8 @@ class Scheduler:
 
     def stats(self) -> dict[str, Any]:
         with self._cond:
-            return {"queue_depth": len(self._pending), "jobs_in_flight": len(self._running),
+            in_flight = sum(1 for job in self._running.values() if not job.done)  # finished ones leave soon
+            return {"queue_depth": len(self._pending), "jobs_in_flight": in_flight,
                     "max_queue": self.settings.max_queue, "busy_slots": self._busy_slots,
                     "slots": len(self.engines) * self.settings.max_concurrent}
 
