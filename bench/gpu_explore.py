@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
-from fullsize import build_fullsize_flux, transformer_inputs
+from fluxserve.bench import build_fullsize_flux, transformer_inputs
 
 T0 = time.perf_counter()
 ROWS: list[dict[str, Any]] = []
@@ -144,8 +144,9 @@ def main() -> int:
     record("env", torch=torch.__version__, diffusers=diffusers.__version__, transformers=transformers.__version__,
            gpu=torch.cuda.get_device_name(0), capability=list(torch.cuda.get_device_capability(0)))
     torch.backends.cuda.matmul.allow_tf32 = True
-    pipe, times = build_fullsize_flux(guidance_embeds=False)
-    record("build", **times)
+    t = time.perf_counter()
+    pipe = build_fullsize_flux(guidance_embeds=False)
+    record("build", build_s=round(time.perf_counter() - t, 2))
     inputs = transformer_inputs(pipe)
 
     torch.set_grad_enabled(False)
@@ -227,6 +228,79 @@ def main() -> int:
         record("fwd_regional_fused", **timeit(forward_fn(pipe, inputs), 10))
         profile_forward(pipe, inputs, "bf16_regional")
         attention_micro()
+
+    elif PHASE == "coord":
+        pipe.transformer.fuse_qkv_projections()
+        pipe.transformer.compile_repeated_blocks(fullgraph=True)
+        forward_fn(pipe, inputs)()
+        record("fwd_bf16_regional", **timeit(forward_fn(pipe, inputs), 10))
+        import torch._inductor.config as ind
+
+        ind.coordinate_descent_tuning = True
+        torch._dynamo.reset()
+        t = time.perf_counter()
+        pipe.transformer.compile_repeated_blocks(fullgraph=True)
+        forward_fn(pipe, inputs)()
+        torch.cuda.synchronize()
+        record("coord_compile", seconds=round(time.perf_counter() - t, 1))
+        record("fwd_bf16_regional_coord", **timeit(forward_fn(pipe, inputs), 10))
+        record("fwd_bf16_regional_coord_again", **timeit(forward_fn(pipe, inputs), 10))
+
+    elif PHASE == "fp8own":
+        from fluxserve.engine.device import select_device_dtype
+        from fluxserve.engine.optimize import apply_optimizations
+        from fluxserve.settings import Settings
+
+        img_ref = gen_image(pipe, 1024, 4)
+        arr_ref = np.asarray(img_ref)
+        settings = Settings(quantize="fp8", fuse_qkv=True, compile="regional", cache_dir="/tmp/fluxcache")
+        t = time.perf_counter()
+        names = apply_optimizations(pipe, settings, select_device_dtype("cuda"))
+        record("fp8own_apply", seconds=round(time.perf_counter() - t, 1), names=names)
+        t = time.perf_counter()
+        forward_fn(pipe, inputs)()
+        torch.cuda.synchronize()
+        record("fp8own_compile_first_call", seconds=round(time.perf_counter() - t, 1))
+        record("fwd_fp8own_regional", **timeit(forward_fn(pipe, inputs), 10))
+        t = time.perf_counter()
+        img = gen_image(pipe, 1024, 4)
+        record("fp8own_first_pipe_call", seconds=round(time.perf_counter() - t, 1))
+        p, mx = psnr(np.asarray(img), arr_ref)
+        record("fp8own_quality_1024_4", psnr_db=round(p, 2), max_diff=mx)
+        record("fp8own_pipe_1024_4", **timeit(lambda: gen_image(pipe, 1024, 4), 5))
+        profile_forward(pipe, inputs, "fp8own")
+        # CUDA graphs on the same blocks
+        t = time.perf_counter()
+        pipe.transformer.compile_repeated_blocks(fullgraph=True, dynamic=False, mode="reduce-overhead")
+        forward_fn(pipe, inputs)()
+        forward_fn(pipe, inputs)()
+        torch.cuda.synchronize()
+        record("fp8own_cudagraph_compile", seconds=round(time.perf_counter() - t, 1))
+        record("fwd_fp8own_regional_cudagraph", **timeit(forward_fn(pipe, inputs), 10))
+        del pipe
+        torch.cuda.empty_cache()
+        pipe = build_fullsize_flux(guidance_embeds=False)
+        inputs = transformer_inputs(pipe)
+        pipe.transformer.fuse_qkv_projections()
+        pipe.transformer.compile_repeated_blocks(fullgraph=True, dynamic=False)
+        forward_fn(pipe, inputs)()
+        record("fwd_bf16_regional", **timeit(forward_fn(pipe, inputs), 10))
+        t = time.perf_counter()
+        pipe.transformer.compile_repeated_blocks(fullgraph=True, dynamic=False, mode="reduce-overhead")
+        forward_fn(pipe, inputs)()
+        forward_fn(pipe, inputs)()
+        torch.cuda.synchronize()
+        record("bf16_cudagraph_compile", seconds=round(time.perf_counter() - t, 1))
+        record("fwd_bf16_regional_cudagraph", **timeit(forward_fn(pipe, inputs), 10))
+        if left() > 150:
+            import torch._inductor.config as ind
+            ind.coordinate_descent_tuning = True
+            t = time.perf_counter()
+            pipe.transformer.compile_repeated_blocks(fullgraph=True, dynamic=False)
+            forward_fn(pipe, inputs)()
+            torch.cuda.synchronize()
+            record("bf16_coord_compile", seconds=round(time.perf_counter() - t, 1))
+            record("fwd_bf16_regional_coord", **timeit(forward_fn(pipe, inputs), 10))
 
     elif PHASE == "fp8":
         from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_

@@ -115,8 +115,8 @@ class Runtime:
                 continue
             for size in sizes:
                 width, height = (int(x) for x in size.split("x"))
-                params = GenerationParams(spec.key, width, height, 1, spec.guidance,
-                                          min(spec.max_sequence_length, 64))
+                # The default text length, so a compiled transformer meets the shape real requests use.
+                params = GenerationParams(spec.key, width, height, 1, spec.guidance, spec.max_sequence_length)
                 started = time.perf_counter()
                 fallback: str | None = None
                 try:

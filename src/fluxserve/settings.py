@@ -187,7 +187,7 @@ class Settings(BaseSettings):
     compile: Literal["off", "regional", "full"] = "off"
     """torch.compile the transformer's repeated blocks (regional) or the whole model."""
     quantize: Literal["none", "fp8"] = "none"
-    """fp8 dynamic quantization of the transformer (torchao; CUDA with compute capability ≥ 8.9)."""
+    """fp8 row-wise dynamic quantization of the transformer's linears (CUDA, compute capability ≥ 8.9)."""
     fuse_qkv: bool = False
     """Fuse the attention QKV projections (lossless, fewer kernel launches)."""
     channels_last: bool = False

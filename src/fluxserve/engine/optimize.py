@@ -8,8 +8,9 @@ steps depend on each other:
 1. ``FLUX_ATTENTION_BACKEND`` — diffusers' attention dispatcher (e.g. ``_native_cudnn`` on Hopper).
 2. ``FLUX_FUSE_QKV`` — one matmul for Q, K and V (exact up to float rounding; done before quantizing so
    the fused weight is quantized once).
-3. ``FLUX_QUANTIZE=fp8`` — torchao float8 dynamic activation × float8 weight, row-wise scales (lossy,
-   CUDA compute capability ≥ 8.9).
+3. ``FLUX_QUANTIZE=fp8`` — float8 dynamic activation × float8 weight with row-wise scales, the numerics
+   of torchao's ``Float8DynamicActivationFloat8WeightConfig(PerRow())`` as a plain module (see
+   :class:`Float8RowwiseLinear`; lossy, CUDA compute capability ≥ 8.9).
 4. ``FLUX_STEP_CACHE=fbcache:<t>`` — diffusers' First Block Cache (lossy; skips most blocks on steps
    whose first-block residual barely changed; for many-step models).
 5. ``FLUX_CHANNELS_LAST`` — channels_last memory format for the VAE's convolutions.
@@ -81,15 +82,6 @@ def _cuda_capability(plan: DevicePlan) -> tuple[int, int] | None:
     return torch.cuda.get_device_capability(plan.torch_device)
 
 
-def _torchao_available() -> bool:
-    try:
-        import torchao  # noqa: F401
-        from torchao.quantization import Float8DynamicActivationFloat8WeightConfig  # noqa: F401
-    except Exception:  # ImportError, or a torchao built for another torch failing at import
-        return False
-    return True
-
-
 def _diffusers_has_cache() -> bool:
     try:
         from diffusers.hooks import FirstBlockCacheConfig  # noqa: F401
@@ -118,10 +110,10 @@ def validate_optimizations(settings: Settings, plan: DevicePlan, transformer: An
                 f"FLUX_QUANTIZE=fp8 needs compute capability >= 8.9 (Ada, Hopper or later); {plan.device} has "
                 f"{found}. Unset FLUX_QUANTIZE (or set it to none)."
             )
-        if not _torchao_available():
+        if not hasattr(torch, "_scaled_mm"):
             raise OptimizationError(
-                "FLUX_QUANTIZE=fp8 needs torchao (pip install 'fluxserve[fp8]', a torchao release that matches "
-                f"torch {torch.__version__}). Unset FLUX_QUANTIZE or install it."
+                f"FLUX_QUANTIZE=fp8 needs torch._scaled_mm (torch >= 2.5); torch {torch.__version__} lacks it. "
+                "Unset FLUX_QUANTIZE or upgrade torch."
             )
         if settings.offload != "none":
             raise OptimizationError(
@@ -169,33 +161,80 @@ def _fuse_qkv(pipe: Any, transformer: Any) -> bool:
     return False
 
 
-def _unused_projection(name: str, module: Any, fused_parents: set[str]) -> bool:
+def _unused_projection(name: str, fused_parents: set[str]) -> bool:
     parent, _, leaf = name.rpartition(".")
     return parent in fused_parents and leaf in {"to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj"}
 
 
-def _quantize_fp8(transformer: Any) -> int:
-    """Row-wise float8 dynamic quantization of the transformer's linear layers; returns how many."""
-    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+FP8_MAX = 448.0
+"""Largest finite float8_e4m3fn value."""
 
+
+def _rowwise_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize the rows of a 2-D tensor to float8_e4m3fn with one float32 scale per row."""
+    amax = x.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12)
+    scale = amax / FP8_MAX
+    q = (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return q, scale
+
+
+class Float8RowwiseLinear(torch.nn.Module):
+    """``nn.Linear`` with float8 weights and dynamically quantized float8 activations, row-wise scales.
+
+    The numerics of torchao's ``Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())``: e4m3
+    weights and activations, one float32 scale per weight row and per activation row, bf16 output from
+    ``torch._scaled_mm`` with fast accumulation (torchao's inference default). It is written as a plain
+    module with buffers instead of a tensor subclass because that matters for regional compilation: all
+    blocks of a class share one compiled graph (torchao's subclass recompiled per block here: ~290 s of
+    compile on an H100 against ~16 s).
+    """
+
+    def __init__(self, linear: torch.nn.Linear) -> None:
+        super().__init__()
+        self.in_features = linear.in_features
+        self.out_features = linear.out_features
+        with torch.no_grad():
+            weight_fp8, weight_scale = _rowwise_fp8(linear.weight.detach())
+        self.weight_fp8: torch.Tensor
+        self.weight_scale: torch.Tensor
+        self.register_buffer("weight_fp8", weight_fp8)  # [out, in], row-major: its .t() is column-major
+        self.register_buffer("weight_scale", weight_scale.reshape(1, -1).contiguous())  # [1, out]
+        self.bias: torch.nn.Parameter | None = linear.bias
+        self.out_dtype = linear.weight.dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2d = x.reshape(-1, shape[-1])
+        xq, x_scale = _rowwise_fp8(x2d)
+        bias = self.bias.to(self.out_dtype) if self.bias is not None else None
+        out = torch._scaled_mm(xq, self.weight_fp8.t(), scale_a=x_scale, scale_b=self.weight_scale,
+                               bias=bias, out_dtype=self.out_dtype, use_fast_accum=True)
+        return out.reshape(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, fp8=rowwise"
+
+
+def _quantize_fp8(transformer: Any) -> int:
+    """Swap the transformer's linear layers for :class:`Float8RowwiseLinear`; returns how many."""
     fused_parents = {name for name, module in transformer.named_modules()
                      if getattr(module, "fused_projections", False)}
-    count = 0
-
-    def wanted(module: torch.nn.Module, fqn: str) -> bool:
-        nonlocal count
+    targets: list[tuple[torch.nn.Module, str, torch.nn.Linear]] = []
+    for name, module in transformer.named_modules():
         if not isinstance(module, torch.nn.Linear):
-            return False
+            continue
         # _scaled_mm needs both dimensions to be multiples of 16; tiny layers gain nothing anyway.
         if module.in_features % 16 or module.out_features % 16 or module.in_features < 256:
-            return False
-        if _unused_projection(fqn, module, fused_parents):
-            return False  # replaced by the fused to_qkv / to_added_qkv; quantizing it costs time only
-        count += 1
-        return True
-
-    quantize_(transformer, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()), filter_fn=wanted)
-    return count
+            continue
+        if _unused_projection(name, fused_parents):
+            continue  # replaced by the fused to_qkv / to_added_qkv
+        parent_name, _, leaf = name.rpartition(".")
+        targets.append((transformer.get_submodule(parent_name) if parent_name else transformer, leaf, module))
+    for parent, leaf, linear in targets:
+        setattr(parent, leaf, Float8RowwiseLinear(linear))
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return len(targets)
 
 
 def _enable_fbcache(transformer: Any, threshold: float) -> None:

@@ -158,10 +158,13 @@ def _build_qwen():  # type: ignore[no-untyped-def]
 
 def build_tiny_pipeline(family: Family):  # type: ignore[no-untyped-def]
     """Build (in memory) the tiny pipeline of ``family`` with fixed-seed float32 weights."""
-    if family == "flux":
-        return _build_flux()
-    if family == "qwen":
-        return _build_qwen()
+    builders = {"flux": _build_flux, "qwen": _build_qwen}
+    if family in builders:
+        pipe = builders[family]()
+        for component in pipe.components.values():
+            if isinstance(component, torch.nn.Module):
+                component.eval()  # as from_pretrained leaves them: no dropout
+        return pipe
     raise ValueError(f"unknown tiny model family {family!r}; expected 'flux' or 'qwen'")
 
 
