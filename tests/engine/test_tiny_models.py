@@ -63,3 +63,26 @@ def test_progress_bars_disabled_and_on_the_resolved_device(engine: DeviceEngine)
     model, _ = engine.load(resolve_model("tiny-flux"))
     assert model.primary._progress_bar_config.get("disable") is True
     assert str(model.primary.transformer.device) == "cpu"
+
+
+def test_generic_adapter_runs_any_pipeline_in_one_call(engine: DeviceEngine) -> None:
+    """Pipelines of other families go through one plain pipeline call; seeds and batching still hold."""
+    from fluxserve.engine.families import ADAPTERS
+
+    spec = resolve_model("tiny-flux")
+    model, _ = engine.load(spec)
+    staged = model.adapter
+    params = GenerationParams("tiny-flux", 64, 64, 2, 0.0, 64)
+    expected = engine.generate(model, params, [ImageRequest("a red fox", [7])])[0].images[0]
+    model.adapter = ADAPTERS["generic"]
+    try:
+        steps: list[int] = []
+        one, two = engine.generate(model, params, [
+            ImageRequest("a red fox", [7], on_progress=lambda s, t, p: steps.append(s), want_previews=True),
+            ImageRequest("a cat", [8])])
+    finally:
+        model.adapter = staged
+    assert steps == [1, 2]
+    diff = np.abs(one.images[0].astype(int) - expected.astype(int))
+    assert diff.max() <= 2
+    assert np.abs(two.images[0].astype(int) - expected.astype(int)).mean() > 1

@@ -409,7 +409,7 @@ class DeviceEngine:
 
     def _encode(self, model: LoadedModel, pipe: Any, prompt: str, max_len: int, *,
                 cache: bool = True) -> PromptEmbedding:
-        key = (prompt, max_len)
+        key = (model.adapter.name, prompt, max_len)
         cached = model.prompt_cache.get(key) if cache else None
         if cached is not None:
             return cached
@@ -462,7 +462,7 @@ class DeviceEngine:
                 return {}
             wants = [r for r in requests if r.on_progress is not None and not r.is_cancelled()]
             previews = None
-            if latents is not None and any(r.want_previews for r in wants):
+            if latents is not None and adapter.supports_previews and any(r.want_previews for r in wants):
                 with torch.inference_mode():
                     spatial = adapter.spatial_latents(p, latents, params.width, params.height)
                     previews = preview_rgb(spatial)
@@ -480,7 +480,8 @@ class DeviceEngine:
         with torch.inference_mode():
             latents = adapter.denoise(pipe, positives, negatives if use_negative else None, DenoiseArgs(
                 width=params.width, height=params.height, steps=params.steps, guidance=params.guidance,
-                generators=generators, callback=on_step))
+                generators=generators, callback=on_step,
+                max_sequence_length=params.max_sequence_length))
             if nan_latents:
                 latents = torch.full_like(latents, float("nan"))
         sync()

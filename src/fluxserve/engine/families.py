@@ -8,6 +8,7 @@ between steps, all through the pipelines' public arguments (``prompt_embeds``, `
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -23,6 +24,8 @@ class PromptEmbedding:
     """Text-encoder output for one prompt (batch dimension 1), kept on the model's device."""
 
     tensors: dict[str, torch.Tensor]
+    text: str | None = None
+    """The prompt itself, for pipelines whose text encoding cannot be split off (generic family)."""
 
 
 @dataclass
@@ -33,13 +36,14 @@ class DenoiseArgs:
     guidance: float
     generators: list[torch.Generator]
     callback: StepCallback
+    max_sequence_length: int | None = None
 
 
 class FamilyAdapter:
     """Base adapter: one stage-split interface over different diffusers pipelines."""
 
-    name = "generic"
-    supports_stages = False
+    name = "base"
+    supports_previews = True
     uses_negative_prompt = False
 
     def encode(self, pipe: Any, prompt: str, max_sequence_length: int) -> PromptEmbedding:
@@ -72,7 +76,6 @@ def _stack(embeds: Sequence[PromptEmbedding], key: str) -> torch.Tensor:
 
 class FluxAdapter(FamilyAdapter):
     name = "flux"
-    supports_stages = True
 
     def encode(self, pipe: Any, prompt: str, max_sequence_length: int) -> PromptEmbedding:
         prompt_embeds, pooled, _text_ids = pipe.encode_prompt(
@@ -104,7 +107,6 @@ class FluxAdapter(FamilyAdapter):
 
 class QwenAdapter(FamilyAdapter):
     name = "qwen"
-    supports_stages = True
     uses_negative_prompt = True
 
     def encode(self, pipe: Any, prompt: str, max_sequence_length: int) -> PromptEmbedding:
@@ -154,7 +156,41 @@ class QwenAdapter(FamilyAdapter):
         return vae.decode(latents, return_dict=False)[0][:, :, 0]
 
 
-ADAPTERS: dict[str, FamilyAdapter] = {"flux": FluxAdapter(), "qwen": QwenAdapter(), "generic": FamilyAdapter()}
+class GenericAdapter(FamilyAdapter):
+    """Any other diffusers text-to-image pipeline: one ordinary pipeline call, no stage split.
+
+    Prompts go in as text (no embedding cache), the pipeline decodes itself (``output_type="pt"``), and
+    there are no latent previews; seeds, batching, progress and cancellation work as for FLUX.
+    """
+
+    name = "generic"
+    supports_previews = False
+    uses_negative_prompt = True
+
+    def encode(self, pipe: Any, prompt: str, max_sequence_length: int) -> PromptEmbedding:
+        return PromptEmbedding({}, text=prompt)
+
+    def denoise(self, pipe: Any, positives: Sequence[PromptEmbedding], negatives: Sequence[PromptEmbedding] | None,
+                args: DenoiseArgs) -> torch.Tensor:
+        kwargs: dict[str, Any] = {}
+        accepted = inspect.signature(pipe.__call__).parameters
+        if negatives is not None and "negative_prompt" in accepted:
+            kwargs["negative_prompt"] = [e.text or "" for e in negatives]
+        if args.max_sequence_length is not None and "max_sequence_length" in accepted:
+            kwargs["max_sequence_length"] = args.max_sequence_length
+        out = pipe(
+            prompt=[e.text or "" for e in positives], width=args.width, height=args.height,
+            num_inference_steps=args.steps, guidance_scale=args.guidance, generator=args.generators,
+            output_type="pt", return_dict=False, callback_on_step_end=args.callback, **kwargs,
+        )
+        images = out[0]
+        return images * 2 - 1  # pipelines answer [0, 1]; the engine works in [-1, 1] like a VAE's output
+
+    def decode(self, pipe: Any, latents: torch.Tensor, width: int, height: int) -> torch.Tensor:
+        return latents  # already pixels
+
+
+ADAPTERS: dict[str, FamilyAdapter] = {"flux": FluxAdapter(), "qwen": QwenAdapter(), "generic": GenericAdapter()}
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:

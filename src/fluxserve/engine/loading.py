@@ -88,16 +88,16 @@ class PipelineView:
 
 
 class PromptCache:
-    """LRU of prompt embeddings keyed by (prompt, max_sequence_length); thread-safe."""
+    """LRU of prompt embeddings keyed by (adapter, prompt, max_sequence_length); thread-safe."""
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
-        self._items: OrderedDict[tuple[str, int], PromptEmbedding] = OrderedDict()
+        self._items: OrderedDict[tuple[str, str, int], PromptEmbedding] = OrderedDict()
         self._lock = threading.Lock()
         self.hits = 0
         self.misses = 0
 
-    def get(self, key: tuple[str, int]) -> PromptEmbedding | None:
+    def get(self, key: tuple[str, str, int]) -> PromptEmbedding | None:
         if self.capacity == 0:
             return None
         with self._lock:
@@ -109,7 +109,7 @@ class PromptCache:
             self.hits += 1
             return item
 
-    def put(self, key: tuple[str, int], value: PromptEmbedding) -> None:
+    def put(self, key: tuple[str, str, int], value: PromptEmbedding) -> None:
         if self.capacity == 0:
             return
         with self._lock:
