@@ -104,12 +104,14 @@ class Settings(BaseSettings):
     """One JSON object per log line instead of human-readable lines."""
     log_prompts: bool = False
     """Include prompts in logs (off: prompts are never logged)."""
-    api_keys: CsvList = Field(default_factory=list)
+    api_keys: CsvList = Field(default_factory=list, repr=False)
     """Comma-separated API keys; when set, every /v1 route needs ``Authorization: Bearer <key>``."""
     api_keys_file: Path | None = None
     """File with one API key per line (merged with FLUX_API_KEYS)."""
     cors_origins: CsvList = Field(default_factory=list)
     """Origins allowed to call the API from a browser (default: same origin only)."""
+    web_ui: bool = True
+    """Serve the web studio at / (off: / answers JSON only and /static is not mounted)."""
     metrics_require_auth: bool = False
     """Require the API key for /metrics too."""
     max_body_bytes: int = Field(1_000_000, ge=1024)

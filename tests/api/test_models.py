@@ -49,3 +49,22 @@ async def test_tokenize_counts_tokens(app_factory: Callable[..., Any]) -> None:
         longer = (await client.post("/v1/tokenize", json={"prompt": "a fox in a very long prompt"})).json()
         assert short["counts"]["tokenizer"] < longer["counts"]["tokenizer"]
         assert short["limits"]["tokenizer"] == 77
+
+
+async def test_web_ui_can_be_turned_off(app_factory: Callable[..., Any]) -> None:
+    async with app_factory(web_ui=False) as client:
+        root = await client.get("/", headers={"accept": "text/html"})
+        assert root.headers["content-type"].startswith("application/json")
+        assert (await client.get("/static/js/main.js")).status_code == 404
+    async with app_factory() as client:
+        root = await client.get("/", headers={"accept": "text/html"})
+        assert root.headers["content-type"].startswith("text/html")
+
+
+async def test_invalid_x_request_id_is_replaced(app_factory: Callable[..., Any]) -> None:
+    async with app_factory() as client:
+        body = {"prompt": "a", "size": "64x64", "num_inference_steps": 1}
+        good = await client.post("/v1/images/generations", json=body, headers={"x-request-id": "trace-1"})
+        assert good.headers["x-request-id"] == "trace-1" and good.json()["data"][0]["request_id"] == "trace-1"
+        bad = await client.post("/v1/images/generations", json=body, headers={"x-request-id": "a/b" + "x" * 300})
+        assert bad.status_code == 200 and bad.headers["x-request-id"].startswith("req_")

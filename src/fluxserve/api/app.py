@@ -54,7 +54,7 @@ def create_app(settings: Settings, runtime: Runtime | None = None, *, manage_run
     app.include_router(system.router)
     app.include_router(images.router)
     app.include_router(models.router)
-    if STATIC_DIR.is_dir():
+    if settings.web_ui and STATIC_DIR.is_dir():
         app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
     # Outermost last: request context → CORS → body limit → auth → strict JSON → app. CORS wraps auth

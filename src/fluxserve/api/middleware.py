@@ -10,6 +10,7 @@ import hashlib
 import hmac
 import json
 import logging
+import re
 import time
 import uuid
 from typing import Any
@@ -17,9 +18,11 @@ from typing import Any
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from fluxserve.api.errors import error_body
+from fluxserve.api.protocol import REQUEST_ID_PATTERN
 from fluxserve.observability.metrics import Metrics
 
 log = logging.getLogger("fluxserve.access")
+_REQUEST_ID = re.compile(REQUEST_ID_PATTERN)
 
 _ENDPOINT_NAMES = (
     ("/v1/images/generations", "generations"), ("/v1/images/jobs", "jobs"), ("/v1/images/files", "files"),
@@ -58,7 +61,7 @@ class RequestContextMiddleware:
             return
         headers = dict(scope.get("headers") or [])
         given = headers.get(b"x-request-id", b"").decode("latin-1")
-        request_id = given if given and len(given) <= 128 and given.isprintable() else "req_" + uuid.uuid4().hex
+        request_id = given if _REQUEST_ID.match(given) else "req_" + uuid.uuid4().hex
         state = scope["state"] = dict(scope.get("state") or {})  # per-request copy (asgi-lifespan shares one)
         state["request_id"] = request_id
         started = time.perf_counter()
@@ -101,8 +104,11 @@ class BodyLimitMiddleware:
         self.max_bytes = max_bytes
 
     async def _too_large(self, send: Send) -> None:
+        # No "Connection: close": closing while the client is still sending makes the kernel reset the
+        # connection, and the reset can destroy the 413 before the client reads it (seen in the soak
+        # test). The server reads and drops the rest of the body instead.
         await _send_error(send, 413, f"request body is larger than {self.max_bytes} bytes (FLUX_MAX_BODY_BYTES)",
-                          "request_too_large", [(b"connection", b"close")])
+                          "request_too_large")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":

@@ -157,6 +157,7 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorResponse, "description": "Invalid request (names the bad `param`)"},
     401: {"model": ErrorResponse, "description": "Missing or wrong API key"},
     404: {"model": ErrorResponse, "description": "Unknown model, job or file"},
+    409: {"model": ErrorResponse, "description": "Conflict: request_id in use, job already finished, model not loaded"},
     413: {"model": ErrorResponse, "description": "Request body too large"},
     429: {"model": ErrorResponse, "description": "Queue full (see Retry-After)"},
     500: {"model": ErrorResponse, "description": "Unexpected error (details in the server log)"},

@@ -200,7 +200,10 @@ class ImageService:
         if self.settings.log_prompts:
             ctx["prompt"] = job.prompt
         log.info("generation finished", extra={"ctx": ctx})
-        job.payload = response
+        # Finished jobs stay listed for FLUX_JOB_TTL: keep their images only where a client will poll for them
+        # (async jobs), and never the raw pixels (a 1024² image would otherwise hold ~7 MB for an hour).
+        job.payload = response if "options" in job.metadata else None
+        result.images = []
         return response
 
     def _timing(self, job: Job) -> dict[str, float]:

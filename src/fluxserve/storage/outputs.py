@@ -37,6 +37,7 @@ class OutputStore:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+        _fsync_dir(target.parent)  # the rename itself survives a power cut once the directory is synced
 
     def save_image(self, data: bytes, ext: str, metadata: dict[str, Any] | None = None) -> tuple[Path, Path | None]:
         """Save image bytes (and optionally a JSON sidecar); returns their paths."""
@@ -59,3 +60,17 @@ class OutputStore:
                 tmp.unlink(missing_ok=True)
                 removed += 1
         return removed
+
+
+def _fsync_dir(path: Path) -> None:
+    """fsync a directory where the platform allows it (POSIX); elsewhere a no-op."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from typing import Any
@@ -15,6 +16,11 @@ from fluxserve.api.serving import ImageService
 from fluxserve.scheduler.jobs import FINISHED, Job, JobStatus
 
 router = APIRouter(responses=ERROR_RESPONSES)
+# Documented non-JSON answers. One SSE event: ``data`` is a JSON object, the last one ``[DONE]``.
+_SSE: dict[int | str, dict[str, Any]] = {200: {"content": {"text/event-stream": {"schema": {
+    "type": "object", "required": ["data"], "properties": {"event": {"type": "string"}, "data": {"type": "string"}}}}}}}
+_IMAGE: dict[int | str, dict[str, Any]] = {200: {"content": {
+    media: {"schema": {"type": "string", "format": "binary"}} for media in ("image/png", "image/jpeg", "image/webp")}}}
 
 
 def _service(request: Request) -> ImageService:
@@ -22,11 +28,14 @@ def _service(request: Request) -> ImageService:
 
 
 def _job_id(request: Request, body: ImageGenerationRequest) -> str:
-    return body.request_id or request.headers.get("x-request-id") or request.state.request_id
+    """The client's request_id, else its X-Request-ID (validated by the middleware), else a new id."""
+    return body.request_id or request.state.request_id
 
 
-def _sse(events: AsyncIterator[dict[str, Any]]) -> AsyncIterator[bytes]:
+def _sse(events: AsyncIterator[dict[str, Any]], *first: dict[str, Any]) -> AsyncIterator[bytes]:
     async def gen() -> AsyncIterator[bytes]:
+        for event in first:
+            yield f"event: {event['type']}\ndata: {json.dumps(event)}\n\n".encode()
         async for event in events:
             yield f"event: {event['type']}\ndata: {json.dumps(event)}\n\n".encode()
         yield b"data: [DONE]\n\n"
@@ -34,7 +43,7 @@ def _sse(events: AsyncIterator[dict[str, Any]]) -> AsyncIterator[bytes]:
 
 
 @router.post("/v1/images/generations", response_model=ImagesResponse, response_model_exclude_none=True,
-             summary="Generate images (OpenAI-compatible)")
+             summary="Generate images (OpenAI-compatible)", responses=_SSE)  # (stream: true)
 async def create_images(body: ImageGenerationRequest, request: Request) -> Any:
     """Generate `n` images for a prompt. With `stream: true` the answer is server-sent events:
     `image_generation.progress` (queue position, step/total), `image_generation.partial_image`
@@ -50,7 +59,8 @@ async def create_images(body: ImageGenerationRequest, request: Request) -> Any:
             raise APIError(409, f"request_id {job.id!r} is already in use", param="request_id",
                            code="duplicate_request_id")
         events = service.stream(job, options, request.is_disconnected)
-        return StreamingResponse(_sse(events), media_type="text/event-stream", headers=headers)
+        first = await anext(events)  # submits the job: a full queue or a shutdown is a 429/503, not a broken stream
+        return StreamingResponse(_sse(events, first), media_type="text/event-stream", headers=headers)
     service.submit(job)
     await service.wait(job, request.is_disconnected)
     response = await service.finalize(job, options)
@@ -69,6 +79,11 @@ async def create_job(body: ImageGenerationRequest, request: Request) -> JSONResp
                                                                 "Location": f"/v1/images/jobs/{job.id}"})
 
 
+async def _wait_finished(job: Job, timeout: float = 5.0) -> None:
+    """Wait for a cancelled job to settle (at most one denoising step) without blocking the event loop."""
+    await asyncio.get_running_loop().run_in_executor(None, job.wait, timeout)
+
+
 def _get_job(request: Request, job_id: str) -> Job:
     job = _service(request).runtime.scheduler.get(job_id)
     if job is None:
@@ -83,7 +98,7 @@ async def get_job(job_id: str, request: Request) -> JSONResponse:
     data = job.summary()
     if job.status is JobStatus.SUCCEEDED and job.payload is not None:
         data["result"] = job.payload.model_dump(exclude_none=True)
-    elif job.status is JobStatus.SUCCEEDED:
+    elif job.status is JobStatus.SUCCEEDED and "options" in job.metadata:
         data["status"] = "running"  # images are still being encoded
     return JSONResponse(data)
 
@@ -94,11 +109,11 @@ async def delete_job(job_id: str, request: Request) -> JSONResponse:
     if job.status in FINISHED:
         raise APIError(409, f"job {job_id!r} already {job.status.value}", param="id", code="job_finished")
     _service(request).runtime.scheduler.cancel(job_id)
-    job.wait(timeout=5)
+    await _wait_finished(job)
     return JSONResponse(job.summary())
 
 
-@router.get("/v1/images/jobs/{job_id}/events", summary="Server-sent events of a job's progress")
+@router.get("/v1/images/jobs/{job_id}/events", summary="Server-sent events of a job's progress", responses=_SSE)
 async def job_events(job_id: str, request: Request) -> StreamingResponse:
     import asyncio
 
@@ -136,11 +151,12 @@ async def cancel(body: CancelRequest, request: Request) -> JSONResponse:
     if job is None:
         raise APIError(404, f"no queued or running job with request_id {body.request_id!r}", param="request_id",
                        code="job_not_found")
-    job.wait(timeout=5)
+    await _wait_finished(job)
     return JSONResponse({"ok": True, "request_id": body.request_id, "status": job.status.value})
 
 
-@router.get("/v1/images/files/{name}", summary="Download an image returned with response_format=url")
+@router.get("/v1/images/files/{name}", summary="Download an image returned with response_format=url",
+            responses=_IMAGE)
 async def get_file(name: str, request: Request) -> Response:
     stored = _service(request).runtime.files.get(name)
     if stored is None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
 
 from fluxserve.api.routes.models import runtime_snapshot
 from fluxserve.runtime import Runtime
@@ -28,7 +28,7 @@ async def root(request: Request) -> Response:
     runtime = _runtime(request)
     accept = request.headers.get("accept", "")
     index = request.app.state.static_dir / "index.html"
-    if "text/html" in accept and index.is_file():
+    if "text/html" in accept and runtime.settings.web_ui and index.is_file():
         return FileResponse(index, media_type="text/html")
     active = runtime.resolve(None)
     return JSONResponse({"status": "ok", "message": "fluxserve: OpenAI-compatible image generation",
@@ -51,7 +51,7 @@ async def ready(request: Request) -> JSONResponse:
                                    "code": "not_ready"}}, status_code=503)
 
 
-@router.get("/metrics", summary="Prometheus metrics")
+@router.get("/metrics", summary="Prometheus metrics", response_class=PlainTextResponse)
 async def metrics(request: Request) -> Response:
     runtime = _runtime(request)
     runtime.refresh_gauges()
