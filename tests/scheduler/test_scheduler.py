@@ -71,28 +71,34 @@ async def test_one_worker_serialises(app_factory: Callable[..., Any]) -> None:
         assert waits[1] > 0.5 * a.json()["data"][0]["timing"]["denoise"]
 
 
-async def test_queue_timeout_gives_504(app_factory: Callable[..., Any]) -> None:
-    async with app_factory(queue_timeout=0.3, max_batch=1) as client:
-        slow = asyncio.create_task(client.post(GEN, json={"prompt": "slow", "size": "256x256",
-                                                          "num_inference_steps": 40}))
-        await asyncio.sleep(0.2)
+async def test_queue_timeout_gives_504_while_the_worker_is_busy(app_factory: Callable[..., Any]) -> None:
+    async with app_factory(queue_timeout=0.3, max_batch=1, max_steps=100000) as client:
+        slow = await client.post("/v1/images/jobs", json={"prompt": "slow", "size": "256x256",
+                                                          "num_inference_steps": 100000})
+        await _wait_status(client, slow.json()["id"], {"running"})
         late = await client.post(GEN, json={"prompt": "late", "size": "64x64", "num_inference_steps": 1})
         assert late.status_code == 504
         assert late.json()["error"]["code"] == "queue_timeout"
-        assert (await slow).status_code == 200
+        assert late.elapsed.total_seconds() < 2.0  # expired on time, not when the worker came free
+        assert (await client.delete(f"/v1/images/jobs/{slow.json()['id']}")).json()["status"] == "cancelled"
 
 
 async def test_queue_full_is_429_with_retry_after_before_any_work(app_factory: Callable[..., Any]) -> None:
-    async with app_factory(max_queue=1, max_batch=1) as client:
-        body = {"prompt": "slow", "size": "256x256", "num_inference_steps": 30}
-        tasks = [asyncio.create_task(client.post(GEN, json={**body, "seed": i})) for i in range(4)]
-        responses = await asyncio.gather(*tasks)
-        statuses = sorted(r.status_code for r in responses)
-        assert statuses.count(200) == 2 and statuses.count(429) == 2, statuses
-        refused = next(r for r in responses if r.status_code == 429)
-        assert refused.json()["error"]["code"] == "queue_full"
-        assert int(refused.headers["retry-after"]) >= 1
-        assert refused.elapsed.total_seconds() < 1.0
+    async with app_factory(max_queue=1, max_batch=1, max_steps=100000) as client:
+        slow = {"prompt": "slow", "size": "256x256", "num_inference_steps": 100000}
+        running = await client.post("/v1/images/jobs", json=slow)
+        await _wait_status(client, running.json()["id"], {"running"})
+        queued = await client.post("/v1/images/jobs", json=slow)
+        assert queued.status_code == 202 and queued.json()["queue_position"] == 1
+        refused = await asyncio.gather(*(client.post(GEN, json={"prompt": "a", "size": "64x64", "seed": i})
+                                         for i in range(2)))
+        for response in refused:
+            assert response.status_code == 429
+            assert response.json()["error"]["code"] == "queue_full"
+            assert int(response.headers["retry-after"]) >= 1
+            assert response.elapsed.total_seconds() < 1.0
+        for job in (queued, running):
+            await client.delete(f"/v1/images/jobs/{job.json()['id']}")
 
 
 async def test_cancel_endpoint(app_factory: Callable[..., Any]) -> None:

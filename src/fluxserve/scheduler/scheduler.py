@@ -267,33 +267,19 @@ class Scheduler:
         while True:
             with self._cond:
                 taken = None
-                while not self._stopping:
-                    expired = self._expire_queued()
-                    if expired:
-                        break
+                while not self._stopping and taken is None:
                     taken = self._take_batch(engine)
-                    if taken is not None:
-                        break
-                    self._cond.wait(timeout=0.5)
-                if self._stopping:
+                    if taken is None:
+                        self._cond.wait(timeout=0.5)
+                if taken is None:  # stopping
                     return
-                if taken is None:
-                    batch: list[Job] = []
-                else:
-                    model, batch = taken
-                    batch = self._wait_for_company(engine, model, batch)
-                    for job in batch:
-                        self._pending.remove(job)
-                        self._running[job.id] = job
-                    self._busy_slots += 1
-                    self._update_positions()
-            if taken is None:
-                for job in expired:
-                    job.finish(JobStatus.FAILED, error=JobError(
-                        f"the job waited longer than FLUX_QUEUE_TIMEOUT ({self.settings.queue_timeout:g}s) "
-                        "in the queue", code="queue_timeout", status=504))
-                    self._hook("job_failed", {"job": job})
-                continue
+                model, batch = taken
+                batch = self._wait_for_company(engine, model, batch)
+                for job in batch:
+                    self._pending.remove(job)
+                    self._running[job.id] = job
+                self._busy_slots += 1
+                self._update_positions()
             try:
                 self._run_batch(engine, model, batch)
             finally:
@@ -390,16 +376,25 @@ class Scheduler:
 
     # --- housekeeping ----------------------------------------------------------------------------
     def _reaper_loop(self) -> None:
-        """Forget finished jobs after FLUX_JOB_TTL; wake slots so queue timeouts fire."""
+        """Fail jobs that waited past FLUX_QUEUE_TIMEOUT (even while every slot is busy) and forget
+        finished jobs after FLUX_JOB_TTL."""
+        last_sweep = 0.0
         while not self._stopping:
-            time.sleep(1.0)
+            time.sleep(0.1)
             now = time.monotonic()
             with self._cond:
-                stale = [jid for jid, job in self._jobs.items()
-                         if job.finished_at is not None and now - job.finished_at > self.settings.job_ttl]
-                for jid in stale:
-                    del self._jobs[jid]
-                self._cond.notify_all()
+                expired = self._expire_queued()
+                if now - last_sweep > 1.0:
+                    last_sweep = now
+                    stale = [jid for jid, job in self._jobs.items()
+                             if job.finished_at is not None and now - job.finished_at > self.settings.job_ttl]
+                    for jid in stale:
+                        del self._jobs[jid]
+            for job in expired:
+                if job.finish(JobStatus.FAILED, error=JobError(
+                        f"the job waited longer than FLUX_QUEUE_TIMEOUT ({self.settings.queue_timeout:g}s) "
+                        "in the queue", code="queue_timeout", status=504)):
+                    self._hook("job_failed", {"job": job})
 
     @property
     def consecutive_oom_failures(self) -> int:
