@@ -69,12 +69,13 @@ def test_sigterm_finishes_in_flight_and_queued_jobs_then_exits_0(server_factory:
     leftover = output_dir / "2020-01-01" / ".tmp-crashed-write"
     leftover.parent.mkdir(parents=True)
     leftover.write_bytes(b"half an image")  # what a crash mid-write leaves behind
-    server = server_factory({**ENV, "FLUX_SHUTDOWN_TIMEOUT": "120"}, name="sigterm")
+    server = server_factory({**ENV, "FLUX_SHUTDOWN_TIMEOUT": "120", "FLUX_MAX_STEPS": "1000"}, name="sigterm")
     assert not leftover.exists()  # removed at start-up
 
     with ThreadPoolExecutor(4) as pool:
-        futures: list[Future[httpx.Response]] = [pool.submit(_post, server.base_url, f"job {i}") for i in range(4)]
-        _wait_for_backlog(server.base_url, running=1, queued=2)
+        futures: list[Future[httpx.Response]] = [pool.submit(_post, server.base_url, f"job {i}",
+                                                             num_inference_steps=120) for i in range(4)]
+        _wait_for_backlog(server.base_url, running=1, queued=3)  # all four accepted before the signal
         server.proc.send_signal(signal.SIGTERM)
         time.sleep(0.3)
 
