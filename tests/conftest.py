@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -65,24 +66,27 @@ async def wait_ready(client: httpx.AsyncClient, timeout: float = 120) -> None:
     raise TimeoutError("server did not become ready")
 
 
+@asynccontextmanager
+async def running_app(settings: Any, *, ready: bool = True) -> AsyncIterator[httpx.AsyncClient]:
+    """A started in-process app and an httpx client on it (``client.app`` is the FastAPI app)."""
+    from fluxserve.api.app import create_app
+
+    app = create_app(settings)
+    async with (LifespanManager(app, startup_timeout=120, shutdown_timeout=60) as manager,
+                httpx.AsyncClient(transport=httpx.ASGITransport(app=manager.app), base_url="http://testserver",
+                                  timeout=120) as client):
+        client.app = app  # type: ignore[attr-defined]
+        if ready:
+            await wait_ready(client)
+        yield client
+
+
 @pytest.fixture
 def app_factory(make_settings: Callable[..., Any]) -> Callable[..., Any]:
     """``async with app_factory(**settings) as client`` → an httpx client on a started in-process app."""
-    from contextlib import asynccontextmanager
 
-    from fluxserve.api.app import create_app
-
-    @asynccontextmanager
-    async def factory(*, ready: bool = True, **overrides: Any) -> AsyncIterator[httpx.AsyncClient]:
-        settings = make_settings(**overrides)
-        app = create_app(settings)
-        async with LifespanManager(app, startup_timeout=120, shutdown_timeout=60) as manager:
-            transport = httpx.ASGITransport(app=manager.app)
-            async with httpx.AsyncClient(transport=transport, base_url="http://testserver", timeout=120) as client:
-                client.app = app  # type: ignore[attr-defined]
-                if ready:
-                    await wait_ready(client)
-                yield client
+    def factory(*, ready: bool = True, **overrides: Any) -> Any:
+        return running_app(make_settings(**overrides), ready=ready)
 
     return factory
 

@@ -51,21 +51,13 @@ BAD_INPUTS: list[tuple[dict[str, Any], str | None, str]] = [
 
 @pytest.fixture(scope="module")
 async def client(cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Any:
-    import httpx
-    from asgi_lifespan import LifespanManager
-
-    from fluxserve.api.app import create_app
     from fluxserve.settings import Settings
-    from tests.conftest import wait_ready
+    from tests.conftest import running_app
 
     out = tmp_path_factory.mktemp("outputs")
     settings = Settings(model="tiny-flux", cache_dir=cache_dir, output_dir=out, device="cpu",  # type: ignore[call-arg]
                         warmup_sizes=["64x64"], preload_models=["tiny-qwen"], store_local=False, _env_file=None)
-    app = create_app(settings)
-    async with (LifespanManager(app, startup_timeout=120, shutdown_timeout=60) as manager,
-                httpx.AsyncClient(transport=httpx.ASGITransport(app=manager.app), base_url="http://testserver",
-                                  timeout=120) as c):
-        await wait_ready(c)
+    async with running_app(settings) as c:
         c.output_dir = out  # type: ignore[attr-defined]
         yield c
 

@@ -36,23 +36,15 @@ RSS_GROWTH_BOUND = 64 * 2**20
 
 @pytest.fixture(scope="module")
 async def client(cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[httpx.AsyncClient]:
-    from asgi_lifespan import LifespanManager
-
-    from fluxserve.api.app import create_app
     from fluxserve.settings import Settings
-    from tests.conftest import wait_ready
+    from tests.conftest import running_app
 
     settings = Settings(  # type: ignore[call-arg]
         model="tiny-flux", cache_dir=cache_dir, output_dir=tmp_path_factory.mktemp("outputs"), device="cpu",
         warmup_sizes=["64x64"], store_local=False, fault_injection=True, oom_max_consecutive=2,
         min_size=32,  # lets the downscale rung go 64 → 48 → 32 (cheap); requests still use 64x64
         _env_file=None)
-    app = create_app(settings)
-    async with (LifespanManager(app, startup_timeout=120, shutdown_timeout=60) as manager,
-                httpx.AsyncClient(transport=httpx.ASGITransport(app=manager.app), base_url="http://testserver",
-                                  timeout=120) as c):
-        await wait_ready(c)
-        c.app = app  # type: ignore[attr-defined]
+    async with running_app(settings) as c:
         yield c
 
 
