@@ -68,3 +68,12 @@ async def test_invalid_x_request_id_is_replaced(app_factory: Callable[..., Any])
         assert good.headers["x-request-id"] == "trace-1" and good.json()["data"][0]["request_id"] == "trace-1"
         bad = await client.post("/v1/images/generations", json=body, headers={"x-request-id": "a/b" + "x" * 300})
         assert bad.status_code == 200 and bad.headers["x-request-id"].startswith("req_")
+
+
+async def test_prompt_cache_counts_repeated_prompts(app_factory: Callable[..., Any]) -> None:
+    async with app_factory() as client:
+        body = {"prompt": "the same prompt", "size": "64x64", "num_inference_steps": 1}
+        for _ in range(3):
+            assert (await client.post("/v1/images/generations", json=body)).status_code == 200
+        cache = (await client.get("/v1/models/tiny-flux")).json()["prompt_cache"]["cpu"]
+        assert cache["hits"] >= 2 and cache["capacity"] == 64

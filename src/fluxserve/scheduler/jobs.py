@@ -72,7 +72,6 @@ class Job:
     cancel_step: int | None = None
     """The denoising step the job had reached when cancellation was asked for."""
     device: str | None = None
-    model_load_seconds: float = 0.0
     result: ImageResult | None = None
     error: JobError | None = None
     payload: Any = None

@@ -55,6 +55,8 @@ def model_card(runtime: Runtime, spec: ModelSpec) -> dict[str, Any]:
         "modes": sorted({m for model in loaded.values() for m in model.modes}),
         "load_seconds": {d: round(m.load_seconds, 3) for d, m in loaded.items()},
         "warmup": {d: m.warmup for d, m in loaded.items()},
+        "prompt_cache": {d: {"hits": m.prompt_cache.hits, "misses": m.prompt_cache.misses,
+                             "capacity": m.prompt_cache.capacity} for d, m in loaded.items()},
         "replicas": runtime.replicas(spec.key),
     }
 
