@@ -56,7 +56,8 @@ def model_card(runtime: Runtime, spec: ModelSpec) -> dict[str, Any]:
         "load_seconds": {d: round(m.load_seconds, 3) for d, m in loaded.items()},
         "warmup": {d: m.warmup for d, m in loaded.items()},
         "prompt_cache": {d: {"hits": m.prompt_cache.hits, "misses": m.prompt_cache.misses,
-                             "capacity": m.prompt_cache.capacity} for d, m in loaded.items()},
+                             "capacity": m.prompt_cache.capacity}
+                         for d, m in loaded.items() if hasattr(m, "prompt_cache")},  # Ray: remote replicas
         "replicas": runtime.replicas(spec.key),
     }
 
