@@ -154,6 +154,7 @@ class ImageService:
         """Wait for the job without blocking the loop; a client that goes away cancels it."""
         loop = asyncio.get_running_loop()
         done = asyncio.Event()
+
         def listener(event: dict[str, Any]) -> None:
             if event["type"] in ("succeeded", "failed", "cancelled"):
                 loop.call_soon_threadsafe(done.set)
@@ -175,8 +176,9 @@ class ImageService:
         if job.status is not JobStatus.SUCCEEDED or job.result is None:
             raise job.error or JobError("the job did not finish", code="internal_error", status=500)
         loop = asyncio.get_running_loop()
+        stages = self._timing(job)  # shared by every image of the job
         items = await asyncio.gather(*(
-            loop.run_in_executor(self.runtime.encoder, self._finish_image, job, index, pixels, options)
+            loop.run_in_executor(self.runtime.encoder, self._finish_image, job, index, pixels, options, stages)
             for index, pixels in enumerate(job.result.images)
         ))
         result = job.result
@@ -220,10 +222,11 @@ class ImageService:
         timing = {"queue_wait": queue_wait, "model_load": model_load, **result.timings}
         return timing
 
-    def _finish_image(self, job: Job, index: int, pixels: np.ndarray, options: OutputOptions) -> ImageData:
+    def _finish_image(self, job: Job, index: int, pixels: np.ndarray, options: OutputOptions,
+                      stages: dict[str, float]) -> ImageData:
         result = job.result
         assert result is not None
-        timing = self._timing(job)
+        timing = dict(stages)
         started = time.perf_counter()
         data = encode_image(pixels, options.output_format,  # type: ignore[arg-type]
                             compression=options.compression, png_level=self.settings.png_compress_level)
@@ -291,6 +294,7 @@ class ImageService:
         """Events for ``stream: true``: progress, partial images, then completed (or an error)."""
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+
         def listener(event: dict[str, Any]) -> None:
             loop.call_soon_threadsafe(events.put_nowait, event)
 
@@ -298,8 +302,8 @@ class ImageService:
         size = f"{job.params.width}x{job.params.height}"
         partial_steps = _partial_steps(job.params.steps, options.partial_images)
         partial_index = 0
+        self.submit(job)  # outside the try: a refused job (409/429/503) must not cancel a job it collided with
         try:
-            self.submit(job)
             while True:
                 try:
                     event = await asyncio.wait_for(events.get(), timeout=0.1)

@@ -55,9 +55,6 @@ async def create_images(body: ImageGenerationRequest, request: Request) -> Any:
     options = service.output_options(body, str(request.base_url))
     headers = {"X-Request-ID": job.id}
     if body.stream:
-        if service.runtime.scheduler.get(job.id) is not None:
-            raise APIError(409, f"request_id {job.id!r} is already in use", param="request_id",
-                           code="duplicate_request_id")
         events = service.stream(job, options, request.is_disconnected)
         first = await anext(events)  # submits the job: a full queue or a shutdown is a 429/503, not a broken stream
         return StreamingResponse(_sse(events, first), media_type="text/event-stream", headers=headers)

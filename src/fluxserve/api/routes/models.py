@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -128,17 +129,24 @@ async def select_model(body: SelectModelRequest, request: Request) -> JSONRespon
                          "seconds": round(time.perf_counter() - started, 3)})
 
 
+def _release_measured(runtime: Runtime, action: Callable[[], list[str]]) -> tuple[list[str], int]:
+    """Run ``action`` (which drops models) and measure the memory it gave back, once per device
+    (``cpu,cpu`` workers share one process RSS)."""
+    devices = sorted({e.device for e in runtime.scheduler.engines})
+    before = {d: in_use_bytes(d) for d in devices}
+    dropped = action()
+    return dropped, sum(max(0, before[d] - in_use_bytes(d)) for d in devices)
+
+
 @router.post("/v1/models/unload", summary="Drop one model from every device")
 async def unload_model(body: UnloadModelRequest, request: Request) -> JSONResponse:
     runtime = _runtime(request)
     spec = _spec(runtime, body.model)
-    devices = sorted({e.device for e in runtime.scheduler.engines})  # cpu,cpu share one process RSS
-    before = sum(in_use_bytes(d) for d in devices)
-    dropped = [e.device for e in runtime.scheduler.engines if e.unload(spec.key)]
+    dropped, freed = _release_measured(
+        runtime, lambda: [e.device for e in runtime.scheduler.engines if e.unload(spec.key)])
     if not dropped:
         raise APIError(404, f"model {spec.key!r} is not loaded", param="model", code="model_not_loaded")
-    after = sum(in_use_bytes(d) for d in devices)
-    return JSONResponse({"ok": True, "model": spec.key, "devices": dropped, "freed_bytes": max(0, before - after)})
+    return JSONResponse({"ok": True, "model": spec.key, "devices": dropped, "freed_bytes": freed})
 
 
 @router.post("/v1/memory/release", summary="Drop cached pipelines (all but the active one) and free memory")
@@ -147,12 +155,10 @@ async def release_memory(request: Request, body: ReleaseMemoryRequest | None = N
     keep = set() if body is not None and body.all else {runtime.active_key}
 
     def release() -> dict[str, Any]:
-        devices = sorted({e.device for e in runtime.scheduler.engines})  # cpu,cpu share one process RSS
-        before = {d: in_use_bytes(d) for d in devices}
-        dropped = sorted({k for e in runtime.scheduler.engines for k in e.release(keep)})
-        after = [e.memory() for e in runtime.scheduler.engines]
-        freed = sum(max(0, before[d] - in_use_bytes(d)) for d in devices)
-        return {"ok": True, "dropped": dropped, "kept": sorted(keep), "freed_bytes": freed, "memory": after}
+        dropped, freed = _release_measured(
+            runtime, lambda: sorted({k for e in runtime.scheduler.engines for k in e.release(keep)}))
+        memory = [e.memory() for e in runtime.scheduler.engines]
+        return {"ok": True, "dropped": dropped, "kept": sorted(keep), "freed_bytes": freed, "memory": memory}
 
     return JSONResponse(await asyncio.get_running_loop().run_in_executor(None, release))
 
