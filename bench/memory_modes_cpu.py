@@ -47,7 +47,7 @@ def setup(name: str) -> tuple[Any, Any, float]:
 
 
 def generate(engine: Any, model: Any, size: int, n: int, steps: int) -> tuple[float, Any]:
-    from fluxserve.engine.engine import GenerationParams, ImageRequest
+    from fluxserve.generation import GenerationParams, ImageRequest
 
     started = time.perf_counter()
     params = GenerationParams("tiny-flux", size, size, steps, 0.0, 64)

@@ -316,7 +316,7 @@ def run_engine(model_name: str, cases: list[Case], reps: int, mode: str, device:
     """(b). With ``paired_server`` (a running server of the same model), single-client cases also run
     ``reps`` alternating engine/HTTP pairs: the per-pair difference is the server's own overhead, robust
     to load drifting on a shared machine."""
-    from fluxserve.engine.engine import GenerationParams, ImageRequest
+    from fluxserve.generation import GenerationParams, ImageRequest
     from fluxserve.runtime import Runtime
     from fluxserve.settings import load_settings
     from fluxserve.storage.images import encode_image, to_base64

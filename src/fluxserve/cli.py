@@ -81,8 +81,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from fluxserve.observability.logs import configure_logging
 
     configure_logging("WARNING", settings.structured_logs)
-    from fluxserve.engine.engine import DeviceEngine, GenerationParams, ImageRequest, pick_seed
+    from fluxserve.engine.engine import DeviceEngine
     from fluxserve.engine.registry import resolve_model
+    from fluxserve.generation import GenerationParams, ImageRequest, pick_seed
     from fluxserve.runtime import Runtime
     from fluxserve.storage.images import encode_image
 
@@ -145,8 +146,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except Exception as exc:
         from fluxserve.engine.device import DeviceSelectionError
-        from fluxserve.engine.loading import ModelLoadError
         from fluxserve.engine.registry import UnknownModelError
+        from fluxserve.generation import ModelLoadError
 
         if isinstance(exc, DeviceSelectionError | ModelLoadError | UnknownModelError):
             print(f"fluxserve: {exc}", file=sys.stderr)

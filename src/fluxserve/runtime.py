@@ -16,9 +16,9 @@ from typing import Any
 
 from fluxserve import __version__
 from fluxserve.engine.device import BackendProbe, DevicePlan, select_device_dtype
-from fluxserve.engine.engine import GenerationParams, ImageRequest, OutOfMemory
 from fluxserve.engine.memory import check_memory_modes
 from fluxserve.engine.registry import BUILTIN_MODELS, ModelSpec, resolve_model
+from fluxserve.generation import GenerationParams, ImageRequest, OutOfMemory
 from fluxserve.observability.events import job_ended
 from fluxserve.observability.logs import register_secrets
 from fluxserve.observability.metrics import Metrics

@@ -282,9 +282,10 @@ def test_every_memory_mode_on_cuda_generates_and_offload_frees_the_device(cache_
     docs/memory.md quotes (tiny-flux, bf16)."""
     import time
 
-    from fluxserve.engine.engine import DeviceEngine, GenerationParams, ImageRequest
+    from fluxserve.engine.engine import DeviceEngine
     from fluxserve.engine.loading import load_model
     from fluxserve.engine.registry import BUILTIN_MODELS
+    from fluxserve.generation import GenerationParams, ImageRequest
     from fluxserve.settings import Settings
 
     plan = select_device_dtype("cuda:0")

@@ -11,9 +11,10 @@ import pytest
 from safetensors.torch import load_file
 
 from fluxserve.engine.device import select_device_dtype
-from fluxserve.engine.engine import DeviceEngine, GenerationParams, ImageRequest
+from fluxserve.engine.engine import DeviceEngine
 from fluxserve.engine.registry import resolve_model
 from fluxserve.engine.tiny import is_tiny_model_dir, write_tiny_model
+from fluxserve.generation import GenerationParams, ImageRequest
 
 
 def _weights_digest(path: Path) -> str:

@@ -15,8 +15,9 @@ import pytest
 from PIL import Image
 
 from fluxserve.engine.device import select_device_dtype
-from fluxserve.engine.engine import DeviceEngine, ModelLockTimeout
+from fluxserve.engine.engine import DeviceEngine
 from fluxserve.engine.registry import resolve_model
+from fluxserve.generation import ModelLockTimeout
 
 GEN = "/v1/images/generations"
 

@@ -18,8 +18,8 @@ import numpy as np
 
 from fluxserve.api.errors import APIError
 from fluxserve.api.protocol import MAX_SEED, ImageData, ImageGenerationRequest, ImageParams, ImagesResponse
-from fluxserve.engine.engine import GenerationParams, pick_seed
 from fluxserve.engine.registry import ModelSpec, UnknownModelError
+from fluxserve.generation import GenerationParams, pick_seed
 from fluxserve.runtime import Runtime
 from fluxserve.scheduler.jobs import Job, JobError, JobStatus
 from fluxserve.storage.images import MEDIA_TYPES, encode_image, to_base64

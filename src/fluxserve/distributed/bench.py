@@ -38,7 +38,7 @@ def _serve_batched_model(batch_wait_s: float, max_batch: int) -> Any:
 
     from fluxserve.distributed.deployments import _configure_logging, _replica_id
     from fluxserve.distributed.replica import ReplicaWorker
-    from fluxserve.engine.engine import ImageRequest, ImageResult
+    from fluxserve.generation import ImageRequest, ImageResult
     from fluxserve.scheduler.jobs import JobError
 
     @serve.deployment

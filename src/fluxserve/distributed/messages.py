@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fluxserve.engine.device import DevicePlan
-from fluxserve.engine.engine import GenerationParams
 from fluxserve.engine.registry import ModelSpec
+from fluxserve.generation import GenerationParams
 
 FINAL_EVENTS = frozenset({"succeeded", "failed", "cancelled"})
 DEPLOYMENT_PREFIX = "FluxModel-"

@@ -18,10 +18,9 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 
 from fluxserve.engine.device import DevicePlan
@@ -38,78 +37,18 @@ from fluxserve.engine.memory import (
     oom_kind,
 )
 from fluxserve.engine.registry import ModelSpec
+from fluxserve.generation import (
+    BadOutput,
+    GenerationCancelled,
+    GenerationParams,
+    ImageRequest,
+    ImageResult,
+    ModelLockTimeout,
+    OutOfMemory,
+)
 from fluxserve.settings import Settings
 
 log = logging.getLogger(__name__)
-
-
-class ModelLockTimeout(TimeoutError):
-    """Waited longer than FLUX_MODEL_LOCK_TIMEOUT for another load of the same model."""
-
-
-class GenerationCancelled(Exception):
-    """Every request of the batch was cancelled; the pipeline was interrupted between steps."""
-
-
-class OutOfMemory(RuntimeError):
-    """Out of memory even after the recovery ladder; ``reason`` says what was tried."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
-
-
-class BadOutput(RuntimeError):
-    """The pipeline kept producing NaN or black images after the retry."""
-
-
-@dataclass(frozen=True)
-class GenerationParams:
-    """Parameters shared by every request of a batch (the batching key)."""
-
-    model: str
-    width: int
-    height: int
-    steps: int
-    guidance: float
-    max_sequence_length: int
-    allow_fallback: bool = True
-
-    def scaled(self, factor: float, multiple: int, minimum: int) -> GenerationParams | None:
-        """A smaller size with (as near as the multiple allows) the same aspect ratio, on the model's
-        multiple. Steps, guidance and everything else stay as they are: a fallback never raises the step
-        count. None when a side would fall under ``minimum`` or nothing would shrink."""
-        width = max(multiple, round(self.width * factor / multiple) * multiple)
-        height = max(multiple, round(self.height * factor / multiple) * multiple)
-        if width < minimum or height < minimum or width * height >= self.width * self.height:
-            return None
-        return replace(self, width=width, height=height)
-
-
-@dataclass
-class ImageRequest:
-    """What one job asks the engine for: a prompt and one seed per image."""
-
-    prompt: str
-    seeds: list[int]
-    negative_prompt: str | None = None
-    is_cancelled: Callable[[], bool] = lambda: False
-    on_progress: Callable[[int, int, np.ndarray | None], None] | None = None
-    """Called after each step with (step, total, preview or None)."""
-    want_previews: bool = False
-
-
-@dataclass
-class ImageResult:
-    images: list[np.ndarray]
-    seeds: list[int]
-    params: GenerationParams
-    timings: dict[str, float]
-    batch_size: int
-    fallback_applied: bool = False
-    fallback_reason: str | None = None
-    original_params: GenerationParams | None = None
-    cancelled: bool = False
 
 
 MAX_DOWNSCALES = 2
@@ -555,10 +494,4 @@ def _synchronizer(backend: str, device: str) -> Callable[[], None]:
     if backend == "mps":
         return torch.mps.synchronize
     return lambda: None
-
-
-def pick_seed(rng: np.random.Generator | None = None) -> int:
-    """A fresh random seed (never a constant), within 0 ≤ seed < 2**63."""
-    rng = rng or np.random.default_rng()
-    return int(rng.integers(0, 2**63 - 1))
 

@@ -27,6 +27,7 @@ from fluxserve.engine.families import ADAPTERS, FamilyAdapter, PromptEmbedding
 from fluxserve.engine.memory import apply_attention_slicing, apply_offload, apply_vae_modes
 from fluxserve.engine.registry import ModelSpec, family_of_class
 from fluxserve.engine.tiny import ensure_tiny_model
+from fluxserve.generation import ModelLoadError
 from fluxserve.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -36,10 +37,6 @@ log = logging.getLogger(__name__)
 # from_pretrained calls in different threads corrupt each other (meta tensors). Reads from disk are
 # serialized by this lock; generation never takes it, so loading B still never stops A from generating.
 _FROM_PRETRAINED_LOCK = threading.Lock()
-
-
-class ModelLoadError(RuntimeError):
-    """A model could not be loaded; the message says why and what to do instead."""
 
 
 def tiny_model_dir(settings: Settings, spec: ModelSpec) -> Path:

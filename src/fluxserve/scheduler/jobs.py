@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-from fluxserve.engine.engine import GenerationParams, ImageResult
 from fluxserve.engine.registry import ModelSpec
+from fluxserve.generation import GenerationParams, ImageResult
 
 
 class JobStatus(StrEnum):

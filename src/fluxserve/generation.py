@@ -1,0 +1,127 @@
+"""What a generation is, shared by every layer: parameters, one job's request, its result, the errors.
+
+This module is the contract between the HTTP layer, the scheduler and the engine. It imports neither
+torch nor diffusers (a test proves it), so the HTTP layer and the scheduler can use these types
+without loading the engine. Pixels travel as NumPy arrays (``uint8``, ``H×W×3``).
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Literal
+
+import numpy as np
+
+MAX_SEED = 2**63 - 1
+"""The largest seed a client may send (torch generators take 64-bit seeds)."""
+MAX_RANDOM_SEED = 2**53 - 1
+"""Random seeds stay below 2**53 so JavaScript clients (whose numbers are doubles) read them exactly."""
+
+Task = Literal["generate", "img2img", "inpaint", "edit"]
+"""What the pipeline is asked to do: text to image, image to image, fill a masked area, or follow an
+instruction on reference images."""
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    """Parameters shared by every request of a batch (the batching key)."""
+
+    model: str
+    width: int
+    height: int
+    steps: int
+    guidance: float
+    max_sequence_length: int
+    allow_fallback: bool = True
+    task: Task = "generate"
+    strength: float | None = None
+    """img2img / inpaint only: how far from the input image the result may move (0–1)."""
+    loras: tuple[tuple[str, float], ...] = ()
+    """Adapters (name, scale) active for this batch; part of the batching key."""
+
+    def scaled(self, factor: float, multiple: int, minimum: int) -> GenerationParams | None:
+        """A smaller size with (as near as the multiple allows) the same aspect ratio, on the model's
+        multiple. Steps, guidance and everything else stay as they are: a fallback never raises the step
+        count. None when a side would fall under ``minimum`` or nothing would shrink."""
+        width = max(multiple, round(self.width * factor / multiple) * multiple)
+        height = max(multiple, round(self.height * factor / multiple) * multiple)
+        if width < minimum or height < minimum or width * height >= self.width * self.height:
+            return None
+        return replace(self, width=width, height=height)
+
+    @property
+    def megapixel_steps(self) -> float:
+        """Compute one image of these parameters costs, in megapixels × steps."""
+        return self.width * self.height / 1e6 * self.steps
+
+
+@dataclass
+class ImageRequest:
+    """What one job asks the engine for: a prompt, one seed per image, and any input images."""
+
+    prompt: str
+    seeds: list[int]
+    negative_prompt: str | None = None
+    is_cancelled: Callable[[], bool] = lambda: False
+    on_progress: Callable[[int, int, np.ndarray | None], None] | None = None
+    """Called after each step with (step, total, preview or None)."""
+    want_previews: bool = False
+    images: list[np.ndarray] = field(default_factory=list)
+    """Input images for edits (``uint8`` H×W×3, already at the output size for img2img/inpaint)."""
+    mask: np.ndarray | None = None
+    """Inpainting: ``uint8`` H×W, 255 where the image may change, 0 where it must be kept."""
+
+
+@dataclass
+class ImageResult:
+    images: list[np.ndarray]
+    seeds: list[int]
+    params: GenerationParams
+    timings: dict[str, float]
+    batch_size: int
+    fallback_applied: bool = False
+    fallback_reason: str | None = None
+    original_params: GenerationParams | None = None
+    cancelled: bool = False
+
+
+def pick_seed() -> int:
+    """A fresh random seed (never a constant), within 0 ≤ seed ≤ 2**53 − 1 (exact in JavaScript)."""
+    return secrets.randbelow(MAX_RANDOM_SEED + 1)
+
+
+def seeds_for(first: int, n: int) -> list[int]:
+    """Image *i* uses ``first + i`` (wrapping past :data:`MAX_SEED`), so each can be reproduced alone."""
+    return [(first + i) % (MAX_SEED + 1) for i in range(n)]
+
+
+# --- what the engine raises (the scheduler maps each to an HTTP status) -------------------------------
+class EngineError(Exception):
+    """Base of the errors an engine raises for a batch."""
+
+
+class GenerationCancelled(EngineError):
+    """Every request of the batch was cancelled; the pipeline was interrupted between steps."""
+
+
+class OutOfMemory(EngineError):
+    """Out of memory even after the recovery ladder; ``reason`` says what was tried."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class BadOutput(EngineError):
+    """The pipeline kept producing NaN or black images after the retry."""
+
+
+class ModelLockTimeout(TimeoutError):
+    """Waited longer than FLUX_MODEL_LOCK_TIMEOUT for another load of the same model."""
+
+
+class ModelLoadError(RuntimeError):
+    """A model could not be loaded; the message says why and what to do instead."""
+
