@@ -16,7 +16,9 @@ from typing import Any
 
 from fluxserve import __version__
 from fluxserve.engine.device import BackendProbe, DevicePlan, select_device_dtype
-from fluxserve.engine.memory import check_memory_modes
+from fluxserve.engine.engine import DeviceEngine
+from fluxserve.engine.faults import FaultInjector
+from fluxserve.engine.memory import check_memory_modes, in_use_bytes
 from fluxserve.engine.registry import BUILTIN_MODELS, ModelSpec, resolve_model
 from fluxserve.generation import GenerationParams, ImageRequest, OutOfMemory
 from fluxserve.observability.events import job_ended
@@ -61,7 +63,9 @@ class Runtime:
             self._configured[spec.key] = spec
         self.active_key = self.default_spec.key
         self.metrics = Metrics(settings.metrics_window)
-        self.scheduler = Scheduler(settings, self.plans, hook=self._on_event)
+        faults = FaultInjector(settings.fault_injection, settings.faults)
+        self.engines = [DeviceEngine(settings, plan, faults) for plan in self.plans]
+        self.scheduler = Scheduler(settings, self.engines, hook=self._on_event)
         self.outputs = OutputStore(settings.output_dir)
         self.files = FileRegistry(settings.file_ttl)
         self.encoder = ThreadPoolExecutor(settings.encode_threads, thread_name_prefix="encode")
@@ -109,7 +113,7 @@ class Runtime:
     def warmup(self, spec: ModelSpec) -> None:
         """One 1-step generation per engine and warmup size; logs duration and outcome."""
         sizes = self.settings.warmup_sizes or [f"{spec.width}x{spec.height}"]
-        for engine in self.scheduler.engines:
+        for engine in self.engines:
             model = engine.get(spec.key)
             if model is None:
                 continue
@@ -148,6 +152,7 @@ class Runtime:
             reasons.append("loading and warming up the default model")
         elif not self.scheduler.is_loaded(self.active_key):
             reasons.append(f"model {self.active_key} is not loaded")
+        reasons += self.scheduler.readiness_problems()
         failures = self.scheduler.consecutive_oom_failures
         if failures >= self.settings.oom_max_consecutive:
             reasons.append(f"{failures} requests in a row failed out of memory")
@@ -180,7 +185,7 @@ class Runtime:
     def known_models(self) -> list[ModelSpec]:
         specs = dict(BUILTIN_MODELS)
         specs.update(self._configured)
-        for engine in self.scheduler.engines:
+        for engine in self.engines:
             for key, model in engine.loaded().items():
                 specs[key] = model.spec
         return list(specs.values())
@@ -192,8 +197,31 @@ class Runtime:
         self.active_key = spec.key
         return spec
 
+    def memory(self) -> list[dict[str, Any]]:
+        """Memory per device, for /v1/models and /v1/memory/release."""
+        return [engine.memory() for engine in self.engines]
+
+    def unload(self, key: str) -> tuple[list[str], int]:
+        """Drop ``key`` everywhere (blocking: call off the event loop). (devices, bytes freed).
+        Queued jobs for it load it again."""
+        before = self._in_use()
+        devices = self.scheduler.unload(key)
+        return devices, max(0, before - self._in_use())
+
+    def release(self, keep: set[str]) -> tuple[list[str], int]:
+        """Drop every model not in ``keep`` and free caches (blocking). (models dropped, bytes freed).
+        Queued jobs for a dropped model load it again."""
+        before = self._in_use()
+        dropped = sorted({key for engine in self.engines for key in engine.release(keep)})
+        self.scheduler.unload_done()
+        return dropped, max(0, before - self._in_use())
+
+    def _in_use(self) -> int:
+        """Bytes in use, counted once per device (``cpu,cpu`` workers share one process RSS)."""
+        return sum(in_use_bytes(device) for device in {engine.device for engine in self.engines})
+
     def model_info(self, key: str) -> dict[str, Any]:
-        loaded = {engine.device: engine.get(key) for engine in self.scheduler.engines}
+        loaded = {engine.device: engine.get(key) for engine in self.engines}
         return {k: v for k, v in loaded.items() if v is not None}
 
     def replicas(self, key: str) -> list[dict[str, Any]] | None:
@@ -213,10 +241,14 @@ class Runtime:
         stats = self.scheduler.stats()
         self.metrics.queue_depth.set(stats["queue_depth"])
         self.metrics.in_flight.set(stats["jobs_in_flight"])
-        for engine in self.scheduler.engines:
+        for engine in self.engines:
             for kind, value in engine.memory().items():
                 if kind.endswith("_bytes"):
                     self.metrics.device_memory.labels(device=engine.device, kind=kind[:-6]).set(value)
+
+    def plan_for(self, device: str | None) -> DevicePlan:
+        """The device plan of the engine that ran a job (the first one if unknown)."""
+        return next((plan for plan in self.plans if plan.device == device), self.plans[0])
 
     def submit(self, job: Job) -> Job:
         return self.scheduler.submit(job)

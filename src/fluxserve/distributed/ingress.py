@@ -26,7 +26,6 @@ import contextlib
 import logging
 import threading
 import time
-from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -47,8 +46,10 @@ from fluxserve.engine.device import DevicePlan
 from fluxserve.engine.loading import LoadedModel
 from fluxserve.engine.registry import ModelSpec, UnknownModelError
 from fluxserve.runtime import Runtime
-from fluxserve.scheduler.jobs import FINISHED, Job, JobError, JobStatus, queue_full
-from fluxserve.scheduler.scheduler import Hook, Scheduler
+from fluxserve.scheduler.jobs import Job, JobError, JobStatus, cancelled_error, queue_full
+from fluxserve.scheduler.pacing import Pacing
+from fluxserve.scheduler.scheduler import SHUTTING_DOWN, Hook
+from fluxserve.scheduler.table import JobTable
 from fluxserve.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -94,16 +95,20 @@ class _Dispatch:
     task: asyncio.Task[None] | Future[None] | None = None
 
 
-class RemoteScheduler(Scheduler):
-    """A :class:`Scheduler` with no local devices: jobs run on the model deployments' replicas.
-
-    ``submit``/``get``/``cancel``/``stats``/``drain`` keep the local scheduler's contract, so the
-    serving layer and the routes cannot tell the difference.
+class RemoteScheduler:
+    """A :class:`~fluxserve.scheduler.protocols.JobQueue` with no local devices: jobs run on the model
+    deployments' replicas. It shares the job table, the job state machine and the Retry-After estimate
+    with the local scheduler, so the serving layer and the routes cannot tell the difference.
     """
 
     def __init__(self, settings: Settings, clients: Mapping[str, ModelClient], *, hook: Hook | None = None,
-                 max_retries: int = 2, retry_backoff: float = 0.2) -> None:
-        super().__init__(settings, [], hook=hook)
+                 max_retries: int = 2, retry_backoff: float = 0.2, table: JobTable | None = None) -> None:
+        self.settings = settings
+        self.table = table or JobTable(max_jobs=settings.max_jobs, ttl=settings.job_ttl,
+                                       results_max_bytes=settings.results_max_bytes,
+                                       max_stored_per_owner=settings.max_stored_per_key)
+        self._hook = hook or (lambda _name, _data: None)
+        self._accepting = True
         self.clients = dict(clients)
         self.max_retries = max_retries
         self.retry_backoff = retry_backoff
@@ -115,14 +120,23 @@ class RemoteScheduler(Scheduler):
         self.retries = 0
         self._lock = threading.Lock()
         self._dispatches: dict[str, _Dispatch] = {}
-        self._finished: dict[str, Job] = {}
-        self._durations: dict[str, deque[float]] = {}
+        self._pacing: dict[str, Pacing] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
 
     # --- lifecycle -------------------------------------------------------------------------------
     def start(self) -> None:
         """Call on the event loop that will run the dispatch tasks (the app's)."""
         self._loop = asyncio.get_running_loop()
+
+    @property
+    def accepting(self) -> bool:
+        return self._accepting
+
+    def stop_accepting(self) -> None:
+        self._accepting = False
+
+    def readiness_problems(self) -> list[str]:
+        return []  # the ingress's catalog reports replicas; dispatch tasks cannot die silently (see _dispatch)
 
     def drain(self, timeout: float) -> int:
         """Wait up to ``timeout`` for dispatched jobs; cancel the rest. Call from a worker thread."""
@@ -134,10 +148,10 @@ class RemoteScheduler(Scheduler):
             time.sleep(0.05)
         with self._lock:
             leftovers = list(self._dispatches.values())
-        error = JobError("the server is shutting down; the job was cancelled", code="shutting_down", status=503)
+        error = JobError(f"{SHUTTING_DOWN}; the job was cancelled", code="shutting_down", status=503)
         for dispatch in leftovers:
             dispatch.job.request_cancel()
-            if dispatch.job.finish(JobStatus.CANCELLED, error=error):
+            if dispatch.job.transition(JobStatus.CANCELLED, error=error):
                 self._hook("job_cancelled", {"job": dispatch.job})
             self._cancel_task(dispatch)
         return len(leftovers)
@@ -167,20 +181,21 @@ class RemoteScheduler(Scheduler):
     def submit(self, job: Job) -> Job:
         """Dispatch ``job`` to its model's replicas, or refuse at once (429 ``queue_full``, 503)."""
         if not self.accepting:
-            raise JobError("the server is shutting down", code="shutting_down", status=503)
+            raise JobError(SHUTTING_DOWN, code="shutting_down", status=503)
         client = self.clients.get(job.spec.key)
         if client is None:
             raise JobError(f"model {job.spec.key!r} has no deployment on this Ray Serve application",
                            code="model_unavailable", status=503)
+        self.table.add(job, keep_result=bool(job.metadata.get("keep_result")))
         with self._lock:
             waiting = sum(1 for d in self._dispatches.values() if d.key == job.spec.key and not d.accepted)
             if 0 <= self.max_queued <= waiting:
+                self.table.discard(job)
                 raise queue_full(f"the queue of {job.spec.key} is full ({self.max_queued} waiting for a replica; "
                                  "FLUX_RAY_MAX_QUEUED_REQUESTS); retry later",
                                  self._estimate_retry_after(job.spec.key, waiting))
             dispatch = _Dispatch(job, job.spec.key)
             self._dispatches[job.id] = dispatch
-            self._finished.pop(job.id, None)
         job.queue_position = waiting + 1
         job.total_steps = job.params.steps
         self._hook("job_queued", {"job": job})
@@ -200,22 +215,16 @@ class RemoteScheduler(Scheduler):
         dispatch.task.add_done_callback(lambda _task: self._forget(dispatch))
         return job
 
-    def get(self, job_id: str) -> Job | None:
-        with self._lock:
-            dispatch = self._dispatches.get(job_id)
-            return dispatch.job if dispatch is not None else self._finished.get(job_id)
-
     def cancel(self, job_id: str) -> Job | None:
         """Cancel a dispatched job: it is cancelled here at once, and on its replica right after."""
         with self._lock:
             dispatch = self._dispatches.get(job_id)
-        if dispatch is None or dispatch.job.status in FINISHED:
+        if dispatch is None or dispatch.job.finished:
             return None
         job = dispatch.job
         job.request_cancel()
         state = "running" if job.status is JobStatus.RUNNING else "queued"
-        if job.finish(JobStatus.CANCELLED, error=JobError(f"the job was cancelled while {state}", code="cancelled",
-                                                         status=499)):
+        if job.transition(JobStatus.CANCELLED, error=cancelled_error(f"cancelled while {state}")):
             self._hook("job_cancelled", {"job": job})
         self._cancel_task(dispatch)
         return job
@@ -229,14 +238,15 @@ class RemoteScheduler(Scheduler):
                 "busy_slots": running, "slots": replicas * self.slots_per_replica, "replicas": replicas,
                 "retries": self.retries}
 
-    def forget_finished(self) -> None:
-        """Drop finished jobs older than FLUX_JOB_TTL (the local scheduler's reaper)."""
-        now = time.monotonic()
-        with self._lock:
-            stale = [jid for jid, job in self._finished.items()
-                     if job.finished_at is not None and now - job.finished_at > self.settings.job_ttl]
-            for jid in stale:
-                del self._finished[jid]
+    def housekeeping(self) -> None:
+        """The job table's TTL (the local scheduler's reaper does the same)."""
+        self.table.sweep()
+
+    def unload(self, key: str) -> list[str]:
+        return []  # models live on their deployments' replicas
+
+    def unload_done(self) -> None:
+        pass
 
     # --- dispatch --------------------------------------------------------------------------------
     async def _dispatch(self, dispatch: _Dispatch, client: ModelClient) -> None:
@@ -244,13 +254,13 @@ class RemoteScheduler(Scheduler):
         started = time.monotonic()
         attempt = 0
         try:
-            while not job.done:
+            while not job.finished:
                 request = RemoteRequest(job_id=job.id, spec=job.spec, params=job.params, prompt=job.prompt,
                                         seeds=tuple(job.seeds), negative_prompt=job.negative_prompt,
                                         want_previews=job.want_previews, attempt=attempt)
                 try:
                     await self._consume(dispatch, client.stream(request))
-                    if not job.done:
+                    if not job.finished:
                         raise ReplicaLost("the replica ended its answer without a result")
                 except ReplicaLost as exc:
                     attempt += 1
@@ -276,7 +286,7 @@ class RemoteScheduler(Scheduler):
             if job.status is JobStatus.SUCCEEDED:
                 self._record_duration(dispatch.key, time.monotonic() - started)
         except asyncio.CancelledError:
-            if job.finish(JobStatus.CANCELLED, error=JobError("the job was cancelled", code="cancelled", status=499)):
+            if job.transition(JobStatus.CANCELLED, error=cancelled_error("cancelled")):
                 self._hook("job_cancelled", {"job": job})
         except Exception as exc:  # a bug must fail this job, not leave its client waiting
             log.exception("dispatch failed", extra={"ctx": {"request_id": job.id, "model": dispatch.key}})
@@ -286,18 +296,17 @@ class RemoteScheduler(Scheduler):
     def _forget(self, dispatch: _Dispatch) -> None:
         """The dispatch is over: the job leaves the in-flight table (kept for polling until FLUX_JOB_TTL)."""
         job = dispatch.job
-        if job.finish(JobStatus.CANCELLED, error=JobError("the job was cancelled", code="cancelled", status=499)):
+        if job.transition(JobStatus.CANCELLED, error=cancelled_error("cancelled")):
             self._hook("job_cancelled", {"job": job})
         with self._lock:
             if self._dispatches.get(job.id) is dispatch:
                 del self._dispatches[job.id]
-            self._finished[job.id] = job
 
     async def _consume(self, dispatch: _Dispatch, events: AsyncIterator[dict[str, Any]]) -> None:
         job = dispatch.job
         try:
             async for event in events:
-                if job.done:  # cancelled here meanwhile
+                if job.finished:  # cancelled here meanwhile
                     return
                 self._relay(dispatch, event)
                 if event["type"] in FINAL_EVENTS:
@@ -322,12 +331,10 @@ class RemoteScheduler(Scheduler):
             job.queue_position = event.get("queue_position")
             job.emit({"type": "queued", "queue_position": job.queue_position})
         elif kind == "started":
-            job.status = JobStatus.RUNNING
-            job.started_at = time.monotonic()
-            job.batch_size = event.get("batch_size")
-            job.device = event.get("device")
-            job.queue_position = 0
-            job.emit(dict(event))
+            if job.status is JobStatus.QUEUED:
+                job.transition(JobStatus.RUNNING, batch_size=event.get("batch_size"), device=event.get("device"))
+            else:  # a retry on another replica after the first one was lost: still the same running job
+                job.emit(dict(event))
         elif kind == "progress":
             job.step = event["step"]
             job.total_steps = event["total"]
@@ -336,25 +343,27 @@ class RemoteScheduler(Scheduler):
             replica = job.metadata.get("replica")
             if replica is not None:
                 self.served[replica] = self.served.get(replica, 0) + 1
-            if job.finish(JobStatus.SUCCEEDED, result=event["result"]):
+            if job.status is JobStatus.QUEUED:  # the replica's "started" never reached us
+                job.transition(JobStatus.RUNNING)
+            if job.transition(JobStatus.SUCCEEDED, result=event["result"]):
                 self._hook("job_succeeded", {"job": job})
         elif kind in ("failed", "cancelled"):
             error = JobError(event["message"], code=event["code"], status=event["status"],
                              retry_after=event.get("retry_after"))
-            if job.finish(JobStatus.CANCELLED if kind == "cancelled" else JobStatus.FAILED, error=error):
+            if job.transition(JobStatus.CANCELLED if kind == "cancelled" else JobStatus.FAILED, error=error):
                 self._hook("job_cancelled" if kind == "cancelled" else "job_failed", {"job": job})
 
     def _requeue(self, dispatch: _Dispatch) -> None:
+        """Retry on another replica. The job keeps its state (a running job stays running: the state machine
+        has no way back to queued); clients see a ``queued`` event with ``retry``."""
         job = dispatch.job
         dispatch.accepted = False
-        job.status = JobStatus.QUEUED
-        job.started_at = None
         job.step = 0
         job.metadata.pop("replica", None)
         job.emit({"type": "queued", "queue_position": 1, "retry": True})
 
     def _fail(self, job: Job, error: JobError) -> None:
-        if job.finish(JobStatus.FAILED, error=error):
+        if job.transition(JobStatus.FAILED, error=error):
             self._hook("job_failed", {"job": job})
 
     def _cancel_task(self, dispatch: _Dispatch) -> None:
@@ -376,13 +385,13 @@ class RemoteScheduler(Scheduler):
 
     def _record_duration(self, key: str, seconds: float) -> None:
         with self._lock:
-            self._durations.setdefault(key, deque(maxlen=50)).append(seconds)
+            pacing = self._pacing.setdefault(key, Pacing())
+        pacing.record(seconds)
 
     def _estimate_retry_after(self, key: str, waiting: int) -> float:
-        recent = list(self._durations.get(key, ()))[-20:]
-        per_job = sum(recent) / len(recent) if recent else 1.0
-        slots = max(1, self.running_replicas.get(key, 1)) * self.slots_per_replica
-        return max(1.0, round(per_job * max(1, waiting) / slots, 1))
+        with self._lock:
+            pacing = self._pacing.setdefault(key, Pacing())
+        return pacing.retry_after(waiting, max(1, self.running_replicas.get(key, 1)) * self.slots_per_replica)
 
 
 @dataclass
@@ -428,7 +437,7 @@ class IngressRuntime(Runtime):
         super().__init__(settings)
         self.clients = dict(clients)
         self.remote = RemoteScheduler(settings, self.clients, hook=self._on_event, max_retries=max_retries)
-        self.scheduler = self.remote
+        self.scheduler = self.remote  # type: ignore[assignment]
         self.status_source = status
         self.replica_table: dict[str, list[ReplicaStatus]] = {}
         self.status_error: str | None = None
@@ -458,7 +467,7 @@ class IngressRuntime(Runtime):
                     if error != self.status_error:
                         log.warning("could not read the replica table: %s", error)
                     self.status_error = error
-            self.remote.forget_finished()
+            self.remote.housekeeping()
             await asyncio.sleep(STATUS_INTERVAL)
 
     def _apply(self, table: dict[str, list[ReplicaStatus]]) -> None:
