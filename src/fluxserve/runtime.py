@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -25,6 +26,7 @@ from fluxserve.observability.events import job_ended
 from fluxserve.observability.logs import register_secrets
 from fluxserve.observability.metrics import Metrics
 from fluxserve.scheduler.jobs import Job, JobError
+from fluxserve.scheduler.protocols import Engine
 from fluxserve.scheduler.scheduler import Scheduler
 from fluxserve.settings import Settings
 from fluxserve.storage.files import FileRegistry
@@ -44,7 +46,9 @@ class WarmupRecord:
 class Runtime:
     """Everything a server process owns, wired together."""
 
-    def __init__(self, settings: Settings, probe: BackendProbe | None = None) -> None:
+    def __init__(self, settings: Settings, probe: BackendProbe | None = None, *,
+                 engines: Sequence[Engine] | None = None) -> None:
+        """``engines`` replaces the devices' engines (tests drive a fake engine through the real app)."""
         self.settings = settings
         register_secrets([settings.hf_token_value(), *settings.all_api_keys()])
         devices = settings.devices or [settings.device]
@@ -64,7 +68,8 @@ class Runtime:
         self.active_key = self.default_spec.key
         self.metrics = Metrics(settings.metrics_window)
         faults = FaultInjector(settings.fault_injection, settings.faults)
-        self.engines = [DeviceEngine(settings, plan, faults) for plan in self.plans]
+        self.engines: list[Any] = (list(engines) if engines is not None
+                                   else [DeviceEngine(settings, plan, faults) for plan in self.plans])
         self.scheduler = Scheduler(settings, self.engines, hook=self._on_event)
         self.outputs = OutputStore(settings.output_dir)
         self.files = FileRegistry(settings.file_ttl)

@@ -335,6 +335,7 @@ class Scheduler:
                 now = self._clock()
                 slot.batch, slot.busy_since, slot.last_progress = started, now, now
                 self._update_positions()
+                self._hook("batch_taken", {"jobs": started, "slot": slot.name})
                 return model, started
 
     def _wait_for_company(self, engine: Engine, batch: list[Job]) -> list[Job]:
@@ -343,6 +344,7 @@ class Scheduler:
         wait = self.settings.batch_wait_ms / 1000
         if wait > 0 and self.settings.max_batch > 1 and batch[0].batchable:
             deadline = self._clock() + wait
+            self._hook("batch_waiting", {"job": batch[0]})
             while (sum(j.n for j in batch) < self.settings.max_batch and self._clock() < deadline
                    and not self._stopping):
                 self._cond.wait(max(0.0, deadline - self._clock()))

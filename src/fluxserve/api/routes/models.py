@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
@@ -18,8 +18,10 @@ from fluxserve.api.protocol import (
     UnloadModelRequest,
 )
 from fluxserve.engine.registry import ModelSpec, UnknownModelError
-from fluxserve.runtime import Runtime
 from fluxserve.scheduler.jobs import JobError
+
+if TYPE_CHECKING:
+    from fluxserve.runtime import Runtime
 
 router = APIRouter(responses=ERROR_RESPONSES)
 
