@@ -104,7 +104,7 @@ def test_readme_settings_table_is_current() -> None:
 def test_start_up_refuses_combinations_that_cannot_work() -> None:
     from fluxserve.settings import SettingsError, load_settings
 
-    with pytest.raises(SettingsError, match="FLUX_CACHE.*FLUX_MAX_CONCURRENT"):
+    with pytest.raises(SettingsError, match=r"FLUX_CACHE.*FLUX_MAX_CONCURRENT"):
         load_settings(step_cache="fbcache:0.1", max_concurrent=2, _env_file=None)
     with pytest.raises(SettingsError, match="FLUX_QUANTIZE=fp8 needs FLUX_DTYPE=bfloat16"):
         load_settings(quantize="fp8", dtype="float32", _env_file=None)
