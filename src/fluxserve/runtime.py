@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fluxserve import __version__
+from fluxserve.aliases import parse_model_aliases
 from fluxserve.engine.device import BackendProbe, DevicePlan, select_device_dtype
 from fluxserve.engine.memory import check_memory_modes
 from fluxserve.engine.registry import BUILTIN_MODELS, ModelSpec, resolve_model
@@ -60,6 +61,9 @@ class Runtime:
             spec = resolve_model(name)
             self._configured[spec.key] = spec
         self.active_key = self.default_spec.key
+        self.model_aliases = parse_model_aliases(settings.model_aliases)
+        for target in filter(None, self.model_aliases.values()):  # a bad alias target stops start-up
+            resolve_model(target)
         self.metrics = Metrics(settings.metrics_window)
         self.scheduler = Scheduler(settings, self.plans, hook=self._on_event)
         self.outputs = OutputStore(settings.output_dir)
@@ -169,7 +173,10 @@ class Runtime:
     # --- models ----------------------------------------------------------------------------------
     def resolve(self, name: str | None, *, from_request: bool = True) -> ModelSpec:
         """Model a request names (None: the active one). Requests may only name registry keys and
-        configured models unless FLUX_ALLOW_ANY_MODEL=1."""
+        configured models unless FLUX_ALLOW_ANY_MODEL=1. An alias (FLUX_MODEL_ALIASES) names the
+        model the operator chose for it; a bare one the active model."""
+        if name and name.strip() in self.model_aliases:
+            name, from_request = self.model_aliases[name.strip()], False
         if not name:
             return self._configured.get(self.active_key) or resolve_model(self.active_key)
         if name in self._configured:
