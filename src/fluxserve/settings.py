@@ -163,7 +163,7 @@ class Settings(BaseSettings):
     queue_timeout: float = Field(300.0, gt=0)
     """Seconds a job may wait in the queue before it is dropped with 504."""
     max_concurrent: int = Field(1, ge=1, le=16)
-    """Generations in flight per device (the earlier checklist's semaphore)."""
+    """Generations in flight per device."""
     max_batch: int = Field(4, ge=1, le=64)
     """Most images merged into one pipeline call by dynamic batching (1 disables batching)."""
     batch_wait_ms: float = Field(0.0, ge=0)

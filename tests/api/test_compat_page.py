@@ -3,12 +3,16 @@ every GET route. In-process."""
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -98,3 +102,21 @@ async def test_head_on_every_get_route(client: Any) -> None:
     post_only = await client.head("/v1/images/generations")
     assert post_only.status_code == 405
     assert not any("head" in ops for ops in schema["paths"].values())  # HEAD stays out of the schema
+
+
+async def test_the_readme_cors_line_lets_the_page_in_from_a_file_or_another_port(
+        app_factory: Callable[..., Any]) -> None:
+    line = re.search(r"^FLUX_CORS_ORIGINS=(\S+) ", (ROOT / "README.md").read_text(), re.M)
+    assert line is not None
+    async with app_factory(cors_origins=line.group(1)) as client:
+        for origin in ("null", "http://127.0.0.1:5500"):  # a file:// page, a page on another port
+            preflight = await client.options("/v1/models/select", headers={
+                "origin": origin, "access-control-request-method": "POST",
+                "access-control-request-headers": "content-type"})
+            assert preflight.status_code == 200 and preflight.headers["access-control-allow-origin"] == origin
+            listed = await client.get("/v1/models", headers={"origin": origin})
+            assert listed.headers["access-control-allow-origin"] == origin
+        stranger = await client.get("/v1/models", headers={"origin": "http://evil.example"})
+        assert "access-control-allow-origin" not in stranger.headers
+    async with app_factory() as client:  # the default stays same-origin
+        assert "access-control-allow-origin" not in (await client.get("/v1/models", headers={"origin": "null"})).headers
