@@ -124,20 +124,18 @@ async def test_random_seeds_are_javascript_safe(client: Any) -> None:
         assert parsed == seeds  # each a distinct, exact double
 
 
-async def test_seed_plus_i_never_wraps(client: Any) -> None:
+async def test_seed_plus_i_wraps_at_the_top_and_stays_reproducible(client: Any) -> None:
     body = {"prompt": "a", "size": "64x64", "num_inference_steps": 1, "n": 2, "seed": 2**63 - 1}
     response = await client.post("/v1/images/generations", json=body)
-    assert response.status_code == 400 and response.json()["error"]["param"] == "seed"
-    assert response.json()["error"]["message"] == (
-        f"invalid 'seed': must be at most {2**63 - 2} with n=2 (image i uses seed + i, at most {2**63 - 1}), "
-        f"got {2**63 - 1}")
-    one = await client.post("/v1/images/generations", json={**body, "n": 1})
-    assert one.status_code == 200 and one.json()["data"][0]["seed"] == 2**63 - 1
+    assert response.status_code == 200, response.text
+    assert [d["seed"] for d in response.json()["data"]] == [2**63 - 1, 0]  # every reported seed can be sent back
+    alone = await client.post("/v1/images/generations", json={**body, "n": 1, "seed": 0})
+    assert alone.json()["data"][0]["seed"] == 0
 
 
 @pytest.mark.parametrize("first", [2**53 + 1, 9207518215572822513, 2**63 - 2])
 async def test_client_seeds_are_echoed_exactly(client: Any, first: int) -> None:
-    """Any seed a client sends is used and echoed as sent, and seed + i stays exact (no wrapping)."""
+    """Any seed a client sends is used and echoed as sent, and seed + i stays exact."""
     body = {"prompt": "a", "size": "64x64", "num_inference_steps": 1, "n": 2, "seed": first}
     response = await client.post("/v1/images/generations", json=body)
     assert response.status_code == 200, response.text

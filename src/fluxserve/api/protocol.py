@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, computed_field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 MAX_SEED = 2**63 - 1
 REQUEST_ID_PATTERN = r"^[A-Za-z0-9._:\-]{1,128}$"
@@ -111,23 +111,19 @@ class ImageData(BaseModel):
     metadata_path: str | None = None
     replica: str | None = None
 
-    @computed_field  # type: ignore[prop-decorator]
-    @property
-    def duration_ms(self) -> int | None:
-        """The request's total time in milliseconds (the earlier web page shows it)."""
-        total = self.timing.get("total")
-        return None if total is None else round(total * 1000)
+    duration_ms: int | None = None
+    """The request's total time in milliseconds (``timing.total``; the earlier web page shows it)."""
+    warning: str | None = None
+    """Set when out-of-memory recovery changed the request (the earlier web page shows it)."""
 
-    @computed_field  # type: ignore[prop-decorator]
-    @property
-    def warning(self) -> str | None:
-        """Set when out-of-memory recovery changed the request (the earlier web page shows it)."""
+    @model_validator(mode="after")
+    def _fallback_warning(self) -> ImageData:
         p = self.params
-        if not p.fallback_applied:
-            return None
-        asked = p.original_params or {}
-        was = f" instead of {asked['width']}x{asked['height']}" if "width" in asked and "height" in asked else ""
-        return f"out of memory; recovered by {p.fallback_reason or 'a fallback'}: {p.width}x{p.height}{was}"
+        if p.fallback_applied and self.warning is None:
+            asked = p.original_params or {}
+            was = f" instead of {asked['width']}x{asked['height']}" if "width" in asked and "height" in asked else ""
+            self.warning = f"out of memory; recovered by {p.fallback_reason or 'a fallback'}: {p.width}x{p.height}{was}"
+        return self
 
 
 class ImagesResponse(BaseModel):

@@ -20,7 +20,7 @@ from fluxserve.aliases import default_response_format
 from fluxserve.api.errors import APIError
 from fluxserve.api.protocol import ImageData, ImageGenerationRequest, ImageParams, ImagesResponse
 from fluxserve.engine.registry import ModelSpec, UnknownModelError
-from fluxserve.generation import MAX_RANDOM_SEED, MAX_SEED, GenerationParams, pick_seed
+from fluxserve.generation import MAX_RANDOM_SEED, GenerationParams, pick_seed, seeds_for
 from fluxserve.runtime import Runtime
 from fluxserve.scheduler.jobs import Job, JobError, JobStatus
 from fluxserve.storage.images import MEDIA_TYPES, encode_image, to_base64
@@ -132,12 +132,9 @@ class ImageService:
             raise APIError(400, f"invalid 'negative_prompt': must be at most {s.max_prompt_chars} characters, got "
                                 f"{len(body.negative_prompt)}", param="negative_prompt", code="prompt_too_long")
         # Exact seeds: a random one leaves room for seed + n - 1 below 2**53 (JavaScript reads it exactly);
-        # a client's is used as sent, and seed + i never wraps, so every seed reported can be sent back.
-        if body.seed is not None and body.seed + n - 1 > MAX_SEED:
-            raise APIError(400, f"invalid 'seed': must be at most {MAX_SEED - n + 1} with n={n} (image i uses "
-                                f"seed + i, at most {MAX_SEED}), got {body.seed}", param="seed", code="invalid_value")
+        # a client's is used as sent; image i uses seed + i (wrapping past MAX_SEED to 0, never overflowing).
         seed = body.seed if body.seed is not None else pick_seed() % (MAX_RANDOM_SEED + 2 - n)
-        seeds = [seed + i for i in range(n)]
+        seeds = seeds_for(seed, n)
         allow_fallback = s.allow_fallback if body.allow_fallback is None else body.allow_fallback
         params = GenerationParams(spec.key, width, height, steps, float(guidance), max_len, allow_fallback)
         return Job(spec=spec, params=params, prompt=body.prompt, seeds=seeds, negative_prompt=body.negative_prompt,
@@ -204,6 +201,7 @@ class ImageService:
         total = time.perf_counter() - options.request_started
         for item in response.data:
             item.timing["total"] = round(total, 6)
+            item.duration_ms = round(total * 1000)
         timing = dict(response.data[0].timing) if response.data else {}
         self.runtime.metrics.observe_generation(job.spec.key, len(response.data), timing, fallback_reason=(
             result.fallback_reason or "unknown") if result.fallback_applied else None)
