@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from fluxserve.aliases import parse_model_aliases
 from fluxserve.engine.device import DevicePlan
 from fluxserve.engine.memory import in_use_bytes
 from fluxserve.engine.registry import BUILTIN_MODELS, ModelSpec, resolve_model
@@ -39,10 +40,16 @@ class ModelNames:
             spec = resolve_model(name)
             self.configured[spec.key] = spec
         self.active_key = self.default_spec.key
+        self.aliases = parse_model_aliases(settings.model_aliases)
+        for target in filter(None, self.aliases.values()):  # a bad alias target stops start-up
+            resolve_model(target)
 
     def resolve(self, name: str | None, *, from_request: bool = True) -> ModelSpec:
         """Model a request names (None: the active one). Requests may only name registry keys and
-        configured models unless FLUX_ALLOW_ANY_MODEL=1."""
+        configured models unless FLUX_ALLOW_ANY_MODEL=1. An alias (FLUX_MODEL_ALIASES) names the
+        model the operator chose for it; a bare one the active model."""
+        if name and name.strip() in self.aliases:
+            name, from_request = self.aliases[name.strip()], False
         if not name:
             return self.configured.get(self.active_key) or resolve_model(self.active_key)
         if name in self.configured:

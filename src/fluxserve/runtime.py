@@ -123,6 +123,11 @@ class Runtime:
         return self.models.names.default_spec
 
     @property
+    def model_aliases(self) -> dict[str, str | None]:
+        aliases: dict[str, str | None] = self.models.names.aliases
+        return aliases
+
+    @property
     def engines(self) -> list[Any]:
         return list(getattr(self.models, "engines", []))
 

@@ -16,6 +16,8 @@ from typing import Annotated, Any, Literal
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from fluxserve.aliases import OPENAI_IMAGE_MODELS, parse_model_aliases
+
 ENV_PREFIX = "FLUX_"
 
 
@@ -77,6 +79,10 @@ class Settings(BaseSettings):
     allow_any_model: bool = False
     """Let requests name hub repos or paths not in the registry (otherwise only registry keys and
     models configured by the operator)."""
+    model_aliases: CsvList = Field(default_factory=lambda: list(OPENAI_IMAGE_MODELS))
+    """Model names requests may use for another model: ``name=model`` entries (e.g.
+    ``gpt-image-1=schnell,dall-e-3=dev``); a bare ``name`` means the active model. Default: every
+    OpenAI image model name means the active model. Empty: no aliases."""
 
     # --- device & precision --------------------------------------------------------------------
     device: str = "auto"
@@ -85,8 +91,8 @@ class Settings(BaseSettings):
     """One worker per listed device (e.g. ``cuda:0,cuda:1`` or ``cpu,cpu``); empty: one worker on
     the resolved device."""
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
-    """Compute dtype. auto: bfloat16 on CUDA (float16 on GPUs without bf16), float16 on MPS,
-    float32 on CPU."""
+    """Compute dtype. auto: bfloat16 on CUDA (float16 on GPUs without bf16), bfloat16 on MPS where a
+    bf16 operation really runs there (checked at start-up, else float16), float32 on CPU."""
     generator_device: Literal["auto", "cpu", "device"] = "auto"
     """Where random latents are drawn. auto = cpu: the same seed gives the same image on any
     hardware, and MPS never sees a generator/device mismatch."""
@@ -138,8 +144,12 @@ class Settings(BaseSettings):
     # --- outputs -------------------------------------------------------------------------------
     output_dir: Path = Path("outputs")
     """Where ``store_local`` images and metadata sidecars are written."""
-    store_local: bool = True
-    """Default of the request field ``store_local`` (the earlier server saved every image)."""
+    store_local: bool = False
+    """Default of the request field ``store_local``: off, so API images are not kept on disk unless a
+    request asks (the earlier server saved every image; set 1 for its behaviour)."""
+    default_response_format: Literal["b64_json", "url"] = "b64_json"
+    """``response_format`` of requests that send none; requests naming a ``dall-e-*`` model (or an
+    alias of that name) get ``url``, as OpenAI answers them."""
     file_ttl: float = Field(3600.0, gt=0)
     """Seconds an image served by ``response_format=url`` stays downloadable."""
     png_compress_level: int = Field(1, ge=0, le=9)
@@ -153,7 +163,7 @@ class Settings(BaseSettings):
     queue_timeout: float = Field(300.0, gt=0)
     """Seconds a job may wait in the queue before it is dropped with 504."""
     max_concurrent: int = Field(1, ge=1, le=16)
-    """Generations in flight per device (the earlier checklist's semaphore)."""
+    """Generations in flight per device."""
     max_batch: int = Field(4, ge=1, le=64)
     """Most images merged into one pipeline call by dynamic batching (1 disables batching)."""
     batch_wait_ms: float = Field(0.0, ge=0)
@@ -237,7 +247,7 @@ class Settings(BaseSettings):
 
     # --- validators ----------------------------------------------------------------------------
     @field_validator("preload_models", "devices", "api_keys", "cors_origins", "oom_policy", "warmup_sizes",
-                     mode="before")
+                     "model_aliases", mode="before")
     @classmethod
     def _csv(cls, value: Any) -> Any:
         return _split_csv(value)
@@ -296,6 +306,12 @@ class Settings(BaseSettings):
                 raise ValueError(f"fbcache threshold must be in (0, 1), got {threshold}")
             return f"fbcache:{threshold}"
         raise ValueError(f"must be off or fbcache:<threshold>, got {value!r}")
+
+    @field_validator("model_aliases")
+    @classmethod
+    def _aliases(cls, value: list[str]) -> list[str]:
+        parse_model_aliases(value)  # raises ValueError naming the bad entry
+        return value
 
     @field_validator("warmup_sizes")
     @classmethod

@@ -144,7 +144,8 @@ def test_generate_from_a_preset(studio_server: ServerProcess, studio_outputs: Pa
     expected = f"CLIP {counts['counts']['tokenizer']}/77 · T5 {counts['counts']['tokenizer_2']}/256"
     expect(page.locator("#token-count")).to_have_text(f"Tokens: {expected}")  # the server's count, not a guess
 
-    expect(page.get_by_label("Store locally")).to_be_checked()
+    expect(page.get_by_label("Store locally")).not_to_be_checked()  # follows FLUX_STORE_LOCAL (default off)
+    page.get_by_label("Store locally").check()
     page.get_by_label("Save metadata").check()
     page.get_by_label("Prompt", exact=True).press("Control+Enter")
     reply = latest_reply(page)

@@ -18,6 +18,7 @@ from fluxserve.api.errors import install_error_handlers
 from fluxserve.api.middleware import (
     ApiKeyMiddleware,
     BodyLimitMiddleware,
+    HeadMiddleware,
     RequestContextMiddleware,
     StrictJsonMiddleware,
 )
@@ -63,8 +64,9 @@ def create_app(settings: Settings, runtime: Runtime | None = None, *, manage_run
     if settings.web_ui and STATIC_DIR.is_dir():
         app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
-    # Outermost last: request context → CORS → body limit → auth → strict JSON → app. CORS wraps auth
+    # Outermost last: request context → CORS → body limit → auth → strict JSON → HEAD → app. CORS wraps auth
     # and the body limit so that their 401/413 reach pages on allowed origins (the web page asks for a key).
+    app.add_middleware(HeadMiddleware)
     app.add_middleware(StrictJsonMiddleware)
     app.add_middleware(ApiKeyMiddleware, keys=settings.all_api_keys(), protect_metrics=settings.metrics_require_auth)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)

@@ -53,6 +53,13 @@ def error_response(status: int, message: str, *, param: str | None = None, code:
     return JSONResponse(error_body(status, message, param, code), status_code=status, headers=headers)
 
 
+def error_message_parts(status: int, message: str, *, param: str | None = None,
+                        code: str | None = None) -> tuple[list[tuple[bytes, bytes]], bytes]:
+    """(headers, body) of an error for plain ASGI senders: the same serializer as every other answer."""
+    response = error_response(status, message, param=param, code=code)
+    return list(response.raw_headers), bytes(response.body)
+
+
 _PATHS = re.compile(r"(/[\w.\-]+){2,}")
 _ADDRESSES = re.compile(r"0x[0-9a-fA-F]{6,}")
 
@@ -83,11 +90,28 @@ def validation_message(err: dict[str, Any]) -> tuple[str, str | None]:
     if kind == "missing" and param is None:
         return "a request body is required: send a JSON object with 'Content-Type: application/json'", None
     if kind == "missing":
-        return f"'{param}' is required", param
-    msg = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
-    if "input" in err and kind not in ("missing",):
-        msg = f"invalid '{param}': {msg} (got {_echo(err['input'])})" if param else msg
-    return msg, param
+        return f"invalid '{param}': is required, got nothing", param
+    msg = _BOUNDS.get(kind, "").format(**err.get("ctx", {})) or _reason(str(err.get("msg", "invalid value")))
+    if not param:
+        return msg, None
+    got = f", got {_echo(err['input'])}" if "input" in err else ""
+    return f"invalid '{param}': {msg}{got}", param
+
+
+_BOUNDS = {"greater_than_equal": "must be at least {ge}", "less_than_equal": "must be at most {le}",
+           "greater_than": "must be greater than {gt}", "less_than": "must be less than {lt}",
+           "string_too_short": "must be at least {min_length} characters", "literal_error": "must be {expected}",
+           "string_too_long": "must be at most {max_length} characters",
+           "string_pattern_mismatch": "must match {pattern}"}
+
+
+def _reason(msg: str) -> str:
+    """pydantic's "Input should be a valid integer" → "must be a valid integer" (one form for all)."""
+    msg = msg.removeprefix("Value error, ")
+    for prefix in ("Input should be ", "Input should "):
+        if msg.startswith(prefix):
+            return "must be " + msg.removeprefix(prefix) if prefix.endswith("be ") else "must " + msg[len(prefix):]
+    return msg[:1].lower() + msg[1:]
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -17,7 +17,7 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from fluxserve.api.errors import error_body
+from fluxserve.api.errors import error_message_parts
 from fluxserve.api.protocol import REQUEST_ID_PATTERN
 from fluxserve.observability.metrics import Metrics
 
@@ -32,6 +32,11 @@ _ENDPOINT_NAMES = (
 )
 
 
+_PROBES = ("health", "ready")
+CLIENT_CLOSED = 499
+"""Status logged and counted for a request whose client went away before the answer was complete."""
+
+
 def endpoint_name(path: str) -> str:
     for prefix, name in _ENDPOINT_NAMES:
         if path.startswith(prefix):
@@ -41,10 +46,8 @@ def endpoint_name(path: str) -> str:
 
 async def _send_error(send: Send, status: int, message: str, code: str, headers: list[tuple[bytes, bytes]]
                       | None = None, param: str | None = None) -> None:
-    body = json.dumps(error_body(status, message, param, code)).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                            *(headers or [])]})
+    raw, body = error_message_parts(status, message, param=param, code=code)  # the serializer of every answer
+    await send({"type": "http.response.start", "status": status, "headers": [*raw, *(headers or [])]})
     await send({"type": "http.response.body", "body": body})
 
 
@@ -66,8 +69,17 @@ class RequestContextMiddleware:
         state["request_id"] = request_id
         started = time.perf_counter()
         status_holder = {"status": 500}
+        progress = {"complete": False, "client_left": False}
+
+        async def receive_wrapper() -> Message:
+            message = await receive()
+            if message["type"] == "http.disconnect" and not progress["complete"]:
+                progress["client_left"] = True  # before the answer was complete: a cancelled (streamed) request
+            return message
 
         async def send_wrapper(message: Message) -> None:
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                progress["complete"] = True
             if message["type"] == "http.response.start":
                 status_holder["status"] = message["status"]
                 raw = list(message.get("headers") or [])
@@ -77,18 +89,47 @@ class RequestContextMiddleware:
             await send(message)
 
         try:
-            await self.app(scope, receive, send_wrapper)
+            await self.app(scope, receive_wrapper, send_wrapper)
         finally:
             path = scope.get("path", "")
             endpoint = endpoint_name(path)
             duration = time.perf_counter() - started
             model = state.get("model", "")
+            if progress["client_left"]:  # a 200 stream the client hung up on was cancelled, not served
+                status_holder["status"] = CLIENT_CLOSED
             self.metrics.requests.labels(endpoint=endpoint, status=str(status_holder["status"]), model=model).inc()
             if endpoint not in ("metrics", "static", "health"):
                 self.metrics.request_duration.labels(endpoint=endpoint).observe(duration)
-            log.info("request", extra={"ctx": {
+            level = logging.DEBUG if endpoint in _PROBES else logging.INFO  # probes every few seconds: no flood
+            log.log(level, "request", extra={"ctx": {
                 "request_id": request_id, "method": scope.get("method"), "path": path, "endpoint": endpoint,
                 "model": model or None, "status": status_holder["status"], "duration_s": round(duration, 6)}})
+
+
+class HeadMiddleware:
+    """HEAD on every GET route (load balancers and uptime probes use it): the GET's status and headers,
+    no body. FastAPI routes answer GET only; doing it here keeps HEAD out of the OpenAPI schema."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope.get("method") != "HEAD":
+            await self.app(scope, receive, send)
+            return
+        finished = False
+
+        async def headers_only(message: Message) -> None:
+            nonlocal finished
+            if finished:
+                return
+            if message["type"] == "http.response.body":  # drop the body, end the answer at its first part
+                finished = True
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+                return
+            await send(message)
+
+        await self.app({**scope, "method": "GET"}, receive, headers_only)
 
 
 class BodyLimitMiddleware:

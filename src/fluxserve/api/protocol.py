@@ -10,12 +10,13 @@ from __future__ import annotations
 import math
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 MAX_SEED = 2**63 - 1
 REQUEST_ID_PATTERN = r"^[A-Za-z0-9._:\-]{1,128}$"
 
-OPENAI_IGNORED = ("style", "background", "moderation", "input_fidelity")
+OPENAI_IGNORED = ("style", "moderation", "input_fidelity")
+"""OpenAI fields that change nothing here; each one sent is listed back in ``ignored_fields``."""
 
 
 class APIModel(BaseModel):
@@ -41,7 +42,8 @@ class ImageGenerationRequest(APIModel):
     stream: bool = Field(False, description="Server-sent events: progress, partial images, then the image.")
     partial_images: int | None = Field(None, ge=0, le=3, description="Partial previews to stream (0–3).")
     style: Any = Field(None, description="Accepted and ignored (no meaning for diffusion models here).")
-    background: Any = Field(None, description="Accepted and ignored.")
+    background: Literal["transparent", "opaque", "auto"] | None = Field(
+        None, description='opaque or auto; "transparent" is refused (no model here produces alpha).')
     moderation: Any = Field(None, description="Accepted and ignored (no moderation model runs here).")
 
     # fluxserve / earlier-server extensions
@@ -112,6 +114,20 @@ class ImageData(BaseModel):
     image is still returned; only the local copy is missing."""
     job_id: str | None = None
     replica: str | None = None
+
+    duration_ms: int | None = None
+    """The request's total time in milliseconds (``timing.total``; the earlier web page shows it)."""
+    warning: str | None = None
+    """Set when out-of-memory recovery changed the request (the earlier web page shows it)."""
+
+    @model_validator(mode="after")
+    def _fallback_warning(self) -> ImageData:
+        p = self.params
+        if p.fallback_applied and self.warning is None:
+            asked = p.original_params or {}
+            was = f" instead of {asked['width']}x{asked['height']}" if "width" in asked and "height" in asked else ""
+            self.warning = f"out of memory; recovered by {p.fallback_reason or 'a fallback'}: {p.width}x{p.height}{was}"
+        return self
 
 
 class ImagesResponse(BaseModel):

@@ -16,10 +16,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from fluxserve.aliases import default_response_format
 from fluxserve.api.errors import APIError
 from fluxserve.api.protocol import ImageData, ImageGenerationRequest, ImageParams, ImagesResponse
 from fluxserve.engine.registry import ModelSpec, UnknownModelError
-from fluxserve.generation import GenerationParams, pick_seed, seeds_for
+from fluxserve.generation import MAX_RANDOM_SEED, GenerationParams, pick_seed, seeds_for
 from fluxserve.scheduler.jobs import TERMINAL_EVENTS, Job, JobError, JobStatus
 from fluxserve.storage.images import MEDIA_TYPES, encode_image, to_base64
 
@@ -45,6 +46,8 @@ class OutputOptions:
     partial_images: int
     user: str | None
     request_started: float
+    background: str | None = None
+    """What was produced when the request asked about ``background`` (``opaque``: no model has alpha)."""
 
 
 class ImageService:
@@ -67,12 +70,12 @@ class ImageService:
         if body.size and body.size != "auto":
             match = _SIZE.match(body.size.strip().lower())
             if not match:
-                raise APIError(400, f"size must be 'WIDTHxHEIGHT' (e.g. 1024x1024) or 'auto', got {body.size[:40]!r}",
-                               param="size", code="invalid_size")
+                raise APIError(400, f"invalid 'size': must be 'WIDTHxHEIGHT' (e.g. 1024x1024) or 'auto', "
+                                    f"got {body.size[:40]!r}", param="size", code="invalid_size")
             width, height = int(match.group(1)), int(match.group(2))
             if (body.width is not None and body.width != width) or (body.height is not None and body.height != height):
-                raise APIError(400, f"size {body.size} contradicts width={body.width} height={body.height}",
-                               param="size", code="conflicting_size")
+                raise APIError(400, f"invalid 'size': must agree with width and height, got {body.size!r} with "
+                                    f"width={body.width} height={body.height}", param="size", code="conflicting_size")
         elif body.width is not None or body.height is not None:
             width = body.width or spec.width
             height = body.height or spec.height
@@ -84,49 +87,56 @@ class ImageService:
         for value, name in ((width, "width"), (height, "height")):
             blame = param if param == "size" else name
             if not s.min_size <= value <= s.max_size:
-                raise APIError(400, f"{name} must be between {s.min_size} and {s.max_size} pixels, got {value}",
-                               param=blame, code="invalid_size")
+                raise APIError(400, f"invalid '{blame}': {name} must be between {s.min_size} and {s.max_size} "
+                                    f"pixels, got {value}", param=blame, code="invalid_size")
             if value % m:
-                raise APIError(400, f"{name} must be a multiple of {m} for {spec.key}, got {value} "
-                                    f"(nearest: {max(m, value // m * m)})", param=blame, code="invalid_size")
+                raise APIError(400, f"invalid '{blame}': {name} must be a multiple of {m} for {spec.key}, got "
+                                    f"{value} (nearest: {max(m, value // m * m)})", param=blame, code="invalid_size")
         if width * height > s.max_pixels:
-            raise APIError(400, f"{width}x{height} is {width * height} pixels; the limit is {s.max_pixels} "
-                                "(FLUX_MAX_PIXELS)", param=param, code="invalid_size")
+            raise APIError(400, f"invalid '{param}': must be at most {s.max_pixels} pixels (FLUX_MAX_PIXELS), got "
+                                f"{width}x{height} = {width * height}", param=param, code="invalid_size")
         return width, height, param
 
     def build_job(self, body: ImageGenerationRequest, *, request_id: str | None = None, owner: str | None = None,
                   want_previews: bool = False) -> Job:
         s = self.settings
         if len(body.prompt) > s.max_prompt_chars:
-            raise APIError(400, f"prompt is {len(body.prompt)} characters; the limit is {s.max_prompt_chars}",
-                           param="prompt", code="prompt_too_long")
+            raise APIError(400, f"invalid 'prompt': must be at most {s.max_prompt_chars} characters, got "
+                                f"{len(body.prompt)}", param="prompt", code="prompt_too_long")
         if not body.prompt.strip():
-            raise APIError(400, "prompt must not be blank", param="prompt", code="invalid_value")
+            raise APIError(400, "invalid 'prompt': must not be blank, got only whitespace", param="prompt",
+                           code="invalid_value")
         spec = self.resolve_model(body.model)
         n = body.n or 1
         if n > s.max_images_per_request:
-            raise APIError(400, f"n must be between 1 and {s.max_images_per_request}, got {n}", param="n",
+            raise APIError(400, f"invalid 'n': must be between 1 and {s.max_images_per_request}, got {n}", param="n",
                            code="invalid_value")
+        if body.background == "transparent" and not spec.alpha:
+            raise APIError(400, f"invalid 'background': {spec.key} cannot produce transparent images (send "
+                                "'opaque' or 'auto'), got 'transparent'", param="background", code="unsupported_value")
         width, height, _ = self._size(body, spec)
         quality = _QUALITY_ALIASES.get(body.quality or "auto", body.quality or "auto")
         steps = body.num_inference_steps or spec.quality_steps.get(quality) or spec.steps
         if steps > s.max_steps:
-            raise APIError(400, f"num_inference_steps must be at most {s.max_steps}, got {steps}",
+            raise APIError(400, f"invalid 'num_inference_steps': must be at most {s.max_steps}, got {steps}",
                            param="num_inference_steps", code="invalid_value")
         guidance = body.guidance_scale if body.guidance_scale is not None else body.true_cfg_scale
         if guidance is None:
             guidance = spec.guidance
         if guidance > s.max_guidance:
             param = "guidance_scale" if body.guidance_scale is not None else "true_cfg_scale"
-            raise APIError(400, f"{param} must be at most {s.max_guidance:g}, got {guidance:g}", param=param,
-                           code="invalid_value")
+            raise APIError(400, f"invalid '{param}': must be at most {s.max_guidance:g}, got {guidance:g}",
+                           param=param, code="invalid_value")
         max_len = body.max_sequence_length or spec.max_sequence_length
         if max_len > spec.max_sequence_length_limit:
-            raise APIError(400, f"max_sequence_length cannot be greater than {spec.max_sequence_length_limit} for "
-                                f"{spec.key} but is {max_len}", param="max_sequence_length", code="invalid_value")
+            raise APIError(400, f"invalid 'max_sequence_length': must be at most {spec.max_sequence_length_limit} "
+                                f"for {spec.key}, got {max_len}", param="max_sequence_length", code="invalid_value")
         if body.negative_prompt is not None and len(body.negative_prompt) > s.max_prompt_chars:
-            raise APIError(400, "negative_prompt is too long", param="negative_prompt", code="prompt_too_long")
-        seed = body.seed if body.seed is not None else pick_seed()
+            raise APIError(400, f"invalid 'negative_prompt': must be at most {s.max_prompt_chars} characters, got "
+                                f"{len(body.negative_prompt)}", param="negative_prompt", code="prompt_too_long")
+        # Exact seeds: a random one leaves room for seed + n - 1 below 2**53 (JavaScript reads it exactly);
+        # a client's is used as sent; image i uses seed + i (wrapping past MAX_SEED to 0, never overflowing).
+        seed = body.seed if body.seed is not None else pick_seed() % (MAX_RANDOM_SEED + 2 - n)
         seeds = seeds_for(seed, n)
         allow_fallback = s.allow_fallback if body.allow_fallback is None else body.allow_fallback
         params = GenerationParams(spec.key, width, height, steps, float(guidance), max_len, allow_fallback)
@@ -136,14 +146,15 @@ class ImageService:
     def output_options(self, body: ImageGenerationRequest, base_url: str) -> OutputOptions:
         fmt = body.output_format or "png"
         return OutputOptions(
-            response_format=body.response_format or "b64_json", output_format=fmt,
+            response_format=body.response_format or default_response_format(
+                body.model, self.settings.default_response_format), output_format=fmt,
             compression=body.output_compression,
             store_local=self.settings.store_local if body.store_local is None else body.store_local,
             write_metadata=body.write_metadata,
             quality=body.quality or "auto",
             base_url=(self.settings.public_url or base_url).rstrip("/"),
             ignored=body.ignored_fields(), partial_images=body.partial_images or 0, user=body.user,
-            request_started=time.perf_counter(),
+            request_started=time.perf_counter(), background=None if body.background is None else "opaque",
         )
 
     # --- running ---------------------------------------------------------------------------------
@@ -184,11 +195,12 @@ class ImageService:
         response = ImagesResponse(
             created=job.created, data=list(items), output_format=options.output_format,
             size=f"{result.params.width}x{result.params.height}", quality=options.quality,
-            ignored_fields=options.ignored,
+            ignored_fields=options.ignored, background=options.background,
         )
         total = time.perf_counter() - options.request_started
         for item in response.data:
             item.timing["total"] = round(total, 6)
+            item.duration_ms = round(total * 1000)
         timing = dict(response.data[0].timing) if response.data else {}
         self.runtime.metrics.observe_generation(job.spec.key, len(response.data), timing, fallback_reason=(
             result.fallback_reason or "unknown") if result.fallback_applied else None)

@@ -58,6 +58,8 @@ class ModelSpec:
     negative_prompt: str | None = None
     """Default negative prompt (Qwen-Image needs one, even " ", to enable CFG)."""
     gated: bool = False
+    alpha: bool = False
+    """Can produce transparent images (``background: "transparent"``); no family here can yet."""
     presets: dict[str, Preset] = field(default_factory=dict)
 
     @property

@@ -97,12 +97,16 @@ def runtime_snapshot(runtime: Runtime) -> dict[str, Any]:
 @router.get("/v1/models", summary="Models: OpenAI list plus the active model and the runtime snapshot")
 async def list_models(request: Request) -> JSONResponse:
     runtime = _runtime(request)
-    cards = [model_card(runtime, spec) for spec in runtime.known_models()]
+    specs = runtime.known_models()
+    cards = [model_card(runtime, spec) for spec in specs]
     active = runtime.resolve(None)
     plan = runtime.plans[0]
     return JSONResponse({
         "object": "list", "data": cards,
-        "active": {"key": active.key, "id": active.source}, "active_key": active.key,
+        # The earlier web page builds its model picker from `available` (key → repo id, Object.entries).
+        "available": {spec.key: spec.source for spec in specs},
+        "aliases": {name: target or active.key for name, target in runtime.model_aliases.items()},
+        "active": {"key": active.key, "id": active.source, "type": active.family}, "active_key": active.key,
         "device": plan.device, "dtype": plan.dtype, "cache_dir": str(runtime.settings.cache_dir),
         "revision": runtime.settings.revision, "variant": runtime.settings.variant,
         "runtime": runtime_snapshot(runtime),
@@ -147,8 +151,12 @@ async def release_memory(request: Request, body: ReleaseMemoryRequest | None = N
 
     def release() -> dict[str, Any]:
         dropped, freed = runtime.release(keep)
-        return {"ok": True, "dropped": dropped, "kept": sorted(keep), "freed_bytes": freed,
-                "memory": runtime.memory()}
+        memory = runtime.memory()
+        # `message` and `pipelines_cleared` are what the earlier web page's Free Memory button shows.
+        message = (f"released {len(dropped)} pipeline(s) ({', '.join(dropped)}), freed {freed / 2**20:.1f} MiB"
+                   if dropped else "nothing to release" + (" but the active model" if keep else ""))
+        return {"ok": True, "message": message, "pipelines_cleared": len(dropped), "dropped": dropped,
+                "kept": sorted(keep), "freed_bytes": freed, "memory": memory}
 
     return JSONResponse(await asyncio.get_running_loop().run_in_executor(None, release))
 

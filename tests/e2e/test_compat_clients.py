@@ -1,0 +1,86 @@
+"""Clients people already use, against a real `fluxserve serve` with default settings: the official
+openai SDK with OpenAI's own model names, HEAD probes, and a streamed request the client hangs up on."""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+from typing import Any
+
+import httpx
+import openai
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import ServerProcess
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def live(cache_dir: Any, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    out = tmp_path_factory.mktemp("compat")
+    server = ServerProcess({"FLUX_MODEL": "tiny-flux", "FLUX_CACHE_DIR": str(cache_dir), "FLUX_DEVICE": "cpu",
+                            "FLUX_WARMUP_SIZES": "64x64", "FLUX_OUTPUT_DIR": str(out / "outputs"),
+                            "FLUX_STRUCTURED_LOGS": "1", "FLUX_MAX_STEPS": "100000"}, out / "server.log")
+    server.wait_ready()
+    yield server
+    assert server.stop() == 0
+
+
+def test_openai_sdk_with_openai_model_names(live: ServerProcess) -> None:
+    client = openai.OpenAI(base_url=live.base_url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    b64 = client.images.generate(model="gpt-image-1", prompt="a red fox", size="64x64", n=2)
+    assert len(b64.data) == 2 and all(d.b64_json and not d.url for d in b64.data)
+    extras = [d.model_extra or {} for d in b64.data]
+    assert [e["model"] for e in extras] == ["tiny-flux", "tiny-flux"]
+    assert extras[1]["seed"] == extras[0]["seed"] + 1 and extras[1]["seed"] < 2**53
+
+    url = client.images.generate(model="dall-e-3", prompt="a red fox", size="64x64")  # OpenAI's rule: a url
+    assert url.data[0].url and url.data[0].b64_json is None
+    assert httpx.get(url.data[0].url).content[:8] == b"\x89PNG\r\n\x1a\n"
+
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.images.generate(model="gpt-image-1", prompt="a", size="64x64", background="transparent")
+    assert refused.value.body["param"] == "background"  # type: ignore[index]
+    opaque = client.images.generate(model="gpt-image-1", prompt="a", size="64x64", background="opaque")
+    assert opaque.background == "opaque" and base64.b64decode(opaque.data[0].b64_json or "")
+
+
+def test_head_probes(live: ServerProcess) -> None:
+    for path in ("/health", "/ready", "/metrics", "/v1/models"):
+        head = httpx.head(live.base_url + path, timeout=30)
+        assert head.status_code == 200 and head.content == b"", path
+        assert int(head.headers["content-length"]) > 0, path
+
+
+def _requests_total(live: ServerProcess) -> dict[str, float]:
+    text = httpx.get(live.base_url + "/metrics", timeout=30).text
+    return {s.labels["status"]: s.value for f in text_string_to_metric_families(text) for s in f.samples
+            if s.name == "fluxserve_requests_total" and s.labels.get("endpoint") == "generations"}
+
+
+def test_cancelled_stream_is_counted_and_logged_as_cancelled(live: ServerProcess) -> None:
+    before = _requests_total(live)
+    body = {"prompt": "slow", "size": "256x256", "num_inference_steps": 400, "stream": True, "request_id": "hang-up"}
+    with httpx.stream("POST", live.base_url + "/v1/images/generations", json=body, timeout=60) as stream:
+        assert stream.status_code == 200
+        for line in stream.iter_lines():
+            if line.startswith("data: {") and json.loads(line[6:]).get("status") == "running":
+                break  # the job runs: hang up
+    deadline = time.monotonic() + 30
+    after = before
+    while time.monotonic() < deadline:  # the server notices the hang-up within its next poll
+        after = _requests_total(live)
+        if after.get("499", 0) > before.get("499", 0):
+            break
+        time.sleep(0.05)
+    assert after.get("499", 0) == before.get("499", 0) + 1
+    assert after.get("200", 0) == before.get("200", 0)  # not counted as served
+    job = httpx.get(live.base_url + "/v1/images/jobs/hang-up", timeout=30).json()
+    assert job["status"] == "cancelled"
+    records = [json.loads(line) for line in live.logs().splitlines() if line.startswith("{")]
+    access = [r for r in records if r.get("logger") == "fluxserve.access" and r.get("endpoint") == "generations"]
+    assert access[-1]["status"] == 499
+    assert not any(r.get("endpoint") in ("health", "ready") for r in records)  # probes: DEBUG only
