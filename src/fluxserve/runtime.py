@@ -8,6 +8,7 @@ readiness and shuts down gracefully.
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -17,7 +18,7 @@ from typing import Any
 from fluxserve import __version__
 from fluxserve.engine.device import BackendProbe, DevicePlan, select_device_dtype
 from fluxserve.engine.memory import check_memory_modes
-from fluxserve.engine.registry import BUILTIN_MODELS, ModelSpec, resolve_model
+from fluxserve.engine.registry import BUILTIN_MODELS, ModelSpec, UnknownModelError, resolve_model
 from fluxserve.generation import GenerationParams, ImageRequest, OutOfMemory
 from fluxserve.observability.events import job_ended
 from fluxserve.observability.logs import register_secrets
@@ -29,6 +30,10 @@ from fluxserve.storage.files import FileRegistry
 from fluxserve.storage.outputs import OutputStore
 
 log = logging.getLogger(__name__)
+
+
+class ModelNotAllowedError(UnknownModelError):
+    """The model exists but requests may not name it here (FLUX_MODELS): the HTTP layer answers 403."""
 
 
 @dataclass
@@ -60,9 +65,11 @@ class Runtime:
             spec = resolve_model(name)
             self._configured[spec.key] = spec
         self.active_key = self.default_spec.key
+        self.allowed: dict[str, ModelSpec] = {spec.key: spec for spec in map(resolve_model, settings.models)}
         self.metrics = Metrics(settings.metrics_window)
+        self.metrics.allow_models([*self._configured.values(), *self.allowed.values()])
         self.scheduler = Scheduler(settings, self.plans, hook=self._on_event)
-        self.outputs = OutputStore(settings.output_dir)
+        self.outputs = OutputStore(settings.output_dir, settings.output_max_bytes)
         self.files = FileRegistry(settings.file_ttl)
         self.encoder = ThreadPoolExecutor(settings.encode_threads, thread_name_prefix="encode")
         self.warmups: list[WarmupRecord] = []
@@ -97,8 +104,8 @@ class Runtime:
         except JobError as exc:
             self.startup_error = exc.message
             log.error("start-up failed: %s", exc.message)
-        except Exception as exc:  # keep serving /health and explain in /ready
-            self.startup_error = f"{type(exc).__name__}: {exc}"
+        except Exception as exc:  # keep serving /health and explain in /ready (by its kind: details in the log)
+            self.startup_error = f"unexpected {type(exc).__name__} (see the server log)"
             log.exception("start-up failed")
         finally:
             self._startup_done.set()
@@ -131,7 +138,7 @@ class Runtime:
                 if fallback:
                     self.metrics.record_fallback(fallback, failed=outcome != "ok")
                 self.warmups.append(WarmupRecord(spec.key, size, seconds, outcome))
-                self.metrics.warmup.labels(model=spec.key).set(seconds)
+                self.metrics.warmup.labels(model=self.metrics.model_label(spec.key)).set(seconds)
                 model.warmup[size] = {"seconds": round(seconds, 4), "outcome": outcome}
                 log.info("warmup", extra={"ctx": {"model": spec.key, "device": engine.device, "size": size,
                                                    "seconds": round(seconds, 4), "outcome": outcome,
@@ -143,11 +150,12 @@ class Runtime:
         if self.shutting_down:
             reasons.append("shutting down")
         if self.startup_error:
-            reasons.append(f"start-up failed: {self.startup_error}")
+            reasons.append(f"start-up failed: {_without_paths(self.startup_error)}")
         elif not self._startup_done.is_set():
             reasons.append("loading and warming up the default model")
         elif not self.scheduler.is_loaded(self.active_key):
             reasons.append(f"model {self.active_key} is not loaded")
+        reasons += [problem for problem in [self.outputs.problem()] if problem and self.settings.store_local]
         failures = self.scheduler.consecutive_oom_failures
         if failures >= self.settings.oom_max_consecutive:
             reasons.append(f"{failures} requests in a row failed out of memory")
@@ -167,15 +175,25 @@ class Runtime:
         return cancelled
 
     # --- models ----------------------------------------------------------------------------------
-    def resolve(self, name: str | None, *, from_request: bool = True) -> ModelSpec:
-        """Model a request names (None: the active one). Requests may only name registry keys and
-        configured models unless FLUX_ALLOW_ANY_MODEL=1."""
+    def resolve(self, name: str | None, *, from_request: bool = True, operator: bool = False) -> ModelSpec:
+        """Model a request names (None: the active one). Requests may only name the models of
+        :meth:`may_serve` (others: :class:`ModelNotAllowedError`) unless FLUX_ALLOW_ANY_MODEL=1;
+        ``operator`` requests (an admin's select/unload) may name any registry key."""
         if not name:
             return self._configured.get(self.active_key) or resolve_model(self.active_key)
         if name in self._configured:
             return self._configured[name]
-        spec = resolve_model(name, allow_unregistered=self.settings.allow_any_model or not from_request)
+        spec = self.allowed.get(name) or resolve_model(
+            name, allow_unregistered=self.settings.allow_any_model or not from_request)
+        if from_request and not operator and not self.settings.allow_any_model and not self.may_serve(spec.key):
+            raise ModelNotAllowedError(f"model {name[:80]!r} is not enabled on this server; requests may name: "
+                                       f"{', '.join(sorted({*self._configured, *self.allowed}))} (FLUX_MODELS)")
         return spec
+
+    def may_serve(self, key: str) -> bool:
+        """Whether requests may name ``key``: FLUX_MODEL, FLUX_PRELOAD_MODELS, FLUX_MODELS, and what an
+        admin selected."""
+        return key in self._configured or key in self.allowed
 
     def known_models(self) -> list[ModelSpec]:
         specs = dict(BUILTIN_MODELS)
@@ -186,9 +204,10 @@ class Runtime:
         return list(specs.values())
 
     def select(self, name: str) -> ModelSpec:
-        spec = self.resolve(name)
+        spec = self.resolve(name, operator=True)
         self.scheduler.ensure_loaded(spec, wait=True)
         self._configured.setdefault(spec.key, spec)
+        self.metrics.allow_models([spec])
         self.active_key = spec.key
         return spec
 
@@ -207,7 +226,7 @@ class Runtime:
         elif name in ("job_cancelled", "job_failed"):  # one log line and the counters, per job
             job_ended(self.metrics, data["job"], log_prompts=self.settings.log_prompts)
         elif name == "model_loaded":
-            self.metrics.model_load.labels(model=data["model"]).set(data["seconds"])
+            self.metrics.model_load.labels(model=self.metrics.model_label(data["model"])).set(data["seconds"])
 
     def refresh_gauges(self) -> None:
         stats = self.scheduler.stats()
@@ -220,6 +239,14 @@ class Runtime:
 
     def submit(self, job: Job) -> Job:
         return self.scheduler.submit(job)
+
+
+_PATHS = re.compile(r"(?:[A-Za-z]:)?(?:[/\\][\w.\-~]+){2,}[/\\]?")
+
+
+def _without_paths(text: str) -> str:
+    """What reaches /ready: a reason without the file paths it may quote (the log keeps them)."""
+    return _PATHS.sub("<path>", text)
 
 
 def _leave_a_core_for_the_server() -> None:

@@ -20,7 +20,7 @@ from fluxserve.api.errors import APIError
 from fluxserve.api.protocol import MAX_SEED, ImageData, ImageGenerationRequest, ImageParams, ImagesResponse
 from fluxserve.engine.registry import ModelSpec, UnknownModelError
 from fluxserve.generation import GenerationParams, pick_seed
-from fluxserve.runtime import Runtime
+from fluxserve.runtime import ModelNotAllowedError, Runtime
 from fluxserve.scheduler.jobs import Job, JobError, JobStatus
 from fluxserve.storage.images import MEDIA_TYPES, encode_image, to_base64
 
@@ -55,6 +55,8 @@ class ImageService:
     def resolve_model(self, name: str | None) -> ModelSpec:
         try:
             return self.runtime.resolve(name)
+        except ModelNotAllowedError as exc:
+            raise APIError(403, str(exc), param="model", code="model_not_allowed") from None
         except UnknownModelError as exc:
             raise APIError(404, str(exc), param="model", code="model_not_found") from None
 
@@ -127,6 +129,7 @@ class ImageService:
         seeds = [(seed + i) % (MAX_SEED + 1) for i in range(n)]
         allow_fallback = s.allow_fallback if body.allow_fallback is None else body.allow_fallback
         params = GenerationParams(spec.key, width, height, steps, float(guidance), max_len, allow_fallback)
+        check_compute_budget(body, params, n, s.max_megapixel_steps)
         return Job(spec=spec, params=params, prompt=body.prompt, seeds=seeds, negative_prompt=body.negative_prompt,
                    id=request_id, want_previews=want_previews)
 
@@ -259,7 +262,10 @@ class ImageService:
                     "format": options.output_format,
                 }
             image_path, meta_path = self.runtime.outputs.save_image(data, _ext(options.output_format), metadata)
-            saved_path, metadata_path = str(image_path), (str(meta_path) if meta_path else None)
+            # relative to FLUX_OUTPUT_DIR: clients never see where the server keeps files (the log does)
+            outputs = self.runtime.outputs
+            saved_path = outputs.relative(image_path)
+            metadata_path = outputs.relative(meta_path) if meta_path else None
         timing["save"] = time.perf_counter() - started
         timing["generation"] = sum(result.timings.values())
         timing["pipeline_load"] = timing["model_load"]
@@ -350,6 +356,26 @@ class ImageService:
         finally:
             if not job.done:
                 self.runtime.scheduler.cancel(job.id)
+
+
+def check_compute_budget(body: ImageGenerationRequest, params: GenerationParams, n: int, budget: float) -> None:
+    """400 ``compute_budget_exceeded`` when n × megapixels × steps is over FLUX_MAX_MEGAPIXEL_STEPS.
+
+    ``param`` names what the client chose that weighs most: the steps when it set them, else the size,
+    else ``n``."""
+    cost = n * params.megapixel_steps
+    if cost <= budget:
+        return
+    if body.num_inference_steps is not None:
+        param = "num_inference_steps"
+    elif (body.size and body.size != "auto") or body.width is not None or body.height is not None:
+        param = "size" if body.size and body.size != "auto" else ("width" if body.width is not None else "height")
+    else:
+        param = "n"
+    raise APIError(400, f"this request costs n={n} × {params.width * params.height / 1e6:.2f} megapixels × "
+                        f"{params.steps} steps = {cost:.1f} megapixel-steps; the budget per request is {budget:g} "
+                        "(FLUX_MAX_MEGAPIXEL_STEPS): lower n, the size or num_inference_steps",
+                   param=param, code="compute_budget_exceeded")
 
 
 def _partial_steps(total: int, partial_images: int) -> set[int]:

@@ -505,8 +505,8 @@ class IngressRuntime(Runtime):
         return not reasons, reasons
 
     # --- models ----------------------------------------------------------------------------------
-    def resolve(self, name: str | None, *, from_request: bool = True) -> ModelSpec:
-        spec = super().resolve(name, from_request=from_request)
+    def resolve(self, name: str | None, *, from_request: bool = True, operator: bool = False) -> ModelSpec:
+        spec = super().resolve(name, from_request=from_request, operator=operator)
         if spec.key not in self.clients:
             raise UnknownModelError(f"model {name!r} is not served by this Ray Serve application; deployed: "
                                     f"{', '.join(self.clients)} (add it to FLUX_PRELOAD_MODELS)")

@@ -1,16 +1,23 @@
-"""Model routes: list, inspect, select, unload; memory release; token counts."""
+"""Model routes: list, inspect, select, unload; memory release; token counts.
+
+Select, unload and memory release need an admin key when keys are configured (the middleware answers
+403 to others: :func:`fluxserve.api.middleware.needs_admin`); /v1/models shows its runtime snapshot
+(devices, memory, settings, directories) to admins only.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from fluxserve.api.errors import APIError
+from fluxserve.api.middleware import is_admin
 from fluxserve.api.protocol import (
     ERROR_RESPONSES,
     ReleaseMemoryRequest,
@@ -20,7 +27,7 @@ from fluxserve.api.protocol import (
 )
 from fluxserve.engine.memory import in_use_bytes
 from fluxserve.engine.registry import ModelSpec, UnknownModelError
-from fluxserve.runtime import Runtime
+from fluxserve.runtime import ModelNotAllowedError, Runtime
 from fluxserve.scheduler.jobs import JobError
 
 router = APIRouter(responses=ERROR_RESPONSES)
@@ -30,18 +37,31 @@ def _runtime(request: Request) -> Runtime:
     return request.app.state.runtime
 
 
-def _spec(runtime: Runtime, name: str) -> ModelSpec:
+def _spec(runtime: Runtime, name: str, *, operator: bool = False) -> ModelSpec:
+    """The model ``name`` means: 403 when requests may not use it here (FLUX_MODELS), 404 when it is
+    no model at all. ``operator`` (select/unload, admin keys only) may name any registry key."""
     try:
-        return runtime.resolve(name)
+        return runtime.resolve(name, operator=operator)
+    except ModelNotAllowedError as exc:
+        raise APIError(403, str(exc), param="model", code="model_not_allowed") from None
     except UnknownModelError as exc:
         raise APIError(404, str(exc), param="model", code="model_not_found") from None
+
+
+def public_source(spec: ModelSpec) -> str:
+    """Where a model comes from, as clients may see it: a hub repo id, or ``local/<directory name>``
+    for a local pipeline (never its path)."""
+    if Path(spec.source).is_absolute():
+        return f"local/{Path(spec.source).name}"
+    return spec.source
 
 
 def model_card(runtime: Runtime, spec: ModelSpec) -> dict[str, Any]:
     loaded = runtime.model_info(spec.key)
     return {
         "id": spec.key, "object": "model", "created": int(runtime.started_at), "owned_by": "fluxserve",
-        "source": spec.source if spec.tiny is None else f"built offline ({spec.key})",
+        "source": public_source(spec) if spec.tiny is None else f"built offline ({spec.key})",
+        "allowed": runtime.may_serve(spec.key),
         "family": spec.family, "description": spec.description, "active": spec.key == runtime.active_key,
         "loaded": bool(loaded), "loaded_on": sorted(loaded), "gated": spec.gated,
         "defaults": {"num_inference_steps": spec.steps, "guidance_scale": spec.guidance,
@@ -100,32 +120,34 @@ async def list_models(request: Request) -> JSONResponse:
     cards = [model_card(runtime, spec) for spec in runtime.known_models()]
     active = runtime.resolve(None)
     plan = runtime.plans[0]
-    return JSONResponse({
-        "object": "list", "data": cards,
-        "active": {"key": active.key, "id": active.source}, "active_key": active.key,
-        "device": plan.device, "dtype": plan.dtype, "cache_dir": str(runtime.settings.cache_dir),
-        "revision": runtime.settings.revision, "variant": runtime.settings.variant,
-        "runtime": runtime_snapshot(runtime),
-    })
+    listing: dict[str, Any] = {"object": "list", "data": cards,
+                               "active": {"key": active.key, "id": public_source(active)}, "active_key": active.key}
+    if is_admin(request.state):  # the configuration snapshot (directories, devices, settings): admins only
+        listing.update({"device": plan.device, "dtype": plan.dtype, "cache_dir": str(runtime.settings.cache_dir),
+                        "revision": runtime.settings.revision, "variant": runtime.settings.variant,
+                        "runtime": runtime_snapshot(runtime)})
+    return JSONResponse(listing)
 
 
 @router.get("/v1/models/{model_id:path}", summary="One model")
 async def get_model(model_id: str, request: Request) -> JSONResponse:
     runtime = _runtime(request)
-    return JSONResponse(model_card(runtime, _spec(runtime, model_id)))
+    # Any registry model can be looked at (the list shows them all, with "allowed"); using one is what
+    # FLUX_MODELS restricts.
+    return JSONResponse(model_card(runtime, _spec(runtime, model_id, operator=True)))
 
 
 @router.post("/v1/models/select", summary="Load (if needed) and make a model the default")
 async def select_model(body: SelectModelRequest, request: Request) -> JSONResponse:
     runtime = _runtime(request)
-    spec = _spec(runtime, body.model)
+    spec = _spec(runtime, body.model, operator=True)
     request.state.model = spec.key
     started = time.perf_counter()
     try:
         await asyncio.get_running_loop().run_in_executor(None, runtime.select, spec.key)
     except JobError as exc:
         raise APIError(exc.status, exc.message, param="model", code=exc.code) from None
-    return JSONResponse({"ok": True, "active": {"key": spec.key, "id": spec.source},
+    return JSONResponse({"ok": True, "active": {"key": spec.key, "id": public_source(spec)},
                          "seconds": round(time.perf_counter() - started, 3)})
 
 
@@ -141,7 +163,7 @@ def _release_measured(runtime: Runtime, action: Callable[[], list[str]]) -> tupl
 @router.post("/v1/models/unload", summary="Drop one model from every device")
 async def unload_model(body: UnloadModelRequest, request: Request) -> JSONResponse:
     runtime = _runtime(request)
-    spec = _spec(runtime, body.model)
+    spec = _spec(runtime, body.model, operator=True)
     dropped, freed = _release_measured(
         runtime, lambda: [e.device for e in runtime.scheduler.engines if e.unload(spec.key)])
     if not dropped:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
 
-from fluxserve.api.routes.models import runtime_snapshot
+from fluxserve.api.routes.models import public_source, runtime_snapshot
 from fluxserve.runtime import Runtime
 
 router = APIRouter()
@@ -32,7 +32,8 @@ async def root(request: Request) -> Response:
         return FileResponse(index, media_type="text/html")
     active = runtime.resolve(None)
     return JSONResponse({"status": "ok", "message": "fluxserve: OpenAI-compatible image generation",
-                         "model": {"active_key": active.key, "active_id": active.source, "active_type": active.family},
+                         "model": {"active_key": active.key, "active_id": public_source(active),
+                                   "active_type": active.family},
                          "endpoints": ENDPOINTS})
 
 
