@@ -202,6 +202,8 @@ def strict_json_error(body: bytes) -> tuple[str, str | None] | None:
     ``NaN``/``Infinity`` (not JSON at all), bytes that are not UTF-8, nesting too deep to parse and
     integers too long to convert are all refused.
     """
+    if b"\x00" in body:  # never in JSON text; every other byte of ASCII text in UTF-16 or UTF-32
+        return "the request body is not valid JSON: it is not UTF-8 text (UTF-16 or UTF-32?)", None
     try:
         # Decoded here, strictly: json.loads(bytes) would also take UTF-16 and UTF-32 bodies.
         json.loads(body.decode("utf-8"), object_pairs_hook=_unique_keys, parse_constant=_no_constants)
