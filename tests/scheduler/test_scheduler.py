@@ -73,7 +73,7 @@ async def test_one_worker_serialises(app_factory: Callable[..., Any]) -> None:
 
 
 async def test_queue_timeout_gives_504_while_the_worker_is_busy(app_factory: Callable[..., Any]) -> None:
-    async with app_factory(queue_timeout=0.3, max_batch=1, max_steps=100000) as client:
+    async with app_factory(queue_timeout=0.3, max_batch=1, max_steps=100000, max_megapixel_steps=1e9) as client:
         slow = await client.post("/v1/images/jobs", json={"prompt": "slow", "size": "256x256",
                                                           "num_inference_steps": 100000})
         await _wait_status(client, slow.json()["id"], {"running"})
@@ -85,7 +85,7 @@ async def test_queue_timeout_gives_504_while_the_worker_is_busy(app_factory: Cal
 
 
 async def test_queue_full_is_429_with_retry_after_before_any_work(app_factory: Callable[..., Any]) -> None:
-    async with app_factory(max_queue=1, max_batch=1, max_steps=100000) as client:
+    async with app_factory(max_queue=1, max_batch=1, max_steps=100000, max_megapixel_steps=1e9) as client:
         slow = {"prompt": "slow", "size": "256x256", "num_inference_steps": 100000}
         running = await client.post("/v1/images/jobs", json=slow)
         await _wait_status(client, running.json()["id"], {"running"})

@@ -506,7 +506,8 @@ class IngressRuntime(Runtime):
 
     # --- models ----------------------------------------------------------------------------------
     def resolve(self, name: str | None, *, from_request: bool = True, operator: bool = False) -> ModelSpec:
-        spec = super().resolve(name, from_request=from_request, operator=operator)
+        # the deployed models are this application's allowlist: one check, answering 404 for the others
+        spec = super().resolve(name, from_request=from_request, operator=True)
         if spec.key not in self.clients:
             raise UnknownModelError(f"model {name!r} is not served by this Ray Serve application; deployed: "
                                     f"{', '.join(self.clients)} (add it to FLUX_PRELOAD_MODELS)")
