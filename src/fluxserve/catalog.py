@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 from collections.abc import Sequence
@@ -19,7 +20,7 @@ from typing import Any
 from fluxserve.aliases import parse_model_aliases
 from fluxserve.engine.device import DevicePlan
 from fluxserve.engine.memory import in_use_bytes
-from fluxserve.engine.registry import BUILTIN_MODELS, ModelSpec, resolve_model
+from fluxserve.engine.registry import BUILTIN_MODELS, ModelNotAllowedError, ModelSpec, resolve_model
 from fluxserve.generation import GenerationParams, ImageRequest, OutOfMemory
 from fluxserve.observability.metrics import Metrics
 from fluxserve.scheduler.jobs import JobError
@@ -40,21 +41,33 @@ class ModelNames:
             spec = resolve_model(name)
             self.configured[spec.key] = spec
         self.active_key = self.default_spec.key
+        self.allowed: dict[str, ModelSpec] = {spec.key: spec for spec in map(resolve_model, settings.models)}
         self.aliases = parse_model_aliases(settings.model_aliases)
         for target in filter(None, self.aliases.values()):  # a bad alias target stops start-up
             resolve_model(target)
 
-    def resolve(self, name: str | None, *, from_request: bool = True) -> ModelSpec:
-        """Model a request names (None: the active one). Requests may only name registry keys and
-        configured models unless FLUX_ALLOW_ANY_MODEL=1. An alias (FLUX_MODEL_ALIASES) names the
-        model the operator chose for it; a bare one the active model."""
+    def resolve(self, name: str | None, *, from_request: bool = True, operator: bool = False) -> ModelSpec:
+        """Model a request names (None: the active one). Requests may only name the models of
+        :meth:`may_serve` (others: :class:`ModelNotAllowedError`) unless FLUX_ALLOW_ANY_MODEL=1;
+        ``operator`` requests (an admin's select/unload) may name any registry key. An alias
+        (FLUX_MODEL_ALIASES) names the model the operator chose for it; a bare one the active model."""
         if name and name.strip() in self.aliases:
             name, from_request = self.aliases[name.strip()], False
         if not name:
             return self.configured.get(self.active_key) or resolve_model(self.active_key)
         if name in self.configured:
             return self.configured[name]
-        return resolve_model(name, allow_unregistered=self.settings.allow_any_model or not from_request)
+        spec = self.allowed.get(name) or resolve_model(
+            name, allow_unregistered=self.settings.allow_any_model or not from_request)
+        if from_request and not operator and not self.settings.allow_any_model and not self.may_serve(spec.key):
+            raise ModelNotAllowedError(f"model {name[:80]!r} is not enabled on this server; requests may name: "
+                                       f"{', '.join(sorted({*self.configured, *self.allowed}))} (FLUX_MODELS)")
+        return spec
+
+    def may_serve(self, key: str) -> bool:
+        """Whether requests may name ``key``: FLUX_MODEL, FLUX_PRELOAD_MODELS, FLUX_MODELS, and what an
+        admin selected."""
+        return key in self.configured or key in self.allowed
 
     def activate(self, spec: ModelSpec) -> None:
         self.configured.setdefault(spec.key, spec)
@@ -99,7 +112,7 @@ class LocalCatalog:
             self.startup_error = exc.message
             log.error("start-up failed: %s", exc.message)
         except Exception as exc:  # keep serving /health and explain in /ready
-            self.startup_error = f"start-up failed ({type(exc).__name__})"
+            self.startup_error = f"unexpected {type(exc).__name__} (see the server log)"
             log.exception("start-up failed")
         finally:
             self._startup_done.set()
@@ -112,7 +125,7 @@ class LocalCatalog:
 
     def readiness_problems(self) -> list[str]:
         if self.startup_error:
-            return [f"start-up failed: {self.startup_error}"]
+            return [f"start-up failed: {without_paths(self.startup_error)}"]
         if not self._startup_done.is_set():
             return ["loading and warming up the default model"]
         if not self.scheduler.is_loaded(self.names.active_key):
@@ -144,15 +157,15 @@ class LocalCatalog:
                 if fallback:
                     self.metrics.record_fallback(fallback, failed=outcome != "ok")
                 self.warmups.append(WarmupRecord(spec.key, size, seconds, outcome))
-                self.metrics.warmup.labels(model=spec.key).set(seconds)
+                self.metrics.warmup.labels(model=self.metrics.model_label(spec.key)).set(seconds)
                 model.warmup[size] = {"seconds": round(seconds, 4), "outcome": outcome}
                 log.info("warmup", extra={"ctx": {"model": spec.key, "device": engine.device, "size": size,
                                                    "seconds": round(seconds, 4), "outcome": outcome,
                                                    **({"fallback_reason": fallback} if fallback else {})}})
 
     # --- models ----------------------------------------------------------------------------------
-    def resolve(self, name: str | None, *, from_request: bool = True) -> ModelSpec:
-        return self.names.resolve(name, from_request=from_request)
+    def resolve(self, name: str | None, *, from_request: bool = True, operator: bool = False) -> ModelSpec:
+        return self.names.resolve(name, from_request=from_request, operator=operator)
 
     def known_models(self) -> list[ModelSpec]:
         specs = dict(BUILTIN_MODELS)
@@ -164,7 +177,7 @@ class LocalCatalog:
 
     def select(self, name: str) -> ModelSpec:
         """Make ``name`` the default for requests that name none, loading it first (blocking)."""
-        spec = self.resolve(name)
+        spec = self.resolve(name, operator=True)
         self.scheduler.ensure_loaded(spec, wait=True)
         self.names.activate(spec)
         return spec
@@ -198,3 +211,11 @@ class LocalCatalog:
     def _in_use(self) -> int:
         """Bytes in use, counted once per device (``cpu,cpu`` workers share one process RSS)."""
         return sum(in_use_bytes(device) for device in {engine.device for engine in self.engines})
+
+
+_PATHS = re.compile(r"(?:[A-Za-z]:)?(?:[/\\][\w.\-~]+){2,}[/\\]?")
+
+
+def without_paths(text: str) -> str:
+    """What reaches /ready: a reason without the file paths it may quote (the log keeps them)."""
+    return _PATHS.sub("<path>", text)

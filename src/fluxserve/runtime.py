@@ -51,7 +51,9 @@ class Runtime:
             self.models, self.scheduler = backend(settings, self._on_event)
         else:
             self.models, self.scheduler = _local_backend(settings, probe, engines, self._on_event, self.metrics)
-        self.outputs = OutputStore(settings.output_dir)
+        names = self.models.names
+        self.metrics.allow_models([*names.configured.values(), *names.allowed.values()])
+        self.outputs = OutputStore(settings.output_dir, settings.output_max_bytes)
         self.files = FileRegistry(settings.file_ttl)
         self.encoder = ThreadPoolExecutor(settings.encode_threads, thread_name_prefix="encode")
         self.started_at = time.time()
@@ -81,6 +83,9 @@ class Runtime:
         reasons = ["shutting down"] if self.shutting_down else []
         reasons += self.models.readiness_problems()
         reasons += self.scheduler.readiness_problems()
+        problem = self.outputs.problem() if self.settings.store_local else None
+        if problem:
+            reasons.append(problem)
         failures = self.scheduler.consecutive_oom_failures
         if failures >= self.settings.oom_max_consecutive:
             reasons.append(f"{failures} requests in a row failed out of memory")
@@ -131,14 +136,20 @@ class Runtime:
     def engines(self) -> list[Any]:
         return list(getattr(self.models, "engines", []))
 
-    def resolve(self, name: str | None, *, from_request: bool = True) -> ModelSpec:
-        return self.models.resolve(name, from_request=from_request)
+    def resolve(self, name: str | None, *, from_request: bool = True, operator: bool = False) -> ModelSpec:
+        return self.models.resolve(name, from_request=from_request, operator=operator)
+
+    def may_serve(self, key: str) -> bool:
+        allowed: bool = self.models.names.may_serve(key)
+        return allowed
 
     def known_models(self) -> list[ModelSpec]:
         return list(self.models.known_models())
 
     def select(self, name: str) -> ModelSpec:
-        return self.models.select(name)
+        spec = self.models.select(name)
+        self.metrics.allow_models([spec])
+        return spec
 
     def memory(self) -> list[dict[str, Any]]:
         return self.models.memory()
@@ -169,7 +180,7 @@ class Runtime:
         elif name in ("job_cancelled", "job_failed"):  # one log line and the counters, per job
             job_ended(self.metrics, data["job"], log_prompts=self.settings.log_prompts)
         elif name == "model_loaded":
-            self.metrics.model_load.labels(model=data["model"]).set(data["seconds"])
+            self.metrics.model_load.labels(model=self.metrics.model_label(data["model"])).set(data["seconds"])
 
     def refresh_gauges(self) -> None:
         stats = self.scheduler.stats()

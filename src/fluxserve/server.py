@@ -11,22 +11,46 @@ On SIGTERM/SIGINT:
 3. uvicorn then stops listening and gives open responses up to ``RESPONSE_GRACE`` seconds to be sent;
 4. the lifespan closes the runtime: encoder threads finish (every image being saved is complete),
    workers stop, logs are flushed, and the process exits 0.
+
+A client still uploading its body when the signal comes gets the JSON 503 ``shutting_down`` at once
+(:class:`fluxserve.api.middleware.ShutdownUploadMiddleware`).
+
+Connections are bounded before any request exists (:class:`GuardedH11Protocol`, uvicorn's h11 protocol
+with limits; httptools has no limit on header size, so it is never used):
+
+- a request head larger than FLUX_MAX_HEADER_BYTES gets 431 and the connection is closed;
+- a head not complete FLUX_HEADER_TIMEOUT seconds after connecting (or after the previous response)
+  gets 408 and is closed; idle keep-alive connections close after FLUX_KEEP_ALIVE_TIMEOUT;
+- at most FLUX_MAX_CONNECTIONS connections are open: a new one closes the oldest connection that has
+  not sent a complete head (idle or slow), or, when every connection is busy with a request, gets 503
+  ``too_many_connections`` and is closed;
+- when a response closes the connection while the client is still sending (a 413, a 431), the server
+  half-closes and discards at most ``LINGER_BYTES`` more for at most ``LINGER_SECONDS`` ("lingering
+  close": the client gets to read the answer instead of a reset), then closes: it never reads the
+  rest of a refused body.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import json
 import logging
 import signal
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from types import FrameType
+from typing import Any
 
+import h11
 import uvicorn
+from uvicorn.protocols.http.h11_impl import STATUS_PHRASES, H11Protocol
 from uvicorn.server import HANDLED_SIGNALS
 
 from fluxserve.api.app import create_app
+from fluxserve.api.errors import error_body
 from fluxserve.runtime import Runtime
 from fluxserve.settings import Settings, SettingsError
 
@@ -34,6 +58,189 @@ log = logging.getLogger(__name__)
 
 RESPONSE_GRACE = 5
 """Seconds uvicorn waits, after the jobs are drained, for responses still being written."""
+
+
+LINGER_SECONDS = 2.0
+"""Most seconds a connection closed mid-body keeps discarding what the client still sends."""
+
+
+@dataclass(frozen=True)
+class ConnectionLimits:
+    max_header_bytes: int
+    header_timeout: float
+    max_connections: int
+    linger_bytes: int
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> ConnectionLimits:
+        return cls(settings.max_header_bytes, settings.header_timeout, settings.max_connections,
+                   linger_bytes=settings.max_body_bytes)
+
+
+def _raw_error(status: int, message: str, code: str, extra: list[tuple[bytes, bytes]] | None = None) -> bytes:
+    """A complete HTTP/1.1 error response (OpenAI shape, Connection: close) for answers written before or
+    outside a request/response cycle."""
+    body = json.dumps(error_body(status, message, None, code)).encode()
+    head = [b"HTTP/1.1 %d %s" % (status, STATUS_PHRASES[status]), b"content-type: application/json",
+            b"content-length: %d" % len(body), b"connection: close"]
+    head += [name + b": " + value for name, value in extra or []]
+    return b"\r\n".join(head) + b"\r\n\r\n" + body
+
+
+class _GuardedTransport:
+    """The connection's transport as uvicorn sees it: ``close()`` becomes a lingering close while the
+    client may still be sending (see the module docstring); everything else is passed through."""
+
+    def __init__(self, transport: asyncio.Transport, protocol: GuardedH11Protocol) -> None:
+        self._transport = transport
+        self._protocol = protocol
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+    def is_closing(self) -> bool:
+        return self._protocol.lingering or self._transport.is_closing()
+
+    def write(self, data: bytes) -> None:
+        if not self._protocol.lingering:
+            self._transport.write(data)
+
+    def close(self) -> None:
+        if self.is_closing():
+            return
+        if self._protocol.conn.their_state in (h11.SEND_BODY, h11.ERROR) or self._protocol.head_pending():
+            self._protocol.linger()
+        else:
+            self._transport.close()
+
+
+class GuardedH11Protocol(H11Protocol):
+    """uvicorn's h11 protocol with the connection limits of the module docstring. ``limits`` is set on
+    the subclass :func:`guarded_protocol` makes."""
+
+    limits: ConnectionLimits
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        self.raw_transport = transport
+        self.lingering = False
+        self.opened_at = time.monotonic()
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._linger_timer: asyncio.TimerHandle | None = None
+        self._seen_cycle: Any = None
+        self._in_head = True
+        self._head_bytes = 0
+        self._discarded = 0
+        super().connection_made(_GuardedTransport(transport, self))  # type: ignore[arg-type]
+        self._arm_head_timer()
+        if len(self.connections) > self.limits.max_connections:
+            self._make_room()
+
+    # --- limits ----------------------------------------------------------------------------------
+    def head_pending(self) -> bool:
+        """Some bytes of a request head arrived, not all of it."""
+        return self._in_head and self._head_bytes > 0
+
+    def _make_room(self) -> None:
+        """Over FLUX_MAX_CONNECTIONS: close the oldest connection that is not busy with a request, or
+        refuse this one."""
+        waiting = [c for c in self.connections if isinstance(c, GuardedH11Protocol) and c is not self
+                   and not c.raw_transport.is_closing() and (c.lingering or c._in_head)]
+        if waiting:
+            oldest = min(waiting, key=lambda c: (not c.lingering, c.opened_at))
+            oldest.raw_transport.abort()
+            return
+        log.warning("connection refused: %d open connections (FLUX_MAX_CONNECTIONS)", len(self.connections))
+        self.raw_transport.write(_raw_error(
+            503, f"too many open connections (FLUX_MAX_CONNECTIONS={self.limits.max_connections}); retry later",
+            "too_many_connections", [(b"retry-after", b"1")]))
+        self.linger()
+
+    def _arm_head_timer(self) -> None:
+        self._cancel(self._head_timer)
+        self._in_head, self._head_bytes = True, 0
+        self._head_timer = self.loop.call_later(self.limits.header_timeout, self._head_timeout)
+
+    def _head_timeout(self) -> None:
+        if not self._in_head or self.lingering or self.raw_transport.is_closing():
+            return
+        if self._head_bytes:
+            self.raw_transport.write(_raw_error(
+                408, f"the request head took longer than {self.limits.header_timeout:g} s (FLUX_HEADER_TIMEOUT)",
+                "request_timeout"))
+            self.linger()
+        else:
+            self.raw_transport.close()
+
+    def _track(self) -> None:
+        """After uvicorn handled data: a new request cycle means its head is complete."""
+        if self.cycle is not None and self.cycle is not self._seen_cycle:
+            self._seen_cycle = self.cycle
+            self._in_head = False
+            self._cancel(self._head_timer)
+
+    def linger(self) -> None:
+        """Half-close (the client sees the end of our answer), discard what it still sends up to the
+        limits, then close."""
+        if self.lingering or self.raw_transport.is_closing():
+            return
+        self.lingering = True
+        self._cancel(self._head_timer)
+        self._unset_keepalive_if_required()
+        try:
+            if self.raw_transport.can_write_eof():
+                self.raw_transport.write_eof()
+            self.raw_transport.resume_reading()
+        except (OSError, RuntimeError):
+            self.raw_transport.abort()
+            return
+        self._linger_timer = self.loop.call_later(LINGER_SECONDS, self.raw_transport.abort)
+
+    @staticmethod
+    def _cancel(timer: asyncio.TimerHandle | None) -> None:
+        if timer is not None:
+            timer.cancel()
+
+    # --- uvicorn's protocol interface ---------------------------------------------------------------
+    def data_received(self, data: bytes) -> None:
+        if self.lingering:
+            self._discarded += len(data)
+            if self._discarded > self.limits.linger_bytes:
+                self.raw_transport.abort()
+            return
+        if self._in_head:
+            self._head_bytes += len(data)
+        super().data_received(data)
+        self._track()
+
+    def eof_received(self) -> None:
+        if self.lingering:  # the client read our answer and is done: close now
+            self.raw_transport.close()
+
+    def on_response_complete(self) -> None:
+        if not self.lingering and not self.raw_transport.is_closing():
+            self._arm_head_timer()
+        super().on_response_complete()
+        self._track()
+
+    def send_400_response(self, msg: str) -> None:
+        """h11 refused the request: a head over FLUX_MAX_HEADER_BYTES (431) or malformed (400), in JSON."""
+        if self._in_head and self._head_bytes > self.limits.max_header_bytes:
+            response = _raw_error(431, f"the request head is larger than {self.limits.max_header_bytes} bytes "
+                                       "(FLUX_MAX_HEADER_BYTES)", "headers_too_large")
+        else:
+            response = _raw_error(400, "malformed HTTP request", "invalid_request")
+        self.raw_transport.write(response)
+        self.linger()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel(self._head_timer)
+        self._cancel(self._linger_timer)
+        super().connection_lost(exc)
+
+
+def guarded_protocol(settings: Settings) -> type[GuardedH11Protocol]:
+    """The protocol class uvicorn instantiates per connection, with this server's limits."""
+    return type("FluxHTTPProtocol", (GuardedH11Protocol,), {"limits": ConnectionLimits.from_settings(settings)})
 
 
 class GracefulServer(uvicorn.Server):
@@ -101,13 +308,19 @@ def _check_auth_settings(settings: Settings) -> None:
                     "(set FLUX_API_KEYS or FLUX_API_KEYS_FILE)", settings.host)
 
 
+def http_limits(settings: Settings) -> dict[str, Any]:
+    """uvicorn.Config arguments that bound each connection (see the module docstring)."""
+    return {"http": guarded_protocol(settings), "h11_max_incomplete_event_size": settings.max_header_bytes,
+            "timeout_keep_alive": settings.keep_alive_timeout, "ws": "none"}
+
+
 def serve(settings: Settings) -> int:
     _check_auth_settings(settings)
     runtime = Runtime(settings)  # resolves devices now: a bad FLUX_DEVICE/FLUX_DTYPE stops start-up here
     app = create_app(settings, runtime)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None,
                             timeout_graceful_shutdown=RESPONSE_GRACE,
-                            access_log=False, proxy_headers=False)
+                            access_log=False, proxy_headers=False, **http_limits(settings))
     server = GracefulServer(config, runtime)
     server.run()
     log.info("exited cleanly", extra={"ctx": {"cancelled_jobs": server.cancelled_jobs}})

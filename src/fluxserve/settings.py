@@ -83,6 +83,12 @@ class Settings(BaseSettings):
     """Model names requests may use for another model: ``name=model`` entries (e.g.
     ``gpt-image-1=schnell,dall-e-3=dev``); a bare ``name`` means the active model. Default: every
     OpenAI image model name means the active model. Empty: no aliases."""
+    models: CsvList = Field(default_factory=list)
+    """Comma-separated models that requests may name, each loaded on first use (registry keys, or repo
+    ids and directories chosen by the operator). Always allowed besides: FLUX_MODEL, FLUX_PRELOAD_MODELS
+    and models an admin selected. Empty: only those. A request naming a registry model not listed gets
+    403 ``model_not_allowed``; a name that is no model at all gets 404 ``model_not_found``.
+    FLUX_ALLOW_ANY_MODEL=1 lifts the list (any name may start a download)."""
 
     # --- device & precision --------------------------------------------------------------------
     device: str = "auto"
@@ -114,6 +120,11 @@ class Settings(BaseSettings):
     """Comma-separated API keys; when set, every /v1 route needs ``Authorization: Bearer <key>``."""
     api_keys_file: Path | None = None
     """File with one API key per line (merged with FLUX_API_KEYS)."""
+    admin_keys: CsvList = Field(default_factory=list, repr=False)
+    """Comma-separated admin API keys (valid everywhere an API key is). When any key is configured,
+    model select/unload, memory release, LoRA library changes and the runtime snapshot (paths,
+    devices, settings) in /v1/models need an admin key; ordinary keys get 403 ``permission_denied``
+    (and /v1/models without the snapshot). Without any key every client is an admin (loopback default)."""
     cors_origins: CsvList = Field(default_factory=list)
     """Origins allowed to call the API from a browser (default: same origin only)."""
     web_ui: bool = True
@@ -121,7 +132,22 @@ class Settings(BaseSettings):
     metrics_require_auth: bool = False
     """Require the API key for /metrics too."""
     max_body_bytes: int = Field(1_000_000, ge=1024)
-    """Largest request body accepted (413 above it)."""
+    """Largest request body accepted (413 above it, and the connection is closed: the server discards
+    at most this many more bytes of the body so that the 413 reaches the client, then stops reading)."""
+    max_header_bytes: int = Field(16 * 1024, ge=1024)
+    """Largest request head (request line and headers) accepted; bigger ones get 431 and the
+    connection is closed before the rest is read."""
+    max_header_count: int = Field(100, ge=8)
+    """Most header lines a request may carry (431 above it)."""
+    header_timeout: float = Field(10.0, gt=0)
+    """Seconds a connection may take to send a complete request head (from connecting, or from the end
+    of the previous response); slower ones get 408 and are closed (slow-header floods)."""
+    keep_alive_timeout: float = Field(5.0, gt=0)
+    """Seconds an idle keep-alive connection stays open waiting for the next request."""
+    max_connections: int = Field(256, ge=2)
+    """Open client connections at most. At the limit a new connection closes the oldest one that has
+    not sent a complete request head yet (idle or slow); when every connection is busy with a request
+    the new one gets 503 ``too_many_connections`` with Retry-After and is closed."""
     shutdown_timeout: float = Field(30.0, ge=0)
     """On SIGTERM/SIGINT, seconds to finish in-flight and queued jobs before cancelling the rest."""
 
@@ -140,10 +166,24 @@ class Settings(BaseSettings):
     """Most denoising steps a request may ask for."""
     max_guidance: float = Field(30.0, ge=0)
     """Largest guidance scale a request may ask for."""
+    max_megapixel_steps: float = Field(400.0, gt=0)
+    """Compute budget of one request: n × megapixels per image × steps (n=4 at 1024×1024 with 50 steps is
+    about 210). Above it the request gets 400 ``compute_budget_exceeded`` naming the budget."""
+    rate_limit_per_minute: float = Field(0.0, ge=0)
+    """Generation requests (images and jobs) each API key (or, without keys, each client address) may
+    start per minute, as a token bucket refilled continuously; 0 disables the limit. Over it: 429
+    ``rate_limit_exceeded`` with Retry-After."""
+    rate_limit_burst: int = Field(10, ge=1)
+    """Size of each rate-limit bucket: how many generation requests may come at once after a pause."""
 
     # --- outputs -------------------------------------------------------------------------------
     output_dir: Path = Path("outputs")
-    """Where ``store_local`` images and metadata sidecars are written."""
+    """Where ``store_local`` images and metadata sidecars are written. Responses carry ``saved_path``
+    relative to it (the log has the full path)."""
+    output_max_bytes: int = Field(10 * 1024**3, ge=0)
+    """Most bytes the files under FLUX_OUTPUT_DIR may take (0: no cap). When a save would pass it, the
+    save is refused (older images are never deleted); the response still carries the image, and /ready
+    reports the output directory full."""
     store_local: bool = False
     """Default of the request field ``store_local``: off, so API images are not kept on disk unless a
     request asks (the earlier server saved every image; set 1 for its behaviour)."""
@@ -247,7 +287,7 @@ class Settings(BaseSettings):
 
     # --- validators ----------------------------------------------------------------------------
     @field_validator("preload_models", "devices", "api_keys", "cors_origins", "oom_policy", "warmup_sizes",
-                     "model_aliases", mode="before")
+                     "model_aliases", "models", "admin_keys", mode="before")
     @classmethod
     def _csv(cls, value: Any) -> Any:
         return _split_csv(value)
@@ -344,18 +384,19 @@ class Settings(BaseSettings):
 
     # --- helpers -------------------------------------------------------------------------------
     def all_api_keys(self) -> list[str]:
-        """Keys from FLUX_API_KEYS and FLUX_API_KEYS_FILE together."""
+        """Keys from FLUX_API_KEYS, FLUX_API_KEYS_FILE and FLUX_ADMIN_KEYS together."""
         keys = list(self.api_keys)
         if self.api_keys_file is not None:
             text = self.api_keys_file.read_text(encoding="utf-8")
             keys += [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
-        return keys
+        return keys + [key for key in self.admin_keys if key not in keys]
 
     def redacted(self) -> dict[str, Any]:
         """Settings as a dict that is safe to log or to show in /v1/models."""
         data = self.model_dump(mode="json")
         data["hf_token"] = "***" if self.hf_token else None
         data["api_keys"] = ["***"] * len(self.api_keys)
+        data["admin_keys"] = ["***"] * len(self.admin_keys)
         return data
 
     def hf_token_value(self) -> str | None:
@@ -395,7 +436,8 @@ def load_settings(**overrides: Any) -> Settings:
             loc = [str(part) for part in err["loc"]]
             name = env_var_name(loc[0]) if loc else "settings"
             value = err.get("input")
-            shown = "" if isinstance(value, dict) or (loc and loc[0] in {"hf_token", "api_keys"}) else f"={value!r}"
+            secret = bool(loc) and loc[0] in {"hf_token", "api_keys", "admin_keys"}
+            shown = "" if isinstance(value, dict) or secret else f"={value!r}"
             message = err["msg"].removeprefix("Value error, ")
             lines.append(f"{name}{shown}: {message}")
         raise SettingsError("invalid settings:\n  " + "\n  ".join(lines)) from None

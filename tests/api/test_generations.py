@@ -182,9 +182,10 @@ async def test_earlier_server_request_shape(client: Any) -> None:
     assert item["params"] == {**item["params"], "height": 64, "width": 128, "num_inference_steps": 2,
                               "guidance_scale": 3.5, "max_sequence_length": 256, "seed": 42}
     assert item["request_id"] == "web-123"
-    saved = Path(item["saved_path"])
+    assert not Path(item["saved_path"]).is_absolute()  # relative to the output directory
+    saved = client.output_dir / item["saved_path"]
     assert saved.is_file() and client.output_dir in saved.parents
-    meta = json.loads(Path(item["metadata_path"]).read_text())
+    meta = json.loads((client.output_dir / item["metadata_path"]).read_text())
     assert meta["prompt"] == "a cat" and meta["seed"] == 42 and meta["params"]["width"] == 128
     assert meta["model_key"] == "tiny-flux" and "timing" in meta and meta["device"] == "cpu"
     assert _png(item["b64_json"]).size == (128, 64)
@@ -195,7 +196,7 @@ async def test_two_saves_in_the_same_second_keep_both(client: Any) -> None:
     body = {"prompt": "a", "size": "64x64", "num_inference_steps": 1, "store_local": True, "n": 2, "seed": 1}
     response = await client.post("/v1/images/generations", json=body)
     paths = {i["saved_path"] for i in response.json()["data"]}
-    assert len(paths) == 2 and all(Path(p).is_file() for p in paths)
+    assert len(paths) == 2 and all((client.output_dir / p).is_file() for p in paths)
 
 
 async def test_url_response_format(client: Any) -> None:

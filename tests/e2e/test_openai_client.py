@@ -25,7 +25,8 @@ def live(cache_dir: Any, tmp_path_factory: pytest.TempPathFactory) -> Any:
     out = tmp_path_factory.mktemp("e2e")
     server = ServerProcess({"FLUX_MODEL": "tiny-flux", "FLUX_PRELOAD_MODELS": "tiny-qwen",
                             "FLUX_CACHE_DIR": str(cache_dir), "FLUX_DEVICE": "cpu", "FLUX_WARMUP_SIZES": "64x64",
-                            "FLUX_OUTPUT_DIR": str(out / "outputs"), "FLUX_MAX_STEPS": "100000"},
+                            "FLUX_OUTPUT_DIR": str(out / "outputs"), "FLUX_MAX_STEPS": "100000",
+                            "FLUX_MAX_MEGAPIXEL_STEPS": "1e9"},
                            out / "server.log")
     server.wait_ready()
     yield server

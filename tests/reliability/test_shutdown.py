@@ -49,7 +49,7 @@ def _assert_image(response: httpx.Response, output_dir: Path) -> None:
     assert response.status_code == 200, response.text[:300]
     item = response.json()["data"][0]
     assert Image.open(io.BytesIO(base64.b64decode(item["b64_json"]))).size == (256, 256)
-    saved, meta = Path(item["saved_path"]), Path(item["metadata_path"])
+    saved, meta = output_dir / item["saved_path"], output_dir / item["metadata_path"]  # relative names
     assert saved.resolve().is_relative_to(output_dir.resolve())
     with Image.open(saved) as img:
         img.load()

@@ -256,9 +256,9 @@ def _wait_idle(base_url: str, timeout: float = 60) -> dict[str, Any]:
 def _check_files(output_dir: Path, saved: list[tuple[str, str | None]]) -> dict[str, int]:
     problems: list[str] = []
     for image_path, meta_path in saved:
-        if not Path(image_path).is_file():
+        if not (output_dir / image_path).is_file():  # saved_path is relative to the output directory
             problems.append(f"reported but missing: {image_path}")
-        if meta_path and not Path(meta_path).is_file():
+        if meta_path and not (output_dir / meta_path).is_file():
             problems.append(f"reported but missing: {meta_path}")
     images = [p for p in output_dir.rglob("*") if p.suffix in (".png", ".jpg", ".webp")]
     sidecars = list(output_dir.rglob("*.json"))

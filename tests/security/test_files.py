@@ -95,7 +95,7 @@ def test_saved_files_get_generated_names_under_the_output_dir(live_client: Any, 
     assert response.status_code == 200, response.text[:300]
     item = response.json()["data"][0]
     root = Path(live_settings.output_dir).resolve()
-    image, meta = Path(item["saved_path"]), Path(item["metadata_path"])
+    image, meta = root / item["saved_path"], root / item["metadata_path"]  # relative to the output directory
     for path in (image, meta):
         assert path.resolve().parent.parent == root, path  # <output_dir>/<day>/<generated name>
         assert NAME.match(path.name), path.name
@@ -173,10 +173,11 @@ def test_sidecar_metadata_matches_the_image(live_client: Any) -> None:
     body = {"prompt": "meta", "size": "64x64", "num_inference_steps": 2, "seed": 1234, "store_local": True,
             "write_metadata": True, "output_format": "webp"}
     item = live_client.post(GEN, json=body).json()["data"][0]
-    metadata = json.loads(Path(item["metadata_path"]).read_text(encoding="utf-8"))
+    out = Path(live_client.app.state.runtime.settings.output_dir)
+    metadata = json.loads((out / item["metadata_path"]).read_text(encoding="utf-8"))
     assert metadata["prompt"] == "meta" and metadata["seed"] == 1234 and metadata["format"] == "webp"
     assert metadata["params"]["num_inference_steps"] == 2
-    with Image.open(item["saved_path"]) as img:
+    with Image.open(out / item["saved_path"]) as img:
         assert img.format == "WEBP" and img.size == (metadata["params"]["width"], metadata["params"]["height"])
 
 

@@ -18,8 +18,11 @@ from fluxserve.api.errors import install_error_handlers
 from fluxserve.api.middleware import (
     ApiKeyMiddleware,
     BodyLimitMiddleware,
+    HeaderLimitMiddleware,
     HeadMiddleware,
+    RateLimitMiddleware,
     RequestContextMiddleware,
+    ShutdownUploadMiddleware,
     StrictJsonMiddleware,
 )
 from fluxserve.api.routes import images, models, system
@@ -64,18 +67,24 @@ def create_app(settings: Settings, runtime: Runtime | None = None, *, manage_run
     if settings.web_ui and STATIC_DIR.is_dir():
         app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
-    # Outermost last: request context → CORS → body limit → auth → strict JSON → HEAD → app. CORS wraps auth
-    # and the body limit so that their 401/413 reach pages on allowed origins (the web page asks for a key).
+    # Outermost last: request context → CORS → header limits → body limit → shutdown of uploads → auth and
+    # roles → rate limit → strict JSON → HEAD → app. CORS wraps the limits and auth so that their
+    # 401/403/413/431/429 reach pages on allowed origins (the web page asks for a key).
     app.add_middleware(HeadMiddleware)
     app.add_middleware(StrictJsonMiddleware)
-    app.add_middleware(ApiKeyMiddleware, keys=settings.all_api_keys(), protect_metrics=settings.metrics_require_auth)
+    app.add_middleware(RateLimitMiddleware, per_minute=settings.rate_limit_per_minute, burst=settings.rate_limit_burst)
+    app.add_middleware(ApiKeyMiddleware, keys=settings.all_api_keys(), protect_metrics=settings.metrics_require_auth,
+                       admin_keys=settings.admin_keys)
+    app.add_middleware(ShutdownUploadMiddleware, shutting_down=lambda: runtime.shutting_down)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(HeaderLimitMiddleware, max_count=settings.max_header_count,
+                       max_bytes=settings.max_header_bytes)
     if settings.cors_origins:
         allow_all = "*" in settings.cors_origins
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins,
                            allow_credentials=not allow_all,  # never '*' together with credentials
                            allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
                            allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
-                           expose_headers=["X-Request-ID", "Retry-After"])
+                           expose_headers=["X-Request-ID", "X-Job-ID", "Retry-After"])
     app.add_middleware(RequestContextMiddleware, metrics=runtime.metrics)
     return app

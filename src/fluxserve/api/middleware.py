@@ -1,18 +1,26 @@
-"""ASGI middleware: request ids, body-size limit, API-key auth and per-request metrics.
+"""ASGI middleware: request ids, header and body limits, API-key auth and roles, rate limits, strict
+JSON, answering uploads cut short by a shutdown, and per-request metrics.
 
 Written as plain ASGI (not BaseHTTPMiddleware) so that streaming responses and client-disconnect
-detection keep working.
+detection keep working. Limits that must hold before a request exists at all (header bytes, header
+read time, open connections, what is read after a 413) live in :mod:`fluxserve.server`.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import hmac
 import json
 import logging
+import math
 import re
+import threading
 import time
 import uuid
+from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -22,6 +30,7 @@ from fluxserve.api.protocol import REQUEST_ID_PATTERN
 from fluxserve.observability.metrics import Metrics
 
 log = logging.getLogger("fluxserve.access")
+CLOSE = (b"connection", b"close")
 _REQUEST_ID = re.compile(REQUEST_ID_PATTERN)
 
 _ENDPOINT_NAMES = (
@@ -97,7 +106,8 @@ class RequestContextMiddleware:
             model = state.get("model", "")
             if progress["client_left"]:  # a 200 stream the client hung up on was cancelled, not served
                 status_holder["status"] = CLIENT_CLOSED
-            self.metrics.requests.labels(endpoint=endpoint, status=str(status_holder["status"]), model=model).inc()
+            self.metrics.requests.labels(endpoint=endpoint, status=str(status_holder["status"]),
+                                         model=self.metrics.model_label(model)).inc()
             if endpoint not in ("metrics", "static", "health"):
                 self.metrics.request_duration.labels(endpoint=endpoint).observe(duration)
             level = logging.DEBUG if endpoint in _PROBES else logging.INFO  # probes every few seconds: no flood
@@ -145,11 +155,12 @@ class BodyLimitMiddleware:
         self.max_bytes = max_bytes
 
     async def _too_large(self, send: Send) -> None:
-        # No "Connection: close": closing while the client is still sending makes the kernel reset the
-        # connection, and the reset can destroy the 413 before the client reads it (seen in the soak
-        # test). The server reads and drops the rest of the body instead.
+        # "Connection: close": the server stops reading the body. Closing while the client is still
+        # sending would make the kernel reset the connection, and the reset can destroy the 413 before
+        # the client reads it, so the server half-closes and discards a bounded amount first
+        # (fluxserve.server: lingering close) instead of reading the whole body.
         await _send_error(send, 413, f"request body is larger than {self.max_bytes} bytes (FLUX_MAX_BODY_BYTES)",
-                          "request_too_large")
+                          "request_too_large", [CLOSE])
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -232,8 +243,11 @@ def strict_json_error(body: bytes) -> tuple[str, str | None] | None:
     ``NaN``/``Infinity`` (not JSON at all), bytes that are not UTF-8, nesting too deep to parse and
     integers too long to convert are all refused.
     """
+    if b"\x00" in body:  # never in JSON text; every other byte of ASCII text in UTF-16 or UTF-32
+        return "the request body is not valid JSON: it is not UTF-8 text (UTF-16 or UTF-32?)", None
     try:
-        json.loads(body, object_pairs_hook=_unique_keys, parse_constant=_no_constants)
+        # Decoded here, strictly: json.loads(bytes) would also take UTF-16 and UTF-32 bodies.
+        json.loads(body.decode("utf-8"), object_pairs_hook=_unique_keys, parse_constant=_no_constants)
     except _InvalidJson as exc:
         return exc.message, exc.param
     except json.JSONDecodeError as exc:
@@ -247,13 +261,30 @@ def strict_json_error(body: bytes) -> tuple[str, str | None] | None:
     return None
 
 
+def content_type_error(raw_headers: list[tuple[bytes, bytes]]) -> str | None:
+    """Why the Content-Type headers cannot be trusted, or None: more than one of them (each layer might
+    read a different one: the JSON check the first, the app the last), or a charset other than UTF-8
+    (the only one the API reads)."""
+    values = [value for name, value in raw_headers if name.lower() == b"content-type"]
+    if len(values) > 1:
+        return "send one Content-Type header, not several"
+    if not values:
+        return None
+    for part in values[0].split(b";")[1:]:
+        name, _, value = part.partition(b"=")
+        if name.strip().lower() == b"charset" and value.strip().strip(b'"').lower() not in (b"utf-8", b"utf8"):
+            return "request bodies must be UTF-8 (charset=utf-8)"
+    return None
+
+
 class StrictJsonMiddleware:
     """Reads JSON request bodies before the app does and answers 400 for anything but strict JSON.
 
-    Python's parser (and so FastAPI's) accepts ``NaN``/``Infinity`` and silently keeps the last of
-    duplicate keys; both are refused here with the OpenAI error shape. The body is then replayed to
-    the app unchanged; later ``receive`` calls (disconnect detection) go to the server as before.
-    Runs inside the body limit, so what it reads is bounded by FLUX_MAX_BODY_BYTES.
+    Python's parser (and so FastAPI's) accepts ``NaN``/``Infinity``, UTF-16 and UTF-32 bodies, and
+    silently keeps the last of duplicate keys; all are refused here with the OpenAI error shape, and so
+    are requests with two Content-Type headers or a charset other than UTF-8. The body is then
+    replayed to the app unchanged; later ``receive`` calls (disconnect detection) go to the server as
+    before. Runs inside the body limit, so what it reads is bounded by FLUX_MAX_BODY_BYTES.
     """
 
     def __init__(self, app: ASGIApp) -> None:
@@ -268,7 +299,12 @@ class StrictJsonMiddleware:
         if scope["type"] != "http" or scope.get("method") not in ("POST", "PUT", "PATCH"):
             await self.app(scope, receive, send)
             return
-        headers = dict(scope.get("headers") or [])
+        raw_headers = list(scope.get("headers") or [])
+        header_problem = content_type_error(raw_headers)
+        if header_problem is not None:
+            await _send_error(send, 400, header_problem, "invalid_content_type", param="Content-Type")
+            return
+        headers = dict(raw_headers)
         if not self._is_json(headers):
             await self.app(scope, receive, send)
             return
@@ -298,38 +334,250 @@ class StrictJsonMiddleware:
         await self.app(scope, replay, send)
 
 
-class ApiKeyMiddleware:
-    """Bearer-token auth for /v1/* (and /metrics when configured); constant-time comparison."""
+ADMIN_ROUTES: tuple[tuple[str, str], ...] = (
+    ("POST", "/v1/models/select"), ("POST", "/v1/models/unload"), ("POST", "/v1/memory/release"),
+)
+"""(method, path) pairs that change what the server holds for everyone: admin keys only."""
+ADMIN_PREFIXES: tuple[str, ...] = ("/v1/loras",)
+"""Paths under which every method but GET and HEAD needs an admin key (the LoRA library)."""
 
-    def __init__(self, app: ASGIApp, keys: list[str], protect_metrics: bool) -> None:
+
+def needs_admin(method: str, path: str) -> bool:
+    """Whether this request may only come from an admin key (when keys are configured)."""
+    path = path.rstrip("/") or "/"
+    if (method, path) in ADMIN_ROUTES:
+        return True
+    return method not in ("GET", "HEAD", "OPTIONS") and any(
+        path == prefix or path.startswith(prefix + "/") for prefix in ADMIN_PREFIXES)
+
+
+def is_admin(state: Any) -> bool:
+    """Whether the request came with an admin key (always true when no keys are configured).
+
+    ``state`` is ``request.state`` or the ASGI scope's state dict; routes that show admin-only parts
+    of an answer (the runtime snapshot of /v1/models) ask this."""
+    role = state.get("role") if isinstance(state, dict) else getattr(state, "role", None)
+    return role == "admin"
+
+
+class ApiKeyMiddleware:
+    """Bearer-token auth for /v1/* (and /metrics when configured); constant-time comparison; roles.
+
+    Sets the request's ``role`` (``admin`` or ``user``) and ``client_id`` (a digest of the key, never
+    the key; the client address when no keys are configured) in the scope's state. Without any key
+    every client is an admin, as before keys existed (the server listens on loopback by default).
+    With keys, the routes of :func:`needs_admin` answer 403 ``permission_denied`` to ordinary keys.
+    """
+
+    def __init__(self, app: ASGIApp, keys: list[str], protect_metrics: bool,
+                 admin_keys: list[str] | None = None) -> None:
         self.app = app
         self.keys = keys
         # Compared as SHA-256 digests: equal lengths, so not even a key's length leaks through timing.
         self._digests = [hashlib.sha256(key.encode()).digest() for key in keys]
+        admin = set(admin_keys or [])
+        self._admin = [key in admin for key in keys]
         self.protect_metrics = protect_metrics
 
     def _protected(self, path: str) -> bool:
         return path.startswith("/v1/") or path == "/v1" or (self.protect_metrics and path == "/metrics")
 
+    def _match(self, auth: str) -> int | None:
+        """Index of the key ``auth`` carries, or None; every key is compared (timing reveals nothing)."""
+        scheme, _, token = auth.partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            return None
+        presented = hashlib.sha256(token.strip().encode("latin-1")).digest()
+        found = None
+        for index, digest in enumerate(self._digests):
+            if hmac.compare_digest(presented, digest):
+                found = index
+        return found
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        keys = self.keys
-        if scope["type"] != "http" or not keys or not self._protected(scope.get("path", "")) \
-                or scope.get("method") == "OPTIONS":
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        state = scope.setdefault("state", {})
+        if not self.keys:
+            client = scope.get("client") or ("local", 0)
+            state["role"], state["client_id"] = "admin", f"addr:{client[0]}"
             await self.app(scope, receive, send)
             return
         headers = dict(scope.get("headers") or [])
         auth = headers.get(b"authorization", b"").decode("latin-1")
-        scheme, _, token = auth.partition(" ")
-        ok = False
-        if scheme.lower() == "bearer" and token:
-            presented = hashlib.sha256(token.strip().encode("latin-1")).digest()
-            for digest in self._digests:  # check all keys: timing does not reveal which one matched
-                ok |= hmac.compare_digest(presented, digest)
-        if not ok:
+        index = self._match(auth)
+        if index is not None:
+            state["role"] = "admin" if self._admin[index] else "user"
+            state["client_id"] = "key:" + self._digests[index].hex()[:16]
+            state["owner"] = state["client_id"]  # jobs and files this request creates belong to its key
+        else:
+            state["role"], state["client_id"] = "anonymous", None
+        path, method = scope.get("path", ""), scope.get("method", "GET")
+        if not self._protected(path) or method == "OPTIONS":
+            await self.app(scope, receive, send)
+            return
+        if index is None:
             message = "missing API key: send 'Authorization: Bearer <key>'" if not auth else "invalid API key"
             await _send_error(send, 401, message, "invalid_api_key", [(b"www-authenticate", b"Bearer")])
             return
-        # The owner of the jobs and files this request creates: a digest of its key, never the key itself.
-        scope.setdefault("state", {})["owner"] = hashlib.sha256(b"owner:" + presented).hexdigest()[:24]
+        if needs_admin(method, path) and state["role"] != "admin":
+            await _send_error(send, 403, f"{method} {path} needs an admin key (FLUX_ADMIN_KEYS)", "permission_denied")
+            return
         await self.app(scope, receive, send)
 
+
+RATE_LIMITED_ROUTES = ("/v1/images/generations", "/v1/images/jobs", "/v1/images/edits")
+"""POSTs to these start generations; they are what the rate limit counts."""
+
+
+class TokenBuckets:
+    """One token bucket per client: ``rate`` tokens a second up to ``burst``; thread-safe and bounded
+    (at most ``max_clients`` buckets; the least recently used is forgotten, which only ever helps it)."""
+
+    def __init__(self, rate: float, burst: int, max_clients: int = 10_000,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.rate = rate
+        self.burst = burst
+        self.max_clients = max_clients
+        self.clock = clock
+        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()  # client -> (tokens, at)
+        self._lock = threading.Lock()
+
+    def take(self, client: str) -> float:
+        """Take one token: 0.0 when granted, else the seconds until one is there."""
+        now = self.clock()
+        with self._lock:
+            tokens, at = self._buckets.pop(client, (float(self.burst), now))
+            tokens = min(float(self.burst), tokens + (now - at) * self.rate)
+            wait = 0.0
+            if tokens >= 1:
+                tokens -= 1
+            else:
+                wait = (1 - tokens) / self.rate
+            self._buckets[client] = (tokens, now)
+            while len(self._buckets) > self.max_clients:
+                self._buckets.popitem(last=False)
+        return wait
+
+
+class RateLimitMiddleware:
+    """429 ``rate_limit_exceeded`` with Retry-After once a client has started more generation requests
+    than FLUX_RATE_LIMIT_PER_MINUTE allows (bursts up to FLUX_RATE_LIMIT_BURST). Counted per API key
+    (the ``client_id`` that :class:`ApiKeyMiddleware` sets), before the body is read: refused
+    requests cost the server nothing but this answer."""
+
+    def __init__(self, app: ASGIApp, per_minute: float, burst: int) -> None:
+        self.app = app
+        self.per_minute = per_minute
+        self.buckets = TokenBuckets(per_minute / 60.0, burst) if per_minute > 0 else None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (self.buckets is not None and scope["type"] == "http" and scope.get("method") == "POST"
+                and (scope.get("path", "").rstrip("/")) in RATE_LIMITED_ROUTES):
+            state = scope.get("state") or {}
+            client = state.get("client_id") or "addr:" + str((scope.get("client") or ("local",))[0])
+            wait = self.buckets.take(client)
+            if wait > 0:
+                retry = max(1, math.ceil(wait))
+                await _send_error(send, 429, f"rate limit exceeded: {self.per_minute:g} generation requests per "
+                                  f"minute per key (FLUX_RATE_LIMIT_PER_MINUTE); retry in {retry} s",
+                                  "rate_limit_exceeded", [(b"retry-after", str(retry).encode())])
+                return
+        await self.app(scope, receive, send)
+
+
+class HeaderLimitMiddleware:
+    """431 for requests with more than FLUX_MAX_HEADER_COUNT header lines or a head over
+    FLUX_MAX_HEADER_BYTES. The server (fluxserve.server) enforces the byte limit while reading, before
+    a request exists; this is the same rule for any other ASGI server and for in-process apps."""
+
+    def __init__(self, app: ASGIApp, max_count: int, max_bytes: int) -> None:
+        self.app = app
+        self.max_count = max_count
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            headers = scope.get("headers") or []
+            if len(headers) > self.max_count:
+                await _send_error(send, 431, f"too many header lines ({len(headers)}); the limit is "
+                                  f"{self.max_count} (FLUX_MAX_HEADER_COUNT)", "too_many_headers", [CLOSE])
+                return
+            size = sum(len(name) + len(value) + 4 for name, value in headers)
+            if size > self.max_bytes:
+                await _send_error(send, 431, f"request headers are larger than {self.max_bytes} bytes "
+                                  "(FLUX_MAX_HEADER_BYTES)", "headers_too_large", [CLOSE])
+                return
+        await self.app(scope, receive, send)
+
+
+class _UploadCutShort(Exception):
+    pass
+
+
+class ShutdownUploadMiddleware:
+    """A client still sending its body when a shutdown begins gets the JSON 503 ``shutting_down`` at
+    once (and the connection is closed), instead of waiting for the server's grace period to run out
+    and its request task to be cancelled (which uvicorn answers with a plain-text 500).
+
+    ``shutting_down`` is polled every 0.1 s, and only while the app waits for body bytes that have
+    not arrived."""
+
+    POLL = 0.1
+
+    def __init__(self, app: ASGIApp, shutting_down: Callable[[], bool]) -> None:
+        self.app = app
+        self.shutting_down = shutting_down
+
+    async def _answer(self, send: Send) -> None:
+        await _send_error(send, 503, "the server is shutting down; send the request again to another instance "
+                          "or after the restart", "shutting_down", [CLOSE, (b"retry-after", b"1")])
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers") or [])
+        if not headers.get(b"content-length", b"0").strip(b"0 ") and b"transfer-encoding" not in headers:
+            await self.app(scope, receive, send)  # no body to wait for
+            return
+        body_done = cut_short = response_started = False
+
+        async def guarded_receive() -> Message:
+            nonlocal body_done, cut_short
+            if cut_short:
+                raise _UploadCutShort
+            if body_done:
+                return await receive()
+            pending = asyncio.ensure_future(receive())
+            try:
+                while not pending.done():
+                    await asyncio.wait({pending}, timeout=self.POLL)
+                    if not pending.done() and self.shutting_down():
+                        cut_short = True
+                        raise _UploadCutShort
+            finally:
+                if not pending.done():
+                    pending.cancel()
+            message = pending.result()
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                body_done = True
+            return message
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal response_started
+            if cut_short:  # the app answered the aborted read its own way: answer 503 instead
+                if not response_started and message["type"] == "http.response.start":
+                    response_started = True
+                    await self._answer(send)
+                return
+            if message["type"] == "http.response.start":
+                response_started = True
+            await send(message)
+
+        with contextlib.suppress(_UploadCutShort):
+            await self.app(scope, guarded_receive, tracking_send)
+        if cut_short and not response_started:
+            response_started = True
+            await self._answer(send)

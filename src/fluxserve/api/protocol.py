@@ -10,10 +10,42 @@ from __future__ import annotations
 import math
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 MAX_SEED = 2**63 - 1
 REQUEST_ID_PATTERN = r"^[A-Za-z0-9._:\-]{1,128}$"
+MAX_TEXT_CHARS = 100_000
+"""Longest string any request field may hold (prompts have their own, smaller FLUX_MAX_PROMPT_CHARS)."""
+
+
+def text_problem(value: str) -> str | None:
+    """Why ``value`` cannot be accepted as text, or None. Every string of every request passes this
+    before a job exists: a lone surrogate (``"\\ud800"`` in JSON) cannot be encoded into the answer, the
+    log or a metadata file, and would fail the job (and a batch with it) after the work was done."""
+    if len(value) > MAX_TEXT_CHARS:
+        return f"must be at most {MAX_TEXT_CHARS} characters, got {len(value)}"
+    if "\x00" in value:
+        return "must not contain NUL characters"
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return "must not contain lone surrogates (an unpaired \\ud800-\\udfff escape is not text)"
+    return None
+
+
+def _check_texts(value: Any, where: str, depth: int = 0) -> None:
+    """Apply :func:`text_problem` to every string (and key) inside ``value``."""
+    if isinstance(value, str):
+        problem = text_problem(value)
+        if problem is not None:
+            raise ValueError(f"{where}: {problem}" if depth else problem)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check_texts(key, where, depth + 1)
+            _check_texts(item, where, depth + 1)
+    elif isinstance(value, list | tuple):
+        for item in value:
+            _check_texts(item, where, depth + 1)
 
 OPENAI_IGNORED = ("style", "moderation", "input_fidelity")
 """OpenAI fields that change nothing here; each one sent is listed back in ``ignored_fields``."""
@@ -21,6 +53,24 @@ OPENAI_IGNORED = ("style", "moderation", "input_fidelity")
 
 class APIModel(BaseModel):
     model_config = ConfigDict(extra="allow", populate_by_name=True, strict=True)  # no "2" or true for an int
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _text(cls, value: Any, info: ValidationInfo) -> Any:
+        """Every declared field: the same text rules (:func:`text_problem`), naming the field."""
+        _check_texts(value, info.field_name or "value")
+        return value
+
+    @model_validator(mode="after")
+    def _unknown_text(self) -> APIModel:
+        """Unknown fields are ignored but their names are echoed back (``ignored_fields``) and logged:
+        the same text rules for their names and values."""
+        for name, value in (self.model_extra or {}).items():
+            for problem in (text_problem(name), _problem_in(value)):
+                if problem is not None:
+                    raise ValueError(f"unknown field {name.encode('utf-8', 'backslashreplace').decode()[:40]!r}: "
+                                     f"{problem}")
+        return self
 
     def unknown_fields(self) -> list[str]:
         return sorted((self.model_extra or {}).keys())
@@ -67,16 +117,17 @@ class ImageGenerationRequest(APIModel):
             raise ValueError("must be a finite number")
         return value
 
-    @field_validator("prompt", "negative_prompt")
-    @classmethod
-    def _no_nul(cls, value: str | None) -> str | None:
-        if value is not None and "\x00" in value:
-            raise ValueError("must not contain NUL characters")
-        return value
-
     def ignored_fields(self) -> list[str]:
         named = [name for name in OPENAI_IGNORED if getattr(self, name, None) is not None]
         return named + self.unknown_fields()
+
+
+def _problem_in(value: Any) -> str | None:
+    try:
+        _check_texts(value, "value", 1)
+    except ValueError as exc:
+        return str(exc).removeprefix("value: ")
+    return None
 
 
 class ImageParams(BaseModel):
@@ -110,8 +161,8 @@ class ImageData(BaseModel):
     saved_path: str | None = None
     metadata_path: str | None = None
     save_error: str | None = None
-    """Set when ``store_local`` could not save this image (disk full, directory not writable...): the
-    image is still returned; only the local copy is missing."""
+    """Set when ``store_local`` could not save this image: ``output_dir_full`` or ``output_dir_unwritable``.
+    The image is still returned; only the local copy is missing."""
     job_id: str | None = None
     replica: str | None = None
 

@@ -19,10 +19,11 @@ import numpy as np
 from fluxserve.aliases import default_response_format
 from fluxserve.api.errors import APIError
 from fluxserve.api.protocol import ImageData, ImageGenerationRequest, ImageParams, ImagesResponse
-from fluxserve.engine.registry import ModelSpec, UnknownModelError
+from fluxserve.engine.registry import ModelNotAllowedError, ModelSpec, UnknownModelError
 from fluxserve.generation import MAX_RANDOM_SEED, GenerationParams, pick_seed, seeds_for
 from fluxserve.scheduler.jobs import TERMINAL_EVENTS, Job, JobError, JobStatus
 from fluxserve.storage.images import MEDIA_TYPES, encode_image, to_base64
+from fluxserve.storage.outputs import save_error_code
 
 if TYPE_CHECKING:
     from fluxserve.runtime import Runtime
@@ -60,6 +61,8 @@ class ImageService:
     def resolve_model(self, name: str | None) -> ModelSpec:
         try:
             return self.runtime.resolve(name)
+        except ModelNotAllowedError as exc:
+            raise APIError(403, str(exc), param="model", code="model_not_allowed") from None
         except UnknownModelError as exc:
             raise APIError(404, str(exc), param="model", code="model_not_found") from None
 
@@ -140,6 +143,7 @@ class ImageService:
         seeds = seeds_for(seed, n)
         allow_fallback = s.allow_fallback if body.allow_fallback is None else body.allow_fallback
         params = GenerationParams(spec.key, width, height, steps, float(guidance), max_len, allow_fallback)
+        check_compute_budget(body, params, n, s.max_megapixel_steps)
         return Job(spec=spec, params=params, prompt=body.prompt, seeds=seeds, negative_prompt=body.negative_prompt,
                    request_id=request_id, owner=owner, want_previews=want_previews)
 
@@ -266,11 +270,13 @@ class ImageService:
             try:
                 image_path, meta_path = self.runtime.outputs.save_image(data, _ext(options.output_format), metadata)
             except (OSError, ValueError) as exc:  # a disk problem never costs the client its image
-                save_error = _save_error(exc)
+                save_error = save_error_code(exc)
                 log.warning("could not save an image; it is returned without a local copy",
                             extra={"ctx": {"job_id": job.id, "error": f"{type(exc).__name__}: {exc}"}})
-            else:
-                saved_path, metadata_path = str(image_path), (str(meta_path) if meta_path else None)
+            else:  # relative to FLUX_OUTPUT_DIR: clients never see where the server keeps files (the log does)
+                outputs = self.runtime.outputs
+                saved_path = outputs.relative(image_path)
+                metadata_path = outputs.relative(meta_path) if meta_path else None
         timing["save"] = time.perf_counter() - started
         timing["generation"] = sum(result.timings.values())
         timing["pipeline_load"] = timing["model_load"]
@@ -399,16 +405,24 @@ def _payload_size(payload: dict[str, Any]) -> int:
     return sum(len(item.get("b64_json") or "") + len(item.get("url") or "") + 1024 for item in payload["data"])
 
 
-def _save_error(exc: Exception) -> str:
-    """What a client may learn of a failed save: the kind of problem, no path, no exception text."""
-    import errno
+def check_compute_budget(body: ImageGenerationRequest, params: GenerationParams, n: int, budget: float) -> None:
+    """400 ``compute_budget_exceeded`` when n × megapixels × steps is over FLUX_MAX_MEGAPIXEL_STEPS.
 
-    code = getattr(exc, "errno", None)
-    if code in (errno.ENOSPC, errno.EDQUOT):
-        return "output_full: the output directory is full; the image was not saved locally"
-    if code in (errno.EACCES, errno.EPERM, errno.EROFS):
-        return "output_not_writable: the output directory is not writable; the image was not saved locally"
-    return "save_failed: the image could not be saved locally"
+    ``param`` names what the client chose that weighs most: the steps when it set them, else the size,
+    else ``n``."""
+    cost = n * params.megapixel_steps
+    if cost <= budget:
+        return
+    if body.num_inference_steps is not None:
+        param = "num_inference_steps"
+    elif (body.size and body.size != "auto") or body.width is not None or body.height is not None:
+        param = "size" if body.size and body.size != "auto" else ("width" if body.width is not None else "height")
+    else:
+        param = "n"
+    raise APIError(400, f"this request costs n={n} × {params.width * params.height / 1e6:.2f} megapixels × "
+                        f"{params.steps} steps = {cost:.1f} megapixel-steps; the budget per request is {budget:g} "
+                        "(FLUX_MAX_MEGAPIXEL_STEPS): lower n, the size or num_inference_steps",
+                   param=param, code="compute_budget_exceeded")
 
 
 def _partial_steps(total: int, partial_images: int) -> set[int]:

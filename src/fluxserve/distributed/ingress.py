@@ -160,8 +160,9 @@ class RemoteCatalog:
         return reasons
 
     # --- models ----------------------------------------------------------------------------------
-    def resolve(self, name: str | None, *, from_request: bool = True) -> ModelSpec:
-        spec = self.names.resolve(name, from_request=from_request)
+    def resolve(self, name: str | None, *, from_request: bool = True, operator: bool = False) -> ModelSpec:
+        # the deployed models are this application's allowlist: one check, answering 404 for the others
+        spec = self.names.resolve(name, from_request=from_request, operator=True)
         if spec.key not in self.clients:
             raise UnknownModelError(f"model {name!r} is not served by this Ray Serve application; deployed: "
                                     f"{', '.join(self.clients)} (add it to FLUX_PRELOAD_MODELS)")

@@ -26,6 +26,10 @@ class UnknownModelError(LookupError):
     """The name is neither a registry key, a local diffusers directory nor an allowed repo id."""
 
 
+class ModelNotAllowedError(UnknownModelError):
+    """The model exists but requests may not name it here (FLUX_MODELS): the HTTP layer answers 403."""
+
+
 @dataclass(frozen=True)
 class Preset:
     """A named size/steps combination offered to clients (the web page's preset buttons)."""

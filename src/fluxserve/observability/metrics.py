@@ -10,6 +10,10 @@ What is counted where (see docs/observability.md):
   :class:`fluxserve.api.middleware.RequestContextMiddleware`, next to the access-log line.
 - ``fluxserve_stage_duration_seconds``, ``fluxserve_images_generated_total``: one observation per
   succeeded generation request, next to its ``generation finished`` log line.
+- ``model`` labels take only the names of models this server may serve (FLUX_MODEL, FLUX_PRELOAD_MODELS,
+  FLUX_MODELS, models an admin selected); any other name is counted as ``other``, so clients naming
+  made-up models cannot grow the number of series. A local pipeline directory is labelled
+  ``local/<directory name>``, never with its path.
 - ``fluxserve_oom_fallbacks_total{reason}``: one per generation (request or warmup) that needed the
   recovery ladder: ``reason`` is what went wrong first (``cuda_oom``, ``mps_oom``, ``cpu_oom``,
   ``nan_output``) when it recovered, ``failed`` when it ran out of rungs. Each increment has a log
@@ -23,6 +27,7 @@ import statistics
 import threading
 import time
 from collections import deque
+from pathlib import PurePath
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -34,6 +39,17 @@ ALIASES = {"pipeline_load": "model_load", "encode": "image_encode"}
 FALLBACK_KINDS = ("cuda_oom", "mps_oom", "cpu_oom", "nan_output")
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 _BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 32, 64)
+
+
+OTHER_MODEL = "other"
+"""The ``model`` label of every model name this server does not serve."""
+
+
+def model_label_of(key: str, source: str) -> str:
+    """The label of an allowed model: its key, or ``local/<dir>`` when the key is a directory path."""
+    if PurePath(key).is_absolute() or PurePath(source).is_absolute():
+        return f"local/{PurePath(source).name}"
+    return key
 
 
 def fallback_label(reason: str | None, *, failed: bool = False) -> str:
@@ -80,8 +96,21 @@ class Metrics:
                                    "reserved, free, total, process_rss...)", ["device", "kind"], registry=r)
         for stage in STAGES:  # every stage series exists from the start, at zero
             self.stage_duration.labels(stage=stage)
+        self._model_labels: dict[str, str] = {}
         self._window: deque[dict[str, Any]] = deque(maxlen=window)
         self._lock = threading.Lock()
+
+    # --- model labels ----------------------------------------------------------------------------
+    def allow_models(self, specs: list[Any]) -> None:
+        """Models whose names may appear as ``model`` labels (objects with ``key`` and ``source``)."""
+        for spec in specs:
+            self._model_labels[spec.key] = model_label_of(spec.key, spec.source)
+
+    def model_label(self, name: str | None) -> str:
+        """``name`` when this server serves it, ``""`` for none, else ``other``."""
+        if not name:
+            return ""
+        return self._model_labels.get(name, OTHER_MODEL)
 
     # --- recording -------------------------------------------------------------------------------
     def observe_generation(self, model: str, images: int, timing: dict[str, float], *,
@@ -90,7 +119,7 @@ class Metrics:
         for stage in STAGES:
             if stage in timing:
                 self.stage_duration.labels(stage=stage).observe(max(0.0, timing[stage]))
-        self.images.labels(model=model).inc(images)
+        self.images.labels(model=self.model_label(model)).inc(images)
         if fallback_reason:
             self.record_fallback(fallback_reason)
         now = time.monotonic()

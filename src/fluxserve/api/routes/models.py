@@ -1,15 +1,22 @@
-"""Model routes: list, inspect, select, unload; memory release; token counts."""
+"""Model routes: list, inspect, select, unload; memory release; token counts.
+
+Select, unload and memory release need an admin key when keys are configured (the middleware answers
+403 to others: :func:`fluxserve.api.middleware.needs_admin`); /v1/models shows its runtime snapshot
+(devices, memory, settings, directories) to admins only.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from fluxserve.api.errors import APIError
+from fluxserve.api.middleware import is_admin
 from fluxserve.api.protocol import (
     ERROR_RESPONSES,
     ReleaseMemoryRequest,
@@ -17,7 +24,7 @@ from fluxserve.api.protocol import (
     TokenizeRequest,
     UnloadModelRequest,
 )
-from fluxserve.engine.registry import ModelSpec, UnknownModelError
+from fluxserve.engine.registry import ModelNotAllowedError, ModelSpec, UnknownModelError
 from fluxserve.scheduler.jobs import JobError
 
 if TYPE_CHECKING:
@@ -30,18 +37,31 @@ def _runtime(request: Request) -> Runtime:
     return request.app.state.runtime
 
 
-def _spec(runtime: Runtime, name: str) -> ModelSpec:
+def _spec(runtime: Runtime, name: str, *, operator: bool = False) -> ModelSpec:
+    """The model ``name`` means: 403 when requests may not use it here (FLUX_MODELS), 404 when it is
+    no model at all. ``operator`` (select/unload, admin keys only) may name any registry key."""
     try:
-        return runtime.resolve(name)
+        return runtime.resolve(name, operator=operator)
+    except ModelNotAllowedError as exc:
+        raise APIError(403, str(exc), param="model", code="model_not_allowed") from None
     except UnknownModelError as exc:
         raise APIError(404, str(exc), param="model", code="model_not_found") from None
+
+
+def public_source(spec: ModelSpec) -> str:
+    """Where a model comes from, as clients may see it: a hub repo id, or ``local/<directory name>``
+    for a local pipeline (never its path)."""
+    if Path(spec.source).is_absolute():
+        return f"local/{Path(spec.source).name}"
+    return spec.source
 
 
 def model_card(runtime: Runtime, spec: ModelSpec) -> dict[str, Any]:
     loaded = runtime.model_info(spec.key)
     return {
         "id": spec.key, "object": "model", "created": int(runtime.started_at), "owned_by": "fluxserve",
-        "source": spec.source if spec.tiny is None else f"built offline ({spec.key})",
+        "source": public_source(spec) if spec.tiny is None else f"built offline ({spec.key})",
+        "allowed": runtime.may_serve(spec.key),
         "family": spec.family, "description": spec.description, "active": spec.key == runtime.active_key,
         "loaded": bool(loaded), "loaded_on": sorted(loaded), "gated": spec.gated,
         "defaults": {"num_inference_steps": spec.steps, "guidance_scale": spec.guidance,
@@ -101,42 +121,46 @@ async def list_models(request: Request) -> JSONResponse:
     cards = [model_card(runtime, spec) for spec in specs]
     active = runtime.resolve(None)
     plan = runtime.plans[0]
-    return JSONResponse({
+    listing: dict[str, Any] = {
         "object": "list", "data": cards,
         # The earlier web page builds its model picker from `available` (key → repo id, Object.entries).
-        "available": {spec.key: spec.source for spec in specs},
+        "available": {spec.key: public_source(spec) for spec in specs},
         "aliases": {name: target or active.key for name, target in runtime.model_aliases.items()},
-        "active": {"key": active.key, "id": active.source, "type": active.family}, "active_key": active.key,
-        "device": plan.device, "dtype": plan.dtype, "cache_dir": str(runtime.settings.cache_dir),
-        "revision": runtime.settings.revision, "variant": runtime.settings.variant,
-        "runtime": runtime_snapshot(runtime),
-    })
+        "active": {"key": active.key, "id": public_source(active), "type": active.family}, "active_key": active.key,
+        "device": plan.device, "dtype": plan.dtype}  # the earlier page's device badge
+    if is_admin(request.state):  # the configuration snapshot (directories, settings): admins only
+        listing.update({"cache_dir": str(runtime.settings.cache_dir),
+                        "revision": runtime.settings.revision, "variant": runtime.settings.variant,
+                        "runtime": runtime_snapshot(runtime)})
+    return JSONResponse(listing)
 
 
 @router.get("/v1/models/{model_id:path}", summary="One model")
 async def get_model(model_id: str, request: Request) -> JSONResponse:
     runtime = _runtime(request)
-    return JSONResponse(model_card(runtime, _spec(runtime, model_id)))
+    # Any registry model can be looked at (the list shows them all, with "allowed"); using one is what
+    # FLUX_MODELS restricts.
+    return JSONResponse(model_card(runtime, _spec(runtime, model_id, operator=True)))
 
 
 @router.post("/v1/models/select", summary="Load (if needed) and make a model the default")
 async def select_model(body: SelectModelRequest, request: Request) -> JSONResponse:
     runtime = _runtime(request)
-    spec = _spec(runtime, body.model)
+    spec = _spec(runtime, body.model, operator=True)
     request.state.model = spec.key
     started = time.perf_counter()
     try:
         await asyncio.get_running_loop().run_in_executor(None, runtime.select, spec.key)
     except JobError as exc:
         raise APIError(exc.status, exc.message, param="model", code=exc.code) from None
-    return JSONResponse({"ok": True, "active": {"key": spec.key, "id": spec.source},
+    return JSONResponse({"ok": True, "active": {"key": spec.key, "id": public_source(spec)},
                          "seconds": round(time.perf_counter() - started, 3)})
 
 
 @router.post("/v1/models/unload", summary="Drop one model from every device")
 async def unload_model(body: UnloadModelRequest, request: Request) -> JSONResponse:
     runtime = _runtime(request)
-    spec = _spec(runtime, body.model)
+    spec = _spec(runtime, body.model, operator=True)
     # Dropping weights runs gc and malloc_trim: never on the event loop.
     dropped, freed = await asyncio.get_running_loop().run_in_executor(None, runtime.unload, spec.key)
     if not dropped:

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
 
-from fluxserve.api.routes.models import runtime_snapshot
+from fluxserve.api.routes.models import public_source, runtime_snapshot
 
 if TYPE_CHECKING:
     from fluxserve.runtime import Runtime
@@ -36,7 +36,8 @@ async def root(request: Request) -> Response:
         return FileResponse(index, media_type="text/html")
     active = runtime.resolve(None)
     return JSONResponse({"status": "ok", "message": "fluxserve: OpenAI-compatible image generation",
-                         "model": {"active_key": active.key, "active_id": active.source, "active_type": active.family},
+                         "model": {"active_key": active.key, "active_id": public_source(active),
+                                   "active_type": active.family},
                          "endpoints": ENDPOINTS})
 
 

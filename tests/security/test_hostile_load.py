@@ -1,0 +1,213 @@
+"""Hostile load against a real ``fluxserve serve`` on loopback with small budgets, while legitimate
+clients use the server alongside.
+
+Floods (each bounded in count; the whole test in seconds on tiny-flux): oversized headers, half-open
+connections (three times FLUX_MAX_CONNECTIONS), bodies over FLUX_MAX_BODY_BYTES, made-up and disabled
+model names, and one key past its rate limit. Asserted:
+
+- legitimate clients (their own key, fresh connections) get ≥ 99 % successful answers;
+- no answer to anyone is a 5xx but the documented 503s (``too_many_connections``, ``shutting_down``);
+- the server's RSS grows by less than ``RSS_MARGIN`` over its warmed-up size (the floods would add
+  hundreds of MiB if headers or bodies were buffered);
+- /ready is still 200 afterwards, and /metrics has no label for a made-up model.
+
+Nothing here waits on the clock: threads finish their bounded work, sockets are read until the server
+answers or closes them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import signal
+import socket
+import threading
+from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import httpx
+import psutil
+import pytest
+
+pytestmark = pytest.mark.e2e
+
+LEGIT = "sk-legit-0123456789abcdefghij"
+ATTACKER = "sk-attacker-0123456789abcdefgh"
+MAX_CONNECTIONS = 48
+MAX_BODY = 64 * 1024
+MAX_HEADER = 8 * 1024
+RSS_MARGIN = 200 * 1024 * 1024
+"""How much the server's RSS may grow while under attack (the floods send well over 1 GiB)."""
+ENV = {"FLUX_API_KEYS": f"{LEGIT},{ATTACKER}", "FLUX_MAX_CONNECTIONS": str(MAX_CONNECTIONS),
+       "FLUX_MAX_BODY_BYTES": str(MAX_BODY), "FLUX_MAX_HEADER_BYTES": str(MAX_HEADER), "FLUX_HEADER_TIMEOUT": "30",
+       "FLUX_RATE_LIMIT_PER_MINUTE": "6", "FLUX_RATE_LIMIT_BURST": "60", "FLUX_STORE_LOCAL": "0",
+       "FLUX_MAX_BATCH": "4", "FLUX_LOG_LEVEL": "WARNING"}
+DOCUMENTED_503 = {"too_many_connections", "shutting_down"}
+GEN = "/v1/images/generations"
+SMALL = {"prompt": "a lighthouse", "size": "64x64", "num_inference_steps": 1}
+
+
+def _read_until_closed(sock: socket.socket) -> bytes:
+    data = b""
+    with contextlib.suppress(ConnectionResetError, TimeoutError):
+        while chunk := sock.recv(65536):
+            data += chunk
+    return data
+
+
+def _status(response: bytes) -> tuple[int, str | None] | None:
+    """(status, error code) of a raw response, None when the connection closed without one."""
+    match = re.match(rb"HTTP/1\.1 (\d{3}) ", response)
+    if not match:
+        return None
+    code = None
+    body = response.partition(b"\r\n\r\n")[2]
+    with contextlib.suppress(ValueError):
+        code = json.loads(body)["error"]["code"]
+    return int(match.group(1)), code
+
+
+class Tally:
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.legit: Counter[str] = Counter()
+        self.legit_failures: list[str] = []
+        self.hostile: Counter[str] = Counter()
+        self.server_errors: list[str] = []
+
+    def answer(self, who: str, status: int, code: str | None) -> None:
+        with self.lock:
+            (self.legit if who == "legit" else self.hostile)[f"{status} {code or ''}".strip()] += 1
+            if status >= 500 and not (status == 503 and code in DOCUMENTED_503):
+                self.server_errors.append(f"{who}: {status} {code}")
+
+
+def _raw(port: int, head: bytes, body_chunk: bytes = b"", body_bytes: int = 0) -> bytes:
+    """Send a head and up to ``body_bytes`` of body (stopping when the server stops reading)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            sock.sendall(head)
+            sent = 0
+            while sent < body_bytes:
+                sock.sendall(body_chunk)
+                sent += len(body_chunk)
+        return _read_until_closed(sock)
+
+
+def _flood_big_headers(port: int, tally: Tally) -> None:
+    filler = b"X-Filler: " + b"a" * 65536 + b"\r\n"
+    for _ in range(16):  # 16 connections, each offering a 16 MiB head
+        response = _raw(port, b"GET /v1/models HTTP/1.1\r\nHost: x\r\n", filler, 16 * 1024 * 1024)
+        if (answer := _status(response)) is not None:
+            tally.answer("hostile", *answer)
+
+
+def _flood_oversized_bodies(port: int, tally: Tally) -> None:
+    auth = f"Authorization: Bearer {ATTACKER}\r\n".encode()
+    for framing in (b"Content-Length: 10000000000\r\n", b"Transfer-Encoding: chunked\r\n") * 8:
+        chunk = b"%x\r\n%s\r\n" % (65536, b" " * 65536) if b"chunked" in framing else b" " * 65536
+        response = _raw(port, b"POST " + GEN.encode() + b" HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                        + auth + framing + b"\r\n", chunk, 32 * 1024 * 1024)
+        if (answer := _status(response)) is not None:
+            tally.answer("hostile", *answer)
+
+
+def _flood_model_names_and_rate(base: str, tally: Tally) -> None:
+    headers = {"Authorization": f"Bearer {ATTACKER}"}
+    with httpx.Client(base_url=base, headers=headers, timeout=60) as client:
+        for i in range(150):  # made-up names and a disabled 57 GB model, then past the rate limit
+            model = "qwen" if i % 10 == 0 else f"made-up-model-{i}"
+            try:
+                response = client.post(GEN, json={**SMALL, "model": model})
+            except httpx.TransportError:
+                continue  # its connection was closed to make room: a hostile client may lose those
+            code = response.json()["error"]["code"] if response.status_code >= 400 else None
+            tally.answer("hostile", response.status_code, code)
+
+
+def _legit(base: str, tally: Tally, index: int) -> None:
+    headers = {"Authorization": f"Bearer {LEGIT}"}
+    for i in range(30):
+        request: tuple[str, str, dict[str, Any] | None] = (
+            ("POST", GEN, {**SMALL, "seed": index * 100 + i}) if i % 3 == 0 else ("GET", "/v1/models", None))
+        try:  # a fresh connection each time, as a client behind a proxy would
+            response = httpx.request(request[0], base + request[1], json=request[2], headers=headers, timeout=120)
+        except httpx.TransportError as exc:
+            with tally.lock:
+                tally.legit_failures.append(f"{request[1]}: {type(exc).__name__}")
+            continue
+        code = response.json().get("error", {}).get("code") if response.status_code >= 400 else None
+        tally.answer("legit", response.status_code, code)
+        ok = response.status_code == 200 and (request[0] == "GET" or response.json()["data"][0]["b64_json"])
+        if not ok:
+            with tally.lock:
+                tally.legit_failures.append(f"{request[1]}: {response.status_code} {response.text[:200]}")
+
+
+def test_hostile_load_leaves_legitimate_clients_served(server_factory: Callable[..., Any]) -> None:
+    server = server_factory(ENV, name="hostile")
+    base, port = server.base_url, server.port
+    headers = {"Authorization": f"Bearer {LEGIT}"}
+    for _ in range(3):  # warm up: allocations of the first generations are not the floods' doing
+        assert httpx.post(base + GEN, json=SMALL, headers=headers, timeout=120).status_code == 200
+    process = psutil.Process(server.proc.pid)
+    baseline = process.memory_info().rss
+    tally = Tally()
+
+    half_open = []
+    for _ in range(MAX_CONNECTIONS * 3):  # slowloris: half a request line, then silence, held to the end
+        sock = socket.create_connection(("127.0.0.1", port), timeout=60)
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            sock.sendall(b"POST /v1/images/gen")
+        half_open.append(sock)
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            futures = [pool.submit(_flood_big_headers, port, tally), pool.submit(_flood_oversized_bodies, port, tally),
+                       pool.submit(_flood_model_names_and_rate, base, tally)]
+            futures += [pool.submit(_legit, base, tally, i) for i in range(4)]
+            for future in futures:
+                future.result(timeout=600)
+        peak = process.memory_info().rss
+    finally:
+        for sock in half_open:
+            sock.close()
+
+    legit_total = sum(tally.legit.values()) + sum(1 for f in tally.legit_failures if "Error" in f)
+    failures = len(tally.legit_failures)
+    assert legit_total == 120
+    assert failures <= legit_total // 100, (tally.legit_failures, tally.legit)  # ≥ 99 % served
+    assert not tally.server_errors, tally.server_errors
+    hostile = tally.hostile
+    assert hostile["404 model_not_found"] and hostile["403 model_not_allowed"], hostile
+    assert hostile["429 rate_limit_exceeded"], hostile  # the attacker's key ran out; the legit key did not
+    assert hostile["413 request_too_large"] and hostile["431 headers_too_large"], hostile
+    assert peak - baseline < RSS_MARGIN, f"RSS grew by {(peak - baseline) / 2**20:.0f} MiB under attack"
+    assert httpx.get(base + "/ready", timeout=30).status_code == 200
+    metrics = httpx.get(base + "/metrics", timeout=30).text
+    assert "made-up-model" not in metrics and 'model="qwen"' not in metrics
+    print(f"\nhostile load: legit {dict(tally.legit)} failures {tally.legit_failures}; hostile {dict(hostile)}; "
+          f"RSS {baseline / 2**20:.0f} → {peak / 2**20:.0f} MiB")
+    assert server.stop() == 0
+    assert "Traceback" not in server.log_path.read_text(errors="replace")
+
+
+def test_sigterm_mid_upload_answers_the_json_503(server_factory: Callable[..., Any]) -> None:
+    server = server_factory({"FLUX_LOG_LEVEL": "INFO"}, name="upload")
+    body = json.dumps({**SMALL, "prompt": "x" * 500}).encode()
+    with socket.create_connection(("127.0.0.1", server.port), timeout=60) as sock:
+        sock.sendall(b"POST " + GEN.encode() + b" HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\nExpect: 100-continue\r\n\r\n" % len(body))
+        assert sock.recv(1024).startswith(b"HTTP/1.1 100 ")  # the app is reading the body now
+        sock.sendall(body[:100])  # ... and part of it has arrived
+        server.proc.send_signal(signal.SIGTERM)
+        response = _read_until_closed(sock)
+    head, _, payload = response.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 503 "), response[:300]
+    assert b"application/json" in head.lower()
+    error = json.loads(payload)["error"]
+    assert error["code"] == "shutting_down" and error["type"] == "server_error"
+    assert server.proc.wait(60) == 0
+    assert "Traceback" not in server.logs()
