@@ -134,6 +134,13 @@ class Settings(BaseSettings):
     """Most denoising steps a request may ask for."""
     max_guidance: float = Field(30.0, ge=0)
     """Largest guidance scale a request may ask for."""
+    max_input_bytes: int = Field(16_000_000, ge=1024)
+    """Largest uploaded image file for /v1/images/edits and /variations, in bytes (each image and the mask)."""
+    max_input_pixels: int = Field(4096 * 4096, ge=64 * 64)
+    """Largest uploaded image in width × height, read from its header before decoding (decompression bombs)."""
+    max_edit_body_bytes: int = Field(64_000_000, ge=1024)
+    """Largest request body for /v1/images/edits and /variations (which carry images); other routes keep
+    FLUX_MAX_BODY_BYTES."""
 
     # --- outputs -------------------------------------------------------------------------------
     output_dir: Path = Path("outputs")

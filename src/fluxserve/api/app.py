@@ -13,6 +13,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.staticfiles import StaticFiles
 
 from fluxserve import __version__
+from fluxserve.api.editing import EditService
 from fluxserve.api.errors import install_error_handlers
 from fluxserve.api.middleware import (
     ApiKeyMiddleware,
@@ -20,7 +21,7 @@ from fluxserve.api.middleware import (
     RequestContextMiddleware,
     StrictJsonMiddleware,
 )
-from fluxserve.api.routes import images, models, system
+from fluxserve.api.routes import edits, images, models, system
 from fluxserve.api.serving import ImageService
 from fluxserve.runtime import Runtime
 from fluxserve.settings import Settings
@@ -49,10 +50,12 @@ def create_app(settings: Settings, runtime: Runtime | None = None, *, manage_run
     )
     app.state.runtime = runtime
     app.state.images = ImageService(runtime)
+    app.state.edits = EditService(app.state.images)
     app.state.static_dir = STATIC_DIR
     install_error_handlers(app)
     app.include_router(system.router)
     app.include_router(images.router)
+    app.include_router(edits.router)
     app.include_router(models.router)
     if settings.web_ui and STATIC_DIR.is_dir():
         app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
@@ -61,7 +64,9 @@ def create_app(settings: Settings, runtime: Runtime | None = None, *, manage_run
     # and the body limit so that their 401/413 reach pages on allowed origins (the web page asks for a key).
     app.add_middleware(StrictJsonMiddleware)
     app.add_middleware(ApiKeyMiddleware, keys=settings.all_api_keys(), protect_metrics=settings.metrics_require_auth)
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    edit_limit = max(settings.max_body_bytes, settings.max_edit_body_bytes)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, path_limits={
+        path: edit_limit for path in ("/v1/images/edits", "/v1/images/edits/jobs", "/v1/images/variations")})
     if settings.cors_origins:
         allow_all = "*" in settings.cors_origins
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins,

@@ -43,6 +43,8 @@ class OutputOptions:
     partial_images: int
     user: str | None
     request_started: float
+    event_prefix: str = "image_generation"
+    """Streaming event names: ``image_generation.*`` for generations, ``image_edit.*`` for edits."""
 
 
 class ImageService:
@@ -192,7 +194,7 @@ class ImageService:
             item.timing["total"] = round(total, 6)
         timing = dict(response.data[0].timing) if response.data else {}
         self.runtime.metrics.observe_generation(job.spec.key, len(response.data), timing, fallback_reason=(
-            result.fallback_reason or "unknown") if result.fallback_applied else None)
+            result.fallback_reason or "unknown") if result.fallback_applied else None, task=job.params.task)
         ctx: dict[str, Any] = {"request_id": job.id, "model": job.spec.key, "outcome": "succeeded",
                                "images": len(response.data), "device": job.device,
                                "params": result.params.__dict__, "seeds": result.seeds, "timings": timing,
@@ -314,18 +316,18 @@ class ImageService:
                     continue
                 kind = event["type"]
                 if kind == "queued":
-                    yield {"type": "image_generation.progress", "status": "queued", "step": 0,
+                    yield {"type": f"{options.event_prefix}.progress", "status": "queued", "step": 0,
                            "total": job.params.steps, "queue_position": event.get("queue_position")}
                 elif kind == "started":
-                    yield {"type": "image_generation.progress", "status": "running", "step": 0,
+                    yield {"type": f"{options.event_prefix}.progress", "status": "running", "step": 0,
                            "total": job.params.steps, "queue_position": 0, "batch_size": event.get("batch_size")}
                 elif kind == "progress":
-                    yield {"type": "image_generation.progress", "status": "running", "step": event["step"],
+                    yield {"type": f"{options.event_prefix}.progress", "status": "running", "step": event["step"],
                            "total": event["total"], "queue_position": 0}
                     preview = event.get("preview")
                     if preview is not None and event["step"] in partial_steps:
                         data = await loop.run_in_executor(self.runtime.encoder, encode_image, preview, "png")
-                        yield {"type": "image_generation.partial_image", "b64_json": to_base64(data),
+                        yield {"type": f"{options.event_prefix}.partial_image", "b64_json": to_base64(data),
                                "partial_image_index": partial_index, "created_at": int(time.time()),
                                "size": size, "quality": options.quality, "background": "opaque",
                                "output_format": "png", "step": event["step"]}
@@ -340,7 +342,7 @@ class ImageService:
                 return
             response = await self.finalize(job, options)
             for item in response.data:
-                yield {"type": "image_generation.completed", "b64_json": item.b64_json, "url": item.url,
+                yield {"type": f"{options.event_prefix}.completed", "b64_json": item.b64_json, "url": item.url,
                        "created_at": response.created, "size": response.size, "quality": response.quality,
                        "background": "opaque", "output_format": response.output_format,
                        "usage": {"input_tokens": 0, "output_tokens": 0, "total_tokens": 0,

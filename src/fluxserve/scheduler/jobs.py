@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
+import numpy as np
+
 from fluxserve.engine.registry import ModelSpec
 from fluxserve.generation import GenerationParams, ImageResult
 
@@ -76,6 +78,10 @@ class Job:
     error: JobError | None = None
     payload: Any = None
     """What the serving layer made of the result (encoded images), kept for async job polling."""
+    images: list[np.ndarray] = field(default_factory=list)
+    """Edits: the input images (``uint8`` H×W×3), handed to the engine as ``ImageRequest.images``."""
+    mask: np.ndarray | None = None
+    """Inpainting: ``uint8`` H×W, 255 = may change (``ImageRequest.mask``)."""
     _cancel: threading.Event = field(default_factory=threading.Event)
     _done: threading.Event = field(default_factory=threading.Event)
     _listeners: list[Listener] = field(default_factory=list)

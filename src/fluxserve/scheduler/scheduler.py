@@ -324,6 +324,7 @@ class Scheduler:
                 prompt=job.prompt, seeds=job.seeds, negative_prompt=job.negative_prompt,
                 is_cancelled=self._cancel_check(job),
                 on_progress=self._progress_callback(job), want_previews=job.want_previews,
+                images=job.images, mask=job.mask,
             )
             for job in batch
         ]
