@@ -74,8 +74,6 @@ class PipelineView:
     pipeline: Any
     generator_device: str
     generators: list[torch.Generator] = field(default_factory=list)
-    edit_pipelines: dict[str, Any] = field(default_factory=dict)
-    """Edit pipelines built from this view with ``from_pipe`` (same weights), by class name."""
 
     def seeded_generators(self, seeds: list[int]) -> list[torch.Generator]:
         """Re-seed the cached generators (growing the cache as needed) — never recreated per request."""
