@@ -183,7 +183,7 @@ def build_fullsize_flux(guidance_embeds: bool = False, device: str = "cuda",
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
-    from fluxserve.engine.tiny import _clip_tokenizer, _t5_tokenizer
+    from fluxserve.engine.tiny import clip_tokenizer, t5_tokenizer
 
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
@@ -211,8 +211,8 @@ def build_fullsize_flux(guidance_embeds: bool = False, device: str = "cuda",
         shift=3.0 if guidance_embeds else 1.0, use_dynamic_shifting=guidance_embeds, base_shift=0.5,
         max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096,
     )
-    pipe: Any = FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=clip, tokenizer=_clip_tokenizer(77),
-                             text_encoder_2=t5, tokenizer_2=_t5_tokenizer(512), transformer=transformer)
+    pipe: Any = FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=clip, tokenizer=clip_tokenizer(77),
+                             text_encoder_2=t5, tokenizer_2=t5_tokenizer(512), transformer=transformer)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -348,7 +348,7 @@ class DeviceEngine:
 
     def _encode(self, model: LoadedModel, pipe: Any, prompt: str, max_len: int, *,
                 cache: bool = True) -> PromptEmbedding:
-        key = (model.adapter.name, prompt, max_len)
+        key = model.adapter.cache_key(prompt, max_len)
         cached = model.prompt_cache.get(key) if cache else None
         if cached is not None:
             return cached

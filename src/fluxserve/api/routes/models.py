@@ -44,6 +44,7 @@ def model_card(runtime: Runtime, spec: ModelSpec) -> dict[str, Any]:
         "source": spec.source if spec.tiny is None else f"built offline ({spec.key})",
         "family": spec.family, "description": spec.description, "active": spec.key == runtime.active_key,
         "loaded": bool(loaded), "loaded_on": sorted(loaded), "gated": spec.gated,
+        "licence": spec.licence, "commercial_use": spec.commercial_use,
         "defaults": {"num_inference_steps": spec.steps, "guidance_scale": spec.guidance,
                      "max_sequence_length": spec.max_sequence_length, "width": spec.width, "height": spec.height,
                      "size": f"{spec.width}x{spec.height}", "size_multiple": spec.size_multiple,

@@ -1,0 +1,86 @@
+"""Every registered family behind one contract, walked through generate on its tiny model via the engine."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fluxserve.engine.device import select_device_dtype
+from fluxserve.engine.engine import DeviceEngine
+from fluxserve.engine.families import FAMILIES, family_of_class
+from fluxserve.engine.registry import BUILTIN_MODELS, resolve_model
+from fluxserve.generation import GenerationParams, ImageRequest
+
+TINY_KEYS = [key for key, spec in BUILTIN_MODELS.items() if spec.tiny is not None]
+
+
+def test_registry_and_families_import_without_torch() -> None:
+    """The HTTP layer reads the registry: building it must not load torch or diffusers."""
+    code = ("import sys, json; import fluxserve.engine.registry as r; "
+            "print(json.dumps([len(r.BUILTIN_MODELS), 'torch' in sys.modules, 'diffusers' in sys.modules]))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[2])
+    count, torch_loaded, diffusers_loaded = json.loads(out.stdout)
+    assert count == len(BUILTIN_MODELS) and not torch_loaded and not diffusers_loaded
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_every_family_declares_the_contract(name: str) -> None:
+    family = FAMILIES[name]
+    assert family.name == name
+    assert "generate" in family.pipeline_classes
+    assert set(family.pipeline_classes) <= {"generate", "img2img", "inpaint", "edit"}
+    assert ("edit" in family.pipeline_classes) == (family.max_input_images > 0)
+    assert family.defaults.steps > 0 and family.defaults.size_multiple % 8 == 0
+    for spec in family.models:
+        assert spec.family == name and BUILTIN_MODELS[spec.key] is spec
+        assert spec.licence, f"{spec.key} has no licence"
+        if spec.tiny is not None:
+            assert spec.key.startswith("tiny-") and spec.tiny == name and family.has_tiny
+    if name != "generic":
+        assert family_of_class(family.pipeline_classes["generate"]) == name
+        assert any(spec.tiny is None for spec in family.models), "a family serves at least one real checkpoint"
+        assert any(spec.tiny is not None for spec in family.models), "and has a tiny offline version"
+
+
+def test_every_real_model_has_a_tiny_version() -> None:
+    real = [key for key, spec in BUILTIN_MODELS.items() if spec.tiny is None and key not in ("schnell", "dev")]
+    for key in real:
+        assert f"tiny-{key}" in BUILTIN_MODELS, f"{key} has no tiny-{key}"
+
+
+@pytest.fixture(scope="module")
+def engine(cache_dir: Path) -> DeviceEngine:
+    from fluxserve.settings import Settings
+
+    settings = Settings(cache_dir=cache_dir, device="cpu", _env_file=None)  # type: ignore[call-arg]
+    return DeviceEngine(settings, select_device_dtype("cpu"))
+
+
+@pytest.mark.parametrize("key", TINY_KEYS)
+def test_every_tiny_model_generates_reproducibly_in_a_mixed_batch(engine: DeviceEngine, key: str) -> None:
+    """Loaded by from_pretrained, two prompts batched in one call; seeds reproduce; previews arrive."""
+    spec = resolve_model(key)
+    family = FAMILIES[spec.family]
+    model, _ = engine.load(spec)
+    assert model.adapter is family
+    assert model.pipeline_class == family.pipeline_classes["generate"]
+    side = 2 * spec.size_multiple * 2
+    params = GenerationParams(key, side, side, 2, spec.guidance, min(spec.max_sequence_length, 64))
+    previews: list[object] = []
+    first, other = engine.generate(model, params, [
+        ImageRequest("a red fox", [7], on_progress=lambda s, t, p: previews.append(p), want_previews=True),
+        ImageRequest("a lighthouse on a cliff", [8])])
+    alone = engine.generate(model, params, [ImageRequest("a red fox", [7])])[0]
+    image = first.images[0]
+    assert image.shape == (side, side, 3) and image.dtype == np.uint8
+    assert np.abs(image.astype(int) - alone.images[0].astype(int)).max() <= 2  # batched = alone, up to rounding
+    assert np.abs(image.astype(int) - other.images[0].astype(int)).mean() > 1
+    assert len(previews) == 2
+    if family.supports_previews:
+        assert all(p is not None for p in previews)
