@@ -14,7 +14,6 @@ size); it never batches with a text-to-image job.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -26,6 +25,7 @@ from starlette.requests import Request
 from fluxserve.api.errors import APIError, validation_message
 from fluxserve.api.protocol import ImageEditRequest, ImageVariationRequest
 from fluxserve.api.serving import ImageService
+from fluxserve.engine.families import get_family
 from fluxserve.engine.registry import ModelSpec
 from fluxserve.generation import Task
 from fluxserve.scheduler.jobs import Job
@@ -50,25 +50,29 @@ VARIATION_STRENGTH = 0.75
 
 @dataclass(frozen=True)
 class EditModes:
-    """What a model family does with input images (torch-free, for the HTTP layer)."""
+    """What a model does with input images, read from its family's contract (torch-free)."""
 
     without_mask: Task | None
     with_mask: Task | None
     max_images: int
     masked_by_compositing: bool = False
-    """True where the family has no inpainting pipeline: the area outside the mask is copied back from
-    the input after decoding (Qwen-Image-Edit)."""
-
-
-EDIT_MODES: dict[str, EditModes] = {
-    "flux": EditModes("img2img", "inpaint", 1),
-    "kontext": EditModes("edit", "inpaint", 1),
-    "qwen_edit": EditModes("edit", "edit", 3, masked_by_compositing=True),
-}
+    """True where the family has no inpainting pipeline and edits by instruction: the area outside the mask
+    is then kept by copying the input's pixels back after decoding (Qwen-Image-Edit)."""
 
 
 def edit_modes(spec: ModelSpec) -> EditModes | None:
-    return EDIT_MODES.get(spec.family)
+    """img2img and inpaint take one image; an instruction edit up to the family's ``max_input_images``."""
+    try:
+        family = get_family(spec.family)
+    except ValueError:
+        return None
+    tasks = family.pipeline_classes
+    without: Task | None = "edit" if "edit" in tasks else "img2img" if "img2img" in tasks else None
+    with_mask: Task | None = "inpaint" if "inpaint" in tasks else "edit" if "edit" in tasks else None
+    if without is None and with_mask is None:
+        return None
+    max_images = max(1, family.max_input_images) if without == "edit" else 1
+    return EditModes(without, with_mask, max_images, masked_by_compositing=with_mask == "edit")
 
 
 @dataclass
@@ -228,7 +232,7 @@ class EditService:
         modes = edit_modes(spec)
         if modes is None:
             raise APIError(400, f"model {spec.key} does not edit images (edit models: "
-                                f"{', '.join(k for k, v in _registry_families().items() if v in EDIT_MODES)})",
+                                f"{', '.join(_edit_models())})",
                            param="model", code="unsupported_model")
         # 1. Which task, and is every field one this model honours?
         if not uploads:
@@ -305,7 +309,7 @@ class EditService:
         return ImageEditRequest.model_validate({"prompt": "variation", **fields, **(body.model_extra or {})})
 
 
-def _registry_families() -> Mapping[str, str]:
+def _edit_models() -> list[str]:
     from fluxserve.engine.registry import BUILTIN_MODELS
 
-    return {key: spec.family for key, spec in BUILTIN_MODELS.items()}
+    return [key for key, spec in BUILTIN_MODELS.items() if edit_modes(spec) is not None]

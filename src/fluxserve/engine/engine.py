@@ -360,10 +360,12 @@ class DeviceEngine:
 
     def _run(self, model: LoadedModel, view: PipelineView, attempt: _Attempt,
              requests: list[ImageRequest]) -> list[ImageResult]:
-        if attempt.params.task != "generate":
-            return self._run_edit(model, view, attempt, requests)
         params = attempt.params
         pipe = view.pipeline
+        edit = None
+        if params.task != "generate":  # edits: see the section at the end of this module
+            edit = _plan_edit(model.adapter, view, params, requests)
+            pipe, requests = edit.pipe, edit.requests
         adapter = model.adapter
         backend = self.plan.backend
         sync = _synchronizer(backend, self.device)
@@ -395,8 +397,9 @@ class DeviceEngine:
         owners = [i for i, request in enumerate(requests) for _ in request.seeds]
         generators = view.seeded_generators(seeds)
 
+        total = denoising_steps(params)
+
         def on_step(p: Any, step: int, _t: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
-            total = params.steps
             latents = kwargs.get("latents")
             if all(r.is_cancelled() for r in requests):
                 p._interrupt = True
@@ -422,7 +425,7 @@ class DeviceEngine:
             latents = adapter.denoise(pipe, positives, negatives if use_negative else None, DenoiseArgs(
                 width=params.width, height=params.height, steps=params.steps, guidance=params.guidance,
                 generators=generators, callback=on_step,
-                max_sequence_length=params.max_sequence_length))
+                max_sequence_length=params.max_sequence_length, call_kwargs=edit.call_kwargs if edit else {}))
             if nan_latents:
                 latents = torch.full_like(latents, float("nan"))
         sync()
@@ -440,6 +443,8 @@ class DeviceEngine:
             if _bad_output(decoded):
                 decoded = self._recover_bad_output(pipe, adapter, latents, params, attempt)
             pixels = to_uint8(decoded)
+        if edit is not None:
+            pixels = _keep_unmasked(pixels, requests)
         timings["vae_decode"] = time.perf_counter() - started
 
         results = []
@@ -482,93 +487,6 @@ class DeviceEngine:
             vae.to(original)
 
 
-    # --- edits (img2img, inpaint, instruction edit): see the section at the end of this module --------
-    def _run_edit(self, model: LoadedModel, view: PipelineView, attempt: _Attempt,
-                  requests: list[ImageRequest]) -> list[ImageResult]:
-        params = attempt.params
-        adapter = model.adapter
-        family = model.spec.family
-        backend = self.plan.backend
-        sync = _synchronizer(backend, self.device)
-        timings = {"text_encode": 0.0, "denoise": 0.0, "vae_decode": 0.0}
-        pipe = edit_pipeline(view, family, params.task)
-        total = denoising_steps(params)
-        encodes_with_images = family == "qwen_edit"  # its text encoder sees the images: no embedding cache
-        results = []
-        for request in requests:
-            n = len(request.seeds)
-            request = _at_size(request, params.width, params.height)  # an OOM fallback may have shrunk the size
-            if request.is_cancelled():
-                results.append(ImageResult([], list(request.seeds), params, dict(timings), n, cancelled=True))
-                continue
-            # 1. Prompt: embeddings for FLUX-type families (cached as for generations); text for Qwen-Image-Edit.
-            started = time.perf_counter()
-            call: dict[str, Any] = {}
-            if encodes_with_images:
-                call.update(prompt=request.prompt, true_cfg_scale=params.guidance, num_images_per_prompt=n,
-                            max_sequence_length=params.max_sequence_length)
-                if params.guidance > 1:
-                    call["negative_prompt"] = request.negative_prompt if request.negative_prompt is not None else \
-                        (model.spec.negative_prompt or " ")
-            else:
-                embedding = self._encode(model, pipe, request.prompt, params.max_sequence_length,
-                                         cache=not attempt.in_float32)
-                call.update(prompt_embeds=torch.cat([embedding.tensors["prompt_embeds"]] * n),
-                            pooled_prompt_embeds=torch.cat([embedding.tensors["pooled_prompt_embeds"]] * n),
-                            guidance_scale=params.guidance, max_sequence_length=params.max_sequence_length)
-            sync()
-            timings["text_encode"] += time.perf_counter() - started
-
-            # 2. Denoise from the input image(s), with progress, previews and cancellation between steps.
-            def on_step(p: Any, step: int, _t: Any, kwargs: dict[str, Any], request: ImageRequest = request) -> dict[
-                    str, Any]:
-                if request.is_cancelled():
-                    p._interrupt = True
-                    return {}
-                preview = None
-                latents = kwargs.get("latents")
-                if latents is not None and request.want_previews and adapter.supports_previews:
-                    with torch.inference_mode():
-                        preview = preview_rgb(adapter.spatial_latents(p, latents[:1], params.width, params.height))[0]
-                if request.on_progress is not None:
-                    request.on_progress(step + 1, total, preview)
-                return {}
-
-            started = time.perf_counter()
-            self.faults.raise_if_armed("denoise", backend)
-            with torch.inference_mode():
-                latents = pipe(
-                    **call, **_edit_kwargs(family, params.task, params, request), width=params.width,
-                    height=params.height, num_inference_steps=params.steps,
-                    generator=view.seeded_generators(list(request.seeds)), output_type="latent", return_dict=False,
-                    callback_on_step_end=on_step, callback_on_step_end_tensor_inputs=["latents"],
-                )[0]
-            sync()
-            timings["denoise"] += time.perf_counter() - started
-            if request.is_cancelled():
-                results.append(ImageResult([], list(request.seeds), params, dict(timings), n, cancelled=True))
-                continue
-
-            # 3. Decode as for generations. With a mask, the area outside it is the input's own pixels: the
-            #    pipelines keep it only in latent space (and Qwen-Image-Edit not at all), and a VAE round trip
-            #    is not lossless, so the input is copied back there (blended along a soft mask's edge).
-            started = time.perf_counter()
-            with torch.inference_mode():
-                decoded = adapter.decode(pipe, latents, params.width, params.height)
-                if _bad_output(decoded):
-                    decoded = self._recover_bad_output(pipe, adapter, latents, params, attempt)
-                pixels = to_uint8(decoded)
-            if request.mask is not None:
-                pixels = keep_outside_mask(pixels, request.images[0], request.mask)
-            timings["vae_decode"] += time.perf_counter() - started
-            results.append(ImageResult(list(pixels), list(request.seeds), params, {}, n))
-        if all(r.cancelled for r in results):
-            raise GenerationCancelled("cancelled during denoising")
-        for result in results:
-            result.timings = dict(timings)
-        return results
-
-
 def _bad_output(images: torch.Tensor) -> bool:
     """Cheap check: any NaN/inf, or every pixel black."""
     if not torch.isfinite(images).all():
@@ -587,68 +505,45 @@ def _synchronizer(backend: str, device: str) -> Callable[[], None]:
 
 
 # --- edits: img2img, inpainting, instruction edits ---------------------------------------------------
-# Kept apart from text-to-image above. The edit pipeline of a task is built once per pipeline view with
-# ``from_pipe`` (the same modules, so no second copy of the weights) and called with the family's
-# arguments, ``output_type="latent"`` and ``callback_on_step_end``; decoding is the family adapter's, as
-# for generations. The scheduler batches edit jobs only when their inputs are byte-identical (the
-# ``inputs`` digest is part of GenerationParams); each job still gets its own pipeline call, because the
-# Qwen-Image-Edit pipelines take one prompt per call.
-
-EDIT_PIPELINES: dict[tuple[str, str], str] = {
-    ("flux", "img2img"): "FluxImg2ImgPipeline",
-    ("flux", "inpaint"): "FluxInpaintPipeline",
-    ("kontext", "edit"): "FluxKontextPipeline",
-    ("kontext", "inpaint"): "FluxKontextInpaintPipeline",
-    ("qwen_edit", "edit"): "QwenImageEditPlusPipeline",
-}
-"""(family, task) → the diffusers pipeline class that runs it."""
+# Edits run through ``_run`` above like generations (prompt cache, batching, progress, cancel, previews,
+# OOM ladder, NaN checks), with four hooks taken from the model's family contract: the task's pipeline
+# (``Family.edit_pipeline``: made with ``from_pipe``, so the weights are shared, and cached per pipeline
+# view), the call's image arguments (``Family.edit_call_kwargs``), the number of steps that really run,
+# and — with a mask — the input's own pixels kept outside it. The scheduler batches edit jobs only when
+# their inputs are byte-identical (the ``inputs`` digest is part of GenerationParams), so the first
+# request's images stand for the whole batch.
 
 
-def edit_pipeline(view: PipelineView, family: str, task: str) -> Any:
-    """The view's pipeline for ``task`` (built with ``from_pipe`` on first use, then cached on the view)."""
-    name = EDIT_PIPELINES.get((family, task))
-    if name is None:
-        raise ValueError(f"family {family!r} has no pipeline for task {task!r}")
-    if type(view.pipeline).__name__ == name:
-        return view.pipeline
-    pipe = view.edit_pipelines.get(name)
-    if pipe is None:
-        import diffusers
+@dataclass
+class _EditPlan:
+    pipe: Any
+    call_kwargs: dict[str, Any]
+    requests: list[ImageRequest]
 
-        pipe = getattr(diffusers, name).from_pipe(view.pipeline)
-        pipe.set_progress_bar_config(disable=True)
-        view.edit_pipelines[name] = pipe
-    return pipe
+
+def _plan_edit(family: Any, view: PipelineView, params: GenerationParams,
+               requests: list[ImageRequest]) -> _EditPlan:
+    requests = [_at_size(r, params.width, params.height) for r in requests]  # an OOM fallback may shrink the size
+    first = requests[0]
+    pipe = family.edit_pipeline(view.pipeline, params.task)
+    mask = first.mask if params.task == "inpaint" else None
+    kwargs = family.edit_call_kwargs(params.task, first.images, mask, params.strength, params.width, params.height)
+    return _EditPlan(pipe, kwargs, requests)
 
 
 def denoising_steps(params: GenerationParams) -> int:
     """Steps an img2img/inpaint call really runs: diffusers skips the first ``(1 - strength)`` of them."""
-    if params.strength is None or params.task == "edit":
+    if params.strength is None or params.task in ("generate", "edit"):
         return params.steps
     return params.steps - int(max(params.steps - params.steps * params.strength, 0))
 
 
-def _pil(pixels: Any, mode: str = "RGB") -> Any:
-    from PIL import Image
-
-    return Image.fromarray(pixels, mode)
-
-
-def _edit_kwargs(family: str, task: str, params: GenerationParams, request: ImageRequest) -> dict[str, Any]:
-    """The family's image arguments for one request."""
-    first = _pil(request.images[0])
-    kwargs: dict[str, Any] = {}
-    if family == "qwen_edit":
-        kwargs["image"] = [_pil(image) for image in request.images]
-    else:
-        kwargs["image"] = first
-    if request.mask is not None and task == "inpaint":
-        kwargs["mask_image"] = _pil(request.mask, "L")
-    if task in ("img2img", "inpaint") and params.strength is not None:
-        kwargs["strength"] = params.strength
-    if family == "kontext":
-        kwargs["_auto_resize"] = False  # the first image is already at the output size (on the multiple)
-    return kwargs
+def _keep_unmasked(pixels: Any, requests: list[ImageRequest]) -> Any:
+    """With a mask, every image gets the input's own pixels outside it (see :func:`keep_outside_mask`)."""
+    first = requests[0]
+    if first.mask is None:
+        return pixels
+    return keep_outside_mask(pixels, first.images[0], first.mask)
 
 
 def _at_size(request: ImageRequest, width: int, height: int) -> ImageRequest:
