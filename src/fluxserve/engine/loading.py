@@ -159,6 +159,18 @@ def _make_view(pipe: Any, generator_device: str) -> PipelineView:
     return PipelineView(clone, generator_device)
 
 
+def _import_own_components(directory: Path) -> None:
+    """Import fluxserve modules that a tiny model's ``model_index.json`` names as component libraries (e.g.
+    tiny-qwen-edit's processor): diffusers loads such classes only from modules already imported."""
+    import importlib
+    import json
+
+    index = json.loads((directory / "model_index.json").read_text(encoding="utf-8"))
+    for value in index.values():
+        if isinstance(value, list) and value and isinstance(value[0], str) and value[0].startswith("fluxserve."):
+            importlib.import_module(value[0])
+
+
 def load_model(spec: ModelSpec, plan: DevicePlan, settings: Settings, *, views: int = 1) -> LoadedModel:
     """Load ``spec`` onto ``plan.device`` and prepare it (memory modes, optimizations, views)."""
     from diffusers import DiffusionPipeline
@@ -173,6 +185,7 @@ def load_model(spec: ModelSpec, plan: DevicePlan, settings: Settings, *, views: 
         with _FROM_PRETRAINED_LOCK:
             if spec.tiny is not None:
                 source = ensure_tiny_model(tiny_model_dir(settings, spec), spec.tiny)
+                _import_own_components(Path(source))
             with warnings.catch_warnings():  # newer diffusers rename torch_dtype; older ones need it
                 warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
                 pipe = DiffusionPipeline.from_pretrained(source, **kwargs)

@@ -20,11 +20,15 @@ from fluxserve.engine.families.base import (
 )
 from fluxserve.engine.families.flux import FluxFamily
 from fluxserve.engine.families.generic import GenericFamily
+from fluxserve.engine.families.kontext import KontextFamily
+from fluxserve.engine.families.qwen_edit import QwenImageEditFamily
 from fluxserve.engine.families.qwen_image import QwenImageFamily
 
 FAMILIES: dict[str, Family] = {family.name: family for family in (
     FluxFamily(),
     QwenImageFamily(),
+    KontextFamily(),
+    QwenImageEditFamily(),
     GenericFamily(),
 )}
 """Every family by name. ``generic`` serves pipelines no other family claims."""
