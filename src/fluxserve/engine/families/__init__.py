@@ -20,11 +20,13 @@ from fluxserve.engine.families.base import (
 )
 from fluxserve.engine.families.flux import FluxFamily
 from fluxserve.engine.families.generic import GenericFamily
+from fluxserve.engine.families.klein import KleinFamily
 from fluxserve.engine.families.qwen_image import QwenImageFamily
 
 FAMILIES: dict[str, Family] = {family.name: family for family in (
     FluxFamily(),
     QwenImageFamily(),
+    KleinFamily(),
     GenericFamily(),
 )}
 """Every family by name. ``generic`` serves pipelines no other family claims."""
