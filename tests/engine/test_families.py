@@ -86,6 +86,19 @@ def test_every_tiny_model_generates_reproducibly_in_a_mixed_batch(engine: Device
         assert all(p is not None for p in previews)
 
 
+@pytest.mark.parametrize("key", [k for k in TINY_KEYS if FAMILIES[BUILTIN_MODELS[k].family].uses_negative_prompt])
+def test_guidance_with_a_negative_prompt_runs_in_a_batch(engine: DeviceEngine, key: str) -> None:
+    """True CFG (where the family has it): negatives of different lengths batch with their positives."""
+    spec = resolve_model(key)
+    model, _ = engine.load(spec)
+    params = GenerationParams(key, 64, 64, 2, 3.0, min(spec.max_sequence_length, 64))
+    assert model.adapter.wants_negative(3.0)
+    one, two = engine.generate(model, params, [ImageRequest("a red fox", [7], negative_prompt="blurry"),
+                                               ImageRequest("a cat", [8], negative_prompt="low quality, text")])
+    assert one.images[0].shape == (64, 64, 3)
+    assert np.abs(one.images[0].astype(int) - two.images[0].astype(int)).mean() > 0
+
+
 EDIT_CASES = [(key, task) for key in TINY_KEYS
               for task in FAMILIES[BUILTIN_MODELS[key].family].pipeline_classes if task != "generate"]
 
@@ -113,7 +126,7 @@ def _edit(engine: DeviceEngine, key: str, task: str, side: int, seed: int) -> tu
         assert type(edit).__name__ == family.pipeline_classes[task]  # type: ignore[index]
         assert edit.transformer is pipe.transformer and edit.vae is pipe.vae  # shared weights, no copy
         positive = family.encode(pipe, "a red fox", 32)
-        negatives = [family.encode(pipe, " ", 32)] if family.uses_negative_prompt and spec.guidance > 1 else None
+        negatives = [family.encode(pipe, " ", 32)] if family.wants_negative(spec.guidance) else None
         kwargs = family.edit_call_kwargs(task, images, mask if task == "inpaint" else None,  # type: ignore[arg-type]
                                          0.6 if task != "edit" else None, side, side)
         args = DenoiseArgs(width=side, height=side, steps=2, guidance=spec.guidance,

@@ -22,11 +22,13 @@ from fluxserve.engine.families.flux import FluxFamily
 from fluxserve.engine.families.generic import GenericFamily
 from fluxserve.engine.families.klein import KleinFamily
 from fluxserve.engine.families.qwen_image import QwenImageFamily
+from fluxserve.engine.families.zimage import ZImageFamily
 
 FAMILIES: dict[str, Family] = {family.name: family for family in (
     FluxFamily(),
     QwenImageFamily(),
     KleinFamily(),
+    ZImageFamily(),
     GenericFamily(),
 )}
 """Every family by name. ``generic`` serves pipelines no other family claims."""
