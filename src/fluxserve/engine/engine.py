@@ -376,7 +376,7 @@ class DeviceEngine:
         self.faults.raise_if_armed("encode", backend)
         positives: list[PromptEmbedding] = []
         negatives: list[PromptEmbedding] = []
-        use_negative = adapter.uses_negative_prompt and params.guidance > 1
+        use_negative = adapter.wants_negative(params.guidance)
         cache = not attempt.in_float32  # cached embeddings are in the half-precision dtype
         for request in requests:
             pos = self._encode(model, pipe, request.prompt, params.max_sequence_length, cache=cache)

@@ -152,3 +152,23 @@ def ensure_tiny_model(path: Path, family: str) -> Path:
     if not is_tiny_model_dir(path, family):
         write_tiny_model(path, family)
     return path
+
+
+QWEN3_CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}"
+    "{%- endif %}"
+)
+"""The non-thinking part of Qwen3's chat template (what FLUX.2 klein and Z-Image render prompts with)."""
+
+
+def qwen3_tokenizer() -> Any:
+    """A byte-level tokenizer with Qwen3's special tokens and chat template, built offline."""
+    tok = qwen_tokenizer()
+    tok.add_tokens(["<think>", "</think>"], special_tokens=True)
+    tok.chat_template = QWEN3_CHAT_TEMPLATE
+    tok.pad_token = "<|endoftext|>"
+    return tok

@@ -20,13 +20,17 @@ from fluxserve.engine.families.base import (
 )
 from fluxserve.engine.families.flux import FluxFamily
 from fluxserve.engine.families.generic import GenericFamily
+from fluxserve.engine.families.klein import KleinFamily
 from fluxserve.engine.families.kontext import KontextFamily
 from fluxserve.engine.families.qwen_edit import QwenImageEditFamily
 from fluxserve.engine.families.qwen_image import QwenImageFamily
+from fluxserve.engine.families.zimage import ZImageFamily
 
 FAMILIES: dict[str, Family] = {family.name: family for family in (
     FluxFamily(),
     QwenImageFamily(),
+    KleinFamily(),
+    ZImageFamily(),
     KontextFamily(),
     QwenImageEditFamily(),
     GenericFamily(),

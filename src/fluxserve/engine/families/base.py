@@ -192,6 +192,10 @@ class Family:
         self._edit_pipes: weakref.WeakKeyDictionary[Any, dict[str, Any]] = weakref.WeakKeyDictionary()
 
     # prompts ------------------------------------------------------------------------------------------
+    def wants_negative(self, guidance: float) -> bool:
+        """Whether a call at this guidance runs true CFG, so the engine encodes a negative prompt."""
+        return self.uses_negative_prompt and guidance > 1
+
     def cache_key(self, prompt: str, max_sequence_length: int) -> tuple[str, str, int]:
         """Key of the prompt cache: embeddings depend on the family, the text and the padded length."""
         return (self.name, prompt, max_sequence_length)

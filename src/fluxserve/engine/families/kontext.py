@@ -45,7 +45,7 @@ class KontextFamily(FluxFamily):
     )
     optimizations = Optimizations(
         compile_blocks=("FluxTransformerBlock", "FluxSingleTransformerBlock"), fused_qkv=True, fp8_linears=True)
-    models = (
+    models = (  # type: ignore[assignment]  # the base family declares its own fixed-length tuple
         ModelSpec(
             key="kontext", source="black-forest-labs/FLUX.1-Kontext-dev", family="kontext", gated=True,
             description="FLUX.1 Kontext [dev]: instruction edits of one image, inpainting; non-commercial, gated",

@@ -51,7 +51,7 @@ class QwenImageEditFamily(QwenImageFamily):
     optimizations = Optimizations(
         compile_blocks=("QwenImageTransformerBlock",), fused_qkv=False, fp8_linears=True,
         notes="QwenDoubleStreamAttnProcessor2_0 has no fused-QKV path (Q, K, V stay separate)")
-    models = (
+    models = (  # type: ignore[assignment]  # the base family declares its own fixed-length tuple
         ModelSpec(
             key="qwen-edit", source="Qwen/Qwen-Image-Edit-2509", family="qwen_edit", licence="Apache-2.0",
             description="Qwen-Image-Edit-2509: instruction edits with up to 3 reference images (needs torchvision)",
