@@ -88,6 +88,10 @@ class ImageParams(BaseModel):
     fallback_applied: bool = False
     fallback_reason: str | None = None
     original_params: dict[str, Any] | None = None
+    task: str | None = None
+    """Edits only: img2img, inpaint or edit."""
+    strength: float | None = None
+    """img2img / inpaint only: how far the result moved from the input."""
 
 
 class ImageData(BaseModel):

@@ -243,6 +243,7 @@ class ImageService:
                 {"height": result.original_params.height, "width": result.original_params.width,
                  "num_inference_steps": result.original_params.steps}
                 if result.original_params is not None else None),
+            task=p.task if p.task != "generate" else None, strength=p.strength,
         )
         plan = job.metadata.get("device_plan")  # set for jobs a Ray replica ran (fluxserve.distributed)
         if plan is None:
