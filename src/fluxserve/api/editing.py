@@ -92,8 +92,12 @@ class EditBody:
 
 
 def _invalid(exc: ValidationError) -> APIError:
-    message, param = validation_message(dict(exc.errors()[0]))
-    return APIError(400, message, param=param, code="invalid_value")
+    error = dict(exc.errors()[0])
+    loc = tuple(error.get("loc", ()))
+    error["loc"] = loc[:1]  # the field itself, not the union member pydantic tried ("mask.str")
+    message, param = validation_message(error)
+    code = "missing_required_parameter" if error.get("type") == "missing" else "invalid_value"
+    return APIError(400, message, param=param, code=code)
 
 
 def _media_type(request: Request) -> str:
