@@ -145,3 +145,47 @@ def test_every_declared_edit_mode_runs_on_the_tiny_model(engine: DeviceEngine, k
     assert first.shape == (side, side, 3) and first.dtype == np.uint8
     assert first.tobytes() == again.tobytes()  # seeded edits reproduce
     assert not np.array_equal(first, source)
+
+
+FULL_SIZE = [  # (family, variant, component, published size in billions of parameters)
+    ("flux", None, "transformer", 11.9), ("flux", None, "text_encoder_2", 4.76),
+    ("qwen", None, "transformer", 20.4), ("qwen", None, "text_encoder", 8.29),  # Qwen2.5-VL-7B
+    ("klein", None, "transformer", 3.9), ("klein", None, "text_encoder", 4.02),  # Qwen3-4B
+    ("klein", "9b", "transformer", 9.1), ("klein", "9b", "text_encoder", 8.19),  # Qwen3-8B
+    ("zimage", None, "transformer", 6.15), ("zimage", None, "text_encoder", 4.02),
+]
+
+
+@pytest.mark.parametrize(("name", "variant"), sorted({(f, v) for f, v, _, _ in FULL_SIZE}, key=str))
+def test_full_size_architectures_have_the_published_parameter_counts(name: str, variant: str | None) -> None:
+    """Built on the meta device (no memory): the configs GPU benches use are those of the checkpoints."""
+    import inspect
+
+    import diffusers
+    import torch
+
+    family = FAMILIES[name]
+    components = family.full_size_components("meta", torch.bfloat16, variant)
+    cls = getattr(diffusers, family.pipeline_classes["generate"])
+    assert set(components) <= set(inspect.signature(cls.__init__).parameters)  # a valid pipeline signature
+    for fam, var, component, billions in FULL_SIZE:
+        if (fam, var) == (name, variant):
+            count = sum(p.numel() for p in components[component].parameters()) / 1e9
+            assert abs(count - billions) / billions < 0.02, f"{name} {variant} {component}: {count:.3f}B"
+
+
+@pytest.mark.parametrize("key", TINY_KEYS)
+def test_bench_captures_each_familys_transformer_inputs(engine: DeviceEngine, key: str) -> None:
+    """``fluxserve bench --family`` times one forward with the inputs the family's own pipeline passes."""
+    import torch
+
+    from fluxserve.bench import Case, _call_kwargs, captured_transformer_inputs
+
+    spec = resolve_model(key)
+    model, _ = engine.load(spec)
+    pipe = model.primary
+    args, kwargs = captured_transformer_inputs(pipe, _call_kwargs(Case("c", 64, 64, 1, variant=key), pipe), 64, 64)
+    assert args or kwargs
+    with torch.inference_mode():
+        out = pipe.transformer(*args, **kwargs)
+    assert out is not None

@@ -74,6 +74,7 @@ class KleinFamily(Flux2Staged):
     max_input_images = 4
     """Flux2KleinPipeline sets no limit (each reference adds its tokens to every step); 4 is fluxserve's
     budget, unverified against the model card."""
+    full_size_variants: ClassVar[dict[str, str | None]] = {"klein": None, "klein-9b": "9b"}
     defaults = FamilyDefaults(steps=4, guidance=1.0, max_sequence_length=512, presets=KLEIN_PRESETS,
                               sources=KLEIN_SOURCES)
     uses_negative_prompt = True
@@ -177,7 +178,8 @@ class KleinFamily(Flux2Staged):
         text_config = Qwen3Config(
             vocab_size=151936, hidden_size=hidden, intermediate_size=12288 if big else 9728, num_hidden_layers=36,
             num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=40960,
-            rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=not big,
+            rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}, rms_norm_eps=1e-6,
+            tie_word_embeddings=not big,
             pad_token_id=tok.pad_token_id, eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"),
         )
 
