@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -189,3 +190,42 @@ def test_bench_captures_each_familys_transformer_inputs(engine: DeviceEngine, ke
     with torch.inference_mode():
         out = pipe.transformer(*args, **kwargs)
     assert out is not None
+
+
+@pytest.mark.parametrize("key", TINY_KEYS)
+def test_declared_optimizations_match_the_transformer(engine: DeviceEngine, key: str) -> None:
+    """Regional compile blocks are the transformer's repeated blocks; fused QKV is declared exactly where
+    fusing changes modules (and keeps the output), so FLUX_FUSE_QKV never reports a no-op as applied."""
+    import copy
+
+    import torch
+
+    from fluxserve.bench import Case, _call_kwargs, captured_transformer_inputs
+    from fluxserve.engine.optimize import _fuse_qkv
+
+    spec = resolve_model(key)
+    model, _ = engine.load(spec)
+    family, pipe = model.adapter, model.primary
+    assert family.optimizations.compile_blocks == tuple(pipe.transformer._repeated_blocks)
+    args, kwargs = captured_transformer_inputs(pipe, _call_kwargs(Case("c", 64, 64, 1, variant=key), pipe), 64, 64)
+    transformer = copy.deepcopy(pipe.transformer)
+    with torch.inference_mode():
+        before = transformer(*args, **kwargs)[0]
+        _fuse_qkv(pipe, transformer)
+        fused = [n for n, m in transformer.named_modules() if getattr(m, "fused_projections", False)]
+        after = transformer(*args, **kwargs)[0]
+    assert bool(fused) == family.optimizations.fused_qkv
+    if isinstance(before, list):
+        before, after = torch.stack(before), torch.stack(after)
+    torch.testing.assert_close(after, before, atol=1e-5, rtol=1e-4)
+
+
+def test_fuse_qkv_is_not_reported_where_the_family_cannot_fuse(make_settings: Any) -> None:
+    from fluxserve.engine.optimize import apply_optimizations
+
+    plan = select_device_dtype("cpu")
+    for key in ("tiny-qwen", "tiny-klein"):
+        spec = resolve_model(key)
+        pipe = FAMILIES[spec.family].tiny_pipeline()
+        applied = apply_optimizations(pipe, make_settings(fuse_qkv=True), plan, FAMILIES[spec.family])
+        assert ("fuse_qkv" in applied) == FAMILIES[spec.family].optimizations.fused_qkv
