@@ -154,6 +154,7 @@ FULL_SIZE = [  # (family, variant, component, published size in billions of para
     ("klein", None, "transformer", 3.9), ("klein", None, "text_encoder", 4.02),  # Qwen3-4B
     ("klein", "9b", "transformer", 9.1), ("klein", "9b", "text_encoder", 8.19),  # Qwen3-8B
     ("zimage", None, "transformer", 6.15), ("zimage", None, "text_encoder", 4.02),
+    ("flux2", None, "transformer", 32.2), ("flux2", None, "text_encoder", 24.0),  # Mistral Small 3.1 24B
 ]
 
 
@@ -229,3 +230,26 @@ def test_fuse_qkv_is_not_reported_where_the_family_cannot_fuse(make_settings: An
         pipe = FAMILIES[spec.family].tiny_pipeline()
         applied = apply_optimizations(pipe, make_settings(fuse_qkv=True), plan, FAMILIES[spec.family])
         assert ("fuse_qkv" in applied) == FAMILIES[spec.family].optimizations.fused_qkv
+
+
+@pytest.mark.parametrize("key", TINY_KEYS)
+def test_the_stage_split_matches_one_plain_pipeline_call(engine: DeviceEngine, key: str) -> None:
+    """encode → denoise → decode through the family gives the image the diffusers pipeline itself makes."""
+    import torch
+
+    from fluxserve.bench import Case, _call_kwargs
+
+    spec = resolve_model(key)
+    model, _ = engine.load(spec)
+    params = GenerationParams(key, 64, 64, 2, spec.guidance, min(spec.max_sequence_length, 64))
+    ours = engine.generate(model, params, [ImageRequest("a red fox", [5])])[0].images[0]
+    pipe = model.primary
+    kwargs = _call_kwargs(Case("c", 64, 64, 2, variant=key, guidance=spec.guidance), pipe)
+    if kwargs.get("negative_prompt") is not None and spec.negative_prompt is not None:
+        kwargs["negative_prompt"] = spec.negative_prompt
+    kwargs["max_sequence_length"] = params.max_sequence_length
+    with torch.inference_mode():
+        plain = pipe(prompt="a red fox", width=64, height=64, num_inference_steps=2,
+                     generator=torch.Generator("cpu").manual_seed(5), output_type="np", **kwargs).images[0]
+    theirs = (np.clip(plain, 0, 1) * 255).round().astype(np.int16)
+    assert np.abs(ours.astype(np.int16) - theirs).max() <= 2

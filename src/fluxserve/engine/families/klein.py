@@ -62,7 +62,15 @@ class Flux2Staged(Family):
         return latents.reshape(latents.shape[0], h, w, latents.shape[-1]).permute(0, 3, 1, 2)
 
     def decode(self, pipe: Any, latents: torch.Tensor, width: int, height: int) -> torch.Tensor:
+        import torch
+
         vae = pipe.vae
+        if latents.ndim == 3:  # Flux2Pipeline returns packed latents; the klein pipelines finish them first
+            latents = self.spatial_latents(pipe, latents, width, height)
+            mean = vae.bn.running_mean.view(1, -1, 1, 1).to(latents.device, latents.dtype)
+            std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps).to(
+                latents.device, latents.dtype)
+            latents = pipe._unpatchify_latents(latents * std + mean)
         return vae.decode(latents.to(vae.dtype), return_dict=False)[0]
 
 
