@@ -31,8 +31,8 @@ if TYPE_CHECKING:
 KLEIN_PRESETS = {"low": Preset(768, 768, 4), "medium": Preset(1024, 1024, 4), "high": Preset(1024, 1024, 8),
                  "wide": Preset(1344, 768, 4)}
 KLEIN_SOURCES = {
-    "steps": "FLUX.2 [klein] is step-distilled to 4 steps (issue table / BFL announcement); not checked against "
-             "the model card here",
+    "steps": "4: the distilled klein checkpoints' step count as fluxserve's issue states it; diffusers' docstring "
+             "example is for the undistilled base-9B (50 steps, guidance 4) — unverified against the model card",
     "guidance": "Flux2KleinPipeline ignores guidance when is_distilled (do_classifier_free_guidance); 1.0 is "
                 "the neutral value — unverified against the model card",
     "max_sequence_length": "Flux2KleinPipeline default (512)",
