@@ -56,8 +56,8 @@ class Settings(BaseSettings):
         "schnell",
         validation_alias=AliasChoices("FLUX_MODEL", "FLUX_MODEL_ID", "FLUX_MODEL_KEY", "model"),
     )
-    """Default model: a registry key (schnell, dev, qwen, tiny-flux, tiny-qwen), a hub repo id or a
-    local diffusers directory. ``FLUX_MODEL_ID`` and ``FLUX_MODEL_KEY`` are the earlier names."""
+    """Default model: a registry key (schnell, dev, qwen, klein, zimage, tiny-flux, ...: docs/families.md), a hub
+    repo id or a local diffusers directory. ``FLUX_MODEL_ID`` and ``FLUX_MODEL_KEY`` are the earlier names."""
     preload_models: CsvList = Field(default_factory=list)
     """Comma-separated extra models loaded at start-up besides the default one."""
     cache_dir: Path = Field(default_factory=_default_cache_dir)

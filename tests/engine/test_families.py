@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -145,3 +146,110 @@ def test_every_declared_edit_mode_runs_on_the_tiny_model(engine: DeviceEngine, k
     assert first.shape == (side, side, 3) and first.dtype == np.uint8
     assert first.tobytes() == again.tobytes()  # seeded edits reproduce
     assert not np.array_equal(first, source)
+
+
+FULL_SIZE = [  # (family, variant, component, published size in billions of parameters)
+    ("flux", None, "transformer", 11.9), ("flux", None, "text_encoder_2", 4.76),
+    ("qwen", None, "transformer", 20.4), ("qwen", None, "text_encoder", 8.29),  # Qwen2.5-VL-7B
+    ("klein", None, "transformer", 3.9), ("klein", None, "text_encoder", 4.02),  # Qwen3-4B
+    ("klein", "9b", "transformer", 9.1), ("klein", "9b", "text_encoder", 8.19),  # Qwen3-8B
+    ("zimage", None, "transformer", 6.15), ("zimage", None, "text_encoder", 4.02),
+    ("flux2", None, "transformer", 32.2), ("flux2", None, "text_encoder", 24.0),  # Mistral Small 3.1 24B
+]
+
+
+@pytest.mark.parametrize(("name", "variant"), sorted({(f, v) for f, v, _, _ in FULL_SIZE}, key=str))
+def test_full_size_architectures_have_the_published_parameter_counts(name: str, variant: str | None) -> None:
+    """Built on the meta device (no memory): the configs GPU benches use are those of the checkpoints."""
+    import inspect
+
+    import diffusers
+    import torch
+
+    family = FAMILIES[name]
+    components = family.full_size_components("meta", torch.bfloat16, variant)
+    cls = getattr(diffusers, family.pipeline_classes["generate"])
+    assert set(components) <= set(inspect.signature(cls.__init__).parameters)  # a valid pipeline signature
+    for fam, var, component, billions in FULL_SIZE:
+        if (fam, var) == (name, variant):
+            count = sum(p.numel() for p in components[component].parameters()) / 1e9
+            assert abs(count - billions) / billions < 0.02, f"{name} {variant} {component}: {count:.3f}B"
+
+
+@pytest.mark.parametrize("key", TINY_KEYS)
+def test_bench_captures_each_familys_transformer_inputs(engine: DeviceEngine, key: str) -> None:
+    """``fluxserve bench --family`` times one forward with the inputs the family's own pipeline passes."""
+    import torch
+
+    from fluxserve.bench import Case, _call_kwargs, captured_transformer_inputs
+
+    spec = resolve_model(key)
+    model, _ = engine.load(spec)
+    pipe = model.primary
+    args, kwargs = captured_transformer_inputs(pipe, _call_kwargs(Case("c", 64, 64, 1, variant=key), pipe), 64, 64)
+    assert args or kwargs
+    with torch.inference_mode():
+        out = pipe.transformer(*args, **kwargs)
+    assert out is not None
+
+
+@pytest.mark.parametrize("key", TINY_KEYS)
+def test_declared_optimizations_match_the_transformer(engine: DeviceEngine, key: str) -> None:
+    """Regional compile blocks are the transformer's repeated blocks; fused QKV is declared exactly where
+    fusing changes modules (and keeps the output), so FLUX_FUSE_QKV never reports a no-op as applied."""
+    import copy
+
+    import torch
+
+    from fluxserve.bench import Case, _call_kwargs, captured_transformer_inputs
+    from fluxserve.engine.optimize import _fuse_qkv
+
+    spec = resolve_model(key)
+    model, _ = engine.load(spec)
+    family, pipe = model.adapter, model.primary
+    assert family.optimizations.compile_blocks == tuple(pipe.transformer._repeated_blocks)
+    args, kwargs = captured_transformer_inputs(pipe, _call_kwargs(Case("c", 64, 64, 1, variant=key), pipe), 64, 64)
+    transformer = copy.deepcopy(pipe.transformer)
+    with torch.inference_mode():
+        before = transformer(*args, **kwargs)[0]
+        _fuse_qkv(pipe, transformer)
+        fused = [n for n, m in transformer.named_modules() if getattr(m, "fused_projections", False)]
+        after = transformer(*args, **kwargs)[0]
+    assert bool(fused) == family.optimizations.fused_qkv
+    if isinstance(before, list):
+        before, after = torch.stack(before), torch.stack(after)
+    torch.testing.assert_close(after, before, atol=1e-5, rtol=1e-4)
+
+
+def test_fuse_qkv_is_not_reported_where_the_family_cannot_fuse(make_settings: Any) -> None:
+    from fluxserve.engine.optimize import apply_optimizations
+
+    plan = select_device_dtype("cpu")
+    for key in ("tiny-qwen", "tiny-klein"):
+        spec = resolve_model(key)
+        pipe = FAMILIES[spec.family].tiny_pipeline()
+        applied = apply_optimizations(pipe, make_settings(fuse_qkv=True), plan, FAMILIES[spec.family])
+        assert ("fuse_qkv" in applied) == FAMILIES[spec.family].optimizations.fused_qkv
+
+
+@pytest.mark.parametrize("key", TINY_KEYS)
+def test_the_stage_split_matches_one_plain_pipeline_call(engine: DeviceEngine, key: str) -> None:
+    """encode → denoise → decode through the family gives the image the diffusers pipeline itself makes."""
+    import torch
+
+    from fluxserve.bench import Case, _call_kwargs
+
+    spec = resolve_model(key)
+    model, _ = engine.load(spec)
+    params = GenerationParams(key, 64, 64, 2, spec.guidance, min(spec.max_sequence_length, 64))
+    ours = engine.generate(model, params, [ImageRequest("a red fox", [5])])[0].images[0]
+    pipe = model.primary
+    kwargs = _call_kwargs(Case("c", 64, 64, 2, variant=key, guidance=spec.guidance), pipe)
+    if kwargs.get("negative_prompt") is not None and spec.negative_prompt is not None:
+        kwargs["negative_prompt"] = spec.negative_prompt
+    kwargs["max_sequence_length"] = params.max_sequence_length
+    with torch.inference_mode():
+        plain = pipe(prompt="a red fox", width=64, height=64, num_inference_steps=2,
+                     generator=torch.Generator("cpu").manual_seed(5), output_type="np", **kwargs).images[0]
+    theirs = (np.clip(plain, 0, 1) * 255).round().astype(np.int16)
+    assert np.abs(ours.astype(np.int16) - theirs).max() <= 2

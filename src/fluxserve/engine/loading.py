@@ -214,7 +214,7 @@ def load_model(spec: ModelSpec, plan: DevicePlan, settings: Settings, *, views: 
 
     from fluxserve.engine.optimize import apply_optimizations
 
-    modes += apply_optimizations(pipe, settings, plan)
+    modes += apply_optimizations(pipe, settings, plan, FAMILIES[family])
     validate_generator_device(plan, pipe._execution_device if settings.offload == "none" else plan.torch_device)
 
     model = LoadedModel(

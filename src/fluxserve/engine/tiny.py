@@ -172,3 +172,43 @@ def qwen3_tokenizer() -> Any:
     tok.chat_template = QWEN3_CHAT_TEMPLATE
     tok.pad_token = "<|endoftext|>"
     return tok
+
+
+MISTRAL3_CHAT_TEMPLATE = (
+    "{{- bos_token }}"
+    "{%- for message in messages %}"
+    "{%- if message['content'] is string %}{%- set parts = [{'type': 'text', 'text': message['content']}] %}"
+    "{%- else %}{%- set parts = message['content'] %}{%- endif %}"
+    "{%- if message['role'] == 'system' %}{{- '[SYSTEM_PROMPT]' }}"
+    "{%- for part in parts %}{{- part['text'] }}{%- endfor %}{{- '[/SYSTEM_PROMPT]' }}"
+    "{%- elif message['role'] == 'user' %}{{- '[INST]' }}"
+    "{%- for part in parts %}{%- if part['type'] == 'text' %}{{- part['text'] }}{%- else %}{{- '[IMG]' }}"
+    "{%- endif %}{%- endfor %}{{- '[/INST]' }}"
+    "{%- else %}{%- for part in parts %}{{- part['text'] }}{%- endfor %}{{- eos_token }}{%- endif %}"
+    "{%- endfor %}"
+)
+"""The shape of Mistral Small 3's chat template: ``[SYSTEM_PROMPT]…[/SYSTEM_PROMPT][INST]…[/INST]``."""
+
+
+def mistral_tokenizer() -> Any:
+    """A byte-level fast tokenizer with Mistral 3's special tokens and chat template, built offline.
+
+    It is the tokenizer half of FLUX.2 [dev]'s ``PixtralProcessor``: the processor itself cannot be built
+    here (transformers 5 requires torchvision for it, which this project does not install).
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<unk>", "<s>", "</s>", "<pad>", "[INST]", "[/INST]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]",
+                "[IMG]", "[IMG_BREAK]", "[IMG_END]"]
+    vocab = {token: i for i, token in enumerate(specials)}
+    for ch in _byte_level_vocab():
+        vocab[ch] = len(vocab)
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    backend.decoder = decoders.ByteLevel()
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                  pad_token="<pad>", model_max_length=2048)
+    tok.add_special_tokens({"additional_special_tokens": specials[4:]})
+    tok.chat_template = MISTRAL3_CHAT_TEMPLATE
+    return tok

@@ -175,6 +175,6 @@ async def tokenize(body: TokenizeRequest, request: Request) -> JSONResponse:
     counts = await asyncio.get_running_loop().run_in_executor(
         None, model.adapter.token_count, model.primary, body.prompt)
     limits = {"tokenizer": 77, "tokenizer_2": spec.max_sequence_length}
-    if spec.family == "qwen":
+    if spec.family != "flux":  # one tokenizer (Qwen-Image, FLUX.2, Z-Image, ...)
         limits = {"tokenizer": spec.max_sequence_length}
     return JSONResponse({"model": spec.key, "counts": counts, "limits": limits})

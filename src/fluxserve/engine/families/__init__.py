@@ -19,6 +19,7 @@ from fluxserve.engine.families.base import (
     to_uint8,
 )
 from fluxserve.engine.families.flux import FluxFamily
+from fluxserve.engine.families.flux2 import Flux2DevFamily
 from fluxserve.engine.families.generic import GenericFamily
 from fluxserve.engine.families.klein import KleinFamily
 from fluxserve.engine.families.kontext import KontextFamily
@@ -31,6 +32,7 @@ FAMILIES: dict[str, Family] = {family.name: family for family in (
     QwenImageFamily(),
     KleinFamily(),
     ZImageFamily(),
+    Flux2DevFamily(),
     KontextFamily(),
     QwenImageEditFamily(),
     GenericFamily(),

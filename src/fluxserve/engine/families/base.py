@@ -176,6 +176,8 @@ class Family:
     defaults: ClassVar[FamilyDefaults]
     models: ClassVar[tuple[ModelSpec, ...]] = ()
     """The registry entries this family serves (real checkpoints and their ``tiny-<key>`` versions)."""
+    full_size_variants: ClassVar[dict[str, str | None]] = {}
+    """Registry key → the ``variant`` argument of :meth:`full_size_components` that builds its architecture."""
     optimizations: ClassVar[Optimizations] = Optimizations()
     guidance_parameter: ClassVar[str] = "guidance_scale"
     """The pipeline argument the request's ``guidance_scale`` becomes."""

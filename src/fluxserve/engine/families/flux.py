@@ -32,6 +32,7 @@ class FluxFamily(Family):
     title = "FLUX.1"
     pipeline_classes: ClassVar[dict[Task, str]] = {
         "generate": "FluxPipeline", "img2img": "FluxImg2ImgPipeline", "inpaint": "FluxInpaintPipeline"}
+    full_size_variants: ClassVar[dict[str, str | None]] = {"schnell": None, "dev": "dev"}
     defaults = FamilyDefaults(
         steps=28, guidance=3.5, max_sequence_length=512, presets=_DEV_PRESETS,
         sources={"steps": "FLUX.1-dev model card / FluxPipeline docstring example (28 steps, guidance 3.5)",

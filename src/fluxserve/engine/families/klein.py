@@ -31,8 +31,8 @@ if TYPE_CHECKING:
 KLEIN_PRESETS = {"low": Preset(768, 768, 4), "medium": Preset(1024, 1024, 4), "high": Preset(1024, 1024, 8),
                  "wide": Preset(1344, 768, 4)}
 KLEIN_SOURCES = {
-    "steps": "FLUX.2 [klein] is step-distilled to 4 steps (issue table / BFL announcement); not checked against "
-             "the model card here",
+    "steps": "4: the distilled klein checkpoints' step count as fluxserve's issue states it; diffusers' docstring "
+             "example is for the undistilled base-9B (50 steps, guidance 4) — unverified against the model card",
     "guidance": "Flux2KleinPipeline ignores guidance when is_distilled (do_classifier_free_guidance); 1.0 is "
                 "the neutral value — unverified against the model card",
     "max_sequence_length": "Flux2KleinPipeline default (512)",
@@ -62,7 +62,15 @@ class Flux2Staged(Family):
         return latents.reshape(latents.shape[0], h, w, latents.shape[-1]).permute(0, 3, 1, 2)
 
     def decode(self, pipe: Any, latents: torch.Tensor, width: int, height: int) -> torch.Tensor:
+        import torch
+
         vae = pipe.vae
+        if latents.ndim == 3:  # Flux2Pipeline returns packed latents; the klein pipelines finish them first
+            latents = self.spatial_latents(pipe, latents, width, height)
+            mean = vae.bn.running_mean.view(1, -1, 1, 1).to(latents.device, latents.dtype)
+            std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps).to(
+                latents.device, latents.dtype)
+            latents = pipe._unpatchify_latents(latents * std + mean)
         return vae.decode(latents.to(vae.dtype), return_dict=False)[0]
 
 
@@ -74,6 +82,7 @@ class KleinFamily(Flux2Staged):
     max_input_images = 4
     """Flux2KleinPipeline sets no limit (each reference adds its tokens to every step); 4 is fluxserve's
     budget, unverified against the model card."""
+    full_size_variants: ClassVar[dict[str, str | None]] = {"klein": None, "klein-9b": "9b"}
     defaults = FamilyDefaults(steps=4, guidance=1.0, max_sequence_length=512, presets=KLEIN_PRESETS,
                               sources=KLEIN_SOURCES)
     uses_negative_prompt = True
@@ -177,7 +186,8 @@ class KleinFamily(Flux2Staged):
         text_config = Qwen3Config(
             vocab_size=151936, hidden_size=hidden, intermediate_size=12288 if big else 9728, num_hidden_layers=36,
             num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=40960,
-            rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=not big,
+            rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}, rms_norm_eps=1e-6,
+            tie_word_embeddings=not big,
             pad_token_id=tok.pad_token_id, eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"),
         )
 

@@ -40,9 +40,9 @@ class QwenImageFamily(Family):
     defaults = FamilyDefaults(
         steps=30, guidance=4.0, max_sequence_length=512, max_sequence_length_limit=1024, negative_prompt=" ",
         presets=_QWEN_PRESETS,
-        sources={"steps": "fluxserve's Qwen-Image default since the first release (QwenImagePipeline's own "
-                          "default is 50); unverified against the model card here",
-                 "guidance": "QwenImagePipeline docstring: true_cfg_scale 4.0",
+        sources={"steps": "fluxserve's Qwen-Image default since the first release; QwenImagePipeline's docstring "
+                          "example uses 50 — unverified against the model card (no hub access here)",
+                 "guidance": "QwenImagePipeline.__call__ default true_cfg_scale=4.0",
                  "negative_prompt": "QwenImagePipeline: CFG needs a negative prompt (\" \" if none)",
                  "max_sequence_length_limit": "QwenImagePipeline.check_inputs (1024)"},
     )

@@ -133,7 +133,8 @@ class ZImageFamily(Family):
         text_config = Qwen3Config(
             vocab_size=151936, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
             num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=40960,
-            rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=True, pad_token_id=tok.pad_token_id,
+            rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}, rms_norm_eps=1e-6,
+            tie_word_embeddings=True, pad_token_id=tok.pad_token_id,
         )
 
         def make() -> dict[str, Any]:
