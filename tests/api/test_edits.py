@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from fluxserve.engine.registry import BUILTIN_MODELS
+
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 EDIT = "/v1/images/edits"
@@ -232,3 +234,31 @@ def test_batching_key_holds_identical_inputs_together(cache_dir: Path) -> None:
     generation = edits.images.build_job(body, "id")
     assert generation.params.inputs is None and generation.params != job(a).params
     assert job(a).images[0].shape == (64, 64, 3) and job(a, mask=png(left_half_mask())).mask is not None
+
+
+EDIT_MODELS = [key for key, spec in BUILTIN_MODELS.items() if spec.tiny is not None]
+
+
+@pytest.mark.parametrize("model", EDIT_MODELS)
+async def test_every_tiny_family_edits_and_keeps_the_unmasked_area(client: Any, model: str) -> None:
+    """Each tiny model through HTTP: the family's task without a mask, its masked task with the area outside
+    the mask kept, and a 400 naming ``image`` past its image count."""
+    from fluxserve.api.editing import edit_modes
+    from fluxserve.engine.registry import resolve_model
+
+    modes = edit_modes(resolve_model(model))
+    assert modes is not None, f"{model} cannot edit"
+    image = photo(seed=3)
+    plain = await client.post(EDIT, files={"image": ("in.png", png(image), "image/png")}, data=form(model=model))
+    assert plain.status_code == 200, plain.text
+    assert plain.json()["data"][0]["params"]["task"] == modes.without_mask
+    masked = await client.post(EDIT, files={"image": ("in.png", png(image), "image/png"),
+                                            "mask": ("m.png", png(left_half_mask()), "image/png")},
+                               data=form(model=model))
+    assert masked.status_code == 200, masked.text
+    assert masked.json()["data"][0]["params"]["task"] == modes.with_mask
+    out = pixels_of(masked.json()["data"][0])
+    assert np.array_equal(out[:, 32:], image[:, 32:])
+    too_many = [("image[]", (f"{i}.png", png(photo(seed=i)), "image/png")) for i in range(modes.max_images + 1)]
+    refused = await client.post(EDIT, files=too_many, data=form(model=model))
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "image"

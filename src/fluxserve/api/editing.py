@@ -93,7 +93,7 @@ class EditBody:
 
 def _invalid(exc: ValidationError) -> APIError:
     error = dict(exc.errors()[0])
-    loc = tuple(error.get("loc", ()))
+    loc: tuple[Any, ...] = tuple(exc.errors()[0].get("loc", ()))
     error["loc"] = loc[:1]  # the field itself, not the union member pydantic tried ("mask.str")
     message, param = validation_message(error)
     code = "missing_required_parameter" if error.get("type") == "missing" else "invalid_value"
