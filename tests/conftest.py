@@ -33,10 +33,9 @@ def cache_dir() -> Path:
     from fluxserve.engine.registry import BUILTIN_MODELS
     from fluxserve.engine.tiny import ensure_tiny_model
 
-    for key in ("tiny-flux", "tiny-qwen"):
-        spec = BUILTIN_MODELS[key]
-        assert spec.tiny is not None
-        ensure_tiny_model(CACHE_DIR / "models" / key, spec.tiny)
+    for key, spec in BUILTIN_MODELS.items():  # every family's tiny-<key> (tiny-flux, tiny-qwen, tiny-klein, ...)
+        if spec.tiny is not None:
+            ensure_tiny_model(CACHE_DIR / "models" / key, spec.tiny)
     return CACHE_DIR
 
 

@@ -64,7 +64,10 @@ class Case:
     steps: int
     clients: int = 1
     variant: str = "schnell"
-    """schnell (no guidance embedding) | dev (guidance_embeds=True) | tiny."""
+    """schnell (no guidance embedding) | dev (guidance_embeds=True) | tiny | another registry key (``--family``:
+    klein, klein-9b, zimage, qwen, ...) or its ``tiny-<key>``."""
+    guidance: float = 0.0
+    """Guidance on every path (the family's own parameter: ``guidance_scale`` or ``true_cfg_scale``)."""
 
 
 CUDA_CASES = [
@@ -85,6 +88,47 @@ MODES: dict[str, dict[str, str]] = {
     "lossless": {"FLUX_COMPILE": "regional", "FLUX_FUSE_QKV": "1"},
     "fast": {"FLUX_COMPILE": "regional", "FLUX_FUSE_QKV": "1", "FLUX_QUANTIZE": "fp8"},
 }
+
+
+TransformerCall = tuple[tuple[Any, ...], dict[str, Any]]
+"""Positional and keyword arguments of one transformer forward."""
+FLUX_VARIANTS = ("schnell", "dev", "tiny")
+"""The variants of the original FLUX.1 cases; any other variant is a registry key served by its family."""
+
+
+def family_cases(name: str, device: str) -> list[Case]:
+    """Cases for ``--family NAME`` (a family or a registry key): 1024² at the model's default steps on CUDA
+    (one client, and four in one batch), its tiny model at 128² on CPU."""
+    from fluxserve.engine.families import FAMILIES
+    from fluxserve.engine.registry import BUILTIN_MODELS
+
+    if name in FAMILIES:  # a family means its first real checkpoint
+        name = next(s.key for s in FAMILIES[name].models if s.tiny is None)
+    spec = BUILTIN_MODELS.get(name)
+    if spec is None or spec.tiny is not None:
+        real = [k for k, s in BUILTIN_MODELS.items() if s.tiny is None]
+        raise SystemExit(f"--family {name!r}: choose a family ({', '.join(FAMILIES)}) or a model ({', '.join(real)})")
+    if device.startswith("cuda"):
+        return [Case(f"{name}-1024-{spec.steps}", 1024, 1024, spec.steps, variant=name, guidance=spec.guidance),
+                Case(f"{name}-1024-{spec.steps}-x4", 1024, 1024, spec.steps, clients=4, variant=name,
+                     guidance=spec.guidance)]
+    tiny = f"tiny-{name}"
+    if tiny not in BUILTIN_MODELS:
+        raise SystemExit(f"--family {name!r} has no tiny model for CPU runs")
+    return [Case(f"{tiny}-128-4", 128, 128, 4, variant=tiny, guidance=BUILTIN_MODELS[tiny].guidance)]
+
+
+def _call_kwargs(case: Case, pipe: Any) -> dict[str, Any]:
+    """Keyword arguments of a plain pipeline call for ``case`` (besides prompt, size, steps, generator)."""
+    if case.variant in FLUX_VARIANTS:
+        return {"guidance_scale": 0.0, "max_sequence_length": MAX_SEQUENCE_LENGTH}
+    from fluxserve.engine.families import FAMILIES, family_of_class
+
+    family = FAMILIES[family_of_class(type(pipe).__name__)]
+    kwargs: dict[str, Any] = {family.guidance_parameter: case.guidance, "max_sequence_length": MAX_SEQUENCE_LENGTH}
+    if family.wants_negative(case.guidance) and family.defaults.negative_prompt is not None:
+        kwargs["negative_prompt"] = family.defaults.negative_prompt
+    return kwargs
 
 
 @dataclass
@@ -161,58 +205,16 @@ def _seed_for(i: int) -> int:
 # --------------------------------------------------------------------------------------------------
 # full-size FLUX.1 with random weights (CUDA)
 
-def _init_like_checkpoint(module: torch.nn.Module, seed: int) -> None:
-    """Re-draw every floating parameter on its device: N(0, 0.02) matrices, unit norm weights, zero biases."""
-    gen = torch.Generator(device=next(module.parameters()).device).manual_seed(seed)
-    with torch.no_grad():
-        for name, param in module.named_parameters():
-            if not param.is_floating_point():
-                continue
-            if param.ndim == 1:
-                if "norm" in name or name.endswith("weight"):
-                    param.fill_(1.0)
-                else:
-                    param.zero_()
-            else:
-                param.normal_(0.0, 0.02, generator=gen)
-
-
 def build_fullsize_flux(guidance_embeds: bool = False, device: str = "cuda",
                         dtype: torch.dtype = torch.bfloat16) -> Any:
-    """A ``FluxPipeline`` with the published FLUX.1 architecture and random weights, built on ``device``."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+    """A ``FluxPipeline`` with the published FLUX.1 architecture and random weights, built on ``device``
+    (``FluxFamily.full_size_components``)."""
+    from diffusers import FluxPipeline
 
-    from fluxserve.engine.tiny import _clip_tokenizer, _t5_tokenizer
+    from fluxserve.engine.families import FAMILIES
 
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            transformer = FluxTransformer2DModel(guidance_embeds=guidance_embeds)
-            t5 = T5EncoderModel(T5Config(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24,
-                                         num_heads=64, feed_forward_proj="gated-gelu", dropout_rate=0.0))
-            clip = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072,
-                                                num_hidden_layers=12, num_attention_heads=12,
-                                                projection_dim=768, hidden_act="quick_gelu"))
-            vae = AutoencoderKL(
-                in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(128, 256, 512, 512),
-                layers_per_block=2, norm_num_groups=32, down_block_types=("DownEncoderBlock2D",) * 4,
-                up_block_types=("UpDecoderBlock2D",) * 4, scaling_factor=0.3611, shift_factor=0.1159,
-                use_quant_conv=False, use_post_quant_conv=False, sample_size=1024,
-            )
-    finally:
-        torch.set_default_dtype(previous)
-    modules: list[Any] = [transformer, t5, clip, vae]
-    for i, module in enumerate(modules):
-        _init_like_checkpoint(module, seed=i)
-        module.eval()
-    scheduler = FlowMatchEulerDiscreteScheduler(
-        shift=3.0 if guidance_embeds else 1.0, use_dynamic_shifting=guidance_embeds, base_shift=0.5,
-        max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096,
-    )
-    pipe: Any = FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=clip, tokenizer=_clip_tokenizer(77),
-                             text_encoder_2=t5, tokenizer_2=_t5_tokenizer(512), transformer=transformer)
+    components = FAMILIES["flux"].full_size_components(device, dtype, "dev" if guidance_embeds else None)
+    pipe: Any = FluxPipeline(**components)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -241,17 +243,38 @@ def transformer_inputs(pipe: Any, width: int = 1024, height: int = 1024, batch: 
     return kwargs
 
 
-def time_forward(pipe: Any, reps: int = 10) -> float:
-    """Median seconds of one transformer forward at 1024² (4096 image + 256 text tokens)."""
-    inputs = transformer_inputs(pipe)
+def captured_transformer_inputs(pipe: Any, call_kwargs: dict[str, Any], width: int = 1024,
+                                height: int = 1024) -> TransformerCall:
+    """The transformer's arguments in a real one-step pipeline call at this size (any family): captured
+    with a forward pre-hook, so a forward can be timed with exactly the pipeline's shapes."""
+    captured: list[TransformerCall] = []
+
+    def hook(_module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if not captured:
+            captured.append((args, dict(kwargs)))
+
+    handle = pipe.transformer.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        with torch.inference_mode():
+            pipe(prompt="a lighthouse", width=width, height=height, num_inference_steps=1, output_type="latent",
+                 **call_kwargs)
+    finally:
+        handle.remove()
+    return captured[0]
+
+
+def time_forward(pipe: Any, reps: int = 10, inputs: TransformerCall | None = None) -> float:
+    """Median seconds of one transformer forward at 1024² (FLUX.1: 4096 image + 256 text tokens; other
+    families: the arguments their pipeline passes, see :func:`captured_transformer_inputs`)."""
+    args, kwargs = inputs if inputs is not None else ((), transformer_inputs(pipe))
     with torch.inference_mode():
         for _ in range(2):
-            pipe.transformer(**inputs)
+            pipe.transformer(*args, **kwargs)
         times = []
         for _ in range(reps):
             torch.cuda.synchronize()
             t = time.perf_counter()
-            pipe.transformer(**inputs)
+            pipe.transformer(*args, **kwargs)
             torch.cuda.synchronize()
             times.append(time.perf_counter() - t)
     return statistics.median(times)
@@ -269,7 +292,7 @@ def run_baseline(pipe: Any, cases: list[Case], reps: int, device: str) -> tuple[
     def call(case: Case, prompts_: list[str], seeds: list[int]) -> list[bytes]:
         gens = [torch.Generator("cpu").manual_seed(s) for s in seeds]
         images = pipe(prompt=prompts_, height=case.height, width=case.width, num_inference_steps=case.steps,
-                      guidance_scale=0.0, max_sequence_length=MAX_SEQUENCE_LENGTH, generator=gens).images
+                      generator=gens, **_call_kwargs(case, pipe)).images
         out = []
         for image in images:
             buf = io.BytesIO()
@@ -338,7 +361,7 @@ def run_engine(model_name: str, cases: list[Case], reps: int, mode: str, device:
     stages: dict[str, list[float]] = {}
 
     def call(case: Case, prompts_: list[str], seeds: list[int]) -> list[str]:
-        params = GenerationParams(spec.key, case.width, case.height, case.steps, 0.0, MAX_SEQUENCE_LENGTH)
+        params = GenerationParams(spec.key, case.width, case.height, case.steps, case.guidance, MAX_SEQUENCE_LENGTH)
         requests = [ImageRequest(p, [s]) for p, s in zip(prompts_, seeds, strict=True)]
         out = engine.generate(model, params, requests)
         for key, value in out[0].timings.items():
@@ -388,7 +411,8 @@ def run_engine(model_name: str, cases: list[Case], reps: int, mode: str, device:
                     "pairs": len(diffs)}
         info["stage_median_s"] = {k: round(statistics.median(v), 4) for k, v in stages.items()}
         if device.startswith("cuda") and model.primary is not None:
-            info["forward_1024_s"] = round(time_forward(model.primary), 4)
+            info["forward_1024_s"] = round(time_forward(model.primary, inputs=_forward_inputs(model.primary, cases[0])),
+                                           4)
     finally:
         encoder.shutdown()
         engine.release(set())
@@ -487,7 +511,7 @@ def _http_request(client: Any, model: str, case: Case, prompt: str, seed: int) -
     t = time.perf_counter()
     resp = client.images.generate(
         model=model, prompt=prompt, n=1, size=f"{case.width}x{case.height}", response_format="b64_json",
-        extra_body={"seed": seed, "num_inference_steps": case.steps, "guidance_scale": 0.0,
+        extra_body={"seed": seed, "num_inference_steps": case.steps, "guidance_scale": case.guidance,
                     "max_sequence_length": MAX_SEQUENCE_LENGTH},
     )
     return time.perf_counter() - t, resp.data[0].b64_json or ""
@@ -549,8 +573,47 @@ def _phase(name: str, timings: dict[str, float]) -> Iterator[None]:
         log.info("phase %s done in %.1fs", name, timings[name])
 
 
+def _forward_inputs(pipe: Any, case: Case) -> TransformerCall | None:
+    """None for FLUX.1 (its synthetic inputs), else the inputs captured from the family's own pipeline."""
+    return None if case.variant in FLUX_VARIANTS else captured_transformer_inputs(pipe, _call_kwargs(case, pipe))
+
+
+def _prepare_family_model(key: str, device: str, work: Path, timings: dict[str, float]) -> tuple[str, Any]:
+    """A registry model of any family: its tiny version (CPU) or its full-size architecture with random
+    weights built on the GPU from ``Family.full_size_components`` and saved for ``from_pretrained``."""
+    import diffusers
+
+    from fluxserve.engine.families import FAMILIES
+    from fluxserve.engine.registry import BUILTIN_MODELS
+
+    spec = BUILTIN_MODELS[key]
+    family = FAMILIES[spec.family]
+    cls = getattr(diffusers, family.pipeline_classes["generate"])
+    if spec.tiny is not None:
+        from fluxserve.engine.loading import tiny_model_dir
+        from fluxserve.engine.tiny import ensure_tiny_model
+        from fluxserve.settings import load_settings
+
+        path = ensure_tiny_model(tiny_model_dir(load_settings(cache_dir=str(work / "cache")), spec), spec.tiny)
+        pipe = cls.from_pretrained(path, torch_dtype=torch.float32)
+        pipe.set_progress_bar_config(disable=True)
+        return key, pipe.to(device)
+    with _phase(f"build_{key}", timings):
+        components = family.full_size_components(device, torch.bfloat16, family.full_size_variants.get(key))
+        pipe = cls(**components)
+        pipe.set_progress_bar_config(disable=True)
+    path = work / f"{key}-random"
+    with _phase(f"save_{key}", timings):
+        if path.exists():
+            shutil.rmtree(path)
+        pipe.save_pretrained(path, safe_serialization=True)
+    return str(path), pipe
+
+
 def _prepare_model(variant: str, device: str, work: Path, timings: dict[str, float]) -> tuple[str, Any]:
     """Return (model name for fluxserve, in-memory baseline pipeline)."""
+    if variant not in FLUX_VARIANTS:
+        return _prepare_family_model(variant, device, work, timings)
     if variant == "tiny":
         from diffusers import FluxPipeline
 
@@ -617,6 +680,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--work-dir", type=Path, help="where models and compile caches go (default: a temp dir)")
     parser.add_argument("--out", type=Path, default=Path("bench-results.json"), help="JSON output file")
     parser.add_argument("--list", action="store_true", help="list the cases and exit")
+    parser.add_argument("--family", help="bench another family instead of FLUX.1: a family (klein, zimage, qwen, "
+                                         "...) or a registry key (klein-9b, qwen-2512, ...); on CPU its tiny model")
     return parser
 
 
@@ -626,7 +691,10 @@ def main(argv: list[str] | None = None) -> int:
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    all_cases = CUDA_CASES if device.startswith("cuda") else CPU_CASES
+    if args.family and args.family not in ("flux", "schnell"):
+        all_cases = family_cases(args.family, device)
+    else:
+        all_cases = CUDA_CASES if device.startswith("cuda") else CPU_CASES
     if args.list:
         for c in all_cases:
             print(f"{c.name}: {c.width}x{c.height}, {c.steps} steps, {c.clients} client(s), model {c.variant}")
@@ -677,7 +745,8 @@ def main(argv: list[str] | None = None) -> int:
             if "baseline" in paths:
                 measurements.extend(res)
             if device.startswith("cuda"):
-                report["engine"][f"baseline_{variant}_forward_1024_s"] = round(time_forward(pipe), 4)
+                report["engine"][f"baseline_{variant}_forward_1024_s"] = round(
+                    time_forward(pipe, inputs=_forward_inputs(pipe, vcases[0])), 4)
         del pipe
         _free(device)
         flush()
@@ -723,7 +792,7 @@ def main(argv: list[str] | None = None) -> int:
                     report["engine"][f"{variant}_{mode}_error"] = f"{type(exc).__name__}: {exc}"
                 _free(device)
                 flush()
-        if variant != "tiny":
+        if variant not in ("tiny",) and not variant.startswith("tiny-"):
             shutil.rmtree(Path(model_name), ignore_errors=True)  # 38 GB: free the disk for the next variant
     flush()
     print()

@@ -49,7 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     tiny = sub.add_parser("make-tiny-model", help="write a tiny random-weight pipeline (diffusers format)")
     tiny.add_argument("directory", type=Path)
-    tiny.add_argument("--family", choices=["flux", "qwen"], default="flux")
+    from fluxserve.engine.families import FAMILIES  # torch-free
+
+    tiny.add_argument("--family", choices=[n for n, f in FAMILIES.items() if f.has_tiny], default="flux")
 
     sub.add_parser("bench", help="benchmark against plain diffusers (see BENCHMARKS.md)", add_help=False)
     sub.add_parser("loadtest", help="drive concurrent clients against a running server", add_help=False)

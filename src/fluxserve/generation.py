@@ -40,6 +40,10 @@ class GenerationParams:
     """img2img / inpaint only: how far from the input image the result may move (0–1)."""
     loras: tuple[tuple[str, float], ...] = ()
     """Adapters (name, scale) active for this batch; part of the batching key."""
+    inputs: str | None = None
+    """Edits only: a digest of the input images and mask (see ``fluxserve.storage.inputs.inputs_digest``).
+    Part of the batching key, so jobs with input images share a batch only with jobs whose inputs are
+    byte-identical (every request of a pipeline call then edits the same pixels)."""
 
     def scaled(self, factor: float, multiple: int, minimum: int) -> GenerationParams | None:
         """A smaller size with (as near as the multiple allows) the same aspect ratio, on the model's

@@ -58,8 +58,8 @@ class Settings(BaseSettings):
         "schnell",
         validation_alias=AliasChoices("FLUX_MODEL", "FLUX_MODEL_ID", "FLUX_MODEL_KEY", "model"),
     )
-    """Default model: a registry key (schnell, dev, qwen, tiny-flux, tiny-qwen), a hub repo id or a
-    local diffusers directory. ``FLUX_MODEL_ID`` and ``FLUX_MODEL_KEY`` are the earlier names."""
+    """Default model: a registry key (schnell, dev, qwen, klein, zimage, tiny-flux, ...: docs/families.md), a hub
+    repo id or a local diffusers directory. ``FLUX_MODEL_ID`` and ``FLUX_MODEL_KEY`` are the earlier names."""
     preload_models: CsvList = Field(default_factory=list)
     """Comma-separated extra models loaded at start-up besides the default one."""
     cache_dir: Path = Field(default_factory=_default_cache_dir)
@@ -175,6 +175,13 @@ class Settings(BaseSettings):
     ``rate_limit_exceeded`` with Retry-After."""
     rate_limit_burst: int = Field(10, ge=1)
     """Size of each rate-limit bucket: how many generation requests may come at once after a pause."""
+    max_input_bytes: int = Field(16_000_000, ge=1024)
+    """Largest uploaded image file for /v1/images/edits and /variations, in bytes (each image and the mask)."""
+    max_input_pixels: int = Field(4096 * 4096, ge=64 * 64)
+    """Largest uploaded image in width × height, read from its header before decoding (decompression bombs)."""
+    max_edit_body_bytes: int = Field(64_000_000, ge=1024)
+    """Largest request body for /v1/images/edits and /variations (which carry images); other routes keep
+    FLUX_MAX_BODY_BYTES."""
 
     # --- outputs -------------------------------------------------------------------------------
     output_dir: Path = Path("outputs")

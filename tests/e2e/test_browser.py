@@ -267,6 +267,23 @@ def test_switch_model_see_the_servers_error_and_free_memory(studio_server: Serve
     expect(page.get_by_role("option", name=re.compile(r"^tiny-flux · not loaded$"))).to_have_count(1)
 
 
+
+def test_picker_shows_licences_and_few_step_presets_per_family(studio_server: ServerProcess, page: Page) -> None:
+    """Families are grouped; non-commercial and gated models say so; a few-step family resets to its defaults."""
+    server = studio_server
+    use_model(server, "tiny-flux")
+    open_studio(page, server.base_url + "/")
+    picker = page.get_by_label("Model", exact=True)
+    expect(picker.locator("optgroup[label='klein'] option")).to_have_count(4)
+    expect(page.get_by_role("option", name=re.compile(r"^klein-9b · not loaded · non-commercial$"))).to_have_count(1)
+    expect(page.get_by_role("option", name=re.compile(r"^dev · not loaded · non-commercial · gated$"))).to_have_count(1)
+    picker.select_option("tiny-zimage")
+    expect(page.locator("#model-status")).to_have_text(re.compile(r"^tiny-zimage ready"), timeout=60_000)
+    expect(page.locator("#model-description")).to_contain_text("Licence: Apache-2.0")
+    expect(page.get_by_label("Steps", exact=True)).to_have_value("4")
+    expect(page.get_by_label("Guidance", exact=True)).to_have_value("0")
+
+
 @pytest.fixture
 def static_site() -> Iterator[str]:
     """The page's files served from another origin (a plain static file server on another port)."""

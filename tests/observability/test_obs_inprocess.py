@@ -91,7 +91,7 @@ async def test_metrics_move_with_requests(app_factory: Callable[..., Any], caplo
         for alias in ("generation", *ALIASES):  # aliases are response fields, never stages
             assert value(after, "fluxserve_stage_duration_seconds_count", stage=alias) == 0
         assert delta(before, after, "fluxserve_stage_duration_seconds_sum", stage="denoise") > 0
-        assert delta(before, after, "fluxserve_images_generated_total", model="tiny-flux") == 2
+        assert delta(before, after, "fluxserve_images_generated_total", model="tiny-flux", task="generate") == 2
         assert delta(before, after, "fluxserve_batch_size_count") == 1
         assert delta(before, after, "fluxserve_batch_size_sum") == 2
         assert not any(k[0] == "fluxserve_oom_fallbacks_total" for k in after)
@@ -173,7 +173,7 @@ async def test_faults_timings_cancel_and_prompt_logging(app_factory: Callable[..
         assert delta(before, after, fb, reason="cpu_oom") == 1  # one per request, not per image
         assert delta(before, after, fb, reason="nan_output") == 1
         assert delta(before, after, fb, reason="failed") == 1
-        assert delta(before, after, "fluxserve_images_generated_total", model="tiny-flux") == 3
+        assert delta(before, after, "fluxserve_images_generated_total", model="tiny-flux", task="generate") == 3
         req = "fluxserve_requests_total"
         assert delta(before, after, req, endpoint="generations", status="200", model="tiny-flux") == 2
         assert delta(before, after, req, endpoint="generations", status="503", model="tiny-flux") == 1
@@ -196,7 +196,7 @@ async def test_faults_timings_cancel_and_prompt_logging(app_factory: Callable[..
         check_timing(done["result"]["data"][0]["timing"])
         after = await scrape(client)
         assert delta(before, after, "fluxserve_cancelled_total") == 1
-        assert delta(before, after, "fluxserve_images_generated_total", model="tiny-flux") == 1
+        assert delta(before, after, "fluxserve_images_generated_total", model="tiny-flux", task="generate") == 1
         assert delta(before, after, req, endpoint="jobs", status="202", model="tiny-flux") == 2
 
     by_id = {r["request_id"]: r for r in records(caplog, "generation finished")}

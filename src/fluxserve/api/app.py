@@ -14,6 +14,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.staticfiles import StaticFiles
 
 from fluxserve import __version__
+from fluxserve.api.editing import EditService
 from fluxserve.api.errors import install_error_handlers
 from fluxserve.api.middleware import (
     ApiKeyMiddleware,
@@ -25,7 +26,7 @@ from fluxserve.api.middleware import (
     ShutdownUploadMiddleware,
     StrictJsonMiddleware,
 )
-from fluxserve.api.routes import images, models, system
+from fluxserve.api.routes import edits, images, models, system
 from fluxserve.api.serving import ImageService
 from fluxserve.settings import Settings
 
@@ -59,10 +60,12 @@ def create_app(settings: Settings, runtime: Runtime | None = None, *, manage_run
     )
     app.state.runtime = runtime
     app.state.images = ImageService(runtime)
+    app.state.edits = EditService(app.state.images)
     app.state.static_dir = STATIC_DIR
     install_error_handlers(app)
     app.include_router(system.router)
     app.include_router(images.router)
+    app.include_router(edits.router)
     app.include_router(models.router)
     if settings.web_ui and STATIC_DIR.is_dir():
         app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
@@ -76,7 +79,9 @@ def create_app(settings: Settings, runtime: Runtime | None = None, *, manage_run
     app.add_middleware(ApiKeyMiddleware, keys=settings.all_api_keys(), protect_metrics=settings.metrics_require_auth,
                        admin_keys=settings.admin_keys)
     app.add_middleware(ShutdownUploadMiddleware, shutting_down=lambda: runtime.shutting_down)
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    edit_limit = max(settings.max_body_bytes, settings.max_edit_body_bytes)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, path_limits={
+        path: edit_limit for path in ("/v1/images/edits", "/v1/images/edits/jobs", "/v1/images/variations")})
     app.add_middleware(HeaderLimitMiddleware, max_count=settings.max_header_count,
                        max_bytes=settings.max_header_bytes)
     if settings.cors_origins:

@@ -35,7 +35,8 @@ _REQUEST_ID = re.compile(REQUEST_ID_PATTERN)
 
 _ENDPOINT_NAMES = (
     ("/v1/images/generations", "generations"), ("/v1/images/jobs", "jobs"), ("/v1/images/files", "files"),
-    ("/v1/images/cancel", "cancel"), ("/v1/models", "models"), ("/v1/memory", "memory"),
+    ("/v1/images/cancel", "cancel"), ("/v1/images/edits", "edits"), ("/v1/images/variations", "variations"),
+    ("/v1/models", "models"), ("/v1/memory", "memory"),
     ("/v1/metrics", "metrics_summary"), ("/v1/tokenize", "tokenize"), ("/metrics", "metrics"),
     ("/health", "health"), ("/ready", "ready"), ("/static", "static"),
 )
@@ -150,23 +151,28 @@ class BodyLimitMiddleware:
     into a 400), the client gets the 413: once the limit is crossed, the app's own response is dropped.
     """
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, path_limits: dict[str, int] | None = None) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.path_limits = path_limits or {}
+        """Larger limits for routes that carry images (exact paths), e.g. /v1/images/edits."""
 
-    async def _too_large(self, send: Send) -> None:
+    async def _too_large(self, send: Send, limit: int | None = None) -> None:
         # "Connection: close": the server stops reading the body. Closing while the client is still
         # sending would make the kernel reset the connection, and the reset can destroy the 413 before
         # the client reads it, so the server half-closes and discards a bounded amount first
         # (fluxserve.server: lingering close) instead of reading the whole body.
-        await _send_error(send, 413, f"request body is larger than {self.max_bytes} bytes (FLUX_MAX_BODY_BYTES)",
-                          "request_too_large", [CLOSE])
+        limit = self.max_bytes if limit is None else limit
+        setting = "FLUX_MAX_BODY_BYTES" if limit == self.max_bytes else "FLUX_MAX_EDIT_BODY_BYTES"
+        await _send_error(send, 413, f"request body is larger than {limit} bytes ({setting})", "request_too_large",
+                          [CLOSE])
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         headers = dict(scope.get("headers") or [])
+        limit = self.path_limits.get(scope.get("path", ""), self.max_bytes)
         length = headers.get(b"content-length")
         if length is not None:
             try:
@@ -174,8 +180,8 @@ class BodyLimitMiddleware:
             except ValueError:
                 await _send_error(send, 400, "invalid Content-Length header", "invalid_request")
                 return
-            if declared > self.max_bytes:
-                await self._too_large(send)
+            if declared > limit:
+                await self._too_large(send, limit)
                 return
         received = 0
         too_large = False
@@ -188,7 +194,7 @@ class BodyLimitMiddleware:
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > self.max_bytes:
+                if received > limit:
                     too_large = True
                     raise _BodyTooLarge
             return message
@@ -198,7 +204,7 @@ class BodyLimitMiddleware:
             if too_large:  # the app answered the aborted read its own way (e.g. 400): answer 413 instead
                 if not response_started and message["type"] == "http.response.start":
                     response_started = True
-                    await self._too_large(send)
+                    await self._too_large(send, limit)
                 return
             if message["type"] == "http.response.start":
                 response_started = True
@@ -209,7 +215,7 @@ class BodyLimitMiddleware:
         except _BodyTooLarge:
             if not response_started:
                 response_started = True
-                await self._too_large(send)
+                await self._too_large(send, limit)
 
 
 class _BodyTooLarge(Exception):

@@ -141,6 +141,10 @@ class ImageParams(BaseModel):
     fallback_applied: bool = False
     fallback_reason: str | None = None
     original_params: dict[str, Any] | None = None
+    task: str | None = None
+    """Edits only: img2img, inpaint or edit."""
+    strength: float | None = None
+    """img2img / inpaint only: how far the result moved from the input."""
 
 
 class ImageData(BaseModel):
@@ -235,3 +239,57 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     503: {"model": ErrorResponse, "description": "Model unavailable, out of memory, or shutting down"},
     504: {"model": ErrorResponse, "description": "Waited too long in the queue"},
 }
+
+
+class ImageEditRequest(ImageGenerationRequest):
+    """``POST /v1/images/edits``: multipart/form-data as OpenAI's SDKs send it (files in ``image`` /
+    ``image[]`` and ``mask``), or the same fields as JSON with images as base64 data URLs."""
+
+    image: str | list[str] | None = Field(None, description="JSON only: data URL(s) of the image(s) to edit.")
+    images: list[dict[str, Any] | str] | None = Field(
+        None, description='JSON only, OpenAI\'s form: [{"image_url": "data:image/png;base64,..."}].')
+    mask: str | dict[str, Any] | None = Field(
+        None, description="JSON only: data URL of a PNG whose transparent pixels mark the area to change.")
+    strength: float | None = Field(None, ge=0, le=1, description="img2img/inpaint: how far to move from the "
+                                   "input (0 = keep it, 1 = ignore it). Default: from input_fidelity.")
+    input_fidelity: Literal["low", "high"] | None = Field(
+        None, description="How closely to keep the input: high → strength 0.6, low → 0.85 (img2img/inpaint); "
+                          "instruction-edit models always keep it high.")
+    background: Literal["auto", "opaque", "transparent"] | None = Field(
+        None, description="auto/opaque; transparent is refused (the models draw no alpha).")
+
+    @field_validator("strength")
+    @classmethod
+    def _finite_strength(cls, value: float | None) -> float | None:
+        if value is not None and not math.isfinite(value):
+            raise ValueError("must be a finite number")
+        return value
+
+    def ignored_fields(self) -> list[str]:
+        named = [name for name in ("style", "moderation") if getattr(self, name, None) is not None]
+        return named + self.unknown_fields()
+
+
+class ImageVariationRequest(APIModel):
+    """``POST /v1/images/variations`` (OpenAI's dall-e-2 endpoint): one image, no prompt."""
+
+    image: str | None = Field(None, description="JSON only: data URL of the image.")
+    model: str | None = None
+    n: int | None = Field(1, ge=1)
+    size: str | None = None
+    response_format: Literal["b64_json", "url"] | None = None
+    output_format: Literal["png", "jpeg", "webp"] | None = None
+    output_compression: int | None = Field(None, ge=0, le=100)
+    user: str | None = Field(None, max_length=256)
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    num_inference_steps: int | None = Field(None, ge=1)
+    guidance_scale: float | None = Field(None, ge=0)
+    strength: float | None = Field(None, ge=0, le=1, description="How far from the input (default 0.75).")
+    request_id: str | None = Field(None, pattern=REQUEST_ID_PATTERN)
+
+    @field_validator("guidance_scale", "strength")
+    @classmethod
+    def _finite(cls, value: float | None) -> float | None:
+        if value is not None and not math.isfinite(value):
+            raise ValueError("must be a finite number")
+        return value

@@ -49,6 +49,8 @@ class OutputOptions:
     request_started: float
     background: str | None = None
     """What was produced when the request asked about ``background`` (``opaque``: no model has alpha)."""
+    event_prefix: str = "image_generation"
+    """Streaming event names: ``image_generation.*`` for generations, ``image_edit.*`` for edits."""
 
 
 class ImageService:
@@ -207,7 +209,7 @@ class ImageService:
             item.duration_ms = round(total * 1000)
         timing = dict(response.data[0].timing) if response.data else {}
         self.runtime.metrics.observe_generation(job.spec.key, len(response.data), timing, fallback_reason=(
-            result.fallback_reason or "unknown") if result.fallback_applied else None)
+            result.fallback_reason or "unknown") if result.fallback_applied else None, task=job.params.task)
         ctx: dict[str, Any] = {"request_id": job.id, "model": job.spec.key, "outcome": "succeeded",
                                "images": len(response.data), "device": job.device,
                                "params": result.params.__dict__, "seeds": result.seeds, "timings": timing,
@@ -253,6 +255,7 @@ class ImageService:
                 {"height": result.original_params.height, "width": result.original_params.width,
                  "num_inference_steps": result.original_params.steps}
                 if result.original_params is not None else None),
+            task=p.task if p.task != "generate" else None, strength=p.strength,
         )
         plan = job.metadata.get("device_plan") or self.runtime.plan_for(job.device)  # Ray replicas send theirs
         saved_path = metadata_path = save_error = None
@@ -320,8 +323,8 @@ class ImageService:
         task.add_done_callback(self._background.discard)
 
     # --- streaming -------------------------------------------------------------------------------
-    async def stream(self, job: Job, options: OutputOptions, disconnected: Callable[[], Awaitable[None]],
-                     prefix: str = "image_generation") -> AsyncIterator[dict[str, Any]]:
+    async def stream(self, job: Job, options: OutputOptions,
+                     disconnected: Callable[[], Awaitable[None]]) -> AsyncIterator[dict[str, Any]]:
         """Events for ``stream: true``: progress, partial images, then completed (or an error).
 
         The first ``anext`` submits the job (a refusal raises before any byte is sent). A client that
@@ -330,6 +333,7 @@ class ImageService:
         size = f"{job.params.width}x{job.params.height}"
         partial_steps = _partial_steps(job.params.steps, options.partial_images)
         partial_index = 0
+        prefix = options.event_prefix
         async with job.subscribe() as events:  # before submit: no event can be missed
             self.submit(job)
             gone = asyncio.ensure_future(disconnected())

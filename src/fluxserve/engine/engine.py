@@ -351,7 +351,7 @@ class DeviceEngine:
 
     def _encode(self, model: LoadedModel, pipe: Any, prompt: str, max_len: int, *,
                 cache: bool = True) -> PromptEmbedding:
-        key = (model.adapter.name, prompt, max_len)
+        key = model.adapter.cache_key(prompt, max_len)
         cached = model.prompt_cache.get(key) if cache else None
         if cached is not None:
             return cached
@@ -365,6 +365,10 @@ class DeviceEngine:
              requests: list[ImageRequest]) -> list[ImageResult]:
         params = attempt.params
         pipe = view.pipeline
+        edit = None
+        if params.task != "generate":  # edits: see the section at the end of this module
+            edit = _plan_edit(model.adapter, view, params, requests)
+            pipe, requests = edit.pipe, edit.requests
         adapter = model.adapter
         backend = self.plan.backend
         sync = _synchronizer(backend, self.device)
@@ -375,7 +379,7 @@ class DeviceEngine:
         self.faults.raise_if_armed("encode", backend)
         positives: list[PromptEmbedding] = []
         negatives: list[PromptEmbedding] = []
-        use_negative = adapter.uses_negative_prompt and params.guidance > 1
+        use_negative = adapter.wants_negative(params.guidance)
         cache = not attempt.in_float32  # cached embeddings are in the half-precision dtype
         for request in requests:
             pos = self._encode(model, pipe, request.prompt, params.max_sequence_length, cache=cache)
@@ -396,8 +400,9 @@ class DeviceEngine:
         owners = [i for i, request in enumerate(requests) for _ in request.seeds]
         generators = view.seeded_generators(seeds)
 
+        total = denoising_steps(params)
+
         def on_step(p: Any, step: int, _t: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
-            total = params.steps
             latents = kwargs.get("latents")
             if all(r.is_cancelled() for r in requests):
                 p._interrupt = True
@@ -423,7 +428,7 @@ class DeviceEngine:
             latents = adapter.denoise(pipe, positives, negatives if use_negative else None, DenoiseArgs(
                 width=params.width, height=params.height, steps=params.steps, guidance=params.guidance,
                 generators=generators, callback=on_step,
-                max_sequence_length=params.max_sequence_length))
+                max_sequence_length=params.max_sequence_length, call_kwargs=edit.call_kwargs if edit else {}))
             if nan_latents:
                 latents = torch.full_like(latents, float("nan"))
         sync()
@@ -446,6 +451,8 @@ class DeviceEngine:
                 pixels = to_uint8(decoded)
             finally:
                 _undo_vae_modes(pipe, applied)
+        if edit is not None:
+            pixels = _keep_unmasked(pixels, requests)
         timings["vae_decode"] = time.perf_counter() - started
 
         results = []
@@ -512,4 +519,73 @@ def _synchronizer(backend: str, device: str) -> Callable[[], None]:
     if backend == "mps":
         return torch.mps.synchronize
     return lambda: None
+
+
+
+# --- edits: img2img, inpainting, instruction edits ---------------------------------------------------
+# Edits run through ``_run`` above like generations (prompt cache, batching, progress, cancel, previews,
+# OOM ladder, NaN checks), with four hooks taken from the model's family contract: the task's pipeline
+# (``Family.edit_pipeline``: made with ``from_pipe``, so the weights are shared, and cached per pipeline
+# view), the call's image arguments (``Family.edit_call_kwargs``), the number of steps that really run,
+# and — with a mask — the input's own pixels kept outside it. The scheduler batches edit jobs only when
+# their inputs are byte-identical (the ``inputs`` digest is part of GenerationParams), so the first
+# request's images stand for the whole batch.
+
+
+@dataclass
+class _EditPlan:
+    pipe: Any
+    call_kwargs: dict[str, Any]
+    requests: list[ImageRequest]
+
+
+def _plan_edit(family: Any, view: PipelineView, params: GenerationParams,
+               requests: list[ImageRequest]) -> _EditPlan:
+    requests = [_at_size(r, params.width, params.height) for r in requests]  # an OOM fallback may shrink the size
+    first = requests[0]
+    pipe = family.edit_pipeline(view.pipeline, params.task)
+    mask = first.mask if params.task == "inpaint" else None
+    kwargs = family.edit_call_kwargs(params.task, first.images, mask, params.strength, params.width, params.height)
+    return _EditPlan(pipe, kwargs, requests)
+
+
+def denoising_steps(params: GenerationParams) -> int:
+    """Steps an img2img/inpaint call really runs: diffusers skips the first ``(1 - strength)`` of them."""
+    if params.strength is None or params.task in ("generate", "edit"):
+        return params.steps
+    return params.steps - int(max(params.steps - params.steps * params.strength, 0))
+
+
+def _keep_unmasked(pixels: Any, requests: list[ImageRequest]) -> Any:
+    """With a mask, every image gets the input's own pixels outside it (see :func:`keep_outside_mask`)."""
+    first = requests[0]
+    if first.mask is None:
+        return pixels
+    return keep_outside_mask(pixels, first.images[0], first.mask)
+
+
+def _at_size(request: ImageRequest, width: int, height: int) -> ImageRequest:
+    """The request with its first image (and mask) at width × height (references keep their size)."""
+    from dataclasses import replace
+
+    import numpy as np
+    from PIL import Image
+
+    first = request.images[0]
+    if first.shape[1] == width and first.shape[0] == height:
+        return request
+    resized = np.asarray(Image.fromarray(first, "RGB").resize((width, height), Image.Resampling.LANCZOS))
+    mask = request.mask
+    if mask is not None:
+        mask = np.asarray(Image.fromarray(mask, "L").resize((width, height), Image.Resampling.BILINEAR))
+    return replace(request, images=[resized, *request.images[1:]], mask=mask)
+
+
+def keep_outside_mask(pixels: Any, original: Any, mask: Any) -> Any:
+    """Where the mask is 0 the input's pixels, where it is 255 the edit's, blended in between."""
+    import numpy as np
+
+    weight = (mask.astype(np.float32) / 255.0)[None, :, :, None]
+    blended = original[None].astype(np.float32) * (1 - weight) + pixels.astype(np.float32) * weight
+    return np.clip(np.rint(blended), 0, 255).astype(np.uint8)
 

@@ -23,9 +23,9 @@ from typing import Any
 import torch
 
 from fluxserve.engine.device import DevicePlan, validate_generator_device
-from fluxserve.engine.families import ADAPTERS, FamilyAdapter, PromptEmbedding
+from fluxserve.engine.families import FAMILIES, Family, PromptEmbedding, family_of_class
 from fluxserve.engine.memory import apply_attention_slicing, apply_offload, apply_vae_modes
-from fluxserve.engine.registry import ModelSpec, family_of_class
+from fluxserve.engine.registry import ModelSpec
 from fluxserve.engine.tiny import ensure_tiny_model
 from fluxserve.generation import ModelLoadError
 from fluxserve.settings import Settings
@@ -56,7 +56,7 @@ def _explain_load_failure(spec: ModelSpec, exc: Exception) -> str:
                 "MaxRetryError", "ReadTimeout"} or any(
             marker in lowered for marker in ("connect", "offline", "not fully cached", "outgoing traffic")):
         return (f"could not download {spec.source}; this machine cannot reach the hub and the model is not in "
-                "the cache — use tiny-flux / tiny-qwen or a local diffusers directory")
+                "the cache — use a tiny-… model (tiny-flux, tiny-klein, ...) or a local diffusers directory")
     if isinstance(exc, OSError | ValueError):
         first = text.strip().splitlines()[0] if text.strip() else name
         return f"could not load {spec.source}: {first[:300]}"
@@ -85,7 +85,7 @@ class PipelineView:
 
 
 class PromptCache:
-    """LRU of prompt embeddings keyed by (adapter, prompt, max_sequence_length); thread-safe."""
+    """LRU of prompt embeddings keyed by the family's :meth:`~Family.cache_key`; thread-safe."""
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
@@ -126,7 +126,8 @@ class LoadedModel:
 
     spec: ModelSpec
     plan: DevicePlan
-    adapter: FamilyAdapter
+    adapter: Family
+    """The model's family (the engine drives its stage API)."""
     pipeline_class: str
     load_seconds: float
     modes: list[str]
@@ -161,6 +162,18 @@ def _make_view(pipe: Any, generator_device: str) -> PipelineView:
     return PipelineView(clone, generator_device)
 
 
+def _import_own_components(directory: Path) -> None:
+    """Import fluxserve modules that a tiny model's ``model_index.json`` names as component libraries (e.g.
+    tiny-qwen-edit's processor): diffusers loads such classes only from modules already imported."""
+    import importlib
+    import json
+
+    index = json.loads((directory / "model_index.json").read_text(encoding="utf-8"))
+    for value in index.values():
+        if isinstance(value, list) and value and isinstance(value[0], str) and value[0].startswith("fluxserve."):
+            importlib.import_module(value[0])
+
+
 def load_model(spec: ModelSpec, plan: DevicePlan, settings: Settings, *, views: int = 1) -> LoadedModel:
     """Load ``spec`` onto ``plan.device`` and prepare it (memory modes, optimizations, views)."""
     from diffusers import DiffusionPipeline
@@ -175,6 +188,7 @@ def load_model(spec: ModelSpec, plan: DevicePlan, settings: Settings, *, views: 
         with _FROM_PRETRAINED_LOCK:
             if spec.tiny is not None:
                 source = ensure_tiny_model(tiny_model_dir(settings, spec), spec.tiny)
+                _import_own_components(Path(source))
             with warnings.catch_warnings():  # newer diffusers rename torch_dtype; older ones need it
                 warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
                 pipe = DiffusionPipeline.from_pretrained(source, **kwargs)
@@ -203,11 +217,11 @@ def load_model(spec: ModelSpec, plan: DevicePlan, settings: Settings, *, views: 
 
     from fluxserve.engine.optimize import apply_optimizations
 
-    modes += apply_optimizations(pipe, settings, plan)
+    modes += apply_optimizations(pipe, settings, plan, FAMILIES[family])
     validate_generator_device(plan, pipe._execution_device if settings.offload == "none" else plan.torch_device)
 
     model = LoadedModel(
-        spec=spec, plan=plan, adapter=ADAPTERS[family], pipeline_class=pipeline_class,
+        spec=spec, plan=plan, adapter=FAMILIES[family], pipeline_class=pipeline_class,
         load_seconds=0.0, modes=modes, prompt_cache=PromptCache(settings.prompt_cache_size), primary=pipe,
     )
     model.add_view(PipelineView(pipe, plan.generator_device))

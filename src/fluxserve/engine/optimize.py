@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from fluxserve.engine.device import DevicePlan
+from fluxserve.engine.families.base import Family
 from fluxserve.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -286,8 +287,12 @@ def _compile_vae_decoder(vae: Any) -> bool:
     return True
 
 
-def apply_optimizations(pipe: Any, settings: Settings, plan: DevicePlan) -> list[str]:
+def apply_optimizations(pipe: Any, settings: Settings, plan: DevicePlan, family: Family | None = None) -> list[str]:
     """Apply the optimizations the settings ask for; return their names (shown to users).
+
+    ``family`` (the model's :class:`~fluxserve.engine.families.base.Family`) says which optimizations its
+    transformer can take: fused QKV is skipped where its attention has no fused path (diffusers' generic
+    ``fuse_qkv_projections`` would silently fuse nothing there), fp8 where its linears must stay as they are.
 
     With default settings nothing happens and ``[]`` comes back. Raises :class:`OptimizationError`
     (a ``ValueError`` naming the ``FLUX_`` variable) for combinations this device or install cannot run.
@@ -310,12 +315,18 @@ def apply_optimizations(pipe: Any, settings: Settings, plan: DevicePlan) -> list
         applied.append(f"attention_{settings.attention_backend}")
 
     if transformer_ops and settings.fuse_qkv:
-        if _fuse_qkv(pipe, transformer):
+        if family is not None and not family.optimizations.fused_qkv:
+            log.warning("FLUX_FUSE_QKV: %s models cannot fuse QKV projections (%s); skipped", family.name,
+                        family.optimizations.notes or "no fused attention path")
+        elif _fuse_qkv(pipe, transformer):
             applied.append("fuse_qkv")
         else:
             log.warning("FLUX_FUSE_QKV: %s cannot fuse QKV projections; skipped", type(transformer).__name__)
 
-    if transformer_ops and settings.quantize == "fp8":
+    if transformer_ops and settings.quantize == "fp8" and family is not None and not family.optimizations.fp8_linears:
+        log.warning("FLUX_QUANTIZE=fp8: %s models keep their linear layers (%s); skipped", family.name,
+                    family.optimizations.notes)
+    elif transformer_ops and settings.quantize == "fp8":
         count = _quantize_fp8(transformer)
         applied.append("fp8_rowwise")
         log.info("fp8: quantized %d linear layers of the transformer (torchao, row-wise scales)", count)

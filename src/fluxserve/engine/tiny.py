@@ -1,5 +1,8 @@
 """Tiny random-weight pipelines built offline, saved in diffusers format.
 
+Each family builds its own tiny pipeline (``Family.tiny_pipeline`` in ``engine/families/``); this module
+holds what they share (offline tokenizers, the atomic save and the "is it built already" marker).
+
 They exist so that the demo and the tests run the exact code path of a real model (``from_pretrained``
 of a diffusers directory) on a machine with no hub access. Weights come from fixed seeds, so every
 machine builds the same model and the same seed gives the same image everywhere.
@@ -14,13 +17,12 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Literal
+from typing import Any
 
 import torch
 
 log = logging.getLogger(__name__)
 
-Family = Literal["flux", "qwen"]
 TINY_FORMAT_VERSION = 1
 _MARKER = "fluxserve_tiny.json"
 
@@ -42,7 +44,7 @@ def _byte_level_vocab() -> dict[str, int]:
     return {ch: i for i, ch in enumerate(sorted(_bytes_to_unicode().values()))}
 
 
-def _clip_tokenizer(max_length: int = 77):  # type: ignore[no-untyped-def]
+def clip_tokenizer(max_length: int = 77) -> Any:
     from transformers import CLIPTokenizer
 
     vocab = _byte_level_vocab()
@@ -52,7 +54,7 @@ def _clip_tokenizer(max_length: int = 77):  # type: ignore[no-untyped-def]
     return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=max_length)
 
 
-def _t5_tokenizer(max_length: int = 512):  # type: ignore[no-untyped-def]
+def t5_tokenizer(max_length: int = 512) -> Any:
     from transformers import T5Tokenizer
 
     pieces: list[tuple[str, float]] = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
@@ -61,7 +63,7 @@ def _t5_tokenizer(max_length: int = 512):  # type: ignore[no-untyped-def]
     return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=max_length)
 
 
-def _qwen_tokenizer():  # type: ignore[no-untyped-def]
+def qwen_tokenizer() -> Any:
     from transformers import Qwen2Tokenizer
 
     tok = Qwen2Tokenizer(vocab=_byte_level_vocab(), merges=[], model_max_length=2048)
@@ -71,71 +73,14 @@ def _qwen_tokenizer():  # type: ignore[no-untyped-def]
     return tok
 
 
-def _build_flux():  # type: ignore[no-untyped-def]
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
-
-    clip_tok = _clip_tokenizer()
-    t5_tok = _t5_tokenizer()
-
-    torch.manual_seed(0)
-    transformer = FluxTransformer2DModel(
-        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
-        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=[4, 4, 8],
-        guidance_embeds=False,
-    )
-    torch.manual_seed(1)
-    clip = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(clip_tok), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
-        num_attention_heads=4, projection_dim=32, max_position_embeddings=77,
-        bos_token_id=clip_tok.bos_token_id, eos_token_id=clip_tok.eos_token_id,
-        pad_token_id=clip_tok.pad_token_id, hidden_act="quick_gelu",
-    ))
-    torch.manual_seed(2)
-    t5 = T5EncoderModel(T5Config(
-        vocab_size=len(t5_tok), d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
-        feed_forward_proj="gated-gelu", pad_token_id=t5_tok.pad_token_id, eos_token_id=t5_tok.eos_token_id,
-    ))
-    torch.manual_seed(3)
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8, 8, 8), layers_per_block=1,
-        norm_num_groups=4, down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-        sample_size=128, scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False,
-        use_post_quant_conv=False,
-    )
-    scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
-                                                base_image_seq_len=256, max_image_seq_len=4096)
-    pipe = FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=clip, tokenizer=clip_tok, text_encoder_2=t5,
-                        tokenizer_2=t5_tok, transformer=transformer)
-    return pipe
-
-
-def _build_qwen():  # type: ignore[no-untyped-def]
-    from diffusers import (
-        AutoencoderKLQwenImage,
-        FlowMatchEulerDiscreteScheduler,
-        QwenImagePipeline,
-        QwenImageTransformer2DModel,
-    )
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-
-    tok = _qwen_tokenizer()
+def tiny_qwen25vl_config(tok: Any) -> Any:
+    """A two-layer Qwen2.5-VL config whose special tokens are those of ``tok`` (Qwen-Image's text encoder)."""
+    from transformers import Qwen2_5_VLConfig
 
     def ids(token: str) -> int:
         return int(tok.convert_tokens_to_ids(token))
 
-    torch.manual_seed(0)
-    transformer = QwenImageTransformer2DModel(
-        patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16, num_attention_heads=3,
-        joint_attention_dim=16, guidance_embeds=False, axes_dims_rope=(8, 4, 4),
-    )
-    torch.manual_seed(1)
-    vae = AutoencoderKLQwenImage(
-        base_dim=24, z_dim=4, dim_mult=[1, 2, 4], num_res_blocks=1, temperal_downsample=[False, True],
-        latents_mean=[0.0] * 4, latents_std=[1.0] * 4,
-    )
-    torch.manual_seed(2)
-    config = Qwen2_5_VLConfig(
+    return Qwen2_5_VLConfig(
         text_config={
             "hidden_size": 16, "intermediate_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2,
             "num_key_value_heads": 2, "vocab_size": len(tok),
@@ -148,27 +93,23 @@ def _build_qwen():  # type: ignore[no-untyped-def]
         vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"),
         image_token_id=ids("<|image_pad|>"),
     )
-    text_encoder = Qwen2_5_VLForConditionalGeneration(config).eval()
-    scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=0.9,
-                                                base_image_seq_len=256, max_image_seq_len=8192)
-    pipe = QwenImagePipeline(transformer=transformer, vae=vae, scheduler=scheduler, text_encoder=text_encoder,
-                             tokenizer=tok)
+
+
+def build_tiny_pipeline(family: str) -> Any:
+    """Build (in memory) the tiny pipeline of ``family`` with fixed-seed float32 weights."""
+    from fluxserve.engine.families import FAMILIES
+
+    known = [name for name, f in FAMILIES.items() if f.has_tiny]
+    if family not in known:
+        raise ValueError(f"unknown tiny model family {family!r}; expected one of: {', '.join(known)}")
+    pipe = FAMILIES[family].tiny_pipeline()
+    for component in pipe.components.values():
+        if isinstance(component, torch.nn.Module):
+            component.eval()  # as from_pretrained leaves them: no dropout
     return pipe
 
 
-def build_tiny_pipeline(family: Family):  # type: ignore[no-untyped-def]
-    """Build (in memory) the tiny pipeline of ``family`` with fixed-seed float32 weights."""
-    builders = {"flux": _build_flux, "qwen": _build_qwen}
-    if family in builders:
-        pipe = builders[family]()
-        for component in pipe.components.values():
-            if isinstance(component, torch.nn.Module):
-                component.eval()  # as from_pretrained leaves them: no dropout
-        return pipe
-    raise ValueError(f"unknown tiny model family {family!r}; expected 'flux' or 'qwen'")
-
-
-def is_tiny_model_dir(path: Path, family: Family) -> bool:
+def is_tiny_model_dir(path: Path, family: str) -> bool:
     """True when ``path`` holds a complete tiny model of ``family`` in the current format."""
     marker = path / _MARKER
     if not (marker.is_file() and (path / "model_index.json").is_file()):
@@ -180,7 +121,7 @@ def is_tiny_model_dir(path: Path, family: Family) -> bool:
     return bool(meta.get("family") == family and meta.get("version") == TINY_FORMAT_VERSION)
 
 
-def write_tiny_model(path: Path, family: Family) -> Path:
+def write_tiny_model(path: Path, family: str) -> Path:
     """Build the tiny pipeline and save it to ``path`` with ``save_pretrained``.
 
     Written to a temporary sibling directory and renamed, so a crash never leaves half a model that
@@ -206,8 +147,68 @@ def write_tiny_model(path: Path, family: Family) -> Path:
     return path
 
 
-def ensure_tiny_model(path: Path, family: Family) -> Path:
+def ensure_tiny_model(path: Path, family: str) -> Path:
     """Return ``path``, building the tiny model there first if it is missing or outdated."""
     if not is_tiny_model_dir(path, family):
         write_tiny_model(path, family)
     return path
+
+
+QWEN3_CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}"
+    "{%- endif %}"
+)
+"""The non-thinking part of Qwen3's chat template (what FLUX.2 klein and Z-Image render prompts with)."""
+
+
+def qwen3_tokenizer() -> Any:
+    """A byte-level tokenizer with Qwen3's special tokens and chat template, built offline."""
+    tok = qwen_tokenizer()
+    tok.add_tokens(["<think>", "</think>"], special_tokens=True)
+    tok.chat_template = QWEN3_CHAT_TEMPLATE
+    tok.pad_token = "<|endoftext|>"
+    return tok
+
+
+MISTRAL3_CHAT_TEMPLATE = (
+    "{{- bos_token }}"
+    "{%- for message in messages %}"
+    "{%- if message['content'] is string %}{%- set parts = [{'type': 'text', 'text': message['content']}] %}"
+    "{%- else %}{%- set parts = message['content'] %}{%- endif %}"
+    "{%- if message['role'] == 'system' %}{{- '[SYSTEM_PROMPT]' }}"
+    "{%- for part in parts %}{{- part['text'] }}{%- endfor %}{{- '[/SYSTEM_PROMPT]' }}"
+    "{%- elif message['role'] == 'user' %}{{- '[INST]' }}"
+    "{%- for part in parts %}{%- if part['type'] == 'text' %}{{- part['text'] }}{%- else %}{{- '[IMG]' }}"
+    "{%- endif %}{%- endfor %}{{- '[/INST]' }}"
+    "{%- else %}{%- for part in parts %}{{- part['text'] }}{%- endfor %}{{- eos_token }}{%- endif %}"
+    "{%- endfor %}"
+)
+"""The shape of Mistral Small 3's chat template: ``[SYSTEM_PROMPT]…[/SYSTEM_PROMPT][INST]…[/INST]``."""
+
+
+def mistral_tokenizer() -> Any:
+    """A byte-level fast tokenizer with Mistral 3's special tokens and chat template, built offline.
+
+    It is the tokenizer half of FLUX.2 [dev]'s ``PixtralProcessor``: the processor itself cannot be built
+    here (transformers 5 requires torchvision for it, which this project does not install).
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<unk>", "<s>", "</s>", "<pad>", "[INST]", "[/INST]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]",
+                "[IMG]", "[IMG_BREAK]", "[IMG_END]"]
+    vocab = {token: i for i, token in enumerate(specials)}
+    for ch in _byte_level_vocab():
+        vocab[ch] = len(vocab)
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    backend.decoder = decoders.ByteLevel()
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                  pad_token="<pad>", model_max_length=2048)
+    tok.add_special_tokens({"additional_special_tokens": specials[4:]})
+    tok.chat_template = MISTRAL3_CHAT_TEMPLATE
+    return tok

@@ -79,7 +79,8 @@ class Metrics:
         self.stage_duration = Histogram("fluxserve_stage_duration_seconds",
                                         "Generation time per stage, one observation per succeeded request",
                                         ["stage"], buckets=_LATENCY_BUCKETS, registry=r)
-        self.images = Counter("fluxserve_images_generated_total", "Images generated", ["model"], registry=r)
+        self.images = Counter("fluxserve_images_generated_total", "Images generated, by model and task (generate, "
+                              "img2img, inpaint, edit)", ["model", "task"], registry=r)
         self.queue_depth = Gauge("fluxserve_queue_depth", "Jobs waiting in the queue", registry=r)
         self.in_flight = Gauge("fluxserve_jobs_in_flight", "Jobs running on a device", registry=r)
         self.batch_size = Histogram("fluxserve_batch_size", "Images per pipeline call",
@@ -114,12 +115,12 @@ class Metrics:
 
     # --- recording -------------------------------------------------------------------------------
     def observe_generation(self, model: str, images: int, timing: dict[str, float], *,
-                           fallback_reason: str | None = None) -> None:
+                           fallback_reason: str | None = None, task: str = "generate") -> None:
         """One succeeded generation request: stage histograms, image counter, rolling window."""
         for stage in STAGES:
             if stage in timing:
                 self.stage_duration.labels(stage=stage).observe(max(0.0, timing[stage]))
-        self.images.labels(model=self.model_label(model)).inc(images)
+        self.images.labels(model=self.model_label(model), task=task).inc(images)
         if fallback_reason:
             self.record_fallback(fallback_reason)
         now = time.monotonic()

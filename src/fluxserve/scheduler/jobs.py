@@ -145,8 +145,9 @@ class Job:
 
     @property
     def batchable(self) -> bool:
-        """Jobs with input images run alone: their inputs differ, and the batching key cannot hold them."""
-        return not self.images
+        """Jobs with input images batch only when the batching key carries a digest of those inputs
+        (``GenerationParams.inputs``): then every job of the batch edits the same pixels."""
+        return not self.images or self.params.inputs is not None
 
     @property
     def batch_key(self) -> tuple[str, GenerationParams]:

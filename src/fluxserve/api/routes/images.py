@@ -40,7 +40,7 @@ def _label(request: Request, body: ImageGenerationRequest) -> str | None:
     return body.request_id or (request.state.request_id if "x-request-id" in request.headers else None)
 
 
-def _disconnected(request: Request) -> Callable[[], Awaitable[None]]:
+def disconnected(request: Request) -> Callable[[], Awaitable[None]]:
     return lambda: wait_disconnect(request.receive)
 
 
@@ -68,11 +68,11 @@ async def create_images(body: ImageGenerationRequest, request: Request) -> Any:
     options = service.output_options(body, str(request.base_url))
     headers = {"X-Job-ID": job.id}
     if body.stream:
-        events = service.stream(job, options, _disconnected(request))
+        events = service.stream(job, options, disconnected(request))
         first = await anext(events)  # submits the job: a full queue or a shutdown is a 429/503, not a broken stream
         return StreamingResponse(_sse(events, first), media_type="text/event-stream", headers=headers)
     service.submit(job)
-    if not await service.wait(job, _disconnected(request)()):
+    if not await service.wait(job, disconnected(request)()):
         request.state.outcome = "client_disconnected"
         return Response(status_code=499)  # nobody reads it; logs and metrics say what happened
     response = await service.finalize(job, options)
@@ -144,7 +144,7 @@ async def delete_job(job_id: str, request: Request) -> JSONResponse:
 @router.get("/v1/images/jobs/{job_id}/events", summary="Server-sent events of a job's progress", responses=_SSE)
 async def job_events(job_id: str, request: Request) -> StreamingResponse:
     job = _get_job(request, job_id)
-    gone_after = _disconnected(request)
+    gone_after = disconnected(request)
 
     async def events() -> AsyncIterator[dict[str, Any]]:
         yield {"type": "status", **job.summary()}

@@ -64,6 +64,7 @@ def model_card(runtime: Runtime, spec: ModelSpec) -> dict[str, Any]:
         "allowed": runtime.may_serve(spec.key),
         "family": spec.family, "description": spec.description, "active": spec.key == runtime.active_key,
         "loaded": bool(loaded), "loaded_on": sorted(loaded), "gated": spec.gated,
+        "licence": spec.licence, "commercial_use": spec.commercial_use,
         "defaults": {"num_inference_steps": spec.steps, "guidance_scale": spec.guidance,
                      "max_sequence_length": spec.max_sequence_length, "width": spec.width, "height": spec.height,
                      "size": f"{spec.width}x{spec.height}", "size_multiple": spec.size_multiple,
@@ -196,6 +197,6 @@ async def tokenize(body: TokenizeRequest, request: Request) -> JSONResponse:
     counts = await asyncio.get_running_loop().run_in_executor(
         None, model.adapter.token_count, model.primary, body.prompt)
     limits = {"tokenizer": 77, "tokenizer_2": spec.max_sequence_length}
-    if spec.family == "qwen":
+    if spec.family != "flux":  # one tokenizer (Qwen-Image, FLUX.2, Z-Image, ...)
         limits = {"tokenizer": spec.max_sequence_length}
     return JSONResponse({"model": spec.key, "counts": counts, "limits": limits})

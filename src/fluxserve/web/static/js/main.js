@@ -89,11 +89,20 @@ async function loadModels({ reset = false } = {}) {
   const changed = !state.card || state.card.id !== card.id;
   state.card = card;
 
-  ui.modelSelect.replaceChildren(...data.data.map((c) => el("option", { value: c.id },
-    c.id + (c.loaded ? "" : " · not loaded") + (c.gated ? " · gated" : ""))));
+  // One group per family; an option says what limits its use (non-commercial licence, gated repo).
+  const families = new Map();
+  for (const c of data.data) {
+    const option = el("option", { value: c.id, title: licenceText(c) },
+      c.id + (c.loaded ? "" : " · not loaded") + (c.commercial_use === false ? " · non-commercial" : "")
+      + (c.gated ? " · gated" : ""));
+    if (!families.has(c.family)) families.set(c.family, []);
+    families.get(c.family).push(option);
+  }
+  ui.modelSelect.replaceChildren(...[...families].map(([family, options]) =>
+    el("optgroup", { label: family || "other" }, ...options)));
   ui.modelSelect.value = card.id;
   ui.modelSelect.disabled = false;
-  ui.modelSelect.title = card.description || "";
+  ui.modelSelect.title = [card.description, licenceText(card)].filter(Boolean).join("\n");
   ui.badge.textContent = `${data.device} · ${data.dtype}`;
   const devices = data.runtime?.devices || [];
   ui.badge.title = devices.map((d) => `${d.device}: ${d.dtype} (VAE ${d.vae_dtype}, generator on ${d.generator_device})`)
@@ -102,6 +111,14 @@ async function loadModels({ reset = false } = {}) {
   updateTokens();
   updateButtons();
   return true;
+}
+
+/** "Licence: Apache-2.0" / "Licence: … — no commercial use · gated: needs HF_TOKEN" for a model card. */
+function licenceText(card) {
+  const parts = [];
+  if (card.licence) parts.push(`Licence: ${card.licence}` + (card.commercial_use === false ? " — no commercial use" : ""));
+  if (card.gated) parts.push("gated: accept the licence on the hub and set HF_TOKEN");
+  return parts.join(" · ");
 }
 
 function handleConnectionError(err, { first = false } = {}) {

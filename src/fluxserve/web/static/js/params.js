@@ -70,7 +70,9 @@ export class ParamsForm {
     this.negativeField.hidden = !(qwenStyle || d.negative_prompt !== null && d.negative_prompt !== undefined);
     this.fields.negative.placeholder = d.negative_prompt && d.negative_prompt.trim()
       ? d.negative_prompt : "model default";
-    this.description.textContent = card.description || "";
+    const licence = card.licence ? `Licence: ${card.licence}${card.commercial_use === false ? " (no commercial use)" : ""}` : "";
+    this.description.textContent = [card.description, licence, card.gated ? "gated (needs HF_TOKEN)" : ""]
+      .filter(Boolean).join(" · ");
 
     this.presetList.replaceChildren();
     const rank = (name) => (PRESET_ORDER.includes(name) ? PRESET_ORDER.indexOf(name) : PRESET_ORDER.length);

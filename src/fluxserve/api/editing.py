@@ -1,0 +1,320 @@
+"""The logic behind /v1/images/edits and /v1/images/variations: read the body (multipart or JSON),
+decode and check the images, pick the task, and build a scheduler job.
+
+Running the job (submit, wait, stream, finalize, async jobs) is the generations' machinery in
+:class:`fluxserve.api.serving.ImageService`; this module only turns an edit request into a job whose
+``GenerationParams`` carry ``task``, ``strength`` and ``inputs`` (a digest of the input pixels) and
+whose ``images`` / ``mask`` reach the engine as ``ImageRequest.images`` / ``.mask``.
+
+Batching: ``GenerationParams`` is the batching key and ``inputs`` is part of it, so an edit job shares
+a pipeline call only with jobs on byte-identical inputs (same images, same mask, same strength and
+size); it never batches with a text-to-image job.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, replace
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+from starlette.datastructures import UploadFile
+from starlette.formparsers import MultiPartException
+from starlette.requests import Request
+
+from fluxserve.api.errors import APIError, validation_message
+from fluxserve.api.protocol import ImageEditRequest, ImageVariationRequest
+from fluxserve.api.serving import ImageService
+from fluxserve.engine.families import get_family
+from fluxserve.engine.registry import ModelSpec
+from fluxserve.generation import Task
+from fluxserve.scheduler.jobs import Job
+from fluxserve.storage.inputs import (
+    DecodedImage,
+    InputError,
+    decode_data_url,
+    decode_image,
+    inputs_digest,
+    mask_from,
+    resize_mask,
+    resize_rgb,
+)
+
+MAX_IMAGE_FIELDS = 16
+"""OpenAI's limit on ``image[]``."""
+STRENGTH_FOR_FIDELITY = {"high": 0.6, "low": 0.85}
+"""img2img/inpaint strength when only ``input_fidelity`` is given (0.6 is diffusers' default too)."""
+DEFAULT_STRENGTH = 0.6
+VARIATION_STRENGTH = 0.75
+
+
+@dataclass(frozen=True)
+class EditModes:
+    """What a model does with input images, read from its family's contract (torch-free)."""
+
+    without_mask: Task | None
+    with_mask: Task | None
+    max_images: int
+    masked_by_compositing: bool = False
+    """True where the family has no inpainting pipeline and edits by instruction: the area outside the mask
+    is then kept by copying the input's pixels back after decoding (Qwen-Image-Edit)."""
+
+
+def edit_modes(spec: ModelSpec) -> EditModes | None:
+    """img2img and inpaint take one image; an instruction edit up to the family's ``max_input_images``."""
+    try:
+        family = get_family(spec.family)
+    except ValueError:
+        return None
+    tasks = family.pipeline_classes
+    without: Task | None = "edit" if "edit" in tasks else "img2img" if "img2img" in tasks else None
+    with_mask: Task | None = "inpaint" if "inpaint" in tasks else "edit" if "edit" in tasks else None
+    if without is None and with_mask is None:
+        return None
+    max_images = max(1, family.max_input_images) if without == "edit" else 1
+    return EditModes(without, with_mask, max_images, masked_by_compositing=with_mask == "edit")
+
+
+@dataclass
+class Upload:
+    param: str
+    """The request field, as errors name it: ``image``, ``image[1]``, ``mask``."""
+    data: bytes
+
+
+@dataclass
+class EditBody:
+    """A parsed edit request: the fields, and the raw image files still to be decoded."""
+
+    fields: ImageEditRequest
+    images: list[Upload]
+    mask: Upload | None
+
+
+def _invalid(exc: ValidationError) -> APIError:
+    error = dict(exc.errors()[0])
+    loc: tuple[Any, ...] = tuple(exc.errors()[0].get("loc", ()))
+    error["loc"] = loc[:1]  # the field itself, not the union member pydantic tried ("mask.str")
+    message, param = validation_message(error)
+    code = "missing_required_parameter" if error.get("type") == "missing" else "invalid_value"
+    return APIError(400, message, param=param, code=code)
+
+
+def _media_type(request: Request) -> str:
+    return request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+
+
+async def _read_upload(upload: UploadFile, param: str, max_bytes: int) -> Upload:
+    data = await upload.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise APIError(400, f"{param} is larger than {max_bytes} bytes (FLUX_MAX_INPUT_BYTES)", param=param,
+                       code="image_too_large")
+    return Upload(param, data)
+
+
+async def read_body(request: Request, model: type[BaseModel], max_input_bytes: int, *,
+                    max_images: int = MAX_IMAGE_FIELDS) -> tuple[Any, list[Upload], Upload | None]:
+    """Fields, image uploads and mask upload from a multipart/form-data or JSON body."""
+    media = _media_type(request)
+    if media == "multipart/form-data":
+        try:
+            form = await request.form(max_files=max_images + 2, max_fields=64, max_part_size=64 * 1024)
+        except MultiPartException as exc:
+            raise APIError(400, f"invalid multipart body: {exc.message}", code="invalid_multipart") from None
+        fields: dict[str, Any] = {}
+        images: list[Upload] = []
+        mask: Upload | None = None
+        try:
+            for key, value in form.multi_items():
+                if isinstance(value, UploadFile):
+                    if key in ("image", "image[]"):
+                        if len(images) >= max_images:
+                            raise APIError(400, f"at most {max_images} images may be sent", param="image",
+                                           code="too_many_images")
+                        param = "image" if not images else f"image[{len(images)}]"
+                        images.append(await _read_upload(value, param, max_input_bytes))
+                    elif key == "mask" and mask is None:
+                        mask = await _read_upload(value, "mask", max_input_bytes)
+                    else:
+                        raise APIError(400, f"unexpected file field {key[:40]!r} (files go in image, image[] "
+                                            "and mask)", param=key[:40], code="invalid_value")
+                elif key in ("image", "image[]", "mask"):
+                    raise APIError(400, f"{key} must be a file part (or send JSON with data URLs)", param=key,
+                                   code="invalid_image")
+                elif key in fields:
+                    raise APIError(400, f"field {key[:40]!r} is given twice", param=key[:40], code="invalid_value")
+                else:
+                    fields[key] = value
+        finally:
+            await form.close()
+        try:
+            return model.model_validate(fields, strict=False), images, mask  # form values are all text
+        except ValidationError as exc:
+            raise _invalid(exc) from None
+    if media == "application/json":
+        raw = await request.body()
+        try:
+            obj = json.loads(raw) if raw else None
+        except ValueError:  # the strict JSON middleware answers first; this is a safety net
+            raise APIError(400, "the request body is not valid JSON", code="invalid_json") from None
+        if not isinstance(obj, dict):
+            raise APIError(400, "the request body must be a JSON object", code="invalid_json")
+        try:
+            body = model.model_validate(obj)
+        except ValidationError as exc:
+            raise _invalid(exc) from None
+        return body, *_json_images(body, max_input_bytes, max_images)
+    raise APIError(400, "send multipart/form-data (as OpenAI's SDKs do) or application/json with images as "
+                        f"base64 data URLs, not {media[:60] or 'no Content-Type'}", code="unsupported_media_type")
+
+
+def _json_images(body: Any, max_bytes: int, max_images: int) -> tuple[list[Upload], Upload | None]:
+    urls: list[str] = []
+    image = getattr(body, "image", None)
+    if isinstance(image, str):
+        urls.append(image)
+    elif isinstance(image, list):
+        urls += image
+    for item in getattr(body, "images", None) or []:
+        url = item if isinstance(item, str) else item.get("image_url")
+        if not isinstance(url, str):
+            raise APIError(400, 'each entry of images must be {"image_url": "data:image/...;base64,..."} '
+                                "(file ids are not supported)", param="images", code="invalid_image")
+        urls.append(url)
+    if len(urls) > max_images:
+        raise APIError(400, f"at most {max_images} images may be sent, got {len(urls)}", param="image",
+                       code="too_many_images")
+    try:
+        uploads = []
+        for index, url in enumerate(urls):
+            param = "image" if index == 0 else f"image[{index}]"
+            uploads.append(Upload(param, decode_data_url(url, param, max_bytes)))
+        mask = None
+        raw_mask = getattr(body, "mask", None)
+        if isinstance(raw_mask, dict):
+            raw_mask = raw_mask.get("image_url")
+            if not isinstance(raw_mask, str):
+                raise InputError('mask must be a data URL or {"image_url": "data:image/png;base64,..."}', "mask")
+        if raw_mask is not None:
+            mask = Upload("mask", decode_data_url(raw_mask, "mask", max_bytes))
+    except InputError as exc:
+        raise APIError(400, exc.message, param=exc.param, code=exc.code) from None
+    return uploads, mask
+
+
+class EditService:
+    """Builds edit and variation jobs; the generations' :class:`ImageService` runs them."""
+
+    def __init__(self, images: ImageService) -> None:
+        self.images = images
+        self.settings = images.settings
+
+    def _decode(self, upload: Upload) -> DecodedImage:
+        s = self.settings
+        try:
+            return decode_image(upload.data, upload.param, max_bytes=s.max_input_bytes, max_pixels=s.max_input_pixels)
+        except InputError as exc:
+            raise APIError(400, exc.message, param=exc.param, code=exc.code) from None
+
+    def _auto_size(self, spec: ModelSpec, width: int, height: int) -> str:
+        """The first image's size on the model's multiple, scaled down (aspect kept) to fit the limits."""
+        s = self.settings
+        m = spec.size_multiple
+        scale = min(1.0, s.max_size / max(width, height), (s.max_pixels / (width * height)) ** 0.5)
+        scale = max(scale, s.min_size / min(width, height)) if min(width, height) * scale < s.min_size else scale
+        w = max(m, int(width * scale / m + 0.5) * m)
+        h = max(m, int(height * scale / m + 0.5) * m)
+        while w * h > s.max_pixels or w > s.max_size or h > s.max_size:
+            w, h = (w - m, h) if w >= h else (w, h - m)
+        lo = -(-s.min_size // m) * m
+        return f"{max(w, lo)}x{max(h, lo)}"
+
+    def build_job(self, body: ImageEditRequest, uploads: list[Upload], mask_upload: Upload | None,
+                  request_id: str | None, *, want_previews: bool = False, variation: bool = False,
+                  owner: str | None = None) -> Job:
+        """Validate everything, decode the images and build the job (CPU work: call it off the event loop)."""
+        spec = self.images.resolve_model(body.model)
+        modes = edit_modes(spec)
+        if modes is None:
+            raise APIError(400, f"model {spec.key} does not edit images (edit models: "
+                                f"{', '.join(_edit_models())})",
+                           param="model", code="unsupported_model")
+        # 1. Which task, and is every field one this model honours?
+        if not uploads:
+            raise APIError(400, "image is required: send the image to edit as a file part 'image' (or 'image[]'), "
+                                "or as a data URL in JSON", param="image", code="missing_required_parameter")
+        if len(uploads) > modes.max_images:
+            raise APIError(400, f"{spec.key} takes at most {modes.max_images} image"
+                                f"{'s' if modes.max_images > 1 else ''}, got {len(uploads)}", param="image",
+                           code="too_many_images")
+        task = modes.with_mask if mask_upload is not None else modes.without_mask
+        if task is None:
+            raise APIError(400, f"{spec.key} cannot use a mask", param="mask", code="unsupported_value")
+        if variation and task != "img2img":
+            raise APIError(400, f"variations need an img2img model; {spec.key} edits by instruction (use "
+                                "/v1/images/edits with a prompt)", param="model", code="unsupported_model")
+        if body.background == "transparent":
+            raise APIError(400, "background 'transparent' is not supported: the models draw opaque images",
+                           param="background", code="unsupported_value")
+        strength = self._strength(body, spec, task)
+
+        # 2. Decode and check the images (formats, limits, modes, EXIF, alpha).
+        decoded = [self._decode(u) for u in uploads]
+        mask = None
+        if mask_upload is not None:
+            try:
+                mask = mask_from(self._decode(mask_upload), decoded[0].size)
+            except InputError as exc:
+                raise APIError(400, exc.message, param=exc.param, code=exc.code) from None
+
+        # 3. Size: "auto" (or none) is the first image's size on the model's multiple.
+        first_w, first_h = decoded[0].size
+        sized = body
+        if (body.size in (None, "auto")) and body.width is None and body.height is None:
+            sized = body.model_copy(update={"size": self._auto_size(spec, first_w, first_h)})
+        if variation:
+            sized = sized.model_copy(update={"prompt": "variation"})  # validated as a prompt, replaced below
+        job = self.images.build_job(sized, request_id=request_id, owner=owner, want_previews=want_previews)
+        if variation:
+            job.prompt = ""
+        width, height = job.params.width, job.params.height
+        if strength is not None and int(job.params.steps * strength) < 1:
+            raise APIError(400, f"strength {strength:g} × {job.params.steps} steps leaves no denoising step; raise "
+                                "strength or num_inference_steps", param="strength", code="invalid_value")
+
+        # 4. The first image (and mask) at the output size; references keep their own size.
+        images = [resize_rgb(decoded[0].rgb, width, height)] + [d.rgb for d in decoded[1:]]
+        if mask is not None:
+            mask = resize_mask(mask, width, height)
+        job.params = replace(job.params, task=task, strength=strength, inputs=inputs_digest(images, mask))
+        job.images = images
+        job.mask = mask
+        job.metadata["task"] = task
+        return job
+
+    def _strength(self, body: ImageEditRequest, spec: ModelSpec, task: Task) -> float | None:
+        if task == "edit":
+            if body.strength is not None:
+                raise APIError(400, f"{spec.key} edits by instruction and takes no strength", param="strength",
+                               code="unsupported_value")
+            if body.input_fidelity == "low":
+                raise APIError(400, f"input_fidelity 'low' is not supported by {spec.key}: it always keeps the "
+                                    "input at high fidelity", param="input_fidelity", code="unsupported_value")
+            return None
+        if body.strength is not None:
+            return float(body.strength)
+        if body.input_fidelity is not None:
+            return STRENGTH_FOR_FIDELITY[body.input_fidelity]
+        return 1.0 if spec.family == "kontext" else DEFAULT_STRENGTH
+
+    def variation_as_edit(self, body: ImageVariationRequest) -> ImageEditRequest:
+        """A variation is an img2img edit with an empty prompt (strength 0.75 unless given)."""
+        fields = body.model_dump(exclude_none=True, exclude={"image"})
+        fields.setdefault("strength", VARIATION_STRENGTH)
+        return ImageEditRequest.model_validate({"prompt": "variation", **fields, **(body.model_extra or {})})
+
+
+def _edit_models() -> list[str]:
+    from fluxserve.engine.registry import BUILTIN_MODELS
+
+    return [key for key, spec in BUILTIN_MODELS.items() if edit_modes(spec) is not None]

@@ -1,0 +1,105 @@
+"""Edit routes: ``POST /v1/images/edits`` (plain, streamed, async) and ``POST /v1/images/variations``.
+
+Thin: read the body (multipart as OpenAI's SDKs send it, or JSON with data URLs), build the job with
+:class:`~fluxserve.api.editing.EditService` off the event loop (decoding images is CPU work), then run it
+with the generations' machinery. Job status, events, cancel and files are the generations' routes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from fluxserve.api.editing import EditService, Upload
+from fluxserve.api.protocol import ERROR_RESPONSES, ImageEditRequest, ImagesResponse, ImageVariationRequest
+from fluxserve.api.routes.images import _SSE, _sse, disconnected, owner
+from fluxserve.api.serving import ImageService
+
+router = APIRouter(responses=ERROR_RESPONSES)
+
+
+def _body_doc(model: type[Any], files: dict[str, Any]) -> dict[str, Any]:
+    """OpenAPI request body: the JSON model, and the same fields as multipart with file parts."""
+    schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+    multipart = {"type": "object", "properties": {**schema.get("properties", {}), **files}}
+    return {"requestBody": {"required": True, "content": {
+        "multipart/form-data": {"schema": multipart}, "application/json": {"schema": schema}}}}
+
+
+_FILE = {"type": "string", "format": "binary"}
+_EDIT_DOC = _body_doc(ImageEditRequest, {"image": _FILE, "image[]": {"type": "array", "items": _FILE}, "mask": _FILE})
+_VARIATION_DOC = _body_doc(ImageVariationRequest, {"image": _FILE})
+
+
+def _services(request: Request) -> tuple[ImageService, EditService]:
+    return request.app.state.images, request.app.state.edits
+
+
+async def _run(request: Request, body: ImageEditRequest, uploads: list[Upload], mask: Upload | None, *,
+               variation: bool = False, background: bool = False) -> Any:
+    images, edits = _services(request)
+    label = body.request_id or (request.state.request_id if "x-request-id" in request.headers else None)
+    stream = body.stream and not background
+    previews = bool(body.partial_images) and (stream or background)
+    job = await asyncio.get_running_loop().run_in_executor(
+        images.runtime.encoder, lambda: edits.build_job(body, uploads, mask, label, want_previews=previews,
+                                                        variation=variation, owner=owner(request)))
+    request.state.model = job.spec.key
+    request.state.job_id = job.id
+    options = images.output_options(body, str(request.base_url))
+    options.event_prefix = "image_edit" if not variation else "image_variation"
+    headers = {"X-Job-ID": job.id}
+    if background:
+        job.metadata["keep_result"] = True
+        images.submit(job)
+        images.finalize_in_background(job, options)
+        return JSONResponse(job.summary(), status_code=202, headers={**headers,
+                                                                     "Location": f"/v1/images/jobs/{job.id}"})
+    if stream:
+        events = images.stream(job, options, disconnected(request))
+        first = await anext(events)  # submits the job: a full queue or a shutdown is a 429/503, not a broken stream
+        return StreamingResponse(_sse(events, first), media_type="text/event-stream", headers=headers)
+    images.submit(job)
+    if not await images.wait(job, disconnected(request)()):
+        return Response(status_code=499)  # nobody reads it; logs and metrics say what happened
+    response = await images.finalize(job, options)
+    return JSONResponse(response.model_dump(exclude_none=True), headers=headers)
+
+
+async def _edit_body(request: Request) -> tuple[ImageEditRequest, list[Upload], Upload | None]:
+    from fluxserve.api.editing import read_body
+
+    return await read_body(request, ImageEditRequest, request.app.state.runtime.settings.max_input_bytes)
+
+
+@router.post("/v1/images/edits", response_model=ImagesResponse, response_model_exclude_none=True,
+             summary="Edit images (OpenAI-compatible): img2img, inpainting with a mask, instruction edits",
+             responses=_SSE, openapi_extra=_EDIT_DOC)
+async def create_edit(request: Request) -> Any:
+    """Edit `image` (or `image[]`) following `prompt`; with `mask`, only its transparent area changes.
+    With `stream: true`: `image_edit.progress`, `image_edit.partial_image`, `image_edit.completed`."""
+    body, uploads, mask = await _edit_body(request)
+    return await _run(request, body, uploads, mask)
+
+
+@router.post("/v1/images/edits/jobs", status_code=202, summary="Queue an edit and return at once",
+             openapi_extra=_EDIT_DOC)
+async def create_edit_job(request: Request) -> Any:
+    """As /v1/images/edits, answered at once with the job; poll `GET /v1/images/jobs/{id}`."""
+    body, uploads, mask = await _edit_body(request)
+    return await _run(request, body, uploads, mask, background=True)
+
+
+@router.post("/v1/images/variations", response_model=ImagesResponse, response_model_exclude_none=True,
+             summary="Variations of one image (OpenAI's dall-e-2 endpoint): img2img with no prompt",
+             openapi_extra=_VARIATION_DOC)
+async def create_variation(request: Request) -> Any:
+    from fluxserve.api.editing import read_body
+
+    _, edits = _services(request)
+    body, uploads, _mask = await read_body(request, ImageVariationRequest,
+                                           request.app.state.runtime.settings.max_input_bytes, max_images=1)
+    return await _run(request, edits.variation_as_edit(body), uploads, None, variation=True)

@@ -1,0 +1,394 @@
+"""The family contract: everything fluxserve needs to know to serve one kind of diffusers pipeline.
+
+A *family* is one module in this package with one subclass of :class:`Family`. It declares
+
+- ``name`` and the diffusers pipeline classes per task (``pipeline_classes``; ``"generate"`` is
+  required, ``"img2img"``, ``"inpaint"`` and ``"edit"`` optional — edit pipelines are made from the loaded
+  one with ``from_pipe``, so they share its weights);
+- its defaults (:class:`FamilyDefaults`, with the source of each value) and the registry entries it
+  serves (``models``: one :class:`ModelSpec` per key, licence and gated state included);
+- how to encode prompts and what keys the prompt cache, how prompts batch, and the stage API the engine
+  drives (:meth:`Family.encode`, :meth:`Family.denoise`, :meth:`Family.decode`,
+  :meth:`Family.spatial_latents`, :meth:`Family.token_count`);
+- the keyword arguments of its edit pipelines (:meth:`Family.edit_call_kwargs`);
+- its tiny offline version built from config classes (:meth:`Family.tiny_pipeline`, saved by
+  :meth:`Family.build_tiny`) and its full-size random-weight architecture for GPU benches
+  (:meth:`Family.full_size_components`);
+- which optimizations apply (:class:`Optimizations`).
+
+Family modules import neither torch nor diffusers at import time (the registry, which the HTTP layer
+reads, is built from them; a test proves it): both are imported inside the methods that need them.
+
+Splitting the pipeline call into stages lets the engine time each stage, cache prompt embeddings, batch
+jobs with different prompts into one call, preview latents cheaply, and cancel between steps, all through
+the pipelines' public arguments (``prompt_embeds``, ``output_type="latent"``, ``callback_on_step_end``).
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from fluxserve.generation import Task
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+
+StepCallback = Callable[[Any, int, Any, dict[str, Any]], dict[str, Any]]
+
+
+# --- registry entries (torch-free: the HTTP layer reads them) ---------------------------------------
+@dataclass(frozen=True)
+class Preset:
+    """A named size/steps combination offered to clients (the web page's preset buttons)."""
+
+    width: int
+    height: int
+    steps: int
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything fluxserve knows about a model before loading it."""
+
+    key: str
+    """Registry key, or the repo id / path itself for models outside the registry."""
+    source: str
+    """Hub repo id or local directory passed to ``from_pretrained``."""
+    family: str
+    """Name of the :class:`Family` that serves it (``flux``, ``qwen``, ``klein``, ``generic``, ...)."""
+    description: str = ""
+    tiny: str | None = None
+    """Set for the tiny offline models: the family whose :meth:`Family.tiny_pipeline` builds it on first use
+    into the cache directory."""
+    steps: int = 28
+    guidance: float = 3.5
+    """Default guidance (the family's ``guidance_parameter``: ``guidance_scale`` or ``true_cfg_scale``)."""
+    max_sequence_length: int = 512
+    max_sequence_length_limit: int = 512
+    width: int = 1024
+    height: int = 1024
+    size_multiple: int = 16
+    negative_prompt: str | None = None
+    """Default negative prompt (Qwen-Image needs one, even " ", to enable CFG)."""
+    gated: bool = False
+    """The hub repo needs an accepted licence and a token (HF_TOKEN)."""
+    licence: str = ""
+    """The weights' licence as the model card names it (``Apache-2.0``, ``FLUX.1 [dev] Non-Commercial``)."""
+    commercial_use: bool = True
+    """False where the licence forbids commercial use of the weights or outputs."""
+    alpha: bool = False
+    """Can produce transparent images (``background: "transparent"``); no family here can yet."""
+    presets: dict[str, Preset] = field(default_factory=dict)
+
+    @property
+    def quality_steps(self) -> dict[str, int]:
+        """OpenAI's ``quality`` mapped to step counts from the presets."""
+        return {q: self.presets[q].steps for q in ("low", "medium", "high") if q in self.presets}
+
+    def with_family(self, family: str) -> ModelSpec:
+        return replace(self, family=family)
+
+
+TINY_PRESETS = {"low": Preset(64, 64, 2), "medium": Preset(128, 128, 4), "high": Preset(256, 256, 8),
+                "wide": Preset(256, 144, 4)}
+"""Presets of every tiny offline model (small sizes: the tiny models exist for tests and demos)."""
+
+
+@dataclass(frozen=True)
+class FamilyDefaults:
+    """A family's defaults for models outside the registry (a local directory or hub repo of that family),
+    with where each value comes from (``sources``: field name → model card / pipeline docstring)."""
+
+    steps: int
+    guidance: float
+    width: int = 1024
+    height: int = 1024
+    size_multiple: int = 16
+    max_sequence_length: int = 512
+    max_sequence_length_limit: int = 512
+    negative_prompt: str | None = None
+    presets: dict[str, Preset] = field(default_factory=dict)
+    sources: dict[str, str] = field(default_factory=dict)
+
+    def spec(self, key: str, source: str, family: str, **overrides: Any) -> ModelSpec:
+        """A :class:`ModelSpec` with these defaults (``overrides`` win)."""
+        values: dict[str, Any] = {
+            "steps": self.steps, "guidance": self.guidance, "width": self.width, "height": self.height,
+            "size_multiple": self.size_multiple, "max_sequence_length": self.max_sequence_length,
+            "max_sequence_length_limit": self.max_sequence_length_limit,
+            "negative_prompt": self.negative_prompt, "presets": self.presets,
+        }
+        values.update(overrides)
+        return ModelSpec(key=key, source=source, family=family, **values)
+
+
+@dataclass(frozen=True)
+class Optimizations:
+    """Which of fluxserve's optimizations a family's transformer can take (see ``engine/optimize.py``)."""
+
+    compile_blocks: tuple[str, ...] = ()
+    """Class names of the repeated transformer blocks that regional compilation compiles once each
+    (diffusers' ``_repeated_blocks``)."""
+    fused_qkv: bool = False
+    """The attention processors support ``fuse_qkv_projections`` (one matmul for Q, K and V)."""
+    fp8_linears: bool = True
+    """The transformer's large linear layers may become float8 row-wise (FLUX_QUANTIZE=fp8)."""
+    notes: str = ""
+    """Why an optimization does not apply, for the docs and the bench table."""
+
+
+# --- the stage API ----------------------------------------------------------------------------------
+@dataclass
+class PromptEmbedding:
+    """Text-encoder output for one prompt (batch dimension 1), kept on the model's device."""
+
+    tensors: dict[str, torch.Tensor]
+    text: str | None = None
+    """The prompt itself, for pipelines whose text encoding cannot be split off (generic family)."""
+
+
+@dataclass
+class DenoiseArgs:
+    width: int
+    height: int
+    steps: int
+    guidance: float
+    generators: list[torch.Generator]
+    callback: StepCallback
+    max_sequence_length: int | None = None
+    call_kwargs: dict[str, Any] = field(default_factory=dict)
+    """Extra keyword arguments for the pipeline call: an edit mode's :meth:`Family.edit_call_kwargs`."""
+
+
+class Family:
+    """Base of every family: one stage-split interface over a kind of diffusers pipeline."""
+
+    name: ClassVar[str] = "base"
+    title: ClassVar[str] = ""
+    """Human name (docs, ``/v1/models`` descriptions)."""
+    pipeline_classes: ClassVar[dict[Task, str]] = {}
+    """diffusers class names per task; ``"generate"`` is required. Edit tasks are built with ``from_pipe``."""
+    max_input_images: ClassVar[int] = 0
+    """How many reference images the ``"edit"`` task takes (0: no edit task)."""
+    defaults: ClassVar[FamilyDefaults]
+    models: ClassVar[tuple[ModelSpec, ...]] = ()
+    """The registry entries this family serves (real checkpoints and their ``tiny-<key>`` versions)."""
+    full_size_variants: ClassVar[dict[str, str | None]] = {}
+    """Registry key → the ``variant`` argument of :meth:`full_size_components` that builds its architecture."""
+    optimizations: ClassVar[Optimizations] = Optimizations()
+    guidance_parameter: ClassVar[str] = "guidance_scale"
+    """The pipeline argument the request's ``guidance_scale`` becomes."""
+    uses_negative_prompt: ClassVar[bool] = False
+    """The engine encodes a negative prompt (true CFG) when guidance > 1."""
+    supports_previews: ClassVar[bool] = True
+    batches_prompts: ClassVar[bool] = True
+    """Requests with different prompts (same size/steps/guidance) can share one pipeline call: the
+    embeddings are stacked (and padded where lengths differ) by :meth:`denoise`."""
+    tokenizers: ClassVar[tuple[str, ...]] = ("tokenizer", "tokenizer_2")
+    """Pipeline attributes of the tokenizers :meth:`token_count` reports."""
+
+    def __init__(self) -> None:
+        self._edit_pipes: weakref.WeakKeyDictionary[Any, dict[str, Any]] = weakref.WeakKeyDictionary()
+
+    # prompts ------------------------------------------------------------------------------------------
+    def wants_negative(self, guidance: float) -> bool:
+        """Whether a call at this guidance runs true CFG, so the engine encodes a negative prompt."""
+        return self.uses_negative_prompt and guidance > 1
+
+    def cache_key(self, prompt: str, max_sequence_length: int) -> tuple[str, str, int]:
+        """Key of the prompt cache: embeddings depend on the family, the text and the padded length."""
+        return (self.name, prompt, max_sequence_length)
+
+    def encode(self, pipe: Any, prompt: str, max_sequence_length: int) -> PromptEmbedding:
+        raise NotImplementedError
+
+    def token_count(self, pipe: Any, prompt: str) -> dict[str, int]:
+        """Tokens the prompt takes in each tokenizer (for the web page's counter)."""
+        counts = {}
+        for name in self.tokenizers:
+            tok = getattr(pipe, name, None)
+            if tok is not None:
+                counts[name] = len(tok(prompt, add_special_tokens=True)["input_ids"])
+        return counts
+
+    # stages -------------------------------------------------------------------------------------------
+    def denoise(self, pipe: Any, positives: Sequence[PromptEmbedding], negatives: Sequence[PromptEmbedding] | None,
+                args: DenoiseArgs) -> torch.Tensor:
+        """Run the pipeline to latents (``output_type="latent"``) with the stacked embeddings."""
+        raise NotImplementedError
+
+    def decode(self, pipe: Any, latents: torch.Tensor, width: int, height: int) -> torch.Tensor:
+        """Latents from :meth:`denoise` → images [B, 3, H, W] in [-1, 1]."""
+        raise NotImplementedError
+
+    def spatial_latents(self, pipe: Any, latents: torch.Tensor, width: int, height: int) -> torch.Tensor:
+        """The step callback's latents as [B, C, h, w] for previews."""
+        raise NotImplementedError
+
+    # edits --------------------------------------------------------------------------------------------
+    @property
+    def tasks(self) -> tuple[Task, ...]:
+        return tuple(self.pipeline_classes)
+
+    def edit_pipeline(self, pipe: Any, task: Task) -> Any:
+        """The pipeline for ``task``, made from ``pipe`` with ``from_pipe`` (same modules, no second copy of
+        the weights) and cached per pipeline object, so each engine view gets its own."""
+        class_name = self.pipeline_classes.get(task)
+        if class_name is None:
+            raise ValueError(f"{self.name} models cannot {task}; they can: {', '.join(self.tasks)}")
+        if type(pipe).__name__ == class_name:
+            return pipe
+        made = self._edit_pipes.setdefault(pipe, {})
+        if task not in made:
+            import diffusers
+
+            edit = getattr(diffusers, class_name).from_pipe(pipe)
+            edit.set_progress_bar_config(disable=True)
+            made[task] = edit
+        return made[task]
+
+    def edit_call_kwargs(self, task: Task, images: Sequence[np.ndarray], mask: np.ndarray | None,
+                         strength: float | None, width: int, height: int) -> dict[str, Any]:
+        """Keyword arguments that turn the ``task`` pipeline's call into that edit.
+
+        ``images`` are ``uint8`` H×W×3 arrays (for img2img/inpaint already at the output size), ``mask`` is
+        ``uint8`` H×W with 255 where the image may change. The default covers diffusers' common arguments:
+        ``image`` (one image, or a list for ``edit``), ``mask_image`` and ``strength``.
+        """
+        from PIL import Image
+
+        if task not in self.pipeline_classes or task == "generate":
+            raise ValueError(f"{self.name} models cannot {task}; they can: {', '.join(self.tasks)}")
+        if not images:
+            raise ValueError(f"{task} needs an input image")
+        pictures = [Image.fromarray(image) for image in images]
+        kwargs: dict[str, Any] = {}
+        if task == "edit":
+            if len(pictures) > self.max_input_images:
+                raise ValueError(f"{self.name} takes at most {self.max_input_images} reference images")
+            kwargs["image"] = pictures
+            return kwargs
+        if len(pictures) != 1:
+            raise ValueError(f"{task} takes exactly one input image")
+        kwargs["image"] = pictures[0]
+        if task == "inpaint":
+            if mask is None:
+                raise ValueError("inpaint needs a mask")
+            kwargs["mask_image"] = Image.fromarray(mask, mode="L") if mask.ndim == 2 else Image.fromarray(mask)
+        if strength is not None:
+            kwargs["strength"] = strength
+        return kwargs
+
+    # models -------------------------------------------------------------------------------------------
+    def tiny_pipeline(self) -> Any:
+        """Build (in memory) this family's tiny pipeline from config classes with fixed-seed float32 weights."""
+        raise NotImplementedError(f"{self.name} has no tiny offline version")
+
+    @property
+    def has_tiny(self) -> bool:
+        """The family builds a tiny offline version (it overrides :meth:`tiny_pipeline`)."""
+        return type(self).tiny_pipeline is not Family.tiny_pipeline
+
+    def build_tiny(self, directory: Path) -> Path:
+        """Build the tiny pipeline and save it to ``directory`` with ``save_pretrained`` (atomically), so it
+        loads back through ``from_pretrained`` exactly like a real model."""
+        from fluxserve.engine.tiny import write_tiny_model
+
+        return write_tiny_model(Path(directory), self.name)
+
+    def full_size_components(self, device: str, dtype: torch.dtype, variant: str | None = None) -> dict[str, Any]:
+        """The published full-size architecture with random weights, built directly on ``device`` in
+        ``dtype``: pipeline components by name, ready for ``getattr(diffusers, pipeline_classes["generate"])
+        (**components)``. Use ``device="meta"`` to count parameters without allocating them."""
+        raise NotImplementedError(f"{self.name} has no full-size builder")
+
+
+# --- helpers shared by families ---------------------------------------------------------------------
+def stack(embeds: Sequence[PromptEmbedding], key: str) -> torch.Tensor:
+    import torch
+
+    return torch.cat([e.tensors[key] for e in embeds], dim=0)
+
+
+def padded(embeds: Sequence[PromptEmbedding], key: str, mask_key: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack prompts of different token lengths, zero-padding embeddings and masks on the right."""
+    import torch
+
+    length = max(e.tensors[key].shape[1] for e in embeds)
+    values, masks = [], []
+    for e in embeds:
+        x, m = e.tensors[key], e.tensors[mask_key]
+        pad = length - x.shape[1]
+        values.append(torch.nn.functional.pad(x, (0, 0, 0, pad)))
+        masks.append(torch.nn.functional.pad(m, (0, pad)))
+    return torch.cat(values), torch.cat(masks)
+
+
+def build_on(device: str, dtype: torch.dtype, make: Callable[[], Any]) -> Any:
+    """Construct modules directly on ``device`` in ``dtype`` (random init; ``meta`` allocates nothing)."""
+    import torch
+
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            return make()
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """[-1, 1] float images [B, 3, H, W] → uint8 [B, H, W, 3] on the CPU (the only device→host copy)."""
+    import torch
+
+    pixels = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return pixels.permute(0, 2, 3, 1).contiguous().cpu().numpy()
+
+
+def preview_rgb(spatial: torch.Tensor, max_side: int = 64) -> np.ndarray:
+    """A cheap RGB approximation of latents [B, C, h, w] → uint8 [B, h', w', 3] (no VAE decode).
+
+    The first three latent channels, each stretched to the 1st..99th percentile, at most ``max_side``
+    pixels on the long side. It shows composition emerging, not final colours.
+    """
+    import torch
+
+    x = spatial[:, :3].float()
+    if x.shape[1] < 3:
+        x = x.repeat(1, 3, 1, 1)[:, :3]
+    flat = x.flatten(2)
+    lo = flat.quantile(0.01, dim=2, keepdim=True).unsqueeze(-1)
+    hi = flat.quantile(0.99, dim=2, keepdim=True).unsqueeze(-1)
+    x = ((x - lo) / (hi - lo).clamp_min(1e-6)).clamp(0, 1)
+    h, w = x.shape[-2:]
+    scale = max(h, w) / max_side
+    if scale > 1:
+        x = torch.nn.functional.interpolate(x, size=(max(1, int(h / scale)), max(1, int(w / scale))), mode="area")
+    return (x * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def init_like_checkpoint(module: Any, seed: int) -> None:
+    """Re-draw every floating parameter on its device: N(0, 0.02) matrices, unit norm weights, zero biases
+    (PyTorch's default inits of huge layers make activations overflow in bf16; trained weights do not)."""
+    import torch
+
+    params = list(module.parameters())
+    if not params or params[0].device.type == "meta":
+        return
+    gen = torch.Generator(device=params[0].device).manual_seed(seed)
+    with torch.no_grad():
+        for name, param in module.named_parameters():
+            if not param.is_floating_point():
+                continue
+            if param.ndim == 1:
+                if "norm" in name or name.endswith("weight"):
+                    param.fill_(1.0)
+                else:
+                    param.zero_()
+            else:
+                param.normal_(0.0, 0.02, generator=gen)

@@ -1,0 +1,97 @@
+"""FLUX.1 Kontext [dev] (``FluxKontextPipeline``): FLUX.1's architecture, conditioned on a reference image.
+
+An instruction edit takes the image and a prompt that says what to change; with a mask, the masked area is
+repainted through ``FluxKontextInpaintPipeline`` (made from the loaded pipeline with ``from_pipe``). Without
+an image it draws from text like FLUX.1 [dev]. Prompts, batching, previews and decoding are FLUX.1's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from fluxserve.engine.families.base import (
+    TINY_PRESETS,
+    DenoiseArgs,
+    FamilyDefaults,
+    ModelSpec,
+    Optimizations,
+    Preset,
+    PromptEmbedding,
+)
+from fluxserve.engine.families.flux import FluxFamily
+from fluxserve.generation import Task
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+
+_PRESETS = {"low": Preset(768, 768, 20), "medium": Preset(1024, 1024, 28), "high": Preset(1024, 1024, 40),
+            "wide": Preset(1392, 752, 28)}
+
+
+class KontextFamily(FluxFamily):
+    name = "kontext"
+    title = "FLUX.1 Kontext"
+    pipeline_classes: ClassVar[dict[Task, str]] = {
+        "generate": "FluxKontextPipeline", "edit": "FluxKontextPipeline", "inpaint": "FluxKontextInpaintPipeline"}
+    max_input_images = 1
+    defaults = FamilyDefaults(
+        steps=28, guidance=2.5, max_sequence_length=512, presets=_PRESETS,
+        sources={"guidance": "FLUX.1-Kontext-dev model card example (guidance_scale=2.5)",
+                 "steps": "FluxKontextPipeline default (28)",
+                 "presets": "wide: one of PREFERRED_KONTEXT_RESOLUTIONS in pipeline_flux_kontext.py"},
+    )
+    optimizations = Optimizations(
+        compile_blocks=("FluxTransformerBlock", "FluxSingleTransformerBlock"), fused_qkv=True, fp8_linears=True)
+    models = (  # type: ignore[assignment]  # the base family declares its own fixed-length tuple
+        ModelSpec(
+            key="kontext", source="black-forest-labs/FLUX.1-Kontext-dev", family="kontext", gated=True,
+            description="FLUX.1 Kontext [dev]: instruction edits of one image, inpainting; non-commercial, gated",
+            licence="FLUX.1 [dev] Non-Commercial License", commercial_use=False,
+            steps=28, guidance=2.5, max_sequence_length=512, width=1024, height=1024, presets=_PRESETS,
+        ),
+        ModelSpec(
+            key="tiny-kontext", source="tiny-kontext", family="kontext", tiny="kontext", licence="Apache-2.0",
+            description="Tiny random-weight FLUX.1 Kontext pipeline built offline (demo and tests)",
+            steps=4, guidance=2.5, max_sequence_length=256, max_sequence_length_limit=512,
+            width=128, height=128, presets=TINY_PRESETS,
+        ),
+    )
+
+    def denoise(self, pipe: Any, positives: Sequence[PromptEmbedding], negatives: Sequence[PromptEmbedding] | None,
+                args: DenoiseArgs) -> torch.Tensor:
+        # Kontext rescales its output to ``max_area`` (default 1024²) at the requested aspect ratio: ask for
+        # exactly the requested size.
+        call = {"max_area": args.width * args.height, **args.call_kwargs}
+        return super().denoise(pipe, positives, negatives, replace(args, call_kwargs=call))
+
+    def edit_call_kwargs(self, task: Task, images: Sequence[np.ndarray], mask: np.ndarray | None,
+                         strength: float | None, width: int, height: int) -> dict[str, Any]:
+        kwargs = super().edit_call_kwargs(task, images, mask, strength, width, height)
+        if task == "edit":
+            kwargs["image"] = kwargs["image"][0]  # one reference; a list would mean a batch of them
+        # The first image arrives at the output size (on the multiple); Kontext's auto-resize would move it to
+        # a ~1 megapixel preferred resolution instead.
+        kwargs["_auto_resize"] = False
+        return kwargs
+
+    def tiny_pipeline(self) -> Any:
+        import torch
+        from diffusers import FluxKontextPipeline, FluxTransformer2DModel
+
+        flux = FluxFamily().tiny_pipeline()  # tiny-flux's text encoders, tokenizers, VAE and scheduler
+        torch.manual_seed(10)
+        transformer = FluxTransformer2DModel(  # Kontext [dev] is guidance-distilled: it has the guidance embedding
+            patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
+            num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=[4, 4, 8],
+            guidance_embeds=True,
+        )
+        components = {**flux.components, "transformer": transformer}
+        return FluxKontextPipeline(**{k: v for k, v in components.items() if k in (
+            "scheduler", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "transformer")})
+
+    def full_size_components(self, device: str, dtype: Any, variant: str | None = None) -> dict[str, Any]:
+        """Kontext [dev] has FLUX.1 [dev]'s architecture (guidance embedding included)."""
+        return super().full_size_components(device, dtype, "dev")
