@@ -37,14 +37,15 @@ class FakeApp:
 
 
 @asynccontextmanager
-async def fake_app(tmp_path: Path, **overrides: Any) -> AsyncIterator[FakeApp]:
+async def fake_app(tmp_path: Path, *, ready: bool = True, **overrides: Any) -> AsyncIterator[FakeApp]:
     values: dict[str, Any] = {"model": "tiny-flux", "device": "cpu", "warmup_enable": False, "store_local": False,
                               "output_dir": tmp_path / "outputs", "_env_file": None, "max_batch": 1}
     values.update(overrides)
     settings = Settings(**values)
     engine = FakeEngine("cpu")
     runtime = Runtime(settings, engines=[engine])
-    async with running_app(settings, runtime=runtime) as client:
+    async with running_app(settings, runtime=runtime, ready=ready) as client:
+        await asyncio.get_running_loop().run_in_executor(None, runtime.wait_started, BOUND)
         yield FakeApp(client, engine, runtime)
         for call in engine.all_calls:
             call.run_free()
@@ -275,7 +276,9 @@ async def test_an_unwritable_output_dir_never_costs_an_image(tmp_path: Path) -> 
     answer with a `save_error`; an async job ends succeeded, never 'running' forever; no path leaks."""
     blocked = tmp_path / "not-a-directory"
     blocked.write_text("in the way")
-    async with fake_app(tmp_path, store_local=True, output_dir=blocked) as app:
+    async with fake_app(tmp_path, store_local=True, output_dir=blocked, ready=False) as app:
+        ready = await app.client.get("/ready")
+        assert ready.status_code == 503 and "output" in ready.text and str(tmp_path) not in ready.text
         sync = asyncio.ensure_future(app.client.post(GEN, json=BODY))
         (await app.next_call()).run_free()
         response = await sync
