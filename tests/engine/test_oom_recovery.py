@@ -23,18 +23,13 @@ import torch
 from hypothesis import given, settings
 
 from fluxserve.engine import engine as engine_module
+from fluxserve.engine import recovery as recovery_module
 from fluxserve.engine.device import DevicePlan
-from fluxserve.engine.engine import (
-    BadOutput,
-    DeviceEngine,
-    GenerationCancelled,
-    GenerationParams,
-    ImageRequest,
-    OutOfMemory,
-)
+from fluxserve.engine.engine import DeviceEngine
 from fluxserve.engine.faults import FaultInjector, InjectedFault, oom_error
 from fluxserve.engine.loading import LoadedModel, load_model
 from fluxserve.engine.registry import BUILTIN_MODELS
+from fluxserve.generation import BadOutput, GenerationCancelled, GenerationParams, ImageRequest, OutOfMemory
 from fluxserve.settings import Settings
 
 CPU = DevicePlan("cpu", "float32", "float32", "cpu")
@@ -244,7 +239,7 @@ def test_failed_attempt_is_freed_before_the_cache_is_emptied(make_engine: Any, m
     def empty_cache(backend: str, **_: Any) -> None:
         seen.append((sys.exc_info()[0] is None, pinned[0]() is None))
 
-    monkeypatch.setattr(engine_module, "empty_cache", empty_cache)
+    monkeypatch.setattr(recovery_module, "empty_cache", empty_cache)
     gc.disable()  # freed by reference counting alone, not by a collection that happens to run
     try:
         run(make_engine(), with_adapter(model, Hog(real)), params(64))

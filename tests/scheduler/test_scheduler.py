@@ -67,7 +67,7 @@ def test_model_lock_wait_times_out_clearly(make_settings: Callable[..., Any]) ->
     engine = DeviceEngine(make_settings(model_lock_timeout=0.05), select_device_dtype("cpu"))
     spec = resolve_model("tiny-qwen")
     engine.load(resolve_model("tiny-flux"))  # creates the lock table
-    lock = engine._load_locks.setdefault(spec.key, threading.Lock())
+    lock = engine.store._load_locks.setdefault(spec.key, threading.Lock())
     with lock, pytest.raises(ModelLockTimeout) as waited:  # another thread is loading tiny-qwen, forever
         engine.load(spec)
     assert "FLUX_MODEL_LOCK_TIMEOUT" in str(waited.value)

@@ -2,23 +2,16 @@
 
 It knows nothing of HTTP or queues. The scheduler hands it a batch of compatible requests (same model,
 size, steps, guidance) and gets back one result per request, each with its own images, seeds, stage
-timings and fallback story. Out-of-memory recovery (the ladder) and NaN/black-image checks live here.
-
-Lock order (never reversed, never two model locks at once):
-  1. ``DeviceEngine._guard`` — a short lock around the model table and the per-model lock table;
-  2. the per-model load lock of one model — held only while that model loads, waited on with
-     ``FLUX_MODEL_LOCK_TIMEOUT``. Generation never takes it: a loaded model generates while another
-     model loads.
+timings and fallback story. The models live in its :class:`~fluxserve.engine.store.ModelStore`;
+out-of-memory recovery and the NaN/black-image checks are :mod:`fluxserve.engine.recovery`'s.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
 import time
-from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -26,90 +19,26 @@ import torch
 from fluxserve.engine.device import DevicePlan
 from fluxserve.engine.families import DenoiseArgs, PromptEmbedding, preview_rgb, to_uint8
 from fluxserve.engine.faults import FaultInjector
-from fluxserve.engine.loading import LoadedModel, PipelineView, load_model
+from fluxserve.engine.loading import LoadedModel, PipelineView
 from fluxserve.engine.memory import (
-    apply_attention_slicing,
     apply_vae_modes,
-    empty_cache,
-    in_use_bytes,
     is_oom,
     memory_snapshot,
     oom_kind,
 )
+from fluxserve.engine.recovery import Attempt, OomLadder, RetryInFloat32, bad_output, undo_vae_modes
 from fluxserve.engine.registry import ModelSpec
+from fluxserve.engine.store import ModelStore
 from fluxserve.generation import (
-    BadOutput,
     GenerationCancelled,
     GenerationParams,
     ImageRequest,
     ImageResult,
-    ModelLockTimeout,
     OutOfMemory,
 )
 from fluxserve.settings import Settings
 
 log = logging.getLogger(__name__)
-
-
-MAX_DOWNSCALES = 2
-"""The downscale rung lowers the size by a quarter per side at most this many times (1024 → 768 → 576)."""
-DOWNSCALE_FACTOR = 0.75
-
-
-class _RetryInFloat32(Exception):
-    """Internal: half precision produced NaN/black images; run the whole generation again in float32."""
-
-
-@dataclass
-class _Attempt:
-    """One batch's way through the OOM ladder and the NaN checks; becomes the fallback story."""
-
-    params: GenerationParams
-    actions: list[str] = field(default_factory=list)
-    """Recovery steps taken for out-of-memory, in order (cache cleanup, VAE tiling and slicing, ...)."""
-    notes: list[str] = field(default_factory=list)
-    """Recovery from NaN/black output."""
-    temporary_modes: list[str] = field(default_factory=list)
-    vae_modes: list[str] = field(default_factory=list)
-    """VAE tiling/slicing this batch decodes with (applied and undone around its decode, under the lock)."""
-    offloaded: bool = False
-    in_float32: bool = False
-    float32_restore: dict[str, torch.dtype] = field(default_factory=dict)
-    """Components moved to float32 for the NaN retry, with the dtype to restore."""
-    ooms: int = 0
-    downscales: int = 0
-    downscale_refused: bool = False
-    kind: str | None = None
-    """What went wrong first: cuda_oom, mps_oom, cpu_oom or nan_output."""
-
-    @property
-    def reasons(self) -> list[str]:
-        return self.actions + self.notes
-
-    def fallback_reason(self, original: GenerationParams) -> str | None:
-        """e.g. ``cuda_oom: retried at 768x768 after cache cleanup, VAE tiling and slicing``."""
-        parts = []
-        if self.ooms:
-            resized = (self.params.width, self.params.height) != (original.width, original.height)
-            steps = [a for a in self.actions if not a.startswith("downscale")]
-            parts.append("retried" + (f" at {self.params.width}x{self.params.height}" if resized else "")
-                         + (f" after {_and_join(steps)}" if steps else ""))
-        parts += self.notes
-        if not parts:
-            return None
-        return f"{self.kind}: " + "; ".join(parts)
-
-    def failure_reason(self, kind: str) -> str:
-        """Why the ladder gave up, e.g. ``cpu_oom: still out of memory after cache cleanup, ...``."""
-        tried = _and_join(self.actions) if self.actions else "nothing (no rung of FLUX_OOM_POLICY applied)"
-        text = f"{kind}: still out of memory at {self.params.width}x{self.params.height} after {tried}"
-        if self.downscale_refused:
-            text += "; a lower resolution was not allowed (allow_fallback=false)"
-        return text
-
-
-def _and_join(items: list[str]) -> str:
-    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
 
 
 class DeviceEngine:
@@ -119,12 +48,9 @@ class DeviceEngine:
         self.settings = settings
         self.plan = plan
         self.faults = faults or FaultInjector(False)
-        self._guard = threading.Lock()
-        self._models: dict[str, LoadedModel] = {}
-        self._load_locks: dict[str, threading.Lock] = {}
+        self.store = ModelStore(settings, plan)
+        self.ladder = OomLadder(settings, plan)
         self.consecutive_oom_failures = 0
-        self.oom_events: deque[str] = deque(maxlen=256)
-        """The latest out-of-memory kinds seen (bounded: a long-running server must not grow it)."""
 
     # --- models ----------------------------------------------------------------------------------
     @property
@@ -132,61 +58,25 @@ class DeviceEngine:
         return self.plan.device
 
     def loaded(self) -> dict[str, LoadedModel]:
-        with self._guard:
-            return dict(self._models)
+        return self.store.loaded()
 
     def get(self, key: str) -> LoadedModel | None:
-        with self._guard:
-            return self._models.get(key)
+        return self.store.get(key)
 
     def load(self, spec: ModelSpec) -> tuple[LoadedModel, bool]:
         """Load ``spec`` unless already loaded; returns (model, loaded_now). One load per model at a time."""
-        with self._guard:
-            model = self._models.get(spec.key)
-            if model is not None:
-                return model, False
-            lock = self._load_locks.setdefault(spec.key, threading.Lock())
-        if not lock.acquire(timeout=self.settings.model_lock_timeout):
-            raise ModelLockTimeout(
-                f"timed out after {self.settings.model_lock_timeout:.0f}s waiting for {spec.key} to load "
-                "(FLUX_MODEL_LOCK_TIMEOUT)"
-            )
-        try:
-            with self._guard:
-                model = self._models.get(spec.key)
-            if model is not None:  # somebody else loaded it while we waited
-                return model, False
-            before = in_use_bytes(self.device)
-            model = load_model(spec, self.plan, self.settings, views=self.settings.max_concurrent)
-            log.info("model loaded", extra={"ctx": {
-                "model": spec.key, "device": self.device, "seconds": round(model.load_seconds, 3),
-                "pipeline": model.pipeline_class, "modes": model.modes,
-                "memory_delta_bytes": in_use_bytes(self.device) - before}})
-            with self._guard:
-                self._models[spec.key] = model
-            return model, True
-        finally:
-            lock.release()
+        return self.store.load(spec)
 
     def unload(self, key: str) -> bool:
-        with self._guard:
-            model = self._models.pop(key, None)
-        if model is None:
-            return False
-        model.prompt_cache.clear()
-        del model
-        empty_cache(self.plan.backend)
-        return True
+        return self.store.unload(key)
 
     def release(self, keep: set[str]) -> list[str]:
         """Drop every loaded model not in ``keep``; free caches. Returns the keys dropped."""
-        dropped = [k for k in self.loaded() if k not in keep]
-        for key in dropped:
-            self.unload(key)
-        for model in self.loaded().values():
-            model.prompt_cache.clear()
-        empty_cache(self.plan.backend)
-        return dropped
+        return self.store.release(keep)
+
+    @property
+    def oom_events(self) -> Any:
+        return self.ladder.oom_events
 
     def memory(self) -> dict[str, Any]:
         return memory_snapshot(self.device)
@@ -203,7 +93,7 @@ class DeviceEngine:
 
         Raises :class:`OutOfMemory` (ladder exhausted), :class:`BadOutput`, :class:`GenerationCancelled`.
         """
-        attempt = _Attempt(params)
+        attempt = Attempt(params)
         rungs = list(self.settings.oom_policy)
         with model.view() as view:
             try:
@@ -211,7 +101,7 @@ class DeviceEngine:
                     failure: str | None = None
                     try:
                         results = self._run(model, view, attempt, requests)
-                    except _RetryInFloat32:
+                    except RetryInFloat32:
                         failure = "nan_output"
                     except Exception as exc:
                         if not is_oom(exc):
@@ -229,125 +119,16 @@ class DeviceEngine:
                     # tensors, are gone now, so emptying the cache below really returns their memory.
                     assert attempt.params.steps == params.steps, "a fallback must never change the step count"
                     if failure == "nan_output":
-                        self._to_float32(view, attempt)
+                        self.ladder.to_float32(view, attempt)
                         continue
-                    self._record_oom(model, attempt, failure)
+                    self.ladder.record_oom(model, attempt, failure)
                     if all(r.is_cancelled() for r in requests):
                         raise GenerationCancelled("cancelled while recovering from out of memory")
-                    if not self._next_rung(model, view, attempt, rungs):
+                    if not self.ladder.next_rung(model, view, attempt, rungs):
                         self.consecutive_oom_failures += 1
                         raise OutOfMemory(attempt.failure_reason(failure))
             finally:
-                self._undo_temporary(model, view, attempt)
-
-    def _record_oom(self, model: LoadedModel, attempt: _Attempt, kind: str) -> None:
-        self.oom_events.append(kind)
-        attempt.kind = attempt.kind or kind
-        attempt.ooms += 1
-        log.warning("out of memory", extra={"ctx": {"model": model.spec.key, "kind": kind, "attempt": attempt.ooms,
-                                                     "params": attempt.params.__dict__}})
-        # A full collection on the batch's first OOM; later retries only made young garbage.
-        empty_cache(self.plan.backend, full_gc=attempt.ooms == 1)
-
-    def _next_rung(self, model: LoadedModel, view: PipelineView, attempt: _Attempt, rungs: list[str]) -> bool:
-        """Apply the next rung that changes something; False when none is left."""
-        while rungs:
-            rung = rungs.pop(0)
-            try:
-                applied = self._apply_rung(rung, model, view, attempt)
-            except Exception:  # a rung that cannot be applied is skipped, never the end of the worker
-                log.exception("OOM recovery step %s could not be applied", rung)
-                empty_cache(self.plan.backend)
-                applied = False
-            if applied:
-                if rung == "downscale" and attempt.downscales < MAX_DOWNSCALES:
-                    rungs.insert(0, "downscale")  # may shrink once more if this size fails too
-                return True
-        return False
-
-    def _apply_rung(self, rung: str, model: LoadedModel, view: PipelineView, attempt: _Attempt) -> bool:
-        pipe = view.pipeline
-        if rung == "clear_cache":  # the cache was emptied when the OOM was recorded; retry as asked
-            attempt.actions.append("cache cleanup")
-            return True
-        if rung == "slicing":
-            # VAE modes are applied around this batch's decode only, under the model's shared lock (see _decode).
-            vae = getattr(pipe, "vae", None)
-            applied = [mode for mode, attr in (("vae_tiling", "use_tiling"), ("vae_slicing", "use_slicing"))
-                       if vae is not None and hasattr(vae, "enable_" + mode[4:]) and not getattr(vae, attr, False)
-                       and mode not in attempt.vae_modes]
-            attempt.vae_modes += applied
-            # Attention slicing swaps the processors of the transformer all views share: only with one view.
-            if (self.settings.attention_slicing == "off" and self.settings.max_concurrent == 1
-                    and apply_attention_slicing(pipe, "auto")):
-                attempt.temporary_modes.append("attention_slicing")
-                applied.append("attention_slicing")
-            if not applied:
-                return False  # everything was on already: no retry spent on it
-            vae_modes = [m.removeprefix("vae_") for m in sorted(applied, reverse=True) if m.startswith("vae_")]
-            described = ["VAE " + "/".join(vae_modes)] if vae_modes else []
-            if "attention_slicing" in applied:
-                described.append("attention slicing")
-            attempt.actions.append(" + ".join(described))  # e.g. "VAE tiling/slicing + attention slicing"
-            return True
-        if rung == "offload":
-            # Offload helps only where weights can leave a CUDA device; with several concurrent views it would
-            # move shared modules under another generation's feet.
-            if self.plan.backend != "cuda" or self.settings.offload != "none" or self.settings.max_concurrent > 1:
-                return False
-            attempt.offloaded = True
-            pipe.enable_model_cpu_offload(device=self.device)
-            attempt.actions.append("model CPU offload")
-            return True
-        if rung == "downscale":
-            if not attempt.params.allow_fallback:
-                attempt.downscale_refused = True
-                return False
-            multiple = model.spec.size_multiple
-            smaller = attempt.params.scaled(DOWNSCALE_FACTOR, multiple, max(self.settings.min_size, multiple))
-            if smaller is None:
-                return False
-            attempt.params = smaller
-            attempt.downscales += 1
-            attempt.actions.append(f"downscale to {smaller.width}x{smaller.height}")
-            return True
-        return False
-
-    def _to_float32(self, view: PipelineView, attempt: _Attempt) -> None:
-        """Move every component to float32 for one more try (undone in :meth:`_undo_temporary`)."""
-        for name, module in view.pipeline.components.items():
-            if isinstance(module, torch.nn.Module):
-                dtype = next((p.dtype for p in module.parameters()), torch.float32)
-                if dtype != torch.float32:
-                    attempt.float32_restore[name] = dtype
-                    module.to(torch.float32)
-        attempt.in_float32 = True
-        attempt.kind = attempt.kind or "nan_output"
-        attempt.notes.append(f"retried in float32 after NaN/black output in {self.plan.dtype}")
-
-    def _undo_temporary(self, model: LoadedModel, view: PipelineView, attempt: _Attempt) -> None:
-        """Turn off what the ladder turned on; never raises (the batch's outcome is already decided)."""
-        pipe = view.pipeline
-        try:
-            if "attention_slicing" in attempt.temporary_modes:
-                pipe.disable_attention_slicing()
-            for name, dtype in attempt.float32_restore.items():
-                pipe.components[name].to(dtype)
-        except Exception:
-            log.exception("could not undo temporary memory modes")
-        if attempt.offloaded:
-            try:
-                pipe.remove_all_hooks()
-                pipe.to(self.device)
-            except Exception as exc:  # could not move back: stay offloaded so the next request still works
-                log.warning("model stays CPU-offloaded: moving it back failed (%s)", type(exc).__name__)
-                empty_cache(self.plan.backend)
-                try:
-                    pipe.enable_model_cpu_offload(device=self.device)
-                    if "offload_model_after_oom" not in model.modes:
-                        model.modes.append("offload_model_after_oom")
-                except Exception:
-                    log.exception("could not re-enable model CPU offload")
+                self.ladder.undo_temporary(model, view, attempt)
 
     def _encode(self, model: LoadedModel, pipe: Any, prompt: str, max_len: int, *,
                 cache: bool = True) -> PromptEmbedding:
@@ -361,7 +142,7 @@ class DeviceEngine:
             model.prompt_cache.put(key, embedding)
         return embedding
 
-    def _run(self, model: LoadedModel, view: PipelineView, attempt: _Attempt,
+    def _run(self, model: LoadedModel, view: PipelineView, attempt: Attempt,
              requests: list[ImageRequest]) -> list[ImageResult]:
         params = attempt.params
         pipe = view.pipeline
@@ -446,11 +227,11 @@ class DeviceEngine:
                 decoded = adapter.decode(pipe, latents, params.width, params.height)
                 if make_nan:
                     decoded = torch.full_like(decoded, float("nan"))
-                if _bad_output(decoded):
-                    decoded = self._recover_bad_output(pipe, adapter, latents, params, attempt)
+                if bad_output(decoded):
+                    decoded = self.ladder.recover_bad_output(pipe, adapter, latents, params, attempt)
                 pixels = to_uint8(decoded)
             finally:
-                _undo_vae_modes(pipe, applied)
+                undo_vae_modes(pipe, applied)
         if edit is not None:
             pixels = _keep_unmasked(pixels, requests)
         timings["vae_decode"] = time.perf_counter() - started
@@ -463,54 +244,6 @@ class DeviceEngine:
                 batch_size=len(seeds), cancelled=request.is_cancelled(),
             ))  # generate() fills in the fallback story
         return results
-
-    def _recover_bad_output(self, pipe: Any, adapter: Any, latents: torch.Tensor, params: GenerationParams,
-                            attempt: _Attempt) -> torch.Tensor:
-        """NaN/black pixels: re-decode with a float32 VAE where the latents are sound; if that does not help
-        (or the latents themselves are NaN), retry the whole generation in float32 where half precision is
-        the likely cause (MPS in float16), else raise :class:`BadOutput`."""
-        attempt.kind = attempt.kind or "nan_output"
-        latents_ok = bool(torch.isfinite(latents).all())
-        if latents_ok:
-            attempt.notes.append("re-decoded the VAE in float32 after NaN/black output")
-            decoded = self._decode_float32(pipe, adapter, latents, params)
-            if not _bad_output(decoded):
-                return decoded
-        if (self.plan.backend == "mps" and self.plan.dtype != "float32" and not attempt.in_float32
-                and self.settings.max_concurrent == 1):
-            raise _RetryInFloat32
-        where = "even after re-decoding the VAE in float32" if latents_ok else "(the denoiser returned NaN latents)"
-        hint = " and in float32" if attempt.in_float32 else ""
-        raise BadOutput(f"the model produced NaN or black images {where}{hint}")
-
-    def _decode_float32(self, pipe: Any, adapter: Any, latents: torch.Tensor, params: GenerationParams) -> torch.Tensor:
-        vae = pipe.vae
-        original = vae.dtype
-        if original == torch.float32:  # already float32 (CPU, MPS): decode again, no conversion round trip
-            return adapter.decode(pipe, latents.float(), params.width, params.height)
-        try:
-            vae.to(torch.float32)
-            return adapter.decode(pipe, latents.float(), params.width, params.height)
-        finally:
-            vae.to(original)
-
-
-def _undo_vae_modes(pipe: Any, applied: list[str]) -> None:
-    vae = getattr(pipe, "vae", None)
-    if vae is None:
-        return
-    if "vae_tiling" in applied:
-        vae.disable_tiling()
-    if "vae_slicing" in applied:
-        vae.disable_slicing()
-
-
-def _bad_output(images: torch.Tensor) -> bool:
-    """Cheap check: any NaN/inf, or every pixel black."""
-    if not torch.isfinite(images).all():
-        return True
-    return bool(images.max() <= -0.99)
-
 
 def _synchronizer(backend: str, device: str) -> Callable[[], None]:
     """Synchronize only so stage times are attributed to the right stage (CUDA/MPS are asynchronous)."""
