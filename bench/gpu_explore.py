@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
-from fluxserve.bench import build_fullsize_flux, transformer_inputs
+from fluxbench.serving import build_fullsize_flux, transformer_inputs
 
 T0 = time.perf_counter()
 ROWS: list[dict[str, Any]] = []

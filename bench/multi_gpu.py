@@ -22,7 +22,7 @@ from pathlib import Path
 import httpx
 import torch
 
-from fluxserve.bench import build_fullsize_flux
+from fluxbench.serving import build_fullsize_flux
 from fluxserve.loadtest import run_load
 
 

@@ -129,7 +129,7 @@ def cmd_make_tiny(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "bench":
-        from fluxserve.bench import main as bench_main
+        from fluxbench.serving import main as bench_main
 
         return bench_main(argv[1:])
     if argv and argv[0] == "loadtest":

@@ -181,7 +181,7 @@ def test_bench_captures_each_familys_transformer_inputs(engine: DeviceEngine, ke
     """``fluxserve bench --family`` times one forward with the inputs the family's own pipeline passes."""
     import torch
 
-    from fluxserve.bench import Case, _call_kwargs, captured_transformer_inputs
+    from fluxbench.serving import Case, _call_kwargs, captured_transformer_inputs
 
     spec = resolve_model(key)
     model, _ = engine.load(spec)
@@ -201,7 +201,7 @@ def test_declared_optimizations_match_the_transformer(engine: DeviceEngine, key:
 
     import torch
 
-    from fluxserve.bench import Case, _call_kwargs, captured_transformer_inputs
+    from fluxbench.serving import Case, _call_kwargs, captured_transformer_inputs
     from fluxserve.engine.optimize import _fuse_qkv
 
     spec = resolve_model(key)
@@ -237,7 +237,7 @@ def test_the_stage_split_matches_one_plain_pipeline_call(engine: DeviceEngine, k
     """encode → denoise → decode through the family gives the image the diffusers pipeline itself makes."""
     import torch
 
-    from fluxserve.bench import Case, _call_kwargs
+    from fluxbench.serving import Case, _call_kwargs
 
     spec = resolve_model(key)
     model, _ = engine.load(spec)

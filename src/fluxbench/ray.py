@@ -1,6 +1,6 @@
 """Throughput of fluxserve on Ray Serve: replicas and batching strategies, through the full HTTP stack.
 
-    python -m fluxserve.distributed.bench --replicas 1,2 --batching engine,serve,none
+    python -m fluxbench.ray --replicas 1,2 --batching engine,serve,none
 
 Each configuration is deployed fresh on one local Ray cluster (CPU replicas of tiny-flux, one CPU
 each), warmed up, then driven by the official openai client from ``--concurrency`` threads. Batching:
@@ -149,7 +149,7 @@ def _cpu_seconds() -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fluxserve.distributed.bench", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m fluxbench.ray", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--replicas", default="1,2", help="comma-separated replica counts (default 1,2)")
     parser.add_argument("--batching", default="engine", help="comma-separated: engine, serve, none")
@@ -210,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         serve.shutdown()
         ray.shutdown()
-    command = "python -m fluxserve.distributed.bench " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = "python -m fluxbench.ray " + " ".join(sys.argv[1:] if argv is None else argv)
     print(f"\n{command}\n{args.requests} requests, {args.concurrency} concurrent, {args.size}, {args.steps} steps, "
           f"tiny-flux, CPU replicas (1 CPU each), {os.cpu_count()} cores\n")
     print("| replicas | batching | images/s | p50 s | p95 s | mean batch | per replica |")
