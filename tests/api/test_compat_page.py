@@ -62,7 +62,9 @@ async def test_generation_items_carry_the_page_fields(client: Any) -> None:
     assert isinstance(item["duration_ms"], int)
     assert item["duration_ms"] == round(item["timing"]["total"] * 1000)
     assert "warning" not in item  # only set when a fallback applied
-    assert Path(item["saved_path"]).is_file() and Path(item["metadata_path"]).is_file()
+    out = client.app.state.runtime.settings.output_dir  # saved paths are relative to the output directory
+    assert not Path(item["saved_path"]).is_absolute()
+    assert (out / item["saved_path"]).is_file() and (out / item["metadata_path"]).is_file()
 
 
 async def test_warning_when_a_fallback_applied(client: Any) -> None:

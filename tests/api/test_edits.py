@@ -16,6 +16,9 @@ from PIL import Image
 
 from fluxserve.engine.registry import BUILTIN_MODELS
 
+TINY_KEYS = [key for key, spec in BUILTIN_MODELS.items() if spec.tiny is not None]
+"""Requests may name every tiny model here (FLUX_MODELS)."""
+
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 EDIT = "/v1/images/edits"
@@ -54,7 +57,8 @@ async def client(cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> A
     from tests.conftest import running_app
 
     settings = Settings(model="tiny-flux", cache_dir=cache_dir, output_dir=tmp_path_factory.mktemp("out"),
-                        device="cpu", warmup_sizes=["64x64"], preload_models=["tiny-kontext"], store_local=False,
+                        device="cpu", warmup_sizes=["64x64"], preload_models=["tiny-kontext"], models=TINY_KEYS,
+                        store_local=False,
                         max_batch=1, _env_file=None)  # type: ignore[call-arg]
     async with running_app(settings) as c:
         yield c
@@ -78,7 +82,7 @@ async def test_img2img_multipart_auto_size_seeds_and_fields(client: Any) -> None
     assert first["params"]["task"] == "img2img" and first["params"]["strength"] == 0.75
     assert Image.open(io.BytesIO(base64.b64decode(first["b64_json"]))).format == "WEBP"
     assert {"text_encode", "denoise", "vae_decode", "total"} <= set(first["timing"])
-    assert response.headers["x-request-id"] == first["request_id"]
+    assert response.headers["x-job-id"] == first["job_id"] == first["request_id"]  # no label: the job id
 
 
 async def test_same_seed_same_bytes_and_json_equals_multipart(client: Any) -> None:
@@ -186,13 +190,14 @@ async def test_async_edit_job(client: Any) -> None:
     response = await client.post(EDIT + "/jobs", files={"image": ("in.png", png(photo()), "image/png")},
                                  data=form(request_id="edit-job-1"))
     assert response.status_code == 202, response.text
-    assert response.json()["id"] == "edit-job-1" and response.headers["location"] == "/v1/images/jobs/edit-job-1"
-    async with client.stream("GET", "/v1/images/jobs/edit-job-1/events") as events:
+    job_id = response.json()["id"]  # issued by the server; the client's request_id is a label
+    assert response.json()["request_id"] == "edit-job-1" and response.headers["location"] == f"/v1/images/jobs/{job_id}"
+    async with client.stream("GET", f"/v1/images/jobs/{job_id}/events") as events:
         seen = [json.loads(line[6:])["type"] async for line in events.aiter_lines()
                 if line.startswith("data: {")]
     assert seen[-1] == "succeeded"
     await asyncio.gather(*client.app.state.images._background)  # the images are encoded right after success
-    polled = (await client.get("/v1/images/jobs/edit-job-1")).json()
+    polled = (await client.get(f"/v1/images/jobs/{job_id}")).json()
     assert polled["status"] == "succeeded"
     assert polled["result"]["data"][0]["params"]["task"] == "img2img"
 
@@ -231,7 +236,7 @@ def test_batching_key_holds_identical_inputs_together(cache_dir: Path) -> None:
     assert job(a).params == job(a, prompt="another prompt").params  # same inputs: may batch
     assert job(a).params != job(b).params  # other pixels: never together
     assert job(a).params != job(a, mask=png(left_half_mask())).params
-    generation = edits.images.build_job(body, "id")
+    generation = edits.images.build_job(body, request_id="id")
     assert generation.params.inputs is None and generation.params != job(a).params
     assert job(a).images[0].shape == (64, 64, 3) and job(a, mask=png(left_half_mask())).mask is not None
 

@@ -16,7 +16,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from fluxserve.engine.registry import BUILTIN_MODELS
 from tests.security.helpers import assert_openai_error
+
+TINY_KEYS = [key for key, spec in BUILTIN_MODELS.items() if spec.tiny is not None]
+"""Requests may name every tiny model here (FLUX_MODELS)."""
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -182,7 +186,8 @@ async def client(cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> A
     from tests.conftest import running_app
 
     settings = Settings(model="tiny-flux", cache_dir=cache_dir, output_dir=tmp_path_factory.mktemp("out"),
-                        device="cpu", warmup_sizes=["64x64"], preload_models=["tiny-kontext"], store_local=False,
+                        device="cpu", warmup_sizes=["64x64"], preload_models=["tiny-kontext"], models=TINY_KEYS,
+                        store_local=False,
                         _env_file=None, **LIMITS)  # type: ignore[call-arg, arg-type]
     async with running_app(settings) as c:
         yield c
