@@ -55,9 +55,10 @@ async def test_max_queue_zero_serves_a_request_on_an_idle_worker(tmp_path: Path)
     async with fake_app(tmp_path, max_queue=0) as app:
         request = asyncio.ensure_future(app.client.post(GEN, json=BODY))
         call = await app.next_call()
-        refused = await app.client.post(GEN, json=BODY)  # the only worker is busy and nothing may wait
-        assert refused.status_code == 429 and refused.json()["error"]["code"] == "queue_full"
-        assert int(refused.headers["retry-after"]) >= 1
+        for body in (BODY, {**BODY, "stream": True}):  # the only worker is busy and nothing may wait
+            refused = await app.client.post(GEN, json=body)
+            assert refused.status_code == 429 and refused.json()["error"]["code"] == "queue_full"
+            assert int(refused.headers["retry-after"]) >= 1
         call.run_free()
         response = await request
         assert response.status_code == 200 and len(response.json()["data"]) == 1

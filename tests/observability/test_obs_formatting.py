@@ -174,7 +174,7 @@ def test_job_ended_logs_and_counts(caplog: pytest.LogCaptureFixture, status: str
     spec = BUILTIN_MODELS["tiny-flux"]
     job = Job(spec=spec, params=GenerationParams(spec.key, 64, 64, 2, 0.0, 64), prompt="secret prompt", seeds=[1, 2])
     message = "out of memory: cpu_oom: still out of memory" if code == "out_of_memory" else "nope"
-    job.finish(JobStatus(status), error=JobError(message, code=code, status=503))
+    job.transition(JobStatus(status), error=JobError(message, code=code, status=503))
     metrics = Metrics()
     caplog.set_level(logging.INFO, logger="fluxserve.generation")
     job_ended(metrics, job)

@@ -148,7 +148,7 @@ async def test_faults_timings_cancel_and_prompt_logging(app_factory: Callable[..
         assert timing["model_load"] == timing["pipeline_load"]
 
         before = await scrape(client)
-        faults = runtime.scheduler.faults
+        faults = runtime.engines[0].faults
         faults.arm("oom@denoise:1")
         recovered = await client.post("/v1/images/generations", json={**BASE, "n": 2})
         faults.arm("nan@decode:1")
@@ -200,6 +200,7 @@ async def test_faults_timings_cancel_and_prompt_logging(app_factory: Callable[..
         assert delta(before, after, req, endpoint="jobs", status="202", model="tiny-flux") == 2
 
     by_id = {r["request_id"]: r for r in records(caplog, "generation finished")}
+    by_id.update({r["job_id"]: r for r in records(caplog, "generation finished")})  # async jobs by their id
     assert by_id[recovered.headers["x-request-id"]]["fallback_reason"].startswith("cpu_oom: ")
     assert by_id[recovered.headers["x-request-id"]]["images"] == 2
     assert by_id[nan.headers["x-request-id"]]["fallback_reason"].startswith("nan_output: ")

@@ -25,17 +25,17 @@ async def _reasons(client: Any) -> list[str]:
 
 
 async def test_not_ready_until_warmup_is_done(app_factory: Callable[..., Any], monkeypatch: pytest.MonkeyPatch) -> None:
-    from fluxserve.runtime import Runtime
+    from fluxserve.catalog import LocalCatalog
 
     release, entered = threading.Event(), threading.Event()
-    real_warmup = Runtime.warmup
+    real_warmup = LocalCatalog.warmup
 
-    def slow_warmup(self: Runtime, spec: Any) -> None:
+    def slow_warmup(self: LocalCatalog, spec: Any) -> None:
         entered.set()
         assert release.wait(60)
         real_warmup(self, spec)
 
-    monkeypatch.setattr(Runtime, "warmup", slow_warmup)
+    monkeypatch.setattr(LocalCatalog, "warmup", slow_warmup)
     async with app_factory(ready=False) as client:
         assert await asyncio.to_thread(entered.wait, 60)  # the model is loaded; the warm-up is running
         assert (await client.get("/health")).status_code == 200
@@ -64,7 +64,7 @@ async def test_not_ready_while_the_default_model_is_unloaded(app_factory: Callab
 async def test_repeated_oom_makes_it_unready_until_a_success(app_factory: Callable[..., Any]) -> None:
     async with app_factory(fault_injection=True, oom_policy=["clear_cache"], oom_max_consecutive=2,
                            allow_fallback=False) as client:
-        faults = client.app.state.runtime.scheduler.faults  # type: ignore[attr-defined]
+        faults = client.app.state.runtime.engines[0].faults  # type: ignore[attr-defined]
         faults.arm("oom@denoise:100")
         first = await client.post(GEN, json=OK)
         assert first.status_code == 503 and first.json()["error"]["code"] == "out_of_memory"
@@ -100,20 +100,12 @@ async def test_failed_startup_is_unready_but_alive(app_factory: Callable[..., An
         raise loading.ModelLoadError("weights are corrupt (test)")
 
     monkeypatch.setattr(loading, "load_model", broken)
-    import fluxserve.engine.engine as engine_module
+    import fluxserve.engine.store as store_module
 
-    monkeypatch.setattr(engine_module, "load_model", broken, raising=False)
+    monkeypatch.setattr(store_module, "load_model", broken)
     async with app_factory(ready=False) as client:
         runtime = client.app.state.runtime  # type: ignore[attr-defined]
         assert await asyncio.to_thread(runtime.wait_started, 60)
         reasons = await _reasons(client)
         assert any("start-up failed" in r for r in reasons), reasons
         assert (await client.get("/health")).status_code == 200
-
-
-async def test_a_full_queue_is_429_for_streams_too(app_factory: Callable[..., Any]) -> None:
-    async with app_factory(max_queue=0) as client:
-        for body in (OK, {**OK, "stream": True}):
-            refused = await client.post(GEN, json=body)
-            assert refused.status_code == 429, refused.text[:300]
-            assert refused.json()["error"]["code"] == "queue_full" and int(refused.headers["retry-after"]) >= 1

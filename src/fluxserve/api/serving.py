@@ -210,7 +210,8 @@ class ImageService:
         timing = dict(response.data[0].timing) if response.data else {}
         self.runtime.metrics.observe_generation(job.spec.key, len(response.data), timing, fallback_reason=(
             result.fallback_reason or "unknown") if result.fallback_applied else None, task=job.params.task)
-        ctx: dict[str, Any] = {"request_id": job.id, "model": job.spec.key, "outcome": "succeeded",
+        ctx: dict[str, Any] = {"request_id": job.metadata.get("trace_id", job.id), "job_id": job.id,
+                               "model": job.spec.key, "outcome": "succeeded",
                                "images": len(response.data), "device": job.device,
                                "params": result.params.__dict__, "seeds": result.seeds, "timings": timing,
                                "batch_size": result.batch_size, "user": options.user}

@@ -49,6 +49,7 @@ async def _run(request: Request, body: ImageEditRequest, uploads: list[Upload], 
                                                         variation=variation, owner=owner(request)))
     request.state.model = job.spec.key
     request.state.job_id = job.id
+    job.metadata["trace_id"] = request.state.request_id  # log lines of the job carry the request's id
     options = images.output_options(body, str(request.base_url))
     options.event_prefix = "image_edit" if not variation else "image_variation"
     headers = {"X-Job-ID": job.id}

@@ -65,6 +65,7 @@ async def create_images(body: ImageGenerationRequest, request: Request) -> Any:
                             want_previews=body.stream and bool(body.partial_images))
     request.state.model = job.spec.key
     request.state.job_id = job.id
+    job.metadata["trace_id"] = request.state.request_id  # log lines of the job carry the request's id
     options = service.output_options(body, str(request.base_url))
     headers = {"X-Job-ID": job.id}
     if body.stream:
@@ -86,6 +87,7 @@ async def create_job(body: ImageGenerationRequest, request: Request) -> JSONResp
                             want_previews=bool(body.partial_images))
     request.state.model = job.spec.key
     request.state.job_id = job.id
+    job.metadata["trace_id"] = request.state.request_id  # log lines of the job carry the request's id
     job.metadata["keep_result"] = True
     options = service.output_options(body, str(request.base_url))
     service.submit(job)
