@@ -3,7 +3,6 @@ memory grows with every request for an hour (at 1024² a job's pixels and base64
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable
 from typing import Any
 

@@ -80,12 +80,12 @@ def test_root_and_ready_carry_no_paths(bare_client: Callable[..., Any], tmp_path
         spec = runtime.resolve(None)
         from dataclasses import replace
 
-        runtime._configured[spec.key] = replace(spec, source=str(local))  # as if FLUX_MODEL were a directory
+        runtime.models.names.configured[spec.key] = replace(spec, source=str(local))  # as if FLUX_MODEL were a directory
         root = client.get("/", headers={"accept": "application/json"})
         assert root.status_code == 200 and str(tmp_path) not in root.text
         assert root.json()["model"]["active_id"] == "local/my-local-pipeline"
-        runtime.startup_error = f"could not load {local}/transformer: [Errno 2] No such file: '{local}/x.json'"
-        runtime._startup_done.set()
+        runtime.models.startup_error = f"could not load {local}/transformer: [Errno 2] No such file: '{local}/x.json'"
+        runtime.models._startup_done.set()
         ready = client.get("/ready")
         assert ready.status_code == 503 and str(tmp_path) not in ready.text and "could not load" in ready.text
 
@@ -95,7 +95,7 @@ def test_a_plain_file_as_output_dir_makes_ready_503_without_the_path(bare_client
     blocker = tmp_path / "blocked"
     blocker.write_text("a file where the output directory should be")
     with bare_client(output_dir=blocker, store_local=True) as client:
-        client.fastapi_app.state.runtime._startup_done.set()
+        client.fastapi_app.state.runtime.models._startup_done.set()
         reasons = client.get("/ready").json()["reasons"]
         assert "output directory is not writable (FLUX_OUTPUT_DIR)" in reasons
         assert str(tmp_path) not in " ".join(reasons)

@@ -231,8 +231,11 @@ class ErrorResponse(BaseModel):
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorResponse, "description": "Invalid request (names the bad `param`)"},
     401: {"model": ErrorResponse, "description": "Missing or wrong API key"},
+    403: {"model": ErrorResponse, "description": "Not allowed: an admin-only route, or a model not in FLUX_MODELS"},
     404: {"model": ErrorResponse, "description": "Unknown model, job or file"},
-    409: {"model": ErrorResponse, "description": "Conflict: request_id in use, job already finished, model not loaded"},
+    409: {"model": ErrorResponse, "description": "Conflict: request_id in use, job already finished or cancelled, "
+                                                 "model not loaded"},
+    410: {"model": ErrorResponse, "description": "An async job's result expired (FLUX_JOB_TTL, FLUX_RESULTS_MAX_BYTES)"},
     413: {"model": ErrorResponse, "description": "Request body too large"},
     429: {"model": ErrorResponse, "description": "Queue full (see Retry-After)"},
     500: {"model": ErrorResponse, "description": "Unexpected error (details in the server log)"},
