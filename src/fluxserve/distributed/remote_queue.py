@@ -99,6 +99,7 @@ class RemoteScheduler:
         self._lock = threading.Lock()
         self._dispatches: dict[str, _Dispatch] = {}
         self._pacing: dict[str, Pacing] = {}
+        self._pacing_lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
 
     # --- lifecycle -------------------------------------------------------------------------------
@@ -361,12 +362,13 @@ class RemoteScheduler:
         else:
             task.cancel()
 
+    def _pacing_of(self, key: str) -> Pacing:
+        with self._pacing_lock:  # its own lock: submit asks for an estimate while holding self._lock
+            return self._pacing.setdefault(key, Pacing())
+
     def _record_duration(self, key: str, seconds: float) -> None:
-        with self._lock:
-            pacing = self._pacing.setdefault(key, Pacing())
-        pacing.record(seconds)
+        self._pacing_of(key).record(seconds)
 
     def _estimate_retry_after(self, key: str, waiting: int) -> float:
-        with self._lock:
-            pacing = self._pacing.setdefault(key, Pacing())
-        return pacing.retry_after(waiting, max(1, self.running_replicas.get(key, 1)) * self.slots_per_replica)
+        slots = max(1, self.running_replicas.get(key, 1)) * self.slots_per_replica
+        return self._pacing_of(key).retry_after(waiting, slots)
