@@ -94,6 +94,18 @@ def runtime_snapshot(runtime: Runtime) -> dict[str, Any]:
     }
 
 
+def _aliases(runtime: Runtime) -> dict[str, str]:
+    """FLUX_MODEL_ALIASES as alias → the model key it serves now (aliases whose model is not served here
+    are left out)."""
+    served = {}
+    for name in runtime.model_aliases:
+        try:
+            served[name] = runtime.resolve(name).key
+        except UnknownModelError:
+            continue
+    return served
+
+
 @router.get("/v1/models", summary="Models: OpenAI list plus the active model and the runtime snapshot")
 async def list_models(request: Request) -> JSONResponse:
     runtime = _runtime(request)
@@ -105,7 +117,7 @@ async def list_models(request: Request) -> JSONResponse:
         "object": "list", "data": cards,
         # The earlier web page builds its model picker from `available` (key → repo id, Object.entries).
         "available": {spec.key: spec.source for spec in specs},
-        "aliases": {name: target or active.key for name, target in runtime.model_aliases.items()},
+        "aliases": _aliases(runtime),
         "active": {"key": active.key, "id": active.source, "type": active.family}, "active_key": active.key,
         "device": plan.device, "dtype": plan.dtype, "cache_dir": str(runtime.settings.cache_dir),
         "revision": runtime.settings.revision, "variant": runtime.settings.variant,
