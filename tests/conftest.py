@@ -67,11 +67,11 @@ async def wait_ready(client: httpx.AsyncClient, timeout: float = 120) -> None:
 
 
 @asynccontextmanager
-async def running_app(settings: Any, *, ready: bool = True) -> AsyncIterator[httpx.AsyncClient]:
+async def running_app(settings: Any, *, ready: bool = True, runtime: Any = None) -> AsyncIterator[httpx.AsyncClient]:
     """A started in-process app and an httpx client on it (``client.app`` is the FastAPI app)."""
     from fluxserve.api.app import create_app
 
-    app = create_app(settings)
+    app = create_app(settings, runtime)
     async with (LifespanManager(app, startup_timeout=120, shutdown_timeout=60) as manager,
                 httpx.AsyncClient(transport=httpx.ASGITransport(app=manager.app), base_url="http://testserver",
                                   timeout=120) as client):

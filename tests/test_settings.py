@@ -99,3 +99,30 @@ def test_readme_settings_table_is_current() -> None:
     spec.loader.exec_module(gen)
     assert gen.table() in (ROOT / "README.md").read_text()
     assert gen.env_example() == (ROOT / ".env.example").read_text()
+
+
+def test_start_up_refuses_combinations_that_cannot_work() -> None:
+    from fluxserve.settings import SettingsError, load_settings
+
+    with pytest.raises(SettingsError, match=r"FLUX_CACHE.*FLUX_MAX_CONCURRENT"):
+        load_settings(step_cache="fbcache:0.1", max_concurrent=2, _env_file=None)
+    with pytest.raises(SettingsError, match="FLUX_QUANTIZE=fp8 needs FLUX_DTYPE=bfloat16"):
+        load_settings(quantize="fp8", dtype="float32", _env_file=None)
+
+
+def test_fp8_without_compile_warns_with_the_measured_cost() -> None:
+    from fluxserve.engine.device import select_device_dtype
+    from fluxserve.engine.memory import check_memory_modes
+    from fluxserve.settings import Settings
+
+    warnings = check_memory_modes(Settings(quantize="fp8", _env_file=None), select_device_dtype("cpu"))
+    assert any("slower than bf16" in w and "FLUX_COMPILE=regional" in w for w in warnings)
+
+
+def test_an_aliased_setting_is_named_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    from fluxserve.settings import SettingsError, load_settings
+
+    monkeypatch.setenv("FLUX_PORT", "99999")
+    with pytest.raises(SettingsError) as bad:
+        load_settings(_env_file=None)
+    assert "FLUX_PORT=" in str(bad.value) and "FLUX_FLUX_PORT" not in str(bad.value)

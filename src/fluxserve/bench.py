@@ -325,7 +325,7 @@ def run_engine(model_name: str, cases: list[Case], reps: int, mode: str, device:
     settings = load_settings(model=model_name, device=device, warmup_enable=False, store_local=False,
                              allow_any_model=True, cache_dir=str(cache_dir), **overrides)
     runtime = Runtime(settings)
-    engine = runtime.scheduler.engines[0]
+    engine = runtime.engines[0]
     spec = runtime.default_spec
     info: dict[str, Any] = {}
     started = time.perf_counter()

@@ -89,7 +89,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     runtime = Runtime(settings)
     spec = resolve_model(settings.model)
-    engine: DeviceEngine = runtime.scheduler.engines[0]
+    engine: DeviceEngine = runtime.engines[0]
     started = time.perf_counter()
     model, _ = engine.load(spec)
     load_seconds = time.perf_counter() - started

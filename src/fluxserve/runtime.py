@@ -1,78 +1,64 @@
-"""The composition root: settings → device plans → scheduler (engines) → storage and observability.
+"""The composition root: settings → a model catalog and a job queue → storage and observability.
 
 One :class:`Runtime` exists per server process (the HTTP app, the CLI's ``generate`` and the Ray
-replicas all build one). It starts the workers, preloads and warms models in the background, tracks
-readiness and shuts down gracefully.
+replicas all build one). By default it serves the models of this process's devices: a
+:class:`~fluxserve.catalog.LocalCatalog` over one :class:`~fluxserve.engine.engine.DeviceEngine` per
+device and the :class:`~fluxserve.scheduler.scheduler.Scheduler` in front of them. Scale-out plugs in
+another catalog and queue (``backend=``), never a subclass: the Ray Serve ingress passes a catalog of
+replicas and a queue that dispatches to them. Readiness, shutdown and the metrics hooks are written
+once, here, for both.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
 import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any
 
 from fluxserve import __version__
 from fluxserve.aliases import parse_model_aliases
+from fluxserve.catalog import LocalCatalog
 from fluxserve.engine.device import BackendProbe, DevicePlan, select_device_dtype
-from fluxserve.engine.memory import check_memory_modes
-from fluxserve.engine.registry import BUILTIN_MODELS, ModelSpec, resolve_model
-from fluxserve.generation import GenerationParams, ImageRequest, OutOfMemory
+from fluxserve.engine.registry import ModelSpec, resolve_model
 from fluxserve.observability.events import job_ended
 from fluxserve.observability.logs import register_secrets
 from fluxserve.observability.metrics import Metrics
-from fluxserve.scheduler.jobs import Job, JobError
-from fluxserve.scheduler.scheduler import Scheduler
+from fluxserve.scheduler.jobs import Job
+from fluxserve.scheduler.protocols import Engine, JobQueue, ModelCatalog
+from fluxserve.scheduler.scheduler import Hook, Scheduler
 from fluxserve.settings import Settings
 from fluxserve.storage.files import FileRegistry
 from fluxserve.storage.outputs import OutputStore
 
 log = logging.getLogger(__name__)
 
-
-@dataclass
-class WarmupRecord:
-    model: str
-    size: str
-    seconds: float
-    outcome: str
+Backend = Callable[[Settings, Hook], tuple[ModelCatalog, JobQueue]]
+"""Builds the catalog and queue a runtime serves with; gets the runtime's metrics hook."""
 
 
 class Runtime:
     """Everything a server process owns, wired together."""
 
-    def __init__(self, settings: Settings, probe: BackendProbe | None = None) -> None:
+    def __init__(self, settings: Settings, probe: BackendProbe | None = None, *,
+                 engines: Sequence[Engine] | None = None, backend: Backend | None = None) -> None:
+        """``engines`` replaces the local devices' engines (tests drive a fake engine through the real app);
+        ``backend`` replaces the local catalog and scheduler altogether (the Ray Serve ingress)."""
         self.settings = settings
         register_secrets([settings.hf_token_value(), *settings.all_api_keys()])
-        devices = settings.devices or [settings.device]
-        self.plans: list[DevicePlan] = [
-            select_device_dtype(device, settings.dtype, settings.generator_device, probe) for device in devices
-        ]
-        for plan in self.plans:  # a memory mode that cannot work here stops start-up, naming FLUX_OFFLOAD etc.
-            for warning in check_memory_modes(settings, plan):
-                log.warning(warning)
-        if any(plan.backend == "cpu" for plan in self.plans):
-            _leave_a_core_for_the_server()
-        self.default_spec = resolve_model(settings.model)
-        self._configured: dict[str, ModelSpec] = {self.default_spec.key: self.default_spec}
-        for name in settings.preload_models:
-            spec = resolve_model(name)
-            self._configured[spec.key] = spec
-        self.active_key = self.default_spec.key
         self.model_aliases = parse_model_aliases(settings.model_aliases)
         for target in filter(None, self.model_aliases.values()):  # a bad alias target stops start-up
             resolve_model(target)
         self.metrics = Metrics(settings.metrics_window)
-        self.scheduler = Scheduler(settings, self.plans, hook=self._on_event)
+        if backend is not None:
+            self.models, self.scheduler = backend(settings, self._on_event)
+        else:
+            self.models, self.scheduler = _local_backend(settings, probe, engines, self._on_event, self.metrics)
         self.outputs = OutputStore(settings.output_dir)
         self.files = FileRegistry(settings.file_ttl)
         self.encoder = ThreadPoolExecutor(settings.encode_threads, thread_name_prefix="encode")
-        self.warmups: list[WarmupRecord] = []
-        self.startup_error: str | None = None
         self.started_at = time.time()
-        self._startup_done = threading.Event()
         self.shutting_down = False
 
     # --- lifecycle -------------------------------------------------------------------------------
@@ -87,71 +73,18 @@ class Runtime:
         if removed:
             log.info("removed %d partial files left by an earlier crash", removed)
         self.scheduler.start()
-        thread = threading.Thread(target=self._startup, name="startup", daemon=True)
-        thread.start()
+        self.models.start()
         if wait:
-            thread.join()
-
-    def _startup(self) -> None:
-        try:
-            for spec in self._configured.values():
-                self.scheduler.ensure_loaded(spec, wait=True)
-                if self.settings.warmup_enable:
-                    self.warmup(spec)
-        except JobError as exc:
-            self.startup_error = exc.message
-            log.error("start-up failed: %s", exc.message)
-        except Exception as exc:  # keep serving /health and explain in /ready
-            self.startup_error = f"{type(exc).__name__}: {exc}"
-            log.exception("start-up failed")
-        finally:
-            self._startup_done.set()
+            self.models.wait_started()
 
     def wait_started(self, timeout: float | None = None) -> bool:
-        return self._startup_done.wait(timeout)
-
-    def warmup(self, spec: ModelSpec) -> None:
-        """One 1-step generation per engine and warmup size; logs duration and outcome."""
-        sizes = self.settings.warmup_sizes or [f"{spec.width}x{spec.height}"]
-        for engine in self.scheduler.engines:
-            model = engine.get(spec.key)
-            if model is None:
-                continue
-            for size in sizes:
-                width, height = (int(x) for x in size.split("x"))
-                # The default text length, so a compiled transformer meets the shape real requests use.
-                params = GenerationParams(spec.key, width, height, 1, spec.guidance, spec.max_sequence_length)
-                started = time.perf_counter()
-                fallback: str | None = None
-                try:
-                    with engine.faults.suspended():  # injected faults are for requests, not warm-up
-                        result = engine.generate(model, params, [ImageRequest("warmup", [0])])[0]
-                    outcome = "ok"
-                    fallback = result.fallback_reason if result.fallback_applied else None
-                except OutOfMemory as exc:
-                    outcome = f"out of memory: {exc.reason}"
-                    fallback = exc.reason
-                seconds = time.perf_counter() - started
-                if fallback:
-                    self.metrics.record_fallback(fallback, failed=outcome != "ok")
-                self.warmups.append(WarmupRecord(spec.key, size, seconds, outcome))
-                self.metrics.warmup.labels(model=spec.key).set(seconds)
-                model.warmup[size] = {"seconds": round(seconds, 4), "outcome": outcome}
-                log.info("warmup", extra={"ctx": {"model": spec.key, "device": engine.device, "size": size,
-                                                   "seconds": round(seconds, 4), "outcome": outcome,
-                                                   **({"fallback_reason": fallback} if fallback else {})}})
+        return self.models.wait_started(timeout)
 
     def readiness(self) -> tuple[bool, list[str]]:
-        """(ready, reasons it is not)."""
-        reasons = []
-        if self.shutting_down:
-            reasons.append("shutting down")
-        if self.startup_error:
-            reasons.append(f"start-up failed: {self.startup_error}")
-        elif not self._startup_done.is_set():
-            reasons.append("loading and warming up the default model")
-        elif not self.scheduler.is_loaded(self.active_key):
-            reasons.append(f"model {self.active_key} is not loaded")
+        """(ready, reasons it is not): shutdown, the catalog's models, the queue's workers, repeated OOM."""
+        reasons = ["shutting down"] if self.shutting_down else []
+        reasons += self.models.readiness_problems()
+        reasons += self.scheduler.readiness_problems()
         failures = self.scheduler.consecutive_oom_failures
         if failures >= self.settings.oom_max_consecutive:
             reasons.append(f"{failures} requests in a row failed out of memory")
@@ -166,46 +99,71 @@ class Runtime:
         self.begin_shutdown()
         cancelled = self.scheduler.drain(self.settings.shutdown_timeout if timeout is None else timeout)
         self.scheduler.shutdown()
+        self.models.close()
         self.encoder.shutdown(wait=True)
         log.info("shut down", extra={"ctx": {"cancelled_jobs": cancelled}})
         return cancelled
 
-    # --- models ----------------------------------------------------------------------------------
+    # --- what the routes ask of the catalog ------------------------------------------------------
+    @property
+    def plans(self) -> list[DevicePlan]:
+        return list(self.models.plans)
+
+    @property
+    def startup_error(self) -> str | None:
+        error: str | None = getattr(self.models, "startup_error", None)
+        return error
+
+    @property
+    def warmups(self) -> list[Any]:
+        return list(getattr(self.models, "warmups", []))
+
+    @property
+    def active_key(self) -> str:
+        return self.models.names.active_key
+
+    @property
+    def default_spec(self) -> ModelSpec:
+        return self.models.names.default_spec
+
+    @property
+    def engines(self) -> list[Any]:
+        return list(getattr(self.models, "engines", []))
+
     def resolve(self, name: str | None, *, from_request: bool = True) -> ModelSpec:
-        """Model a request names (None: the active one). Requests may only name registry keys and
-        configured models unless FLUX_ALLOW_ANY_MODEL=1. An alias (FLUX_MODEL_ALIASES) names the
-        model the operator chose for it; a bare one the active model."""
+        """Model a request names (None: the active one). An alias (FLUX_MODEL_ALIASES) names the model the
+        operator chose for it (a bare one: the active model); other names resolve in the catalog."""
         if name and name.strip() in self.model_aliases:
             name, from_request = self.model_aliases[name.strip()], False
-        if not name:
-            return self._configured.get(self.active_key) or resolve_model(self.active_key)
-        if name in self._configured:
-            return self._configured[name]
-        spec = resolve_model(name, allow_unregistered=self.settings.allow_any_model or not from_request)
-        return spec
+        return self.models.resolve(name, from_request=from_request)
 
     def known_models(self) -> list[ModelSpec]:
-        specs = dict(BUILTIN_MODELS)
-        specs.update(self._configured)
-        for engine in self.scheduler.engines:
-            for key, model in engine.loaded().items():
-                specs[key] = model.spec
-        return list(specs.values())
+        return list(self.models.known_models())
 
     def select(self, name: str) -> ModelSpec:
-        spec = self.resolve(name)
-        self.scheduler.ensure_loaded(spec, wait=True)
-        self._configured.setdefault(spec.key, spec)
-        self.active_key = spec.key
-        return spec
+        return self.models.select(name)
+
+    def memory(self) -> list[dict[str, Any]]:
+        return self.models.memory()
+
+    def unload(self, key: str) -> tuple[list[str], int]:
+        return self.models.unload(key)
+
+    def release(self, keep: set[str]) -> tuple[list[str], int]:
+        return self.models.release(keep)
 
     def model_info(self, key: str) -> dict[str, Any]:
-        loaded = {engine.device: engine.get(key) for engine in self.scheduler.engines}
-        return {k: v for k, v in loaded.items() if v is not None}
+        return self.models.model_info(key)
 
     def replicas(self, key: str) -> list[dict[str, Any]] | None:
-        """Replicas serving ``key`` on Ray Serve (fluxserve.distributed.ingress); None on a single server."""
-        return None
+        return self.models.replicas(key)
+
+    def plan_for(self, device: str | None) -> DevicePlan:
+        """The device plan of the engine that ran a job (the first one if unknown)."""
+        return next((plan for plan in self.plans if plan.device == device), self.plans[0])
+
+    def submit(self, job: Job) -> Job:
+        return self.scheduler.submit(job)
 
     # --- observability ---------------------------------------------------------------------------
     def _on_event(self, name: str, data: dict[str, Any]) -> None:
@@ -220,13 +178,32 @@ class Runtime:
         stats = self.scheduler.stats()
         self.metrics.queue_depth.set(stats["queue_depth"])
         self.metrics.in_flight.set(stats["jobs_in_flight"])
-        for engine in self.scheduler.engines:
-            for kind, value in engine.memory().items():
+        for memory in self.models.memory():
+            device = memory.get("device", "?")
+            for kind, value in memory.items():
                 if kind.endswith("_bytes"):
-                    self.metrics.device_memory.labels(device=engine.device, kind=kind[:-6]).set(value)
+                    self.metrics.device_memory.labels(device=device, kind=kind[:-6]).set(value)
 
-    def submit(self, job: Job) -> Job:
-        return self.scheduler.submit(job)
+
+def _local_backend(settings: Settings, probe: BackendProbe | None, engines: Sequence[Engine] | None, hook: Hook,
+                   metrics: Metrics) -> tuple[LocalCatalog, Scheduler]:
+    """This process's devices: a plan and an engine each, one scheduler in front of them."""
+    from fluxserve.engine.engine import DeviceEngine
+    from fluxserve.engine.faults import FaultInjector
+    from fluxserve.engine.memory import check_memory_modes
+
+    devices = settings.devices or [settings.device]
+    plans = [select_device_dtype(device, settings.dtype, settings.generator_device, probe) for device in devices]
+    for plan in plans:  # a memory mode that cannot work here stops start-up, naming FLUX_OFFLOAD etc.
+        for warning in check_memory_modes(settings, plan):
+            log.warning(warning)
+    if any(plan.backend == "cpu" for plan in plans):
+        _leave_a_core_for_the_server()
+    if engines is None:
+        faults = FaultInjector(settings.fault_injection, settings.faults)
+        engines = [DeviceEngine(settings, plan, faults) for plan in plans]
+    scheduler = Scheduler(settings, engines, hook=hook)
+    return LocalCatalog(settings, plans, engines, scheduler, metrics), scheduler
 
 
 def _leave_a_core_for_the_server() -> None:

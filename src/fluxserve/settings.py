@@ -172,6 +172,18 @@ class Settings(BaseSettings):
     """Seconds to wait for another load of the same model before answering 503."""
     job_ttl: float = Field(3600.0, gt=0)
     """Seconds finished async jobs and their results are kept."""
+    max_jobs: int = Field(1000, ge=1)
+    """Jobs the server remembers at once (queued, running and finished async jobs with results); finished
+    jobs without stored results are forgotten at once, leaving only a small status record."""
+    results_max_bytes: int = Field(512 * 1024 * 1024, ge=0)
+    """Bytes of finished async jobs' encoded images kept for polling; past it the oldest results expire
+    (polling them answers 410 ``result_expired``)."""
+    max_queued_per_key: int = Field(0, ge=0)
+    """Queued or running jobs one API key may have at once (0: only FLUX_MAX_QUEUE limits)."""
+    max_stored_per_key: int = Field(0, ge=0)
+    """Finished async results one API key may keep at once; its oldest expire first (0: no per-key cap)."""
+    stall_timeout: float = Field(600.0, gt=0)
+    """A worker busy this many seconds without finishing a denoising step makes /ready answer 503."""
 
     # --- memory --------------------------------------------------------------------------------
     offload: Literal["none", "model", "sequential"] = "none"
@@ -320,6 +332,12 @@ class Settings(BaseSettings):
             raise ValueError("FLUX_OFFLOAD and FLUX_COMPILE cannot be combined: offload hooks break compiled graphs")
         if self.offload != "none" and self.quantize != "none":
             raise ValueError("FLUX_OFFLOAD and FLUX_QUANTIZE=fp8 cannot be combined")
+        if self.step_cache != "off" and self.max_concurrent > 1:
+            raise ValueError("FLUX_CACHE (First Block Cache) cannot be combined with FLUX_MAX_CONCURRENT>1: the "
+                             "pipeline views share one transformer, whose cache state is per call")
+        if self.quantize == "fp8" and self.dtype == "float32":
+            raise ValueError("FLUX_QUANTIZE=fp8 needs FLUX_DTYPE=bfloat16 (or auto): fp8 matmuls cannot produce "
+                             "float32 outputs with a bias")
         if self.ray_min_replicas > self.ray_max_replicas:
             raise ValueError("FLUX_RAY_MIN_REPLICAS must be ≤ FLUX_RAY_MAX_REPLICAS")
         return self
@@ -354,6 +372,9 @@ def _is_device_name(value: str, *, allow_auto: bool) -> bool:
 def env_var_name(field_name: str) -> str:
     """The environment variable that sets ``field_name``."""
     field = Settings.model_fields.get(field_name)
+    if field is None and any(isinstance(f.validation_alias, AliasChoices) and field_name in f.validation_alias.choices
+                             for f in Settings.model_fields.values()):
+        return field_name  # pydantic reports an aliased field by the alias it was given (FLUX_PORT, not port)
     if field is not None and isinstance(field.validation_alias, AliasChoices):
         first = field.validation_alias.choices[0]
         if isinstance(first, str):

@@ -115,9 +115,10 @@ async def test_defaults(client: Any) -> None:
     assert item["model_key"] == "tiny-flux" and item["device"] == "cpu" and item["dtype"] == "float32"
     assert item["params"]["num_inference_steps"] == 4
     assert item["params"]["fallback_applied"] is False
-    assert 0 <= item["seed"] < 2**63
+    assert 0 <= item["seed"] < 2**53  # a random seed JavaScript reads exactly
     assert "saved_path" not in item  # FLUX_STORE_LOCAL=0 here
-    assert response.headers["x-request-id"] == item["request_id"]
+    assert response.headers["x-job-id"] == item["job_id"] == item["request_id"]  # no label sent: the job id
+    assert item["job_id"].startswith("img_") and len(item["job_id"]) == 36
     for stage in ("queue_wait", "text_encode", "denoise", "vae_decode", "image_encode", "save", "total",
                   "pipeline_load", "generation", "encode"):
         assert stage in item["timing"]

@@ -421,3 +421,27 @@ def test_real_cuda_oom_is_recovered_and_offload_is_undone(cache_dir: Path) -> No
     assert all(p.device.type == "cuda" for p in pipe.transformer.parameters())
     assert not hasattr(pipe.transformer, "_hf_hook") or pipe.transformer._hf_hook is None
     assert not run(engine, model, params(256)).fallback_applied
+
+
+def test_the_ladder_changes_the_shared_vae_only_under_the_models_lock(make_engine: Any, model: LoadedModel) -> None:
+    """With several pipeline views one VAE serves them all: the slicing rung's VAE modes and the float32
+    re-decode are applied only around this batch's own decode, holding the model's shared lock, so another
+    view never decodes with (or while someone changes) modes it did not ask for."""
+    vae = model.primary.vae
+    seen: list[bool] = []
+    original = vae.enable_tiling
+
+    def enable_tiling(*args: Any, **kwargs: Any) -> None:
+        seen.append(model.shared_lock.locked())
+        original(*args, **kwargs)
+
+    vae.enable_tiling = enable_tiling  # records whether the lock is held when the mode changes
+    try:
+        engine = make_engine(faults="oom@denoise:2", max_concurrent=2)
+        result = run(engine, model, params(64, steps=2))
+    finally:
+        del vae.enable_tiling
+    assert result.fallback_reason == "cpu_oom: retried after cache cleanup and VAE tiling/slicing"
+    assert seen == [True]
+    assert_modes_restored(model)
+    assert not model.shared_lock.locked()

@@ -7,6 +7,7 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
@@ -23,8 +24,10 @@ from fluxserve.api.middleware import (
 )
 from fluxserve.api.routes import images, models, system
 from fluxserve.api.serving import ImageService
-from fluxserve.runtime import Runtime
 from fluxserve.settings import Settings
+
+if TYPE_CHECKING:
+    from fluxserve.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +36,10 @@ STATIC_DIR = Path(__file__).resolve().parent.parent / "web" / "static"
 
 def create_app(settings: Settings, runtime: Runtime | None = None, *, manage_runtime: bool = True) -> FastAPI:
     """Build the app. ``runtime`` defaults to a new one started/stopped by the app's lifespan."""
-    runtime = runtime or Runtime(settings)
+    if runtime is None:
+        from fluxserve.runtime import Runtime  # the engine (torch) loads only when an app really serves
+
+        runtime = Runtime(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

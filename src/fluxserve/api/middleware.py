@@ -84,7 +84,7 @@ class RequestContextMiddleware:
                 status_holder["status"] = message["status"]
                 raw = list(message.get("headers") or [])
                 if not any(k.lower() == b"x-request-id" for k, _ in raw):
-                    raw.append((b"x-request-id", state.get("job_id", request_id).encode("latin-1")))
+                    raw.append((b"x-request-id", request_id.encode("latin-1")))
                 message["headers"] = raw
             await send(message)
 
@@ -329,5 +329,7 @@ class ApiKeyMiddleware:
             message = "missing API key: send 'Authorization: Bearer <key>'" if not auth else "invalid API key"
             await _send_error(send, 401, message, "invalid_api_key", [(b"www-authenticate", b"Bearer")])
             return
+        # The owner of the jobs and files this request creates: a digest of its key, never the key itself.
+        scope.setdefault("state", {})["owner"] = hashlib.sha256(b"owner:" + presented).hexdigest()[:24]
         await self.app(scope, receive, send)
 

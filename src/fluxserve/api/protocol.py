@@ -109,6 +109,10 @@ class ImageData(BaseModel):
     request_id: str
     saved_path: str | None = None
     metadata_path: str | None = None
+    save_error: str | None = None
+    """Set when ``store_local`` could not save this image (disk full, directory not writable...): the
+    image is still returned; only the local copy is missing."""
+    job_id: str | None = None
     replica: str | None = None
 
     duration_ms: int | None = None

@@ -12,7 +12,7 @@ import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -21,9 +21,11 @@ from fluxserve.api.errors import APIError
 from fluxserve.api.protocol import ImageData, ImageGenerationRequest, ImageParams, ImagesResponse
 from fluxserve.engine.registry import ModelSpec, UnknownModelError
 from fluxserve.generation import MAX_RANDOM_SEED, GenerationParams, pick_seed, seeds_for
-from fluxserve.runtime import Runtime
-from fluxserve.scheduler.jobs import Job, JobError, JobStatus
+from fluxserve.scheduler.jobs import TERMINAL_EVENTS, Job, JobError, JobStatus
 from fluxserve.storage.images import MEDIA_TYPES, encode_image, to_base64
+
+if TYPE_CHECKING:
+    from fluxserve.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +97,8 @@ class ImageService:
                                 f"{width}x{height} = {width * height}", param=param, code="invalid_size")
         return width, height, param
 
-    def build_job(self, body: ImageGenerationRequest, request_id: str, *, want_previews: bool = False) -> Job:
+    def build_job(self, body: ImageGenerationRequest, *, request_id: str | None = None, owner: str | None = None,
+                  want_previews: bool = False) -> Job:
         s = self.settings
         if len(body.prompt) > s.max_prompt_chars:
             raise APIError(400, f"invalid 'prompt': must be at most {s.max_prompt_chars} characters, got "
@@ -138,7 +141,7 @@ class ImageService:
         allow_fallback = s.allow_fallback if body.allow_fallback is None else body.allow_fallback
         params = GenerationParams(spec.key, width, height, steps, float(guidance), max_len, allow_fallback)
         return Job(spec=spec, params=params, prompt=body.prompt, seeds=seeds, negative_prompt=body.negative_prompt,
-                   id=request_id, want_previews=want_previews)
+                   request_id=request_id, owner=owner, want_previews=want_previews)
 
     def output_options(self, body: ImageGenerationRequest, base_url: str) -> OutputOptions:
         fmt = body.output_format or "png"
@@ -156,31 +159,27 @@ class ImageService:
 
     # --- running ---------------------------------------------------------------------------------
     def submit(self, job: Job) -> Job:
-        if self.runtime.scheduler.get(job.id) is not None:
-            raise APIError(409, f"request_id {job.id!r} is already in use", param="request_id",
-                           code="duplicate_request_id")
+        """Queue the job; JobError (409 duplicate label, 429 full, 503 shutting down) reaches the client."""
         return self.runtime.submit(job)
 
-    async def wait(self, job: Job, is_disconnected: Callable[[], Awaitable[bool]] | None = None) -> None:
-        """Wait for the job without blocking the loop; a client that goes away cancels it."""
-        loop = asyncio.get_running_loop()
-        done = asyncio.Event()
-
-        def listener(event: dict[str, Any]) -> None:
-            if event["type"] in ("succeeded", "failed", "cancelled"):
-                loop.call_soon_threadsafe(done.set)
-
-        job.add_listener(listener)
-        if job.done:
-            return
-        while not done.is_set():
-            try:
-                await asyncio.wait_for(done.wait(), timeout=0.1)
-            except TimeoutError:
-                if is_disconnected is not None and await is_disconnected():
-                    self.runtime.scheduler.cancel(job.id)
-                    log.info("client disconnected; job cancelled", extra={"ctx": {"request_id": job.id}})
-                    await asyncio.wait_for(done.wait(), timeout=None)
+    async def wait(self, job: Job, disconnected: Awaitable[None] | None = None) -> bool:
+        """Wait, without blocking the loop, until the job ends (True) or the client goes away first (False;
+        the job is then cancelled and nobody waits for it any more)."""
+        finished = asyncio.ensure_future(job.done())
+        if disconnected is None:
+            await finished
+            return True
+        gone = asyncio.ensure_future(disconnected)
+        try:
+            await asyncio.wait({finished, gone}, return_when=asyncio.FIRST_COMPLETED)
+            if finished.done():
+                return True
+            self.runtime.scheduler.cancel(job.id)
+            log.info("client disconnected; job cancelled", extra={"ctx": {"job_id": job.id}})
+            return False
+        finally:
+            finished.cancel()
+            gone.cancel()
 
     async def finalize(self, job: Job, options: OutputOptions) -> ImagesResponse:
         """Turn a finished job into the response, encoding and saving off the event loop."""
@@ -214,10 +213,7 @@ class ImageService:
         if self.settings.log_prompts:
             ctx["prompt"] = job.prompt
         log.info("generation finished", extra={"ctx": ctx})
-        # Finished jobs stay listed for FLUX_JOB_TTL: keep their images only where a client will poll for them
-        # (async jobs), and never the raw pixels (a 1024² image would otherwise hold ~7 MB for an hour).
-        job.payload = response if "options" in job.metadata else None
-        result.images = []
+        result.images = []  # the raw pixels are no longer needed (a 1024² image holds ~3 MB)
         return response
 
     def _timing(self, job: Job) -> dict[str, float]:
@@ -254,11 +250,8 @@ class ImageService:
                  "num_inference_steps": result.original_params.steps}
                 if result.original_params is not None else None),
         )
-        plan = job.metadata.get("device_plan")  # set for jobs a Ray replica ran (fluxserve.distributed)
-        if plan is None:
-            engines = self.runtime.scheduler.engines
-            plan = next((e.plan for e in engines if e.device == job.device), engines[0].plan)
-        saved_path = metadata_path = None
+        plan = job.metadata.get("device_plan") or self.runtime.plan_for(job.device)  # Ray replicas send theirs
+        saved_path = metadata_path = save_error = None
         started = time.perf_counter()
         if options.store_local:
             metadata = None
@@ -266,12 +259,18 @@ class ImageService:
                 metadata = {
                     "prompt": job.prompt, "negative_prompt": job.negative_prompt, "model": job.spec.source,
                     "model_key": job.spec.key, "device": plan.device, "dtype": plan.dtype,
-                    "params": params.model_dump(), "seed": seed, "request_id": job.id,
+                    "params": params.model_dump(), "seed": seed, "request_id": job.request_id, "job_id": job.id,
                     "created": job.created, "batch_size": result.batch_size, "timing": timing,
                     "format": options.output_format,
                 }
-            image_path, meta_path = self.runtime.outputs.save_image(data, _ext(options.output_format), metadata)
-            saved_path, metadata_path = str(image_path), (str(meta_path) if meta_path else None)
+            try:
+                image_path, meta_path = self.runtime.outputs.save_image(data, _ext(options.output_format), metadata)
+            except (OSError, ValueError) as exc:  # a disk problem never costs the client its image
+                save_error = _save_error(exc)
+                log.warning("could not save an image; it is returned without a local copy",
+                            extra={"ctx": {"job_id": job.id, "error": f"{type(exc).__name__}: {exc}"}})
+            else:
+                saved_path, metadata_path = str(image_path), (str(meta_path) if meta_path else None)
         timing["save"] = time.perf_counter() - started
         timing["generation"] = sum(result.timings.values())
         timing["pipeline_load"] = timing["model_load"]
@@ -279,89 +278,137 @@ class ImageService:
         item = ImageData(
             seed=seed, model=job.spec.source if job.spec.tiny is None else job.spec.key, model_key=job.spec.key,
             device=plan.device, dtype=plan.dtype, params=params,
-            timing={k: round(v, 6) for k, v in timing.items()}, batch_size=result.batch_size, request_id=job.id,
-            saved_path=saved_path, metadata_path=metadata_path, replica=job.metadata.get("replica"),
+            timing={k: round(v, 6) for k, v in timing.items()}, batch_size=result.batch_size,
+            request_id=job.request_id or job.id, job_id=job.id, saved_path=saved_path, metadata_path=metadata_path,
+            save_error=save_error, replica=job.metadata.get("replica"),
         )
         if options.response_format == "url":
-            file_id = self.runtime.files.put(data, MEDIA_TYPES[options.output_format], _ext(options.output_format))
+            file_id = self.runtime.files.put(data, MEDIA_TYPES[options.output_format], _ext(options.output_format),
+                                             owner=job.owner)
             item.url = f"{options.base_url}/v1/images/files/{file_id}.{_ext(options.output_format)}"
         else:
             item.b64_json = to_base64(data)
         return item
 
     def finalize_in_background(self, job: Job, options: OutputOptions) -> None:
-        """For async jobs: encode the images as soon as the job succeeds, so polling returns them."""
+        """For async jobs: encode the images as soon as the job succeeds and keep them (within the job
+        table's budgets) for polling. A failure to encode ends the job as failed, never 'running' forever."""
+        table = self.runtime.scheduler.table
+
         async def run() -> None:
-            await self.wait(job)
-            if job.status is JobStatus.SUCCEEDED:
-                await self.finalize(job, options)
+            await job.done()
+            if job.status is not JobStatus.SUCCEEDED:
+                return
+            try:
+                response = await self.finalize(job, options)
+            except Exception as exc:
+                log.exception("could not encode an async job's result", extra={"ctx": {"job_id": job.id}})
+                table.result_failed(job, JobError(f"encoding the result failed ({type(exc).__name__})",
+                                                  code="internal_error", status=500))
+                return
+            payload = response.model_dump(exclude_none=True)
+            table.store_result(job, payload, _payload_size(payload))
 
         task = asyncio.get_running_loop().create_task(run())
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
     # --- streaming -------------------------------------------------------------------------------
-    async def stream(self, job: Job, options: OutputOptions,
-                     is_disconnected: Callable[[], Awaitable[bool]]) -> AsyncIterator[dict[str, Any]]:
-        """Events for ``stream: true``: progress, partial images, then completed (or an error)."""
+    async def stream(self, job: Job, options: OutputOptions, disconnected: Callable[[], Awaitable[None]],
+                     prefix: str = "image_generation") -> AsyncIterator[dict[str, Any]]:
+        """Events for ``stream: true``: progress, partial images, then completed (or an error).
+
+        The first ``anext`` submits the job (a refusal raises before any byte is sent). A client that
+        goes away cancels the job at once, whether it is waiting in the queue or running."""
         loop = asyncio.get_running_loop()
-        events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-
-        def listener(event: dict[str, Any]) -> None:
-            loop.call_soon_threadsafe(events.put_nowait, event)
-
-        job.add_listener(listener)
         size = f"{job.params.width}x{job.params.height}"
         partial_steps = _partial_steps(job.params.steps, options.partial_images)
         partial_index = 0
-        self.submit(job)  # outside the try: a refused job (409/429/503) must not cancel a job it collided with
-        try:
-            while True:
-                try:
-                    event = await asyncio.wait_for(events.get(), timeout=0.1)
-                except TimeoutError:
-                    if await is_disconnected():
-                        self.runtime.scheduler.cancel(job.id)
-                        return
-                    continue
-                kind = event["type"]
-                if kind == "queued":
-                    yield {"type": "image_generation.progress", "status": "queued", "step": 0,
-                           "total": job.params.steps, "queue_position": event.get("queue_position")}
-                elif kind == "started":
-                    yield {"type": "image_generation.progress", "status": "running", "step": 0,
-                           "total": job.params.steps, "queue_position": 0, "batch_size": event.get("batch_size")}
-                elif kind == "progress":
-                    yield {"type": "image_generation.progress", "status": "running", "step": event["step"],
-                           "total": event["total"], "queue_position": 0}
-                    preview = event.get("preview")
-                    if preview is not None and event["step"] in partial_steps:
-                        data = await loop.run_in_executor(self.runtime.encoder, encode_image, preview, "png")
-                        yield {"type": "image_generation.partial_image", "b64_json": to_base64(data),
-                               "partial_image_index": partial_index, "created_at": int(time.time()),
-                               "size": size, "quality": options.quality, "background": "opaque",
-                               "output_format": "png", "step": event["step"]}
-                        partial_index += 1
-                elif kind in ("succeeded", "failed", "cancelled"):
-                    break
-            if job.status is not JobStatus.SUCCEEDED:
-                error = job.error or JobError("the job did not finish", code="internal_error", status=500)
-                yield {"type": "error", "error": {"message": error.message, "type": "server_error"
-                                                  if error.status >= 500 else "invalid_request_error",
-                                                  "param": None, "code": error.code}}
-                return
-            response = await self.finalize(job, options)
-            for item in response.data:
-                yield {"type": "image_generation.completed", "b64_json": item.b64_json, "url": item.url,
-                       "created_at": response.created, "size": response.size, "quality": response.quality,
-                       "background": "opaque", "output_format": response.output_format,
-                       "usage": {"input_tokens": 0, "output_tokens": 0, "total_tokens": 0,
-                                 "input_tokens_details": {"image_tokens": 0, "text_tokens": 0}},
-                       "seed": item.seed, "timing": item.timing, "params": item.params.model_dump(),
-                       "request_id": item.request_id, "saved_path": item.saved_path}
-        finally:
-            if not job.done:
-                self.runtime.scheduler.cancel(job.id)
+        async with job.subscribe() as events:  # before submit: no event can be missed
+            self.submit(job)
+            gone = asyncio.ensure_future(disconnected())
+            try:
+                while True:
+                    upcoming = asyncio.ensure_future(anext(events))
+                    await asyncio.wait({upcoming, gone}, return_when=asyncio.FIRST_COMPLETED)
+                    if not upcoming.done():
+                        upcoming.cancel()
+                        return  # the client left: the finally below cancels the job
+                    event = upcoming.result()
+                    kind = event["type"]
+                    if kind == "queued":
+                        yield {"type": f"{prefix}.progress", "status": "queued", "step": 0,
+                               "total": job.params.steps, "queue_position": event.get("queue_position")}
+                    elif kind == "started":
+                        yield {"type": f"{prefix}.progress", "status": "running", "step": 0,
+                               "total": job.params.steps, "queue_position": 0, "batch_size": event.get("batch_size")}
+                    elif kind == "progress":
+                        yield {"type": f"{prefix}.progress", "status": "running", "step": event["step"],
+                               "total": event["total"], "queue_position": 0}
+                        preview = event.get("preview")
+                        if preview is not None and event["step"] in partial_steps:
+                            data = await loop.run_in_executor(self.runtime.encoder, encode_image, preview, "png")
+                            yield {"type": f"{prefix}.partial_image", "b64_json": to_base64(data),
+                                   "partial_image_index": partial_index, "created_at": int(time.time()),
+                                   "size": size, "quality": options.quality, "background": "opaque",
+                                   "output_format": "png", "step": event["step"]}
+                            partial_index += 1
+                    elif kind in TERMINAL_EVENTS:
+                        break
+                if job.status is not JobStatus.SUCCEEDED:
+                    error = job.error or JobError("the job did not finish", code="internal_error", status=500)
+                    yield error_event(error)
+                    return
+                response = await self.finalize(job, options)
+                for item in response.data:
+                    yield {"type": f"{prefix}.completed", "b64_json": item.b64_json, "url": item.url,
+                           "created_at": response.created, "size": response.size, "quality": response.quality,
+                           "background": "opaque", "output_format": response.output_format,
+                           "usage": {"input_tokens": 0, "output_tokens": 0, "total_tokens": 0,
+                                     "input_tokens_details": {"image_tokens": 0, "text_tokens": 0}},
+                           "seed": item.seed, "timing": item.timing, "params": item.params.model_dump(),
+                           "request_id": item.request_id, "job_id": item.job_id, "saved_path": item.saved_path,
+                           "save_error": item.save_error}
+            except Exception as exc:  # never end a stream without telling the client why
+                log.exception("stream failed", extra={"ctx": {"job_id": job.id}})
+                yield error_event(exc if isinstance(exc, JobError) else JobError(
+                    f"the stream failed ({type(exc).__name__})", code="internal_error", status=500))
+            finally:
+                gone.cancel()
+                if not job.finished:
+                    self.runtime.scheduler.cancel(job.id)
+
+
+def error_event(error: JobError) -> dict[str, Any]:
+    """An ``error`` stream event in OpenAI's error shape."""
+    return {"type": "error", "error": {"message": error.message, "type": "server_error" if error.status >= 500
+                                       else "invalid_request_error", "param": None, "code": error.code}}
+
+
+async def wait_disconnect(receive: Callable[[], Awaitable[Any]]) -> None:
+    """Return when the client has gone away. Call only after the request body was read: the server's
+    next message is then ``http.disconnect``."""
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+def _payload_size(payload: dict[str, Any]) -> int:
+    """Bytes an async job's stored result costs (its images dominate; 1 KiB per item for the rest)."""
+    return sum(len(item.get("b64_json") or "") + len(item.get("url") or "") + 1024 for item in payload["data"])
+
+
+def _save_error(exc: Exception) -> str:
+    """What a client may learn of a failed save: the kind of problem, no path, no exception text."""
+    import errno
+
+    code = getattr(exc, "errno", None)
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        return "output_full: the output directory is full; the image was not saved locally"
+    if code in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return "output_not_writable: the output directory is not writable; the image was not saved locally"
+    return "save_failed: the image could not be saved locally"
 
 
 def _partial_steps(total: int, partial_images: int) -> set[int]:

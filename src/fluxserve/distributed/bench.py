@@ -50,7 +50,7 @@ def _serve_batched_model(batch_wait_s: float, max_batch: int) -> Any:
         def __init__(self, settings: Settings) -> None:
             _configure_logging(settings)
             self.worker = ReplicaWorker(settings, _replica_id())
-            self.engine = self.worker.runtime.scheduler.engines[0]
+            self.engine = self.worker.runtime.engines[0]
 
         async def generate(self, request: RemoteRequest) -> AsyncIterator[dict[str, Any]]:
             yield {"type": "accepted", "replica": self.worker.info()}

@@ -21,7 +21,7 @@ from fluxserve.engine.device import DevicePlan
 from fluxserve.engine.registry import ModelSpec
 from fluxserve.generation import GenerationParams
 
-FINAL_EVENTS = frozenset({"succeeded", "failed", "cancelled"})
+FINAL_EVENTS = frozenset({"succeeded", "failed", "cancelled", "expired"})
 DEPLOYMENT_PREFIX = "FluxModel-"
 INGRESS_DEPLOYMENT = "FluxIngress"
 

@@ -10,7 +10,6 @@ in-process.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import socket
@@ -87,43 +86,36 @@ class ReplicaWorker:
 
         If the caller goes away (Ray cancels this generator) the local job is cancelled too.
         """
-        loop = asyncio.get_running_loop()
-        events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         job = Job(spec=request.spec, params=request.params, prompt=request.prompt, seeds=list(request.seeds),
                   negative_prompt=request.negative_prompt, id=request.job_id, want_previews=request.want_previews)
-
-        def listener(event: dict[str, Any]) -> None:  # scheduler threads → this event loop
-            loop.call_soon_threadsafe(events.put_nowait, event)
-
-        job.add_listener(listener)
         yield {"type": "accepted", "replica": self.info()}
         scheduler = self.runtime.scheduler
-        try:
-            scheduler.submit(job)
-        except JobError as exc:
-            yield _error_event("failed", exc)
-            return
-        last_progress = 0.0
-        try:
-            while True:
-                event = await events.get()
-                kind = event["type"]
-                if kind in FINAL_EVENTS:
-                    break
-                if kind == "progress" and not request.want_previews:
-                    now = time.monotonic()
-                    if event["step"] < event["total"] and now - last_progress < PROGRESS_INTERVAL:
-                        continue
-                    last_progress = now
-                yield {k: v for k, v in event.items() if k != "id"}
-            if job.status is JobStatus.SUCCEEDED and job.result is not None:
-                yield {"type": "succeeded", "result": job.result}
-            else:
-                error = job.error or JobError("the job did not finish", code="internal_error", status=500)
-                yield _error_event(job.status.value, error)
-        finally:
-            if not job.done and scheduler.get(job.id) is job:
-                scheduler.cancel(job.id)
+        async with job.subscribe() as events:  # the one thread → asyncio bridge, as for the HTTP routes
+            try:
+                scheduler.submit(job)
+            except JobError as exc:
+                yield _error_event("failed", exc)
+                return
+            last_progress = 0.0
+            try:
+                async for event in events:
+                    kind = event["type"]
+                    if kind in FINAL_EVENTS:
+                        break
+                    if kind == "progress" and not request.want_previews:
+                        now = time.monotonic()
+                        if event["step"] < event["total"] and now - last_progress < PROGRESS_INTERVAL:
+                            continue
+                        last_progress = now
+                    yield {k: v for k, v in event.items() if k != "id"}
+                if job.status is JobStatus.SUCCEEDED and job.result is not None:
+                    yield {"type": "succeeded", "result": job.result}
+                else:
+                    error = job.error or JobError("the job did not finish", code="internal_error", status=500)
+                    yield _error_event("failed" if job.status is JobStatus.EXPIRED else job.status.value, error)
+            finally:
+                if not job.finished:
+                    scheduler.cancel(job.id)
 
     def close(self) -> None:
         if not self.closed:

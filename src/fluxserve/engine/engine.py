@@ -70,6 +70,8 @@ class _Attempt:
     notes: list[str] = field(default_factory=list)
     """Recovery from NaN/black output."""
     temporary_modes: list[str] = field(default_factory=list)
+    vae_modes: list[str] = field(default_factory=list)
+    """VAE tiling/slicing this batch decodes with (applied and undone around its decode, under the lock)."""
     offloaded: bool = False
     in_float32: bool = False
     float32_restore: dict[str, torch.dtype] = field(default_factory=dict)
@@ -269,9 +271,15 @@ class DeviceEngine:
             attempt.actions.append("cache cleanup")
             return True
         if rung == "slicing":
-            applied = apply_vae_modes(pipe, slicing=True, tiling=True, tile_size=self.settings.vae_tile_size)
-            attempt.temporary_modes += applied
-            if self.settings.attention_slicing == "off" and apply_attention_slicing(pipe, "auto"):
+            # VAE modes are applied around this batch's decode only, under the model's shared lock (see _decode).
+            vae = getattr(pipe, "vae", None)
+            applied = [mode for mode, attr in (("vae_tiling", "use_tiling"), ("vae_slicing", "use_slicing"))
+                       if vae is not None and hasattr(vae, "enable_" + mode[4:]) and not getattr(vae, attr, False)
+                       and mode not in attempt.vae_modes]
+            attempt.vae_modes += applied
+            # Attention slicing swaps the processors of the transformer all views share: only with one view.
+            if (self.settings.attention_slicing == "off" and self.settings.max_concurrent == 1
+                    and apply_attention_slicing(pipe, "auto")):
                 attempt.temporary_modes.append("attention_slicing")
                 applied.append("attention_slicing")
             if not applied:
@@ -320,12 +328,7 @@ class DeviceEngine:
     def _undo_temporary(self, model: LoadedModel, view: PipelineView, attempt: _Attempt) -> None:
         """Turn off what the ladder turned on; never raises (the batch's outcome is already decided)."""
         pipe = view.pipeline
-        vae = getattr(pipe, "vae", None)
         try:
-            if "vae_tiling" in attempt.temporary_modes and vae is not None:
-                vae.disable_tiling()
-            if "vae_slicing" in attempt.temporary_modes and vae is not None:
-                vae.disable_slicing()
             if "attention_slicing" in attempt.temporary_modes:
                 pipe.disable_attention_slicing()
             for name, dtype in attempt.float32_restore.items():
@@ -430,14 +433,19 @@ class DeviceEngine:
 
         # 3. Decode (VAE) and move pixels to the CPU as uint8, checking for NaN/black output.
         started = time.perf_counter()
-        make_nan = self.faults.raise_if_armed("decode", backend)
-        with torch.inference_mode():
-            decoded = adapter.decode(pipe, latents, params.width, params.height)
-            if make_nan:
-                decoded = torch.full_like(decoded, float("nan"))
-            if _bad_output(decoded):
-                decoded = self._recover_bad_output(pipe, adapter, latents, params, attempt)
-            pixels = to_uint8(decoded)
+        with model.shared_lock, torch.inference_mode():
+            make_nan = self.faults.raise_if_armed("decode", backend)
+            applied = apply_vae_modes(pipe, slicing="vae_slicing" in attempt.vae_modes,
+                                      tiling="vae_tiling" in attempt.vae_modes, tile_size=self.settings.vae_tile_size)
+            try:
+                decoded = adapter.decode(pipe, latents, params.width, params.height)
+                if make_nan:
+                    decoded = torch.full_like(decoded, float("nan"))
+                if _bad_output(decoded):
+                    decoded = self._recover_bad_output(pipe, adapter, latents, params, attempt)
+                pixels = to_uint8(decoded)
+            finally:
+                _undo_vae_modes(pipe, applied)
         timings["vae_decode"] = time.perf_counter() - started
 
         results = []
@@ -478,6 +486,16 @@ class DeviceEngine:
             return adapter.decode(pipe, latents.float(), params.width, params.height)
         finally:
             vae.to(original)
+
+
+def _undo_vae_modes(pipe: Any, applied: list[str]) -> None:
+    vae = getattr(pipe, "vae", None)
+    if vae is None:
+        return
+    if "vae_tiling" in applied:
+        vae.disable_tiling()
+    if "vae_slicing" in applied:
+        vae.disable_slicing()
 
 
 def _bad_output(images: torch.Tensor) -> bool:

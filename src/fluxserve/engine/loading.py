@@ -136,6 +136,9 @@ class LoadedModel:
     warmup: dict[str, Any] = field(default_factory=dict)
     loaded_at: float = field(default_factory=time.monotonic)
     """Monotonic time the load finished (tells whether a request waited for it)."""
+    shared_lock: threading.Lock = field(default_factory=threading.Lock)
+    """Serializes what touches modules every view shares outside denoising: the VAE decode, and the OOM
+    ladder's temporary VAE modes and float32 re-decode, so one view never changes the VAE under another."""
 
     @contextmanager
     def view(self) -> Iterator[PipelineView]:

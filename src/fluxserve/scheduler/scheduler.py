@@ -1,13 +1,26 @@
-"""The scheduler: a bounded queue in front of one worker per device, with dynamic batching.
+"""The scheduler: a bounded queue in front of supervised slot threads, with dynamic batching.
 
-Requests become :class:`Job` objects in one shared FIFO. Each device has a :class:`DeviceEngine` and
+Requests become :class:`Job` objects in one shared FIFO. Each device has an :class:`Engine` and
 ``FLUX_MAX_CONCURRENT`` slot threads; an idle slot takes the oldest job whose model is loaded on its
-device, plus any compatible queued jobs (same model and parameters) up to ``FLUX_MAX_BATCH`` images,
-and runs them as one pipeline call. Whichever device is free first takes the next job, so work goes
-to the least-loaded worker without a separate dispatcher.
+device, plus compatible queued jobs (same model and parameters) up to ``FLUX_MAX_BATCH`` images, and
+runs them as one pipeline call. Whichever device is free first takes the next job.
 
-Models load on loader threads, never on slot threads: a job whose model is not loaded waits in the
-queue while other models keep generating. Jobs that waited past ``FLUX_QUEUE_TIMEOUT`` fail with 504.
+Invariants (the randomized interleaving tests check them):
+
+* A job is in ``_pending`` exactly while its state is ``queued``; it leaves ``_pending`` and becomes
+  ``running`` (or terminal) in one step under ``_cond``. So a cancel, an expiry or a failed load of a
+  queued job, and a slot taking it, can never both happen.
+* Every job reaches exactly one terminal state: cancelled at once when queued, within one denoising
+  step when running (the engine polls :attr:`Job.cancel_requested`), expired (504) when it waited past
+  ``FLUX_QUEUE_TIMEOUT``, failed (503) when its model cannot load.
+* A slot never dies: an exception anywhere in its loop fails that batch's jobs with 500 and the slot
+  serves on. A batch that fails unexpectedly is retried job by job, so only the job that caused it fails.
+* Models load on loader threads. A queued job whose model is not loaded (never loaded, unloaded,
+  released) starts its load; a model that cannot load fails its queued jobs with 503 at once.
+
+Lock order: ``Scheduler._cond`` → a job's lock (inside :meth:`Job.transition`) → the job table's lock
+(the table's terminal listener). Listeners never call back into the scheduler. Engines take their own
+locks only on slot and loader threads, never while ``_cond`` is held.
 """
 
 from __future__ import annotations
@@ -15,58 +28,67 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
-from fluxserve.engine.device import DevicePlan
-from fluxserve.engine.engine import (
-    BadOutput,
-    DeviceEngine,
-    GenerationCancelled,
-    ImageRequest,
-    ModelLockTimeout,
-    OutOfMemory,
-)
-from fluxserve.engine.faults import FaultInjector
-from fluxserve.engine.loading import LoadedModel, ModelLoadError
 from fluxserve.engine.registry import ModelSpec
-from fluxserve.scheduler.jobs import FINISHED, Job, JobError, JobStatus, queue_full
+from fluxserve.generation import BadOutput, GenerationCancelled, ModelLoadError, ModelLockTimeout, OutOfMemory
+from fluxserve.scheduler.jobs import Job, JobError, JobStatus, cancelled_error, queue_full
+from fluxserve.scheduler.pacing import Pacing
+from fluxserve.scheduler.protocols import Engine
+from fluxserve.scheduler.table import JobTable
 from fluxserve.settings import Settings
 
 log = logging.getLogger(__name__)
 
 Hook = Callable[[str, dict[str, Any]], None]
 
+SHUTTING_DOWN = "the server is shutting down"
+
+
+@dataclass
+class Slot:
+    """One worker thread of one engine, and what the supervisor knows about it."""
+
+    name: str
+    engine: int
+    thread: threading.Thread | None = None
+    batch: list[Job] = field(default_factory=list)
+    busy_since: float | None = None
+    last_progress: float = 0.0
+    crashes: int = 0
+
 
 class Scheduler:
-    """Queue, workers, batching, cancellation and model loading across devices."""
+    """Queue, workers, batching, cancellation and model loading across engines."""
 
-    def __init__(self, settings: Settings, plans: list[DevicePlan], faults: FaultInjector | None = None,
-                 hook: Hook | None = None) -> None:
+    def __init__(self, settings: Settings, engines: Sequence[Engine], *, table: JobTable | None = None,
+                 hook: Hook | None = None, clock: Callable[[], float] = time.monotonic) -> None:
         self.settings = settings
-        self.faults = faults or FaultInjector(settings.fault_injection, settings.faults)
-        self.engines = [DeviceEngine(settings, plan, self.faults) for plan in plans]
+        self.engines = list(engines)
+        self.table = table or JobTable(max_jobs=settings.max_jobs, ttl=settings.job_ttl,
+                                       results_max_bytes=settings.results_max_bytes,
+                                       max_stored_per_owner=settings.max_stored_per_key)
+        self.pacing = Pacing()
         self._hook = hook or (lambda _name, _data: None)
+        self._clock = clock
         self._cond = threading.Condition()
-        self._pending: list[Job] = []
-        self._running: dict[str, Job] = {}
-        self._jobs: dict[str, Job] = {}
+        self._pending: dict[str, Job] = {}
         self._loading: dict[tuple[int, str], threading.Thread] = {}
         self._load_errors: dict[str, JobError] = {}
+        self._slots = [Slot(f"worker-{engine.device}-{n}", index)
+                       for index, engine in enumerate(self.engines) for n in range(settings.max_concurrent)]
         self._threads: list[threading.Thread] = []
         self._stopping = False
         self._accepting = True
-        self._busy_slots = 0
-        self._recent_durations: list[float] = []
 
     # --- lifecycle -------------------------------------------------------------------------------
     def start(self) -> None:
-        for index, engine in enumerate(self.engines):
-            for slot in range(self.settings.max_concurrent):
-                thread = threading.Thread(target=self._slot_loop, args=(index,),
-                                          name=f"worker-{engine.device}-{slot}", daemon=True)
-                thread.start()
-                self._threads.append(thread)
+        for slot in self._slots:
+            slot.thread = threading.Thread(target=self._slot_loop, args=(slot,), name=slot.name, daemon=True)
+            slot.thread.start()
+            self._threads.append(slot.thread)
         reaper = threading.Thread(target=self._reaper_loop, name="job-reaper", daemon=True)
         reaper.start()
         self._threads.append(reaper)
@@ -81,17 +103,18 @@ class Scheduler:
 
     def drain(self, timeout: float) -> int:
         """Wait up to ``timeout`` for queued and running jobs; cancel what is left. Returns jobs cancelled."""
-        deadline = time.monotonic() + timeout
+        deadline = self._clock() + timeout
+        error = JobError(f"{SHUTTING_DOWN}; the job was cancelled", code="shutting_down", status=503)
         with self._cond:
-            while (self._pending or self._running) and time.monotonic() < deadline:
-                self._cond.wait(min(0.1, max(0.0, deadline - time.monotonic())))
-            leftovers = list(self._pending) + list(self._running.values())
+            while (self._pending or self._running_jobs()) and self._clock() < deadline:
+                self._cond.wait(min(0.1, max(0.0, deadline - self._clock())))
+            leftovers = list(self._pending.values()) + self._running_jobs()
             self._pending.clear()
-        error = JobError("the server is shutting down; the job was cancelled", code="shutting_down", status=503)
-        for job in leftovers:
-            job.request_cancel()
-            if job.finish(JobStatus.CANCELLED, error=error):
-                self._hook("job_cancelled", {"job": job})
+            for job in leftovers:
+                job.request_cancel()
+                if job.transition(JobStatus.CANCELLED, error=error):
+                    self._hook("job_cancelled", {"job": job})
+            self._cond.notify_all()
         return len(leftovers)
 
     def shutdown(self) -> None:
@@ -102,23 +125,34 @@ class Scheduler:
             thread.join(timeout=5)
 
     # --- models ----------------------------------------------------------------------------------
-    def ensure_loaded(self, spec: ModelSpec, wait: bool = True, timeout: float | None = None) -> list[LoadedModel]:
-        """Start loading ``spec`` on every device where it is missing; optionally wait for all loads."""
+    def ensure_loaded(self, spec: ModelSpec, wait: bool = True, timeout: float | None = None) -> list[Any]:
+        """Start loading ``spec`` on every engine where it is missing; optionally wait for all loads."""
         threads = [self._start_load(index, spec) for index in range(len(self.engines))]
-        if wait:
-            deadline = None if timeout is None else time.monotonic() + timeout
-            for thread in threads:
-                if thread is not None:
-                    thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        if not wait:
+            return []
+        deadline = None if timeout is None else self._clock() + timeout
+        for thread in threads:
+            if thread is not None:
+                thread.join(None if deadline is None else max(0.0, deadline - self._clock()))
+        loaded = [m for e in self.engines if (m := e.get(spec.key)) is not None]
+        with self._cond:
             error = self._load_errors.get(spec.key)
-            loaded = [m for e in self.engines if (m := e.get(spec.key)) is not None]
-            if error is not None and not loaded:
-                raise error
-            return loaded
-        return []
+        if error is not None and not loaded:
+            raise error
+        return loaded
 
     def is_loaded(self, key: str) -> bool:
         return all(engine.get(key) is not None for engine in self.engines)
+
+    def unload(self, key: str) -> list[str]:
+        """Drop ``key`` from every engine (call off the event loop). Queued jobs for it reload it."""
+        devices = [engine.device for engine in self.engines if engine.unload(key)]
+        self.unload_done()
+        return devices
+
+    def unload_done(self) -> None:
+        """Models were dropped (unload, memory release): reload those that queued jobs wait for."""
+        self._kick_loads()
 
     def _start_load(self, index: int, spec: ModelSpec) -> threading.Thread | None:
         engine = self.engines[index]
@@ -129,11 +163,20 @@ class Scheduler:
             if thread is not None and thread.is_alive():
                 return thread
             self._load_errors.pop(spec.key, None)
-            thread = threading.Thread(target=self._load, args=(index, spec), name=f"load-{spec.key}",
-                                      daemon=True)
+            thread = threading.Thread(target=self._load, args=(index, spec), name=f"load-{spec.key}", daemon=True)
             self._loading[(index, spec.key)] = thread
             thread.start()
             return thread
+
+    def _kick_loads(self) -> None:
+        """Start loading every model that queued jobs wait for and no engine has or is loading."""
+        with self._cond:
+            wanted = {job.spec.key: job.spec for job in self._pending.values()}
+            busy = {key for (_index, key), thread in self._loading.items() if thread.is_alive()}
+        for key, spec in wanted.items():
+            if key not in busy and not any(engine.get(key) is not None for engine in self.engines):
+                for index in range(len(self.engines)):
+                    self._start_load(index, spec)
 
     def _load(self, index: int, spec: ModelSpec) -> None:
         engine = self.engines[index]
@@ -149,223 +192,257 @@ class Scheduler:
             error = JobError(str(exc), code="model_lock_timeout", status=503)
         except Exception as exc:  # a broken model must fail its jobs, not the loader thread silently
             log.exception("unexpected error loading %s", spec.key)
-            error = JobError(f"could not load {spec.key}: {type(exc).__name__}", code="model_unavailable",
+            error = JobError(f"could not load {spec.key} ({type(exc).__name__})", code="model_unavailable",
                              status=503)
         with self._cond:
             self._loading.pop((index, spec.key), None)
             if error is not None:
                 self._load_errors[spec.key] = error
-                if not any(e.get(spec.key) for e in self.engines) and not any(
-                        k[1] == spec.key for k in self._loading):
-                    failed = [j for j in self._pending if j.spec.key == spec.key]
-                    for job in failed:
-                        self._pending.remove(job)
-                else:
-                    failed = []
-            else:
-                failed = []
+                still_possible = any(e.get(spec.key) for e in self.engines) or any(
+                    key == spec.key for (_i, key) in self._loading)
+                if not still_possible:
+                    for job in [j for j in self._pending.values() if j.spec.key == spec.key]:
+                        del self._pending[job.id]
+                        if job.transition(JobStatus.FAILED, error=error):
+                            self._hook("job_failed", {"job": job})
+                    self._update_positions()
             self._cond.notify_all()
-        for job in failed:
-            if job.finish(JobStatus.FAILED, error=error):
-                self._hook("job_failed", {"job": job})
 
     # --- jobs ------------------------------------------------------------------------------------
     def submit(self, job: Job) -> Job:
-        """Queue ``job`` or refuse at once (429 ``queue_full``, 503 ``shutting_down``)."""
-        with self._cond:
-            if not self._accepting:
-                raise JobError("the server is shutting down", code="shutting_down", status=503)
-            if len(self._pending) >= self.settings.max_queue:
-                raise queue_full(
-                    f"the queue is full ({self.settings.max_queue} waiting); retry later", self._retry_after())
-            job.enqueued_at = time.monotonic()  # queue_wait counts from here, not from when the Job was built
-            self._pending.append(job)
-            self._jobs[job.id] = job
-            job.queue_position = len(self._pending)
-            job.total_steps = job.params.steps
-            self._cond.notify_all()
+        """Queue ``job`` or refuse at once (429 ``queue_full``, 503 ``shutting_down``, 409 duplicate label).
+
+        ``FLUX_MAX_QUEUE`` counts jobs waiting beyond those that idle slots can start now, so a server with
+        ``FLUX_MAX_QUEUE=0`` still runs one job per idle slot."""
+        self.table.add(job, keep_result=bool(job.metadata.get("keep_result")))
+        try:
+            with self._cond:
+                if not self._accepting:
+                    raise JobError(SHUTTING_DOWN, code="shutting_down", status=503)
+                idle = sum(1 for slot in self._slots if slot.busy_since is None)
+                if len(self._pending) >= self.settings.max_queue + idle:
+                    raise queue_full(f"the queue is full ({self.settings.max_queue} waiting); retry later",
+                                     self.pacing.retry_after(len(self._pending), len(self._slots)))
+                per_key = self.settings.max_queued_per_key
+                if per_key and job.owner is not None and self.table.live_count(job.owner) > per_key:
+                    raise queue_full(f"this API key already has {per_key} jobs queued or running "
+                                     "(FLUX_MAX_QUEUED_PER_KEY); retry later",
+                                     self.pacing.retry_after(len(self._pending), len(self._slots)))
+                job.enqueued_at = self._clock()  # queue_wait counts from here, not from when the Job was built
+                job.total_steps = job.params.steps
+                self._pending[job.id] = job
+                job.queue_position = len(self._pending)
+                self._cond.notify_all()
+        except JobError:
+            self.table.discard(job)
+            raise
         self._hook("job_queued", {"job": job})
         job.emit({"type": "queued", "queue_position": job.queue_position})
-        if not any(e.get(job.spec.key) for e in self.engines):
-            for index in range(len(self.engines)):
-                self._start_load(index, job.spec)
+        self._kick_loads()
         return job
-
-    def get(self, job_id: str) -> Job | None:
-        with self._cond:
-            return self._jobs.get(job_id)
 
     def cancel(self, job_id: str) -> Job | None:
-        """Cancel a queued or running job. None if unknown or already finished."""
+        """Cancel a queued (at once) or running (within a step) job. None if unknown or already over."""
         with self._cond:
-            job = self._jobs.get(job_id)
-            if job is None or job.status in FINISHED:
+            job = self._pending.get(job_id) or next(
+                (j for j in self._running_jobs() if j.id == job_id), None)
+            if job is None or job.finished:
                 return None
             job.request_cancel()
-            was_queued = job in self._pending
-            if was_queued:
-                self._pending.remove(job)
+            if job_id in self._pending:
+                del self._pending[job_id]
+                if job.transition(JobStatus.CANCELLED, error=cancelled_error("cancelled while queued")):
+                    self._hook("job_cancelled", {"job": job})
                 self._update_positions()
             self._cond.notify_all()
-        if was_queued:
-            self._finish_cancelled(job, "cancelled while queued")
         return job
-
-    def _finish_cancelled(self, job: Job, why: str) -> None:
-        if job.finish(JobStatus.CANCELLED, error=JobError(f"the job was {why}", code="cancelled", status=499)):
-            self._hook("job_cancelled", {"job": job})
 
     def stats(self) -> dict[str, Any]:
         with self._cond:
-            in_flight = sum(1 for job in self._running.values() if not job.done)  # finished ones leave soon
-            return {"queue_depth": len(self._pending), "jobs_in_flight": in_flight,
-                    "max_queue": self.settings.max_queue, "busy_slots": self._busy_slots,
-                    "slots": len(self.engines) * self.settings.max_concurrent}
+            busy = sum(1 for slot in self._slots if slot.busy_since is not None)
+            return {"queue_depth": len(self._pending), "jobs_in_flight": len(self._running_jobs()),
+                    "max_queue": self.settings.max_queue, "busy_slots": busy, "slots": len(self._slots),
+                    "jobs_kept": len(self.table), "result_bytes": self.table.result_bytes}
 
-    def _retry_after(self) -> float:
-        recent = self._recent_durations[-20:]
-        per_job = sum(recent) / len(recent) if recent else 1.0
-        slots = len(self.engines) * self.settings.max_concurrent
-        return max(1.0, round(per_job * max(1, len(self._pending)) / slots, 1))
+    def readiness_problems(self) -> list[str]:
+        problems = []
+        now = self._clock()
+        with self._cond:
+            stopping = self._stopping
+            for slot in self._slots:
+                if slot.thread is not None and not slot.thread.is_alive() and not stopping:
+                    problems.append(f"{slot.name} is not running")
+                elif slot.busy_since is not None and now - slot.last_progress > self.settings.stall_timeout:
+                    problems.append(f"{slot.name} has made no progress for {now - slot.last_progress:.0f}s "
+                                    "(FLUX_STALL_TIMEOUT)")
+        return problems
+
+    @property
+    def consecutive_oom_failures(self) -> int:
+        return max((e.consecutive_oom_failures for e in self.engines), default=0)
+
+    def _running_jobs(self) -> list[Job]:
+        return [job for slot in self._slots for job in slot.batch if not job.finished]
 
     def _update_positions(self) -> None:
-        for position, job in enumerate(self._pending, start=1):
+        for position, job in enumerate(self._pending.values(), start=1):
             if job.queue_position != position:
                 job.queue_position = position
                 job.emit({"type": "queued", "queue_position": position})
 
     # --- workers ---------------------------------------------------------------------------------
-    def _take_batch(self, engine: DeviceEngine) -> tuple[LoadedModel, list[Job]] | None:
-        """Under the lock: the oldest runnable job on this engine and its compatible company."""
-        for job in self._pending:
+    def _take_batch(self, engine: Engine, first: Job | None = None) -> tuple[Any, list[Job]] | None:
+        """Under the lock: the oldest runnable job on this engine (or ``first``) and its compatible company."""
+        candidates = [first] if first is not None else list(self._pending.values())
+        for job in candidates:
             model = engine.get(job.spec.key)
             if model is None:
                 continue
             batch = [job]
             images = job.n
-            for other in self._pending:
-                if other is job or other.params != job.params or other.spec.key != job.spec.key:
-                    continue
-                if images + other.n > self.settings.max_batch:
-                    continue
-                batch.append(other)
-                images += other.n
+            if job.batchable:
+                for other in self._pending.values():
+                    if other is job or not other.batchable or other.batch_key != job.batch_key:
+                        continue
+                    if images + other.n > self.settings.max_batch:
+                        continue
+                    batch.append(other)
+                    images += other.n
             return model, batch
         return None
 
-    def _expire_queued(self) -> list[Job]:
-        now = time.monotonic()
-        expired = [j for j in self._pending if now - j.enqueued_at > self.settings.queue_timeout]
-        for job in expired:
-            self._pending.remove(job)
-        if expired:
-            self._update_positions()
-        return expired
+    def _next_batch(self, slot: Slot) -> tuple[Any, list[Job]] | None:
+        """Block until this slot has a batch (marked running, recorded on the slot); None when stopping."""
+        engine = self.engines[slot.engine]
+        with self._cond:
+            while True:
+                if self._stopping:
+                    return None
+                taken = self._take_batch(engine)
+                if taken is None:
+                    self._cond.wait(timeout=1.0)
+                    continue
+                model, batch = taken
+                batch = self._wait_for_company(engine, batch)
+                if not batch:
+                    continue
+                images = sum(job.n for job in batch)
+                started = []
+                for job in batch:
+                    del self._pending[job.id]
+                    if job.transition(JobStatus.RUNNING, batch_size=images, device=engine.device):
+                        started.append(job)
+                now = self._clock()
+                slot.batch, slot.busy_since, slot.last_progress = started, now, now
+                self._update_positions()
+                self._hook("batch_taken", {"jobs": started, "slot": slot.name})
+                return model, started
 
-    def _slot_loop(self, index: int) -> None:
-        engine = self.engines[index]
+    def _wait_for_company(self, engine: Engine, batch: list[Job]) -> list[Job]:
+        """Under the lock: wait up to FLUX_BATCH_WAIT_MS for compatible jobs; returns the batch's jobs that
+        are still queued (empty when all of them were cancelled or taken meanwhile)."""
+        wait = self.settings.batch_wait_ms / 1000
+        if wait > 0 and self.settings.max_batch > 1 and batch[0].batchable:
+            deadline = self._clock() + wait
+            self._hook("batch_waiting", {"job": batch[0]})
+            while (sum(j.n for j in batch) < self.settings.max_batch and self._clock() < deadline
+                   and not self._stopping):
+                self._cond.wait(max(0.0, deadline - self._clock()))
+                first = batch[0]
+                if first.id not in self._pending:  # cancelled or taken by another slot meanwhile
+                    break
+                taken = self._take_batch(engine, first)
+                if taken is not None:
+                    batch = taken[1]
+        return [job for job in batch if self._pending.get(job.id) is job]
+
+    def _slot_loop(self, slot: Slot) -> None:
+        """Supervised: nothing that goes wrong with one batch ends the slot."""
         while True:
-            with self._cond:
-                taken = None
-                while not self._stopping and taken is None:
-                    taken = self._take_batch(engine)
-                    if taken is None:
-                        self._cond.wait(timeout=0.5)
-                if taken is None:  # stopping
+            try:
+                taken = self._next_batch(slot)
+                if taken is None:
                     return
                 model, batch = taken
-                batch = self._wait_for_company(engine, model, batch)
-                for job in batch:
-                    self._pending.remove(job)
-                    self._running[job.id] = job
-                self._busy_slots += 1
-                self._update_positions()
-            try:
-                self._run_batch(engine, model, batch)
+                self._run_batch(slot, model, batch)
+            except Exception as exc:
+                slot.crashes += 1
+                ids = [job.id for job in slot.batch]
+                log.exception("worker error; its batch failed and the worker carries on",
+                              extra={"ctx": {"worker": slot.name, "jobs": ids}})
+                self._fail_all(slot.batch, _internal_error(exc))
             finally:
                 with self._cond:
-                    for job in batch:
-                        self._running.pop(job.id, None)
-                    self._busy_slots -= 1
+                    slot.batch, slot.busy_since = [], None
                     self._cond.notify_all()
 
-    def _wait_for_company(self, engine: DeviceEngine, model: LoadedModel, batch: list[Job]) -> list[Job]:
-        """Under the lock: wait up to FLUX_BATCH_WAIT_MS for compatible jobs to fill the batch."""
-        wait = self.settings.batch_wait_ms / 1000
-        if wait <= 0 or self.settings.max_batch <= 1:
-            return batch
-        deadline = time.monotonic() + wait
-        first = batch[0]
-        while sum(j.n for j in batch) < self.settings.max_batch and time.monotonic() < deadline:
-            self._cond.wait(max(0.0, deadline - time.monotonic()))
-            if first not in self._pending:  # cancelled meanwhile
-                return [j for j in batch if j in self._pending] or batch
-            taken = self._take_batch(engine)
-            if taken is not None and taken[1][0] is first:
-                batch = taken[1]
-        return [j for j in batch if j in self._pending]
-
-    def _run_batch(self, engine: DeviceEngine, model: LoadedModel, batch: list[Job]) -> None:
-        started = time.monotonic()
-        batch = [j for j in batch if not j.cancel_requested]
-        if not batch:
+    def _run_batch(self, slot: Slot, model: Any, batch: list[Job]) -> None:
+        live = []
+        for job in batch:  # cancelled between being taken and starting: ends now, never left 'running'
+            if job.cancel_requested:
+                self._finish_cancelled(job)
+            else:
+                live.append(job)
+        if not live:
             return
-        images = sum(j.n for j in batch)
-        for job in batch:
-            job.status = JobStatus.RUNNING
-            job.started_at = started
-            job.batch_size = images
-            job.device = engine.device
-            job.emit({"type": "started", "batch_size": images, "device": engine.device})
-        self._hook("batch_started", {"size": images, "model": model.spec.key})
-
-        requests = [
-            ImageRequest(
-                prompt=job.prompt, seeds=job.seeds, negative_prompt=job.negative_prompt,
-                is_cancelled=self._cancel_check(job),
-                on_progress=self._progress_callback(job), want_previews=job.want_previews,
-            )
-            for job in batch
-        ]
+        self._hook("batch_started", {"size": sum(j.n for j in live), "model": model.spec.key})
+        started = self._clock()
         try:
-            results = engine.generate(model, batch[0].params, requests)
+            self._generate(slot, model, live)
+        except Exception as exc:
+            if len(live) == 1:
+                raise
+            # Isolation: one job's bad input must not fail the others. Run each alone; only the culprit fails.
+            log.warning("batch failed (%s); retrying its %d jobs one by one", type(exc).__name__, len(live),
+                        extra={"ctx": {"jobs": [job.id for job in live]}})
+            for job in live:
+                try:
+                    self._generate(slot, model, [job])
+                except Exception as single:
+                    log.exception("generation failed", extra={"ctx": {"model": model.spec.key, "jobs": [job.id]}})
+                    self._fail_all([job], _internal_error(single))
+        self.pacing.record(self._clock() - started)
+
+    def _generate(self, slot: Slot, model: Any, jobs: list[Job]) -> None:
+        """One engine call for ``jobs``; maps the engine's expected errors to job outcomes. Anything else
+        propagates (a bug or a bad input) for the caller to isolate."""
+        engine = self.engines[slot.engine]
+        requests = [job.engine_request(self._cancel_check(job), self._progress_callback(slot, job)) for job in jobs]
+        try:
+            results = engine.generate(model, jobs[0].params, requests)
         except GenerationCancelled:
-            for job in batch:
-                self._finish_cancelled(job, "cancelled while running")
+            for job in jobs:
+                self._finish_cancelled(job)
             return
         except OutOfMemory as exc:
             self._hook("oom_failure", {"reason": exc.reason, "model": model.spec.key})
-            error = JobError(f"out of memory: {exc.reason}", code="out_of_memory", status=503)
-            self._fail_all(batch, error)
+            self._fail_all(jobs, JobError(f"out of memory: {exc.reason}", code="out_of_memory", status=503))
             return
         except BadOutput as exc:
-            self._fail_all(batch, JobError(str(exc), code="bad_output", status=503))
+            self._fail_all(jobs, JobError(str(exc), code="bad_output", status=503))
             return
-        except Exception as exc:  # anything unexpected fails this batch, never the worker
-            log.exception("generation failed", extra={"ctx": {"model": model.spec.key, "jobs": [j.id for j in batch]}})
-            self._fail_all(batch, JobError(f"generation failed ({type(exc).__name__})", code="internal_error",
-                                           status=500))
-            return
-        self._recent_durations = ([*self._recent_durations, time.monotonic() - started])[-50:]
-        for job, result in zip(batch, results, strict=True):
+        for job, result in zip(jobs, results, strict=True):
             if job.cancel_requested:
-                self._finish_cancelled(job, "cancelled while running")
-                continue
-            job.finish(JobStatus.SUCCEEDED, result=result)
-            self._hook("job_succeeded", {"job": job})
+                self._finish_cancelled(job)
+            elif job.transition(JobStatus.SUCCEEDED, result=result):
+                self._hook("job_succeeded", {"job": job})
 
-    def _fail_all(self, batch: list[Job], error: JobError) -> None:
-        for job in batch:
-            if job.finish(JobStatus.FAILED, error=error):
+    def _finish_cancelled(self, job: Job) -> None:
+        if job.transition(JobStatus.CANCELLED, error=cancelled_error("cancelled while running")):
+            self._hook("job_cancelled", {"job": job})
+
+    def _fail_all(self, jobs: list[Job], error: JobError) -> None:
+        for job in jobs:
+            if job.transition(JobStatus.FAILED, error=error):
                 self._hook("job_failed", {"job": job})
 
     @staticmethod
     def _cancel_check(job: Job) -> Callable[[], bool]:
         return lambda: job.cancel_requested
 
-    @staticmethod
-    def _progress_callback(job: Job) -> Callable[[int, int, Any], None]:
+    def _progress_callback(self, slot: Slot, job: Job) -> Callable[[int, int, Any], None]:
         def progress(step: int, total: int, preview: Any) -> None:
+            slot.last_progress = self._clock()
             job.step = step
             job.total_steps = total
             event: dict[str, Any] = {"type": "progress", "step": step, "total": total}
@@ -375,27 +452,44 @@ class Scheduler:
         return progress
 
     # --- housekeeping ----------------------------------------------------------------------------
-    def _reaper_loop(self) -> None:
-        """Fail jobs that waited past FLUX_QUEUE_TIMEOUT (even while every slot is busy) and forget
-        finished jobs after FLUX_JOB_TTL."""
-        last_sweep = 0.0
-        while not self._stopping:
-            time.sleep(0.1)
-            now = time.monotonic()
-            with self._cond:
-                expired = self._expire_queued()
-                if now - last_sweep > 1.0:
-                    last_sweep = now
-                    stale = [jid for jid, job in self._jobs.items()
-                             if job.finished_at is not None and now - job.finished_at > self.settings.job_ttl]
-                    for jid in stale:
-                        del self._jobs[jid]
+    def expire_queued(self) -> int:
+        """End queued jobs that waited past FLUX_QUEUE_TIMEOUT with 504 (the reaper calls this)."""
+        now = self._clock()
+        limit = self.settings.queue_timeout
+        error = JobError(f"the job waited longer than FLUX_QUEUE_TIMEOUT ({limit:g}s) in the queue",
+                         code="queue_timeout", status=504)
+        with self._cond:
+            expired = [job for job in self._pending.values() if now - job.enqueued_at > limit]
             for job in expired:
-                if job.finish(JobStatus.FAILED, error=JobError(
-                        f"the job waited longer than FLUX_QUEUE_TIMEOUT ({self.settings.queue_timeout:g}s) "
-                        "in the queue", code="queue_timeout", status=504)):
+                del self._pending[job.id]
+                if job.transition(JobStatus.EXPIRED, error=error):
                     self._hook("job_failed", {"job": job})
+            if expired:
+                self._update_positions()
+                self._cond.notify_all()
+        return len(expired)
 
-    @property
-    def consecutive_oom_failures(self) -> int:
-        return max(e.consecutive_oom_failures for e in self.engines)
+    def housekeeping(self) -> None:
+        """One round of the reaper: expiries, loads queued jobs wait for, the job table's TTL."""
+        self.expire_queued()
+        self._kick_loads()
+        self.table.sweep()
+
+    def _reaper_loop(self) -> None:
+        """Expire queued jobs on time even while every slot is busy; forget stale results."""
+        while True:
+            with self._cond:
+                if self._stopping:
+                    return
+                self._cond.wait(timeout=0.1)
+                if self._stopping:
+                    return
+            try:
+                self.housekeeping()
+            except Exception:  # the reaper must outlive any one bad round
+                log.exception("job reaper round failed")
+
+
+def _internal_error(exc: BaseException) -> JobError:
+    return JobError(f"generation failed ({type(exc).__name__}); the request id is in the server log",
+                    code="internal_error", status=500)

@@ -18,6 +18,8 @@ class StoredFile:
     media_type: str
     ext: str
     expires_at: float
+    owner: str | None = None
+    """The API key (hash) whose request made the file; another key cannot download it."""
 
 
 class FileRegistry:
@@ -30,26 +32,26 @@ class FileRegistry:
         self._bytes = 0
         self._lock = threading.Lock()
 
-    def put(self, data: bytes, media_type: str, ext: str) -> str:
+    def put(self, data: bytes, media_type: str, ext: str, owner: str | None = None) -> str:
         file_id = "file_" + secrets.token_urlsafe(24)
         with self._lock:
             self._evict(time.monotonic())
-            self._files[file_id] = StoredFile(data, media_type, ext, time.monotonic() + self.ttl)
+            self._files[file_id] = StoredFile(data, media_type, ext, time.monotonic() + self.ttl, owner)
             self._bytes += len(data)
             while self._bytes > self.max_bytes and len(self._files) > 1:
                 _, old = self._files.popitem(last=False)
                 self._bytes -= len(old.data)
         return file_id
 
-    def get(self, name: str) -> StoredFile | None:
-        """Look up ``<id>.<ext>`` (or a bare id). Anything not issued here is None."""
+    def get(self, name: str, owner: str | None = None) -> StoredFile | None:
+        """Look up ``<id>.<ext>`` (or a bare id). Anything not issued here, or issued to another owner, is None."""
         file_id, _, ext = name.partition(".")
         if not _FILE_ID.match(file_id):
             return None
         with self._lock:
             self._evict(time.monotonic())
             stored = self._files.get(file_id)
-        if stored is None or (ext and ext != stored.ext):
+        if stored is None or (ext and ext != stored.ext) or stored.owner != owner:
             return None
         return stored
 

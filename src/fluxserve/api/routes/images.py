@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
@@ -12,8 +13,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from fluxserve.api.errors import APIError
 from fluxserve.api.protocol import ERROR_RESPONSES, CancelRequest, ImageGenerationRequest, ImagesResponse
-from fluxserve.api.serving import ImageService
-from fluxserve.scheduler.jobs import FINISHED, Job, JobStatus
+from fluxserve.api.serving import ImageService, wait_disconnect
+from fluxserve.scheduler.jobs import TERMINAL_EVENTS, Job, JobStatus
 
 router = APIRouter(responses=ERROR_RESPONSES)
 # Documented non-JSON answers. One SSE event: ``data`` is a JSON object, the last one ``[DONE]``.
@@ -24,12 +25,23 @@ _IMAGE: dict[int | str, dict[str, Any]] = {200: {"content": {
 
 
 def _service(request: Request) -> ImageService:
-    return request.app.state.images
+    service: ImageService = request.app.state.images
+    return service
 
 
-def _job_id(request: Request, body: ImageGenerationRequest) -> str:
-    """The client's request_id, else its X-Request-ID (validated by the middleware), else a new id."""
-    return body.request_id or request.state.request_id
+def owner(request: Request) -> str | None:
+    """Who is asking: the hash of the API key the auth middleware accepted (None without keys)."""
+    value = request.scope.get("state", {}).get("owner")
+    return value if isinstance(value, str) else None
+
+
+def _label(request: Request, body: ImageGenerationRequest) -> str | None:
+    """The client's own label for its job: ``request_id``, else an ``X-Request-ID`` it sent."""
+    return body.request_id or (request.state.request_id if "x-request-id" in request.headers else None)
+
+
+def _disconnected(request: Request) -> Callable[[], Awaitable[None]]:
+    return lambda: wait_disconnect(request.receive)
 
 
 def _sse(events: AsyncIterator[dict[str, Any]], *first: dict[str, Any]) -> AsyncIterator[bytes]:
@@ -49,17 +61,20 @@ async def create_images(body: ImageGenerationRequest, request: Request) -> Any:
     `image_generation.progress` (queue position, step/total), `image_generation.partial_image`
     (cheap latent previews, `partial_images` of them) and `image_generation.completed`."""
     service = _service(request)
-    job = service.build_job(body, _job_id(request, body), want_previews=body.stream and bool(body.partial_images))
+    job = service.build_job(body, request_id=_label(request, body), owner=owner(request),
+                            want_previews=body.stream and bool(body.partial_images))
     request.state.model = job.spec.key
     request.state.job_id = job.id
     options = service.output_options(body, str(request.base_url))
-    headers = {"X-Request-ID": job.id}
+    headers = {"X-Job-ID": job.id}
     if body.stream:
-        events = service.stream(job, options, request.is_disconnected)
+        events = service.stream(job, options, _disconnected(request))
         first = await anext(events)  # submits the job: a full queue or a shutdown is a 429/503, not a broken stream
         return StreamingResponse(_sse(events, first), media_type="text/event-stream", headers=headers)
     service.submit(job)
-    await service.wait(job, request.is_disconnected)
+    if not await service.wait(job, _disconnected(request)()):
+        request.state.outcome = "client_disconnected"
+        return Response(status_code=499)  # nobody reads it; logs and metrics say what happened
     response = await service.finalize(job, options)
     return JSONResponse(response.model_dump(exclude_none=True), headers=headers)
 
@@ -67,95 +82,107 @@ async def create_images(body: ImageGenerationRequest, request: Request) -> Any:
 @router.post("/v1/images/jobs", status_code=202, summary="Queue a generation and return at once")
 async def create_job(body: ImageGenerationRequest, request: Request) -> JSONResponse:
     service = _service(request)
-    job = service.build_job(body, _job_id(request, body), want_previews=bool(body.partial_images))
+    job = service.build_job(body, request_id=_label(request, body), owner=owner(request),
+                            want_previews=bool(body.partial_images))
     request.state.model = job.spec.key
-    job.metadata["options"] = service.output_options(body, str(request.base_url))
+    request.state.job_id = job.id
+    job.metadata["keep_result"] = True
+    options = service.output_options(body, str(request.base_url))
     service.submit(job)
-    service.finalize_in_background(job, job.metadata["options"])
-    return JSONResponse(job.summary(), status_code=202, headers={"X-Request-ID": job.id,
+    service.finalize_in_background(job, options)
+    return JSONResponse(job.summary(), status_code=202, headers={"X-Job-ID": job.id,
                                                                 "Location": f"/v1/images/jobs/{job.id}"})
 
 
-async def _wait_finished(job: Job, timeout: float = 5.0) -> None:
-    """Wait for a cancelled job to settle (at most one denoising step) without blocking the event loop."""
-    await asyncio.get_running_loop().run_in_executor(None, job.wait, timeout)
+async def _settled(job: Job, timeout: float = 5.0) -> None:
+    """Wait (bounded) for a cancelled job to end: at once when queued, within one step when running."""
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(job.done(), timeout)
 
 
 def _get_job(request: Request, job_id: str) -> Job:
-    job = _service(request).runtime.scheduler.get(job_id)
+    job = _service(request).runtime.scheduler.table.get(job_id, owner(request))
     if job is None:
-        raise APIError(404, f"no job with id {job_id!r} (unknown, or expired after FLUX_JOB_TTL)",
+        raise APIError(404, f"no job with id {job_id[:64]!r} (unknown, or expired after FLUX_JOB_TTL)",
                        param="id", code="job_not_found")
     return job
 
 
 @router.get("/v1/images/jobs/{job_id}", summary="Status and, when done, the result of a job")
 async def get_job(job_id: str, request: Request) -> JSONResponse:
-    job = _get_job(request, job_id)
+    table = _service(request).runtime.scheduler.table
+    job = table.get(job_id, owner(request))
+    if job is None:
+        stone = table.tombstone(job_id, owner(request))
+        if stone is None:
+            _get_job(request, job_id)  # raises the 404
+            raise AssertionError
+        if stone.result_expired:
+            raise APIError(410, f"the result of job {job_id!r} has expired (FLUX_JOB_TTL / FLUX_RESULTS_MAX_BYTES)",
+                           param="id", code="result_expired")
+        return JSONResponse(stone.summary)
     data = job.summary()
-    if job.status is JobStatus.SUCCEEDED and job.payload is not None:
-        data["result"] = job.payload.model_dump(exclude_none=True)
-    elif job.status is JobStatus.SUCCEEDED and "options" in job.metadata:
-        data["status"] = "running"  # images are still being encoded
+    if job.status is JobStatus.SUCCEEDED:
+        stored = table.result(job)
+        if stored is not None:
+            data["result"] = stored.payload
+        else:
+            data["status"] = "running"  # images are still being encoded
     return JSONResponse(data)
 
 
 @router.delete("/v1/images/jobs/{job_id}", summary="Cancel a job")
 async def delete_job(job_id: str, request: Request) -> JSONResponse:
     job = _get_job(request, job_id)
-    if job.status in FINISHED:
+    if job.finished:
         raise APIError(409, f"job {job_id!r} already {job.status.value}", param="id", code="job_finished")
     _service(request).runtime.scheduler.cancel(job_id)
-    await _wait_finished(job)
+    await _settled(job)
     return JSONResponse(job.summary())
 
 
 @router.get("/v1/images/jobs/{job_id}/events", summary="Server-sent events of a job's progress", responses=_SSE)
 async def job_events(job_id: str, request: Request) -> StreamingResponse:
-    import asyncio
-
     job = _get_job(request, job_id)
-    loop = asyncio.get_running_loop()
-    queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-
-    def listener(event: dict[str, Any]) -> None:
-        loop.call_soon_threadsafe(queue.put_nowait, {k: v for k, v in event.items() if k != "preview"})
-
-    job.add_listener(listener)
+    gone_after = _disconnected(request)
 
     async def events() -> AsyncIterator[dict[str, Any]]:
-        try:
-            yield {"type": "status", **job.summary()}
-            while job.status not in FINISHED or not queue.empty():
-                try:
-                    event = await asyncio.wait_for(queue.get(), timeout=0.5)
-                except TimeoutError:
-                    if await request.is_disconnected():
+        yield {"type": "status", **job.summary()}
+        async with job.subscribe() as subscription:
+            gone = asyncio.ensure_future(gone_after())
+            try:
+                while True:
+                    upcoming = asyncio.ensure_future(anext(subscription))
+                    await asyncio.wait({upcoming, gone}, return_when=asyncio.FIRST_COMPLETED)
+                    if not upcoming.done():
+                        upcoming.cancel()
                         return
-                    continue
-                yield event
-                if event["type"] in ("succeeded", "failed", "cancelled"):
-                    return
-        finally:
-            job.remove_listener(listener)
+                    event = upcoming.result()
+                    yield {k: v for k, v in event.items() if k != "preview"}
+                    if event["type"] in TERMINAL_EVENTS:
+                        return
+            finally:
+                gone.cancel()
 
     return StreamingResponse(_sse(events()), media_type="text/event-stream")
 
 
 @router.post("/v1/images/cancel", summary="Cancel a job by request_id (the earlier web client's Cancel)")
 async def cancel(body: CancelRequest, request: Request) -> JSONResponse:
-    job = _service(request).runtime.scheduler.cancel(body.request_id)
-    if job is None:
+    service = _service(request)
+    table = service.runtime.scheduler.table
+    job = table.find(body.request_id, owner(request)) or table.get(body.request_id, owner(request))
+    if job is None or service.runtime.scheduler.cancel(job.id) is None:
         raise APIError(404, f"no queued or running job with request_id {body.request_id!r}", param="request_id",
                        code="job_not_found")
-    await _wait_finished(job)
-    return JSONResponse({"ok": True, "request_id": body.request_id, "status": job.status.value})
+    await _settled(job)
+    return JSONResponse({"ok": True, "request_id": body.request_id, "job_id": job.id, "status": job.status.value})
 
 
 @router.get("/v1/images/files/{name}", summary="Download an image returned with response_format=url",
             responses=_IMAGE)
 async def get_file(name: str, request: Request) -> Response:
-    stored = _service(request).runtime.files.get(name)
+    stored = _service(request).runtime.files.get(name, owner(request))
     if stored is None:
         raise APIError(404, "no such file (unknown id, or expired after FLUX_FILE_TTL)", param="name",
                        code="file_not_found")

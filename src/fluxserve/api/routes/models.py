@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
@@ -18,10 +17,11 @@ from fluxserve.api.protocol import (
     TokenizeRequest,
     UnloadModelRequest,
 )
-from fluxserve.engine.memory import in_use_bytes
 from fluxserve.engine.registry import ModelSpec, UnknownModelError
-from fluxserve.runtime import Runtime
 from fluxserve.scheduler.jobs import JobError
+
+if TYPE_CHECKING:
+    from fluxserve.runtime import Runtime
 
 router = APIRouter(responses=ERROR_RESPONSES)
 
@@ -76,7 +76,7 @@ def runtime_snapshot(runtime: Runtime) -> dict[str, Any]:
     return {
         "devices": [{"device": p.device, "dtype": p.dtype, "vae_dtype": p.vae_dtype,
                      "generator_device": p.generator_device, "reasons": list(p.reasons)} for p in runtime.plans],
-        "memory": [engine.memory() for engine in runtime.scheduler.engines],
+        "memory": runtime.memory(),
         "offload": s.offload, "attention_slicing": s.attention_slicing, "vae_slicing": s.vae_slicing,
         "vae_tiling": s.vae_tiling, "compile": s.compile, "quantize": s.quantize, "step_cache": s.step_cache,
         "queue": runtime.scheduler.stats(), "max_batch": s.max_batch, "batch_wait_ms": s.batch_wait_ms,
@@ -145,21 +145,12 @@ async def select_model(body: SelectModelRequest, request: Request) -> JSONRespon
                          "seconds": round(time.perf_counter() - started, 3)})
 
 
-def _release_measured(runtime: Runtime, action: Callable[[], list[str]]) -> tuple[list[str], int]:
-    """Run ``action`` (which drops models) and measure the memory it gave back, once per device
-    (``cpu,cpu`` workers share one process RSS)."""
-    devices = sorted({e.device for e in runtime.scheduler.engines})
-    before = {d: in_use_bytes(d) for d in devices}
-    dropped = action()
-    return dropped, sum(max(0, before[d] - in_use_bytes(d)) for d in devices)
-
-
 @router.post("/v1/models/unload", summary="Drop one model from every device")
 async def unload_model(body: UnloadModelRequest, request: Request) -> JSONResponse:
     runtime = _runtime(request)
     spec = _spec(runtime, body.model)
-    dropped, freed = _release_measured(
-        runtime, lambda: [e.device for e in runtime.scheduler.engines if e.unload(spec.key)])
+    # Dropping weights runs gc and malloc_trim: never on the event loop.
+    dropped, freed = await asyncio.get_running_loop().run_in_executor(None, runtime.unload, spec.key)
     if not dropped:
         raise APIError(404, f"model {spec.key!r} is not loaded", param="model", code="model_not_loaded")
     return JSONResponse({"ok": True, "model": spec.key, "devices": dropped, "freed_bytes": freed})
@@ -171,14 +162,12 @@ async def release_memory(request: Request, body: ReleaseMemoryRequest | None = N
     keep = set() if body is not None and body.all else {runtime.active_key}
 
     def release() -> dict[str, Any]:
-        dropped, freed = _release_measured(
-            runtime, lambda: sorted({k for e in runtime.scheduler.engines for k in e.release(keep)}))
-        memory = [e.memory() for e in runtime.scheduler.engines]
+        dropped, freed = runtime.release(keep)
         # `message` and `pipelines_cleared` are what the earlier web page's Free Memory button shows.
         message = (f"released {len(dropped)} pipeline(s) ({', '.join(dropped)}), freed {freed / 2**20:.1f} MiB"
                    if dropped else "nothing to release" + (" but the active model" if keep else ""))
         return {"ok": True, "message": message, "pipelines_cleared": len(dropped), "dropped": dropped,
-                "kept": sorted(keep), "freed_bytes": freed, "memory": memory}
+                "kept": sorted(keep), "freed_bytes": freed, "memory": runtime.memory()}
 
     return JSONResponse(await asyncio.get_running_loop().run_in_executor(None, release))
 

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
 
 from fluxserve.api.routes.models import runtime_snapshot
-from fluxserve.runtime import Runtime
+
+if TYPE_CHECKING:
+    from fluxserve.runtime import Runtime
 
 router = APIRouter()
 

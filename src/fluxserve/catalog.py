@@ -1,0 +1,193 @@
+"""Model catalogs: which models a request may name, where they are loaded, and how they load.
+
+* :class:`ModelNames` — the rules for names (configured models, the active model, registry keys, and
+  FLUX_ALLOW_ANY_MODEL), shared by every catalog.
+* :class:`LocalCatalog` — models on this process's engines: start-up loading and warm-up, select,
+  unload, release, memory, readiness. The Ray Serve ingress has its own catalog over its replicas
+  (:mod:`fluxserve.distributed.ingress`); both satisfy :class:`fluxserve.scheduler.protocols.ModelCatalog`.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from fluxserve.engine.device import DevicePlan
+from fluxserve.engine.memory import in_use_bytes
+from fluxserve.engine.registry import BUILTIN_MODELS, ModelSpec, resolve_model
+from fluxserve.generation import GenerationParams, ImageRequest, OutOfMemory
+from fluxserve.observability.metrics import Metrics
+from fluxserve.scheduler.jobs import JobError
+from fluxserve.scheduler.scheduler import Scheduler
+from fluxserve.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class ModelNames:
+    """The models a server knows by name: the default, the preloaded ones, and the active one."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.default_spec = resolve_model(settings.model)
+        self.configured: dict[str, ModelSpec] = {self.default_spec.key: self.default_spec}
+        for name in settings.preload_models:
+            spec = resolve_model(name)
+            self.configured[spec.key] = spec
+        self.active_key = self.default_spec.key
+
+    def resolve(self, name: str | None, *, from_request: bool = True) -> ModelSpec:
+        """Model a request names (None: the active one). Requests may only name registry keys and
+        configured models unless FLUX_ALLOW_ANY_MODEL=1."""
+        if not name:
+            return self.configured.get(self.active_key) or resolve_model(self.active_key)
+        if name in self.configured:
+            return self.configured[name]
+        return resolve_model(name, allow_unregistered=self.settings.allow_any_model or not from_request)
+
+    def activate(self, spec: ModelSpec) -> None:
+        self.configured.setdefault(spec.key, spec)
+        self.active_key = spec.key
+
+
+@dataclass
+class WarmupRecord:
+    model: str
+    size: str
+    seconds: float
+    outcome: str
+
+
+class LocalCatalog:
+    """The models of this process's engines."""
+
+    def __init__(self, settings: Settings, plans: list[DevicePlan], engines: Sequence[Any], scheduler: Scheduler,
+                 metrics: Metrics) -> None:
+        self.settings = settings
+        self.plans = plans
+        self.engines = list(engines)
+        self.scheduler = scheduler
+        self.metrics = metrics
+        self.names = ModelNames(settings)
+        self.warmups: list[WarmupRecord] = []
+        self.startup_error: str | None = None
+        self._startup_done = threading.Event()
+
+    # --- lifecycle -------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Load (and warm up) the configured models in the background; /ready waits for it."""
+        threading.Thread(target=self._startup, name="startup", daemon=True).start()
+
+    def _startup(self) -> None:
+        try:
+            for spec in self.names.configured.values():
+                self.scheduler.ensure_loaded(spec, wait=True)
+                if self.settings.warmup_enable:
+                    self.warmup(spec)
+        except JobError as exc:
+            self.startup_error = exc.message
+            log.error("start-up failed: %s", exc.message)
+        except Exception as exc:  # keep serving /health and explain in /ready
+            self.startup_error = f"start-up failed ({type(exc).__name__})"
+            log.exception("start-up failed")
+        finally:
+            self._startup_done.set()
+
+    def wait_started(self, timeout: float | None = None) -> bool:
+        return self._startup_done.wait(timeout)
+
+    def close(self) -> None:
+        pass  # the engines' memory goes with the process
+
+    def readiness_problems(self) -> list[str]:
+        if self.startup_error:
+            return [f"start-up failed: {self.startup_error}"]
+        if not self._startup_done.is_set():
+            return ["loading and warming up the default model"]
+        if not self.scheduler.is_loaded(self.names.active_key):
+            return [f"model {self.names.active_key} is not loaded"]
+        return []
+
+    def warmup(self, spec: ModelSpec) -> None:
+        """One 1-step generation per engine and warmup size; logs duration and outcome."""
+        sizes = self.settings.warmup_sizes or [f"{spec.width}x{spec.height}"]
+        for engine in self.engines:
+            model = engine.get(spec.key)
+            if model is None:
+                continue
+            for size in sizes:
+                width, height = (int(x) for x in size.split("x"))
+                # The default text length, so a compiled transformer meets the shape real requests use.
+                params = GenerationParams(spec.key, width, height, 1, spec.guidance, spec.max_sequence_length)
+                started = time.perf_counter()
+                fallback: str | None = None
+                try:
+                    with engine.faults.suspended():  # injected faults are for requests, not warm-up
+                        result = engine.generate(model, params, [ImageRequest("warmup", [0])])[0]
+                    outcome = "ok"
+                    fallback = result.fallback_reason if result.fallback_applied else None
+                except OutOfMemory as exc:
+                    outcome = f"out of memory: {exc.reason}"
+                    fallback = exc.reason
+                seconds = time.perf_counter() - started
+                if fallback:
+                    self.metrics.record_fallback(fallback, failed=outcome != "ok")
+                self.warmups.append(WarmupRecord(spec.key, size, seconds, outcome))
+                self.metrics.warmup.labels(model=spec.key).set(seconds)
+                model.warmup[size] = {"seconds": round(seconds, 4), "outcome": outcome}
+                log.info("warmup", extra={"ctx": {"model": spec.key, "device": engine.device, "size": size,
+                                                   "seconds": round(seconds, 4), "outcome": outcome,
+                                                   **({"fallback_reason": fallback} if fallback else {})}})
+
+    # --- models ----------------------------------------------------------------------------------
+    def resolve(self, name: str | None, *, from_request: bool = True) -> ModelSpec:
+        return self.names.resolve(name, from_request=from_request)
+
+    def known_models(self) -> list[ModelSpec]:
+        specs = dict(BUILTIN_MODELS)
+        specs.update(self.names.configured)
+        for engine in self.engines:
+            for key, model in engine.loaded().items():
+                specs[key] = model.spec
+        return list(specs.values())
+
+    def select(self, name: str) -> ModelSpec:
+        """Make ``name`` the default for requests that name none, loading it first (blocking)."""
+        spec = self.resolve(name)
+        self.scheduler.ensure_loaded(spec, wait=True)
+        self.names.activate(spec)
+        return spec
+
+    def model_info(self, key: str) -> dict[str, Any]:
+        loaded = {engine.device: engine.get(key) for engine in self.engines}
+        return {device: model for device, model in loaded.items() if model is not None}
+
+    def replicas(self, key: str) -> list[dict[str, Any]] | None:
+        return None  # one process: no replicas
+
+    def memory(self) -> list[dict[str, Any]]:
+        """Memory per device, for /v1/models, /v1/memory/release and the gauges."""
+        return [engine.memory() for engine in self.engines]
+
+    def unload(self, key: str) -> tuple[list[str], int]:
+        """Drop ``key`` everywhere (blocking: call off the event loop). (devices, bytes freed).
+        Queued jobs for it load it again."""
+        before = self._in_use()
+        devices = self.scheduler.unload(key)
+        return devices, max(0, before - self._in_use())
+
+    def release(self, keep: set[str]) -> tuple[list[str], int]:
+        """Drop every model not in ``keep`` and free caches (blocking). (models dropped, bytes freed).
+        Queued jobs for a dropped model load it again."""
+        before = self._in_use()
+        dropped = sorted({key for engine in self.engines for key in engine.release(keep)})
+        self.scheduler.unload_done()
+        return dropped, max(0, before - self._in_use())
+
+    def _in_use(self) -> int:
+        """Bytes in use, counted once per device (``cpu,cpu`` workers share one process RSS)."""
+        return sum(in_use_bytes(device) for device in {engine.device for engine in self.engines})
