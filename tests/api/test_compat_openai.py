@@ -68,8 +68,11 @@ async def test_every_openai_model_name_means_the_active_model(client: Any) -> No
 
 
 async def test_aliases_to_chosen_models_and_off(app_factory: Callable[..., Any]) -> None:
-    async with app_factory(model_aliases=["gpt-image-1=tiny-qwen", "dall-e-3"], preload_models=["tiny-qwen"],
-                           default_response_format="url") as client:
+    async with app_factory(model_aliases=["gpt-image-1=tiny-qwen", "dall-e-3",
+                                          "gpt-image-2=black-forest-labs/FLUX.1-schnell"],
+                           preload_models=["tiny-qwen"], default_response_format="url") as client:
+        listed = (await client.get("/v1/models")).json()["aliases"]
+        assert listed == {"gpt-image-1": "tiny-qwen", "dall-e-3": "tiny-flux", "gpt-image-2": "schnell"}
         qwen = (await _generate(client, model="gpt-image-1")).json()["data"][0]
         assert qwen["model_key"] == "tiny-qwen" and "url" in qwen  # FLUX_DEFAULT_RESPONSE_FORMAT=url
         assert (await _generate(client, model="dall-e-3")).json()["data"][0]["model_key"] == "tiny-flux"

@@ -115,6 +115,18 @@ def runtime_snapshot(runtime: Runtime) -> dict[str, Any]:
     }
 
 
+def _aliases(runtime: Runtime) -> dict[str, str]:
+    """FLUX_MODEL_ALIASES as alias → the model key it serves now (aliases whose model is not served here
+    are left out)."""
+    served = {}
+    for name in runtime.model_aliases:
+        try:
+            served[name] = runtime.resolve(name).key
+        except UnknownModelError:
+            continue
+    return served
+
+
 @router.get("/v1/models", summary="Models: OpenAI list plus the active model and the runtime snapshot")
 async def list_models(request: Request) -> JSONResponse:
     runtime = _runtime(request)
@@ -126,7 +138,7 @@ async def list_models(request: Request) -> JSONResponse:
         "object": "list", "data": cards,
         # The earlier web page builds its model picker from `available` (key → repo id, Object.entries).
         "available": {spec.key: public_source(spec) for spec in specs},
-        "aliases": {name: target or active.key for name, target in runtime.model_aliases.items()},
+        "aliases": _aliases(runtime),
         "active": {"key": active.key, "id": public_source(active), "type": active.family}, "active_key": active.key,
         "device": plan.device, "dtype": plan.dtype}  # the earlier page's device badge
     if is_admin(request.state):  # the configuration snapshot (directories, settings): admins only
@@ -176,12 +188,11 @@ async def release_memory(request: Request, body: ReleaseMemoryRequest | None = N
 
     def release() -> dict[str, Any]:
         dropped, freed = runtime.release(keep)
-        memory = runtime.memory()
         # `message` and `pipelines_cleared` are what the earlier web page's Free Memory button shows.
         message = (f"released {len(dropped)} pipeline(s) ({', '.join(dropped)}), freed {freed / 2**20:.1f} MiB"
                    if dropped else "nothing to release" + (" but the active model" if keep else ""))
         return {"ok": True, "message": message, "pipelines_cleared": len(dropped), "dropped": dropped,
-                "kept": sorted(keep), "freed_bytes": freed, "memory": memory}
+                "kept": sorted(keep), "freed_bytes": freed, "memory": runtime.memory()}
 
     return JSONResponse(await asyncio.get_running_loop().run_in_executor(None, release))
 
