@@ -183,8 +183,21 @@ class Runtime:
             return self._configured.get(self.active_key) or resolve_model(self.active_key)
         if name in self._configured:
             return self._configured[name]
-        spec = self.allowed.get(name) or resolve_model(
-            name, allow_unregistered=self.settings.allow_any_model or not from_request)
+        try:
+            spec = self.allowed.get(name) or resolve_model(
+                name, allow_unregistered=self.settings.allow_any_model or not from_request)
+        except UnknownModelError:
+            if not from_request:
+                raise
+            # One answer for every name that is no model here: a request must not learn whether a
+            # directory exists, or what is inside it (the registry's own messages would tell).
+            known = ", ".join(BUILTIN_MODELS)
+            if self.settings.allow_any_model:
+                message = f"not a registry key ({known}), a hub repo id (owner/name) or a local diffusers directory"
+            else:
+                enabled = ", ".join(sorted({*self._configured, *self.allowed}))
+                message = f"not a registry key ({known}); requests may name {enabled} (FLUX_MODELS)"
+            raise UnknownModelError(f"model {name[:80]!r} is unknown here: {message}") from None
         if from_request and not operator and not self.settings.allow_any_model and not self.may_serve(spec.key):
             raise ModelNotAllowedError(f"model {name[:80]!r} is not enabled on this server; requests may name: "
                                        f"{', '.join(sorted({*self._configured, *self.allowed}))} (FLUX_MODELS)")

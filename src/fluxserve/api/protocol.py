@@ -207,10 +207,12 @@ class ErrorResponse(BaseModel):
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorResponse, "description": "Invalid request (names the bad `param`)"},
     401: {"model": ErrorResponse, "description": "Missing or wrong API key"},
+    403: {"model": ErrorResponse, "description": "Needs an admin key (FLUX_ADMIN_KEYS), or the model is not enabled "
+                                                 "here (FLUX_MODELS)"},
     404: {"model": ErrorResponse, "description": "Unknown model, job or file"},
     409: {"model": ErrorResponse, "description": "Conflict: request_id in use, job already finished, model not loaded"},
     413: {"model": ErrorResponse, "description": "Request body too large"},
-    429: {"model": ErrorResponse, "description": "Queue full (see Retry-After)"},
+    429: {"model": ErrorResponse, "description": "Queue full, or the key's rate limit reached (see Retry-After)"},
     500: {"model": ErrorResponse, "description": "Unexpected error (details in the server log)"},
     503: {"model": ErrorResponse, "description": "Model unavailable, out of memory, or shutting down"},
     504: {"model": ErrorResponse, "description": "Waited too long in the queue"},

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from fluxserve.api.errors import APIError
+from fluxserve.api.errors import APIError, sanitize
 from fluxserve.api.protocol import MAX_SEED, ImageData, ImageGenerationRequest, ImageParams, ImagesResponse
 from fluxserve.engine.registry import ModelSpec, UnknownModelError
 from fluxserve.generation import GenerationParams, pick_seed
@@ -340,7 +340,7 @@ class ImageService:
                     break
             if job.status is not JobStatus.SUCCEEDED:
                 error = job.error or JobError("the job did not finish", code="internal_error", status=500)
-                yield {"type": "error", "error": {"message": error.message, "type": "server_error"
+                yield {"type": "error", "error": {"message": sanitize(error.message), "type": "server_error"
                                                   if error.status >= 500 else "invalid_request_error",
                                                   "param": None, "code": error.code}}
                 return

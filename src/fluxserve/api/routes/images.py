@@ -10,7 +10,7 @@ from typing import Any
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from fluxserve.api.errors import APIError
+from fluxserve.api.errors import APIError, sanitize
 from fluxserve.api.protocol import ERROR_RESPONSES, CancelRequest, ImageGenerationRequest, ImagesResponse
 from fluxserve.api.serving import ImageService
 from fluxserve.scheduler.jobs import FINISHED, Job, JobStatus
@@ -21,6 +21,17 @@ _SSE: dict[int | str, dict[str, Any]] = {200: {"content": {"text/event-stream": 
     "type": "object", "required": ["data"], "properties": {"event": {"type": "string"}, "data": {"type": "string"}}}}}}}
 _IMAGE: dict[int | str, dict[str, Any]] = {200: {"content": {
     media: {"schema": {"type": "string", "format": "binary"}} for media in ("image/png", "image/jpeg", "image/webp")}}}
+
+
+def _public(data: dict[str, Any]) -> dict[str, Any]:
+    """A job's status or event as clients see it: error messages without paths or addresses (the log
+    keeps them)."""
+    error = data.get("error")
+    if isinstance(error, dict) and isinstance(error.get("message"), str):
+        data["error"] = {**error, "message": sanitize(error["message"])}
+    if isinstance(data.get("message"), str):
+        data["message"] = sanitize(data["message"])
+    return data
 
 
 def _service(request: Request) -> ImageService:
@@ -92,7 +103,7 @@ def _get_job(request: Request, job_id: str) -> Job:
 @router.get("/v1/images/jobs/{job_id}", summary="Status and, when done, the result of a job")
 async def get_job(job_id: str, request: Request) -> JSONResponse:
     job = _get_job(request, job_id)
-    data = job.summary()
+    data = _public(job.summary())
     if job.status is JobStatus.SUCCEEDED and job.payload is not None:
         data["result"] = job.payload.model_dump(exclude_none=True)
     elif job.status is JobStatus.SUCCEEDED and "options" in job.metadata:
@@ -107,7 +118,7 @@ async def delete_job(job_id: str, request: Request) -> JSONResponse:
         raise APIError(409, f"job {job_id!r} already {job.status.value}", param="id", code="job_finished")
     _service(request).runtime.scheduler.cancel(job_id)
     await _wait_finished(job)
-    return JSONResponse(job.summary())
+    return JSONResponse(_public(job.summary()))
 
 
 @router.get("/v1/images/jobs/{job_id}/events", summary="Server-sent events of a job's progress", responses=_SSE)
@@ -119,13 +130,13 @@ async def job_events(job_id: str, request: Request) -> StreamingResponse:
     queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
 
     def listener(event: dict[str, Any]) -> None:
-        loop.call_soon_threadsafe(queue.put_nowait, {k: v for k, v in event.items() if k != "preview"})
+        loop.call_soon_threadsafe(queue.put_nowait, _public({k: v for k, v in event.items() if k != "preview"}))
 
     job.add_listener(listener)
 
     async def events() -> AsyncIterator[dict[str, Any]]:
         try:
-            yield {"type": "status", **job.summary()}
+            yield {"type": "status", **_public(job.summary())}
             while job.status not in FINISHED or not queue.empty():
                 try:
                     event = await asyncio.wait_for(queue.get(), timeout=0.5)

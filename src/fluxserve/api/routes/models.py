@@ -62,7 +62,9 @@ def model_card(runtime: Runtime, spec: ModelSpec) -> dict[str, Any]:
         "id": spec.key, "object": "model", "created": int(runtime.started_at), "owned_by": "fluxserve",
         "source": public_source(spec) if spec.tiny is None else f"built offline ({spec.key})",
         "allowed": runtime.may_serve(spec.key),
-        "family": spec.family, "description": spec.description, "active": spec.key == runtime.active_key,
+        "family": spec.family,
+        "description": spec.description if not Path(spec.source).is_absolute() else "local pipeline",
+        "active": spec.key == runtime.active_key,
         "loaded": bool(loaded), "loaded_on": sorted(loaded), "gated": spec.gated,
         "defaults": {"num_inference_steps": spec.steps, "guidance_scale": spec.guidance,
                      "max_sequence_length": spec.max_sequence_length, "width": spec.width, "height": spec.height,
@@ -188,7 +190,7 @@ async def release_memory(request: Request, body: ReleaseMemoryRequest | None = N
 @router.post("/v1/tokenize", summary="Count the prompt's tokens for a model's text encoders")
 async def tokenize(body: TokenizeRequest, request: Request) -> JSONResponse:
     runtime = _runtime(request)
-    spec = _spec(runtime, body.model or runtime.active_key)
+    spec = _spec(runtime, body.model or runtime.active_key, operator=True)  # loads nothing: any registry model
     loaded = runtime.model_info(spec.key)
     if not loaded:
         raise APIError(409, f"model {spec.key!r} is not loaded yet", param="model", code="model_not_loaded")
