@@ -13,6 +13,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from fluxserve import __version__
@@ -183,6 +184,10 @@ class Runtime:
             return self._configured.get(self.active_key) or resolve_model(self.active_key)
         if name in self._configured:
             return self._configured[name]
+        if name.startswith("local/"):  # how clients see a local pipeline configured by its absolute path
+            for spec in (*self._configured.values(), *self.allowed.values()):
+                if Path(spec.key).is_absolute() and name == f"local/{Path(spec.key).name}":
+                    return spec
         try:
             spec = self.allowed.get(name) or resolve_model(
                 name, allow_unregistered=self.settings.allow_any_model or not from_request)

@@ -8,6 +8,7 @@ steps, prompt length) are checked in the serving layer, which names the bad ``pa
 from __future__ import annotations
 
 import math
+from pathlib import PurePath
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
@@ -16,6 +17,13 @@ MAX_SEED = 2**63 - 1
 REQUEST_ID_PATTERN = r"^[A-Za-z0-9._:\-]{1,128}$"
 MAX_TEXT_CHARS = 100_000
 """Longest string any request field may hold (prompts have their own, smaller FLUX_MAX_PROMPT_CHARS)."""
+
+
+def public_model_source(source: str) -> str:
+    """Where a model comes from, as clients may see it: a hub repo id or registry key as it is, a local
+    pipeline as ``local/<directory name>`` (never its path; the log has it)."""
+    path = PurePath(source)
+    return f"local/{path.name}" if path.is_absolute() else source
 
 
 def text_problem(value: str) -> str | None:

@@ -17,7 +17,14 @@ from typing import Any
 import numpy as np
 
 from fluxserve.api.errors import APIError, sanitize
-from fluxserve.api.protocol import MAX_SEED, ImageData, ImageGenerationRequest, ImageParams, ImagesResponse
+from fluxserve.api.protocol import (
+    MAX_SEED,
+    ImageData,
+    ImageGenerationRequest,
+    ImageParams,
+    ImagesResponse,
+    public_model_source,
+)
 from fluxserve.engine.registry import ModelSpec, UnknownModelError
 from fluxserve.generation import GenerationParams, pick_seed
 from fluxserve.runtime import ModelNotAllowedError, Runtime
@@ -271,7 +278,8 @@ class ImageService:
         timing["pipeline_load"] = timing["model_load"]
         timing["encode"] = timing["image_encode"]
         item = ImageData(
-            seed=seed, model=job.spec.source if job.spec.tiny is None else job.spec.key, model_key=job.spec.key,
+            seed=seed, model=public_model_source(job.spec.source) if job.spec.tiny is None else job.spec.key,
+            model_key=public_model_source(job.spec.key),
             device=plan.device, dtype=plan.dtype, params=params,
             timing={k: round(v, 6) for k, v in timing.items()}, batch_size=result.batch_size, request_id=job.id,
             saved_path=saved_path, metadata_path=metadata_path, replica=job.metadata.get("replica"),

@@ -11,7 +11,13 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from fluxserve.api.errors import APIError, sanitize
-from fluxserve.api.protocol import ERROR_RESPONSES, CancelRequest, ImageGenerationRequest, ImagesResponse
+from fluxserve.api.protocol import (
+    ERROR_RESPONSES,
+    CancelRequest,
+    ImageGenerationRequest,
+    ImagesResponse,
+    public_model_source,
+)
 from fluxserve.api.serving import ImageService
 from fluxserve.scheduler.jobs import FINISHED, Job, JobStatus
 
@@ -31,6 +37,8 @@ def _public(data: dict[str, Any]) -> dict[str, Any]:
         data["error"] = {**error, "message": sanitize(error["message"])}
     if isinstance(data.get("message"), str):
         data["message"] = sanitize(data["message"])
+    if isinstance(data.get("model"), str):
+        data["model"] = public_model_source(data["model"])
     return data
 
 
@@ -83,7 +91,7 @@ async def create_job(body: ImageGenerationRequest, request: Request) -> JSONResp
     job.metadata["options"] = service.output_options(body, str(request.base_url))
     service.submit(job)
     service.finalize_in_background(job, job.metadata["options"])
-    return JSONResponse(job.summary(), status_code=202, headers={"X-Request-ID": job.id,
+    return JSONResponse(_public(job.summary()), status_code=202, headers={"X-Request-ID": job.id,
                                                                 "Location": f"/v1/images/jobs/{job.id}"})
 
 

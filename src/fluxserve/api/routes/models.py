@@ -24,6 +24,7 @@ from fluxserve.api.protocol import (
     SelectModelRequest,
     TokenizeRequest,
     UnloadModelRequest,
+    public_model_source,
 )
 from fluxserve.engine.memory import in_use_bytes
 from fluxserve.engine.registry import ModelSpec, UnknownModelError
@@ -49,17 +50,15 @@ def _spec(runtime: Runtime, name: str, *, operator: bool = False) -> ModelSpec:
 
 
 def public_source(spec: ModelSpec) -> str:
-    """Where a model comes from, as clients may see it: a hub repo id, or ``local/<directory name>``
-    for a local pipeline (never its path)."""
-    if Path(spec.source).is_absolute():
-        return f"local/{Path(spec.source).name}"
-    return spec.source
+    """Where a model comes from, as clients may see it (see :func:`public_model_source`)."""
+    return public_model_source(spec.source)
 
 
 def model_card(runtime: Runtime, spec: ModelSpec) -> dict[str, Any]:
     loaded = runtime.model_info(spec.key)
     return {
-        "id": spec.key, "object": "model", "created": int(runtime.started_at), "owned_by": "fluxserve",
+        "id": public_model_source(spec.key), "object": "model", "created": int(runtime.started_at),
+        "owned_by": "fluxserve",
         "source": public_source(spec) if spec.tiny is None else f"built offline ({spec.key})",
         "allowed": runtime.may_serve(spec.key),
         "family": spec.family,
@@ -123,7 +122,8 @@ async def list_models(request: Request) -> JSONResponse:
     active = runtime.resolve(None)
     plan = runtime.plans[0]
     listing: dict[str, Any] = {"object": "list", "data": cards,
-                               "active": {"key": active.key, "id": public_source(active)}, "active_key": active.key}
+                               "active": {"key": public_model_source(active.key), "id": public_source(active)},
+                               "active_key": public_model_source(active.key)}
     if is_admin(request.state):  # the configuration snapshot (directories, devices, settings): admins only
         listing.update({"device": plan.device, "dtype": plan.dtype, "cache_dir": str(runtime.settings.cache_dir),
                         "revision": runtime.settings.revision, "variant": runtime.settings.variant,
@@ -149,7 +149,7 @@ async def select_model(body: SelectModelRequest, request: Request) -> JSONRespon
         await asyncio.get_running_loop().run_in_executor(None, runtime.select, spec.key)
     except JobError as exc:
         raise APIError(exc.status, exc.message, param="model", code=exc.code) from None
-    return JSONResponse({"ok": True, "active": {"key": spec.key, "id": public_source(spec)},
+    return JSONResponse({"ok": True, "active": {"key": public_model_source(spec.key), "id": public_source(spec)},
                          "seconds": round(time.perf_counter() - started, 3)})
 
 
@@ -170,7 +170,8 @@ async def unload_model(body: UnloadModelRequest, request: Request) -> JSONRespon
         runtime, lambda: [e.device for e in runtime.scheduler.engines if e.unload(spec.key)])
     if not dropped:
         raise APIError(404, f"model {spec.key!r} is not loaded", param="model", code="model_not_loaded")
-    return JSONResponse({"ok": True, "model": spec.key, "devices": dropped, "freed_bytes": freed})
+    return JSONResponse({"ok": True, "model": public_model_source(spec.key), "devices": dropped,
+                         "freed_bytes": freed})
 
 
 @router.post("/v1/memory/release", summary="Drop cached pipelines (all but the active one) and free memory")
@@ -200,4 +201,4 @@ async def tokenize(body: TokenizeRequest, request: Request) -> JSONResponse:
     limits = {"tokenizer": 77, "tokenizer_2": spec.max_sequence_length}
     if spec.family == "qwen":
         limits = {"tokenizer": spec.max_sequence_length}
-    return JSONResponse({"model": spec.key, "counts": counts, "limits": limits})
+    return JSONResponse({"model": public_model_source(spec.key), "counts": counts, "limits": limits})
