@@ -156,7 +156,8 @@ class Runtime:
             reasons.append("loading and warming up the default model")
         elif not self.scheduler.is_loaded(self.active_key):
             reasons.append(f"model {self.active_key} is not loaded")
-        reasons += [problem for problem in [self.outputs.problem()] if problem and self.settings.store_local]
+        if self.settings.store_local and (output_problem := self.outputs.problem()):  # unwritable or full
+            reasons.append(output_problem)
         failures = self.scheduler.consecutive_oom_failures
         if failures >= self.settings.oom_max_consecutive:
             reasons.append(f"{failures} requests in a row failed out of memory")
@@ -184,29 +185,37 @@ class Runtime:
             return self._configured.get(self.active_key) or resolve_model(self.active_key)
         if name in self._configured:
             return self._configured[name]
-        if name.startswith("local/"):  # how clients see a local pipeline configured by its absolute path
-            for spec in (*self._configured.values(), *self.allowed.values()):
-                if Path(spec.key).is_absolute() and name == f"local/{Path(spec.key).name}":
-                    return spec
+        spec = self._public_alias(name) or self.allowed.get(name) or self._resolve_name(name, from_request)
+        if from_request and not operator and not self.settings.allow_any_model and not self.may_serve(spec.key):
+            raise ModelNotAllowedError(f"model {name[:80]!r} is not enabled on this server; requests may name: "
+                                       f"{self._enabled_names()} (FLUX_MODELS)")
+        return spec
+
+    def _resolve_name(self, name: str, from_request: bool) -> ModelSpec:
+        """The registry's answer; for requests, one message for every name that is no model here, so a
+        request cannot learn whether a directory exists or what is in it."""
         try:
-            spec = self.allowed.get(name) or resolve_model(
-                name, allow_unregistered=self.settings.allow_any_model or not from_request)
+            return resolve_model(name, allow_unregistered=self.settings.allow_any_model or not from_request)
         except UnknownModelError:
             if not from_request:
                 raise
-            # One answer for every name that is no model here: a request must not learn whether a
-            # directory exists, or what is inside it (the registry's own messages would tell).
-            known = ", ".join(BUILTIN_MODELS)
-            if self.settings.allow_any_model:
-                message = f"not a registry key ({known}), a hub repo id (owner/name) or a local diffusers directory"
-            else:
-                enabled = ", ".join(sorted({*self._configured, *self.allowed}))
-                message = f"not a registry key ({known}); requests may name {enabled} (FLUX_MODELS)"
-            raise UnknownModelError(f"model {name[:80]!r} is unknown here: {message}") from None
-        if from_request and not operator and not self.settings.allow_any_model and not self.may_serve(spec.key):
-            raise ModelNotAllowedError(f"model {name[:80]!r} is not enabled on this server; requests may name: "
-                                       f"{', '.join(sorted({*self._configured, *self.allowed}))} (FLUX_MODELS)")
-        return spec
+        known = ", ".join(BUILTIN_MODELS)
+        if self.settings.allow_any_model:
+            message = f"not a registry key ({known}), a hub repo id (owner/name) or a local diffusers directory"
+        else:
+            message = f"not a registry key ({known}); requests may name {self._enabled_names()} (FLUX_MODELS)"
+        raise UnknownModelError(f"model {name[:80]!r} is unknown here: {message}") from None
+
+    def _public_alias(self, name: str) -> ModelSpec | None:
+        """``local/<dir>``: how clients see (and may name) a local pipeline configured by its absolute path."""
+        if name.startswith("local/"):
+            for spec in (*self._configured.values(), *self.allowed.values()):
+                if Path(spec.key).is_absolute() and name == f"local/{Path(spec.key).name}":
+                    return spec
+        return None
+
+    def _enabled_names(self) -> str:
+        return ", ".join(sorted({*self._configured, *self.allowed}))
 
     def may_serve(self, key: str) -> bool:
         """Whether requests may name ``key``: FLUX_MODEL, FLUX_PRELOAD_MODELS, FLUX_MODELS, and what an
