@@ -15,12 +15,13 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from fluxserve.aliases import parse_model_aliases
 from fluxserve.engine.device import DevicePlan
 from fluxserve.engine.memory import in_use_bytes
-from fluxserve.engine.registry import BUILTIN_MODELS, ModelNotAllowedError, ModelSpec, resolve_model
+from fluxserve.engine.registry import BUILTIN_MODELS, ModelNotAllowedError, ModelSpec, UnknownModelError, resolve_model
 from fluxserve.generation import GenerationParams, ImageRequest, OutOfMemory
 from fluxserve.observability.metrics import Metrics
 from fluxserve.scheduler.jobs import JobError
@@ -57,12 +58,37 @@ class ModelNames:
             return self.configured.get(self.active_key) or resolve_model(self.active_key)
         if name in self.configured:
             return self.configured[name]
-        spec = self.allowed.get(name) or resolve_model(
-            name, allow_unregistered=self.settings.allow_any_model or not from_request)
+        spec = self._public_alias(name) or self.allowed.get(name) or self._resolve_name(name, from_request)
         if from_request and not operator and not self.settings.allow_any_model and not self.may_serve(spec.key):
             raise ModelNotAllowedError(f"model {name[:80]!r} is not enabled on this server; requests may name: "
-                                       f"{', '.join(sorted({*self.configured, *self.allowed}))} (FLUX_MODELS)")
+                                       f"{self._enabled_names()} (FLUX_MODELS)")
         return spec
+
+    def _resolve_name(self, name: str, from_request: bool) -> ModelSpec:
+        """The registry's answer; for requests, one message for every name that is no model here, so a
+        request cannot learn whether a directory exists or what is in it."""
+        try:
+            return resolve_model(name, allow_unregistered=self.settings.allow_any_model or not from_request)
+        except UnknownModelError:
+            if not from_request:
+                raise
+        known = ", ".join(BUILTIN_MODELS)
+        if self.settings.allow_any_model:
+            message = f"not a registry key ({known}), a hub repo id (owner/name) or a local diffusers directory"
+        else:
+            message = f"not a registry key ({known}); requests may name {self._enabled_names()} (FLUX_MODELS)"
+        raise UnknownModelError(f"model {name[:80]!r} is unknown here: {message}") from None
+
+    def _public_alias(self, name: str) -> ModelSpec | None:
+        """``local/<dir>``: how clients see (and may name) a local pipeline configured by its absolute path."""
+        if name.startswith("local/"):
+            for spec in (*self.configured.values(), *self.allowed.values()):
+                if Path(spec.key).is_absolute() and name == f"local/{Path(spec.key).name}":
+                    return spec
+        return None
+
+    def _enabled_names(self) -> str:
+        return ", ".join(sorted({*self.configured, *self.allowed}))
 
     def may_serve(self, key: str) -> bool:
         """Whether requests may name ``key``: FLUX_MODEL, FLUX_PRELOAD_MODELS, FLUX_MODELS, and what an

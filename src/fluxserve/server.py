@@ -62,6 +62,9 @@ RESPONSE_GRACE = 5
 
 LINGER_SECONDS = 2.0
 """Most seconds a connection closed mid-body keeps discarding what the client still sends."""
+LINGER_BYTES = 16 * 1024 * 1024
+"""Most bytes it discards then (or FLUX_MAX_BODY_BYTES, if larger): enough for a client that sends a
+body somewhat over the limit before reading the answer to finish and read its 413; a flood is cut off."""
 
 
 @dataclass(frozen=True)
@@ -74,7 +77,7 @@ class ConnectionLimits:
     @classmethod
     def from_settings(cls, settings: Settings) -> ConnectionLimits:
         return cls(settings.max_header_bytes, settings.header_timeout, settings.max_connections,
-                   linger_bytes=settings.max_body_bytes)
+                   linger_bytes=max(settings.max_body_bytes, LINGER_BYTES))
 
 
 def _raw_error(status: int, message: str, code: str, extra: list[tuple[bytes, bytes]] | None = None) -> bytes:

@@ -132,8 +132,9 @@ class Settings(BaseSettings):
     metrics_require_auth: bool = False
     """Require the API key for /metrics too."""
     max_body_bytes: int = Field(1_000_000, ge=1024)
-    """Largest request body accepted (413 above it, and the connection is closed: the server discards
-    at most this many more bytes of the body so that the 413 reaches the client, then stops reading)."""
+    """Largest request body accepted (413 above it, and the connection is closed: the server discards at
+    most 16 MiB (or this, if larger) more of the body for at most 2 s so that the 413 reaches the
+    client, then stops reading)."""
     max_header_bytes: int = Field(16 * 1024, ge=1024)
     """Largest request head (request line and headers) accepted; bigger ones get 431 and the
     connection is closed before the rest is read."""

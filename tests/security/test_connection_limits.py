@@ -175,3 +175,11 @@ def test_413_closes_the_connection_instead_of_reading_the_body(limited: tuple[in
         status, error = _status_and_error(response)
         assert status == 413 and error["code"] == "request_too_large"
         assert b"connection: close" in response.lower()
+
+
+def test_an_idle_keep_alive_connection_is_closed_after_the_keep_alive_timeout(
+        make_settings: Callable[..., Any]) -> None:
+    with _serve(make_settings(keep_alive_timeout=0.3, header_timeout=30)) as (port, _), _connect(port) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")  # keep-alive: the server may keep it open
+        response = _read_all(sock)  # ... but closes it once idle for FLUX_KEEP_ALIVE_TIMEOUT
+    assert response.startswith(b"HTTP/1.1 200 ") and b"connection: close" not in response.lower()

@@ -5,7 +5,8 @@ Floods (each bounded in count; the whole test in seconds on tiny-flux): oversize
 connections (three times FLUX_MAX_CONNECTIONS), bodies over FLUX_MAX_BODY_BYTES, made-up and disabled
 model names, and one key past its rate limit. Asserted:
 
-- legitimate clients (their own key, fresh connections) get ≥ 99 % successful answers;
+- legitimate clients (their own key, fresh connections) get ≥ 99 % successful answers, and every
+  async job they start ends ``succeeded`` (followed on its event stream);
 - no answer to anyone is a 5xx but the documented 503s (``too_many_connections``, ``shutting_down``);
 - the server's RSS grows by less than ``RSS_MARGIN`` over its warmed-up size (the floods would add
   hundreds of MiB if headers or bodies were buffered);
@@ -43,7 +44,7 @@ RSS_MARGIN = 200 * 1024 * 1024
 """How much the server's RSS may grow while under attack (the floods send well over 1 GiB)."""
 ENV = {"FLUX_API_KEYS": f"{LEGIT},{ATTACKER}", "FLUX_MAX_CONNECTIONS": str(MAX_CONNECTIONS),
        "FLUX_MAX_BODY_BYTES": str(MAX_BODY), "FLUX_MAX_HEADER_BYTES": str(MAX_HEADER), "FLUX_HEADER_TIMEOUT": "30",
-       "FLUX_RATE_LIMIT_PER_MINUTE": "6", "FLUX_RATE_LIMIT_BURST": "60", "FLUX_STORE_LOCAL": "0",
+       "FLUX_RATE_LIMIT_PER_MINUTE": "6", "FLUX_RATE_LIMIT_BURST": "80", "FLUX_STORE_LOCAL": "0",
        "FLUX_MAX_BATCH": "4", "FLUX_LOG_LEVEL": "WARNING"}
 DOCUMENTED_503 = {"too_many_connections", "shutting_down"}
 GEN = "/v1/images/generations"
@@ -128,23 +129,44 @@ def _flood_model_names_and_rate(base: str, tally: Tally) -> None:
             tally.answer("hostile", response.status_code, code)
 
 
+def _job_outcome(base: str, headers: dict[str, str], job_id: str) -> str:
+    """Follow a job's event stream to its terminal event (no polling)."""
+    with httpx.stream("GET", f"{base}/v1/images/jobs/{job_id}/events", headers=headers, timeout=120) as events:
+        for line in events.iter_lines():
+            if line.startswith("data: {"):
+                event = json.loads(line[6:])
+                if event["type"] in ("succeeded", "failed", "cancelled") or event.get("status") in (
+                        "succeeded", "failed", "cancelled"):
+                    return str(event.get("status") if event["type"] == "status" else event["type"])
+    return "no terminal event"
+
+
 def _legit(base: str, tally: Tally, index: int) -> None:
     headers = {"Authorization": f"Bearer {LEGIT}"}
     for i in range(30):
-        request: tuple[str, str, dict[str, Any] | None] = (
-            ("POST", GEN, {**SMALL, "seed": index * 100 + i}) if i % 3 == 0 else ("GET", "/v1/models", None))
+        kind = "generation" if i % 3 == 0 else "job" if i % 6 == 1 else "models"
+        request: tuple[str, str, dict[str, Any] | None] = {
+            "generation": ("POST", GEN, {**SMALL, "seed": index * 100 + i}),
+            "job": ("POST", "/v1/images/jobs", {**SMALL, "seed": index * 100 + i}),
+            "models": ("GET", "/v1/models", None)}[kind]
         try:  # a fresh connection each time, as a client behind a proxy would
             response = httpx.request(request[0], base + request[1], json=request[2], headers=headers, timeout=120)
+            outcome = _job_outcome(base, headers, response.json()["id"]) if kind == "job" else None
         except httpx.TransportError as exc:
             with tally.lock:
                 tally.legit_failures.append(f"{request[1]}: {type(exc).__name__}")
             continue
         code = response.json().get("error", {}).get("code") if response.status_code >= 400 else None
         tally.answer("legit", response.status_code, code)
-        ok = response.status_code == 200 and (request[0] == "GET" or response.json()["data"][0]["b64_json"])
+        if kind == "generation":
+            ok = response.status_code == 200 and bool(response.json()["data"][0]["b64_json"])
+        elif kind == "job":
+            ok = response.status_code == 202 and outcome == "succeeded"  # every job reaches its end
+        else:
+            ok = response.status_code == 200
         if not ok:
             with tally.lock:
-                tally.legit_failures.append(f"{request[1]}: {response.status_code} {response.text[:200]}")
+                tally.legit_failures.append(f"{request[1]}: {response.status_code} {outcome} {response.text[:200]}")
 
 
 def test_hostile_load_leaves_legitimate_clients_served(server_factory: Callable[..., Any]) -> None:

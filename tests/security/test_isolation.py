@@ -159,3 +159,25 @@ def test_metric_labels_of_local_directories_carry_no_path() -> None:
     metrics.allow_models([Spec()])
     assert metrics.model_label("/srv/models/my-flux") == "local/my-flux"
     assert metrics.model_label("anything-else") == "other" and metrics.model_label(None) == ""
+
+
+def test_model_errors_do_not_tell_whether_a_directory_exists(bare_client: Callable[..., Any], tmp_path: Any) -> None:
+    present = tmp_path / "present"
+    present.mkdir()  # a directory, but no diffusers pipeline in it
+    absent = tmp_path / "absent"
+    with bare_client(allow_any_model=True) as client:
+        answers = [client.post(GEN, json={**OK, "model": str(path)}) for path in (present, absent)]
+        messages = [assert_openai_error(a, 404, param="model", code="model_not_found")["message"] for a in answers]
+        assert messages[0].replace("present", "X") == messages[1].replace("absent", "X")
+        assert "model_index" not in messages[0] and "directory but" not in messages[0]
+
+
+async def test_a_model_of_flux_models_loads_on_first_use(app_factory: Callable[..., Any]) -> None:
+    async with app_factory(models=["tiny-qwen"]) as client:
+        runtime = client.app.state.runtime  # type: ignore[attr-defined]
+        assert not runtime.scheduler.is_loaded("tiny-qwen")  # enabled, not preloaded
+        response = await client.post(GEN, json={**OK, "model": "tiny-qwen"})
+        assert response.status_code == 200, response.text[:300]
+        assert response.json()["data"][0]["model_key"] == "tiny-qwen" and runtime.scheduler.is_loaded("tiny-qwen")
+        refused = await client.post(GEN, json={**OK, "model": "qwen"})  # still only what is enabled
+        assert refused.status_code == 403

@@ -80,7 +80,8 @@ def test_root_and_ready_carry_no_paths(bare_client: Callable[..., Any], tmp_path
         spec = runtime.resolve(None)
         from dataclasses import replace
 
-        runtime.models.names.configured[spec.key] = replace(spec, source=str(local))  # as if FLUX_MODEL were a directory
+        # as if FLUX_MODEL were a directory
+        runtime.models.names.configured[spec.key] = replace(spec, source=str(local))
         root = client.get("/", headers={"accept": "application/json"})
         assert root.status_code == 200 and str(tmp_path) not in root.text
         assert root.json()["model"]["active_id"] == "local/my-local-pipeline"

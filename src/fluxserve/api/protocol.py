@@ -8,6 +8,7 @@ steps, prompt length) are checked in the serving layer, which names the bad ``pa
 from __future__ import annotations
 
 import math
+from pathlib import PurePath
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
@@ -16,6 +17,13 @@ MAX_SEED = 2**63 - 1
 REQUEST_ID_PATTERN = r"^[A-Za-z0-9._:\-]{1,128}$"
 MAX_TEXT_CHARS = 100_000
 """Longest string any request field may hold (prompts have their own, smaller FLUX_MAX_PROMPT_CHARS)."""
+
+
+def public_model_source(source: str) -> str:
+    """Where a model comes from, as clients may see it: a hub repo id or registry key as it is, a local
+    pipeline as ``local/<directory name>`` (never its path; the log has it)."""
+    path = PurePath(source)
+    return f"local/{path.name}" if path.is_absolute() else source
 
 
 def text_problem(value: str) -> str | None:
@@ -231,13 +239,15 @@ class ErrorResponse(BaseModel):
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorResponse, "description": "Invalid request (names the bad `param`)"},
     401: {"model": ErrorResponse, "description": "Missing or wrong API key"},
-    403: {"model": ErrorResponse, "description": "Not allowed: an admin-only route, or a model not in FLUX_MODELS"},
+    403: {"model": ErrorResponse, "description": "Needs an admin key (FLUX_ADMIN_KEYS), or the model is not enabled "
+                                                 "here (FLUX_MODELS)"},
     404: {"model": ErrorResponse, "description": "Unknown model, job or file"},
     409: {"model": ErrorResponse, "description": "Conflict: request_id in use, job already finished or cancelled, "
                                                  "model not loaded"},
-    410: {"model": ErrorResponse, "description": "An async job's result expired (FLUX_JOB_TTL, FLUX_RESULTS_MAX_BYTES)"},
+    410: {"model": ErrorResponse, "description": "An async job's result expired (FLUX_JOB_TTL, "
+                                                 "FLUX_RESULTS_MAX_BYTES)"},
     413: {"model": ErrorResponse, "description": "Request body too large"},
-    429: {"model": ErrorResponse, "description": "Queue full (see Retry-After)"},
+    429: {"model": ErrorResponse, "description": "Queue full, or the key's rate limit reached (see Retry-After)"},
     500: {"model": ErrorResponse, "description": "Unexpected error (details in the server log)"},
     503: {"model": ErrorResponse, "description": "Model unavailable, out of memory, or shutting down"},
     504: {"model": ErrorResponse, "description": "Waited too long in the queue"},

@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from fluxserve.aliases import default_response_format
-from fluxserve.api.errors import APIError
-from fluxserve.api.protocol import ImageData, ImageGenerationRequest, ImageParams, ImagesResponse
+from fluxserve.api.errors import APIError, sanitize
+from fluxserve.api.protocol import ImageData, ImageGenerationRequest, ImageParams, ImagesResponse, public_model_source
 from fluxserve.engine.registry import ModelNotAllowedError, ModelSpec, UnknownModelError
 from fluxserve.generation import MAX_RANDOM_SEED, GenerationParams, pick_seed, seeds_for
 from fluxserve.scheduler.jobs import TERMINAL_EVENTS, Job, JobError, JobStatus
@@ -286,7 +286,8 @@ class ImageService:
         timing["pipeline_load"] = timing["model_load"]
         timing["encode"] = timing["image_encode"]
         item = ImageData(
-            seed=seed, model=job.spec.source if job.spec.tiny is None else job.spec.key, model_key=job.spec.key,
+            seed=seed, model=public_model_source(job.spec.source) if job.spec.tiny is None else job.spec.key,
+            model_key=public_model_source(job.spec.key),
             device=plan.device, dtype=plan.dtype, params=params,
             timing={k: round(v, 6) for k, v in timing.items()}, batch_size=result.batch_size,
             request_id=job.request_id or job.id, job_id=job.id, saved_path=saved_path, metadata_path=metadata_path,
@@ -392,7 +393,7 @@ class ImageService:
 
 def error_event(error: JobError) -> dict[str, Any]:
     """An ``error`` stream event in OpenAI's error shape."""
-    return {"type": "error", "error": {"message": error.message, "type": "server_error" if error.status >= 500
+    return {"type": "error", "error": {"message": sanitize(error.message), "type": "server_error" if error.status >= 500
                                        else "invalid_request_error", "param": None, "code": error.code}}
 
 

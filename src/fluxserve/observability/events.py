@@ -25,7 +25,8 @@ def job_ended(metrics: Metrics, job: Job, *, log_prompts: bool = False) -> None:
     """Log and count a job that failed or was cancelled (the hook's ``job_failed``/``job_cancelled``)."""
     outcome = str(getattr(job.status, "value", job.status))
     ctx: dict[str, Any] = {
-        "request_id": job.metadata.get("trace_id", job.id), "job_id": job.id, "model": job.spec.key, "outcome": outcome, "params": dict(job.params.__dict__),
+        "request_id": job.metadata.get("trace_id", job.id), "job_id": job.id, "model": job.spec.key,
+        "outcome": outcome, "params": dict(job.params.__dict__),
         "images": 0, "batch_size": job.batch_size, "device": job.device,
         "timings": {"queue_wait": round(job.queue_wait, 6)},
     }

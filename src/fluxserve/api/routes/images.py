@@ -11,8 +11,14 @@ from typing import Any
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from fluxserve.api.errors import APIError
-from fluxserve.api.protocol import ERROR_RESPONSES, CancelRequest, ImageGenerationRequest, ImagesResponse
+from fluxserve.api.errors import APIError, sanitize
+from fluxserve.api.protocol import (
+    ERROR_RESPONSES,
+    CancelRequest,
+    ImageGenerationRequest,
+    ImagesResponse,
+    public_model_source,
+)
 from fluxserve.api.serving import ImageService, wait_disconnect
 from fluxserve.scheduler.jobs import TERMINAL_EVENTS, Job, JobStatus
 
@@ -22,6 +28,19 @@ _SSE: dict[int | str, dict[str, Any]] = {200: {"content": {"text/event-stream": 
     "type": "object", "required": ["data"], "properties": {"event": {"type": "string"}, "data": {"type": "string"}}}}}}}
 _IMAGE: dict[int | str, dict[str, Any]] = {200: {"content": {
     media: {"schema": {"type": "string", "format": "binary"}} for media in ("image/png", "image/jpeg", "image/webp")}}}
+
+
+def _public(data: dict[str, Any]) -> dict[str, Any]:
+    """A job's status or event as clients see it: error messages without paths or addresses (the log
+    keeps them)."""
+    error = data.get("error")
+    if isinstance(error, dict) and isinstance(error.get("message"), str):
+        data["error"] = {**error, "message": sanitize(error["message"])}
+    if isinstance(data.get("message"), str):
+        data["message"] = sanitize(data["message"])
+    if isinstance(data.get("model"), str):
+        data["model"] = public_model_source(data["model"])
+    return data
 
 
 def _service(request: Request) -> ImageService:
@@ -92,7 +111,7 @@ async def create_job(body: ImageGenerationRequest, request: Request) -> JSONResp
     options = service.output_options(body, str(request.base_url))
     service.submit(job)
     service.finalize_in_background(job, options)
-    return JSONResponse(job.summary(), status_code=202, headers={"X-Job-ID": job.id,
+    return JSONResponse(_public(job.summary()), status_code=202, headers={"X-Job-ID": job.id,
                                                                 "Location": f"/v1/images/jobs/{job.id}"})
 
 
@@ -122,8 +141,8 @@ async def get_job(job_id: str, request: Request) -> JSONResponse:
         if stone.result_expired:
             raise APIError(410, f"the result of job {job_id!r} has expired (FLUX_JOB_TTL / FLUX_RESULTS_MAX_BYTES)",
                            param="id", code="result_expired")
-        return JSONResponse(stone.summary)
-    data = job.summary()
+        return JSONResponse(_public(dict(stone.summary)))
+    data = _public(job.summary())
     if job.status is JobStatus.SUCCEEDED:
         stored = table.result(job)
         if stored is not None:
@@ -140,7 +159,7 @@ async def delete_job(job_id: str, request: Request) -> JSONResponse:
         raise APIError(409, f"job {job_id!r} already {job.status.value}", param="id", code="job_finished")
     _service(request).runtime.scheduler.cancel(job_id)
     await _settled(job)
-    return JSONResponse(job.summary())
+    return JSONResponse(_public(job.summary()))
 
 
 @router.get("/v1/images/jobs/{job_id}/events", summary="Server-sent events of a job's progress", responses=_SSE)
@@ -149,7 +168,7 @@ async def job_events(job_id: str, request: Request) -> StreamingResponse:
     gone_after = disconnected(request)
 
     async def events() -> AsyncIterator[dict[str, Any]]:
-        yield {"type": "status", **job.summary()}
+        yield {"type": "status", **_public(job.summary())}
         async with job.subscribe() as subscription:
             gone = asyncio.ensure_future(gone_after())
             try:
@@ -160,7 +179,7 @@ async def job_events(job_id: str, request: Request) -> StreamingResponse:
                         upcoming.cancel()
                         return
                     event = upcoming.result()
-                    yield {k: v for k, v in event.items() if k != "preview"}
+                    yield _public({k: v for k, v in event.items() if k != "preview"})
                     if event["type"] in TERMINAL_EVENTS:
                         return
             finally:

@@ -23,6 +23,7 @@ from fluxserve.api.protocol import (
     SelectModelRequest,
     TokenizeRequest,
     UnloadModelRequest,
+    public_model_source,
 )
 from fluxserve.engine.registry import ModelNotAllowedError, ModelSpec, UnknownModelError
 from fluxserve.scheduler.jobs import JobError
@@ -49,20 +50,20 @@ def _spec(runtime: Runtime, name: str, *, operator: bool = False) -> ModelSpec:
 
 
 def public_source(spec: ModelSpec) -> str:
-    """Where a model comes from, as clients may see it: a hub repo id, or ``local/<directory name>``
-    for a local pipeline (never its path)."""
-    if Path(spec.source).is_absolute():
-        return f"local/{Path(spec.source).name}"
-    return spec.source
+    """Where a model comes from, as clients may see it (see :func:`public_model_source`)."""
+    return public_model_source(spec.source)
 
 
 def model_card(runtime: Runtime, spec: ModelSpec) -> dict[str, Any]:
     loaded = runtime.model_info(spec.key)
     return {
-        "id": spec.key, "object": "model", "created": int(runtime.started_at), "owned_by": "fluxserve",
+        "id": public_model_source(spec.key), "object": "model", "created": int(runtime.started_at),
+        "owned_by": "fluxserve",
         "source": public_source(spec) if spec.tiny is None else f"built offline ({spec.key})",
         "allowed": runtime.may_serve(spec.key),
-        "family": spec.family, "description": spec.description, "active": spec.key == runtime.active_key,
+        "family": spec.family,
+        "description": spec.description if not Path(spec.source).is_absolute() else "local pipeline",
+        "active": spec.key == runtime.active_key,
         "loaded": bool(loaded), "loaded_on": sorted(loaded), "gated": spec.gated,
         "licence": spec.licence, "commercial_use": spec.commercial_use,
         "defaults": {"num_inference_steps": spec.steps, "guidance_scale": spec.guidance,
@@ -139,7 +140,8 @@ async def list_models(request: Request) -> JSONResponse:
         # The earlier web page builds its model picker from `available` (key → repo id, Object.entries).
         "available": {spec.key: public_source(spec) for spec in specs},
         "aliases": _aliases(runtime),
-        "active": {"key": active.key, "id": public_source(active), "type": active.family}, "active_key": active.key,
+        "active": {"key": public_model_source(active.key), "id": public_source(active), "type": active.family},
+        "active_key": public_model_source(active.key),
         "device": plan.device, "dtype": plan.dtype}  # the earlier page's device badge
     if is_admin(request.state):  # the configuration snapshot (directories, settings): admins only
         listing.update({"cache_dir": str(runtime.settings.cache_dir),
@@ -166,7 +168,7 @@ async def select_model(body: SelectModelRequest, request: Request) -> JSONRespon
         await asyncio.get_running_loop().run_in_executor(None, runtime.select, spec.key)
     except JobError as exc:
         raise APIError(exc.status, exc.message, param="model", code=exc.code) from None
-    return JSONResponse({"ok": True, "active": {"key": spec.key, "id": public_source(spec)},
+    return JSONResponse({"ok": True, "active": {"key": public_model_source(spec.key), "id": public_source(spec)},
                          "seconds": round(time.perf_counter() - started, 3)})
 
 
@@ -178,7 +180,8 @@ async def unload_model(body: UnloadModelRequest, request: Request) -> JSONRespon
     dropped, freed = await asyncio.get_running_loop().run_in_executor(None, runtime.unload, spec.key)
     if not dropped:
         raise APIError(404, f"model {spec.key!r} is not loaded", param="model", code="model_not_loaded")
-    return JSONResponse({"ok": True, "model": spec.key, "devices": dropped, "freed_bytes": freed})
+    return JSONResponse({"ok": True, "model": public_model_source(spec.key), "devices": dropped,
+                         "freed_bytes": freed})
 
 
 @router.post("/v1/memory/release", summary="Drop cached pipelines (all but the active one) and free memory")
@@ -200,7 +203,7 @@ async def release_memory(request: Request, body: ReleaseMemoryRequest | None = N
 @router.post("/v1/tokenize", summary="Count the prompt's tokens for a model's text encoders")
 async def tokenize(body: TokenizeRequest, request: Request) -> JSONResponse:
     runtime = _runtime(request)
-    spec = _spec(runtime, body.model or runtime.active_key)
+    spec = _spec(runtime, body.model or runtime.active_key, operator=True)  # loads nothing: any registry model
     loaded = runtime.model_info(spec.key)
     if not loaded:
         raise APIError(409, f"model {spec.key!r} is not loaded yet", param="model", code="model_not_loaded")
@@ -210,4 +213,4 @@ async def tokenize(body: TokenizeRequest, request: Request) -> JSONResponse:
     limits = {"tokenizer": 77, "tokenizer_2": spec.max_sequence_length}
     if spec.family != "flux":  # one tokenizer (Qwen-Image, FLUX.2, Z-Image, ...)
         limits = {"tokenizer": spec.max_sequence_length}
-    return JSONResponse({"model": spec.key, "counts": counts, "limits": limits})
+    return JSONResponse({"model": public_model_source(spec.key), "counts": counts, "limits": limits})

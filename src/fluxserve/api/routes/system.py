@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
 
+from fluxserve.api.protocol import public_model_source
 from fluxserve.api.routes.models import public_source, runtime_snapshot
 
 if TYPE_CHECKING:
@@ -36,7 +37,7 @@ async def root(request: Request) -> Response:
         return FileResponse(index, media_type="text/html")
     active = runtime.resolve(None)
     return JSONResponse({"status": "ok", "message": "fluxserve: OpenAI-compatible image generation",
-                         "model": {"active_key": active.key, "active_id": public_source(active),
+                         "model": {"active_key": public_model_source(active.key), "active_id": public_source(active),
                                    "active_type": active.family},
                          "endpoints": ENDPOINTS})
 
