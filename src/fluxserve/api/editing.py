@@ -75,6 +75,15 @@ def edit_modes(spec: ModelSpec) -> EditModes | None:
     return EditModes(without, with_mask, max_images, masked_by_compositing=with_mask == "edit")
 
 
+def edit_card(spec: ModelSpec) -> dict[str, Any] | None:
+    """What /v1/models says about a model's edits (None: it does not edit)."""
+    modes = edit_modes(spec)
+    if modes is None:
+        return None
+    return {"without_mask": modes.without_mask, "with_mask": modes.with_mask, "max_images": modes.max_images,
+            "masked_by_compositing": modes.masked_by_compositing}
+
+
 @dataclass
 class Upload:
     param: str

@@ -304,6 +304,7 @@ class ImageService:
         job.add_listener(listener)
         size = f"{job.params.width}x{job.params.height}"
         partial_steps = _partial_steps(job.params.steps, options.partial_images)
+        partial_total = job.params.steps
         partial_index = 0
         self.submit(job)  # outside the try: a refused job (409/429/503) must not cancel a job it collided with
         try:
@@ -323,6 +324,9 @@ class ImageService:
                     yield {"type": f"{options.event_prefix}.progress", "status": "running", "step": 0,
                            "total": job.params.steps, "queue_position": 0, "batch_size": event.get("batch_size")}
                 elif kind == "progress":
+                    if event["total"] != partial_total:  # img2img/inpaint run fewer steps than asked (strength)
+                        partial_total = event["total"]
+                        partial_steps = _partial_steps(partial_total, options.partial_images)
                     yield {"type": f"{options.event_prefix}.progress", "status": "running", "step": event["step"],
                            "total": event["total"], "queue_position": 0}
                     preview = event.get("preview")

@@ -10,6 +10,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
+from fluxserve.api.editing import edit_card
 from fluxserve.api.errors import APIError
 from fluxserve.api.protocol import (
     ERROR_RESPONSES,
@@ -61,6 +62,7 @@ def model_card(runtime: Runtime, spec: ModelSpec) -> dict[str, Any]:
                              "capacity": m.prompt_cache.capacity}
                          for d, m in loaded.items() if hasattr(m, "prompt_cache")},  # Ray: remote replicas
         "replicas": runtime.replicas(spec.key),
+        "edits": edit_card(spec),
     }
 
 
