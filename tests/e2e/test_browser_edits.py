@@ -3,6 +3,7 @@ brush, eraser and undo, edit with a strength, see the result, continue with "Edi
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import re
@@ -47,18 +48,18 @@ def edit_server(cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> It
         server.stop()
 
 
-def paint(page: Page, x0: float, y0: float, x1: float, y1: float) -> None:
+def paint(tab: Page, x0: float, y0: float, x1: float, y1: float) -> None:
     """Drag across the mask canvas, in fractions of its displayed size."""
-    box = page.locator("#mask-canvas").bounding_box()
+    box = tab.locator("#mask-canvas").bounding_box()
     assert box is not None
-    page.mouse.move(box["x"] + x0 * box["width"], box["y"] + y0 * box["height"])
-    page.mouse.down()
+    tab.mouse.move(box["x"] + x0 * box["width"], box["y"] + y0 * box["height"])
+    tab.mouse.down()
     for t in np.linspace(0, 1, 8):
-        page.mouse.move(box["x"] + (x0 + (x1 - x0) * t) * box["width"], box["y"] + (y0 + (y1 - y0) * t) * box["height"])
-    page.mouse.up()
+        tab.mouse.move(box["x"] + (x0 + (x1 - x0) * t) * box["width"], box["y"] + (y0 + (y1 - y0) * t) * box["height"])
+    tab.mouse.up()
 
 
-def test_upload_paint_a_mask_and_edit(edit_server: ServerProcess, page: Page) -> None:
+def test_upload_paint_a_mask_and_edit(edit_server: ServerProcess, page: Page) -> None:  # noqa: F811
     open_studio(page, edit_server.base_url + "/")
     expect(page.locator("#model-select")).to_be_enabled()
     page.locator("#edit-files").set_input_files([{"name": "photo.png", "mimeType": "image/png",
@@ -92,7 +93,6 @@ def test_upload_paint_a_mask_and_edit(edit_server: ServerProcess, page: Page) ->
     assert "image_edit.completed" in stream and '"task": "inpaint"' in stream
 
     # The mask the page sent: transparent where painted (left), opaque where the stroke was undone (right).
-    import base64
     mask = np.asarray(Image.open(io.BytesIO(base64.b64decode(sent["mask"].split(",", 1)[1]))))
     assert mask.shape == (64, 64, 4)
     assert mask[32, 6, 3] == 0 and mask[32, 28, 3] == 0      # painted
@@ -115,7 +115,7 @@ def test_upload_paint_a_mask_and_edit(edit_server: ServerProcess, page: Page) ->
     expect(page.locator("#generate")).to_contain_text("Generate")
 
 
-def test_cancel_a_slow_edit(edit_server: ServerProcess, page: Page) -> None:
+def test_cancel_a_slow_edit(edit_server: ServerProcess, page: Page) -> None:  # noqa: F811
     open_studio(page, edit_server.base_url + "/")
     expect(page.locator("#model-select")).to_be_enabled()
     page.locator("#edit-files").set_input_files([{"name": "photo.png", "mimeType": "image/png",
