@@ -90,7 +90,8 @@ class ReplicaWorker:
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         job = Job(spec=request.spec, params=request.params, prompt=request.prompt, seeds=list(request.seeds),
-                  negative_prompt=request.negative_prompt, id=request.job_id, want_previews=request.want_previews)
+                  negative_prompt=request.negative_prompt, id=request.job_id, want_previews=request.want_previews,
+                  images=list(request.images), mask=request.mask)
 
         def listener(event: dict[str, Any]) -> None:  # scheduler threads → this event loop
             loop.call_soon_threadsafe(events.put_nowait, event)

@@ -523,6 +523,8 @@ class _EditPlan:
 
 def _plan_edit(family: Any, view: PipelineView, params: GenerationParams,
                requests: list[ImageRequest]) -> _EditPlan:
+    if any(not r.images for r in requests):
+        raise ValueError(f"a {params.task} request needs its input images")
     requests = [_at_size(r, params.width, params.height) for r in requests]  # an OOM fallback may shrink the size
     first = requests[0]
     pipe = family.edit_pipeline(view.pipeline, params.task)
