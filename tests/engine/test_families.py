@@ -18,6 +18,9 @@ from fluxserve.engine.registry import BUILTIN_MODELS, resolve_model
 from fluxserve.generation import GenerationParams, ImageRequest
 
 TINY_KEYS = [key for key, spec in BUILTIN_MODELS.items() if spec.tiny is not None]
+FAMILY_KEYS = list({BUILTIN_MODELS[key].tiny: key for key in reversed(TINY_KEYS)}.values())[::-1]
+"""One tiny model per family (tiny-qwen-2512 and tiny-klein-9b are the same builds as tiny-qwen and tiny-klein;
+tests/e2e/test_families_http.py serves every key)."""
 
 
 def test_registry_and_families_import_without_torch() -> None:
@@ -87,7 +90,7 @@ def test_every_tiny_model_generates_reproducibly_in_a_mixed_batch(engine: Device
         assert all(p is not None for p in previews)
 
 
-@pytest.mark.parametrize("key", [k for k in TINY_KEYS if FAMILIES[BUILTIN_MODELS[k].family].uses_negative_prompt])
+@pytest.mark.parametrize("key", [k for k in FAMILY_KEYS if FAMILIES[BUILTIN_MODELS[k].family].uses_negative_prompt])
 def test_guidance_with_a_negative_prompt_runs_in_a_batch(engine: DeviceEngine, key: str) -> None:
     """True CFG (where the family has it): negatives of different lengths batch with their positives."""
     spec = resolve_model(key)
@@ -100,7 +103,7 @@ def test_guidance_with_a_negative_prompt_runs_in_a_batch(engine: DeviceEngine, k
     assert np.abs(one.images[0].astype(int) - two.images[0].astype(int)).mean() > 0
 
 
-EDIT_CASES = [(key, task) for key in TINY_KEYS
+EDIT_CASES = [(key, task) for key in FAMILY_KEYS
               for task in FAMILIES[BUILTIN_MODELS[key].family].pipeline_classes if task != "generate"]
 
 
@@ -176,7 +179,7 @@ def test_full_size_architectures_have_the_published_parameter_counts(name: str, 
             assert abs(count - billions) / billions < 0.02, f"{name} {variant} {component}: {count:.3f}B"
 
 
-@pytest.mark.parametrize("key", TINY_KEYS)
+@pytest.mark.parametrize("key", FAMILY_KEYS)
 def test_bench_captures_each_familys_transformer_inputs(engine: DeviceEngine, key: str) -> None:
     """``fluxserve bench --family`` times one forward with the inputs the family's own pipeline passes."""
     import torch
@@ -193,7 +196,7 @@ def test_bench_captures_each_familys_transformer_inputs(engine: DeviceEngine, ke
     assert out is not None
 
 
-@pytest.mark.parametrize("key", TINY_KEYS)
+@pytest.mark.parametrize("key", FAMILY_KEYS)
 def test_declared_optimizations_match_the_transformer(engine: DeviceEngine, key: str) -> None:
     """Regional compile blocks are the transformer's repeated blocks; fused QKV is declared exactly where
     fusing changes modules (and keeps the output), so FLUX_FUSE_QKV never reports a no-op as applied."""
@@ -232,7 +235,7 @@ def test_fuse_qkv_is_not_reported_where_the_family_cannot_fuse(make_settings: An
         assert ("fuse_qkv" in applied) == FAMILIES[spec.family].optimizations.fused_qkv
 
 
-@pytest.mark.parametrize("key", TINY_KEYS)
+@pytest.mark.parametrize("key", FAMILY_KEYS)
 def test_the_stage_split_matches_one_plain_pipeline_call(engine: DeviceEngine, key: str) -> None:
     """encode → denoise → decode through the family gives the image the diffusers pipeline itself makes."""
     import torch

@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 from fluxserve.engine.device import select_device_dtype
 from fluxserve.engine.engine import DeviceEngine
+from fluxserve.engine.families import FAMILIES
 from fluxserve.engine.registry import resolve_model
 from fluxserve.engine.tiny import is_tiny_model_dir, write_tiny_model
 from fluxserve.generation import GenerationParams, ImageRequest
@@ -26,13 +27,13 @@ def _weights_digest(path: Path) -> str:
     return digest.hexdigest()
 
 
-@pytest.mark.parametrize("family", ["flux", "qwen"])
+@pytest.mark.parametrize("family", [name for name, f in FAMILIES.items() if f.has_tiny])
 def test_written_in_diffusers_format_with_the_same_weights_every_time(tmp_path: Path, family: str) -> None:
-    a = write_tiny_model(tmp_path / "a", family)  # type: ignore[arg-type]
-    b = write_tiny_model(tmp_path / "b", family)  # type: ignore[arg-type]
+    a = write_tiny_model(tmp_path / "a", family)
+    b = write_tiny_model(tmp_path / "b", family)
     index = json.loads((a / "model_index.json").read_text())
-    assert index["_class_name"] == {"flux": "FluxPipeline", "qwen": "QwenImagePipeline"}[family]
-    assert is_tiny_model_dir(a, family)  # type: ignore[arg-type]
+    assert index["_class_name"] == FAMILIES[family].pipeline_classes["generate"]
+    assert is_tiny_model_dir(a, family)
     assert not is_tiny_model_dir(a, "qwen" if family == "flux" else "flux")
     assert _weights_digest(a) == _weights_digest(b)
     assert not list(tmp_path.glob(".a-*")), "temporary build directory left behind"

@@ -256,7 +256,11 @@ class Family:
 
         ``images`` are ``uint8`` H×W×3 arrays (for img2img/inpaint already at the output size), ``mask`` is
         ``uint8`` H×W with 255 where the image may change. The default covers diffusers' common arguments:
-        ``image`` (one image, or a list for ``edit``), ``mask_image`` and ``strength``.
+        ``image`` (one image, or a list for ``edit``), ``mask_image`` and ``strength``. Raises ``ValueError``
+        (a client error) for a task the family lacks, a missing mask or too many references.
+
+        The arguments belong to one call: requests with different input images cannot share a pipeline call,
+        so the engine batches edit requests only when their inputs are the same (or runs them one by one).
         """
         from PIL import Image
 
