@@ -64,8 +64,11 @@ class KontextFamily(FluxFamily):
                 args: DenoiseArgs) -> torch.Tensor:
         # Kontext rescales its output to ``max_area`` (default 1024²) at the requested aspect ratio: ask for
         # exactly the requested size.
-        call = {"max_area": args.width * args.height, **args.call_kwargs}
+        call = {**self.plain_call_kwargs(args.width, args.height), **args.call_kwargs}
         return super().denoise(pipe, positives, negatives, replace(args, call_kwargs=call))
+
+    def plain_call_kwargs(self, width: int, height: int) -> dict[str, Any]:
+        return {"max_area": width * height}
 
     def edit_call_kwargs(self, task: Task, images: Sequence[np.ndarray], mask: np.ndarray | None,
                          strength: float | None, width: int, height: int) -> dict[str, Any]:
