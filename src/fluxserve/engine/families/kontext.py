@@ -39,8 +39,9 @@ class KontextFamily(FluxFamily):
     max_input_images = 1
     defaults = FamilyDefaults(
         steps=28, guidance=2.5, max_sequence_length=512, presets=_PRESETS,
-        sources={"guidance": "FLUX.1-Kontext-dev model card example (guidance_scale=2.5)",
-                 "steps": "FluxKontextPipeline default (28)",
+        sources={"guidance": "FluxKontextPipeline's docstring example (guidance_scale=2.5)",
+                 "steps": "FluxKontextPipeline.__call__ default (28)",
+                 "licence": "FLUX.1 [dev] Non-Commercial, gated, as FLUX.1 dev (from memory: unverified here)",
                  "presets": "wide: one of PREFERRED_KONTEXT_RESOLUTIONS in pipeline_flux_kontext.py"},
     )
     optimizations = Optimizations(

@@ -44,9 +44,11 @@ class QwenImageEditFamily(QwenImageFamily):
     defaults = FamilyDefaults(
         steps=40, guidance=4.0, max_sequence_length=512, max_sequence_length_limit=1024, negative_prompt=" ",
         presets=_PRESETS,
-        sources={"steps": "Qwen-Image-Edit-2509 model card example (num_inference_steps=40)",
-                 "guidance": "Qwen-Image-Edit-2509 model card example (true_cfg_scale=4.0, negative_prompt ' ')",
-                 "max_input_images": "Qwen-Image-Edit-2509 model card: 1 to 3 input images work best"},
+        sources={"steps": "Qwen-Image-Edit-2509 model card example, 40 (from memory: unverified here; "
+                          "QwenImageEditPlusPipeline's docstring example uses 50)",
+                 "guidance": "QwenImageEditPlusPipeline.__call__ default true_cfg_scale=4.0; negative ' '",
+                 "max_input_images": "the issue (up to 3 references; the 2509 card says 1 to 3 work best)",
+                 "licence": "Apache-2.0 (from memory: unverified here)"},
     )
     optimizations = Optimizations(
         compile_blocks=("QwenImageTransformerBlock",), fused_qkv=False, fp8_linears=True,
