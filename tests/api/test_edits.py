@@ -252,13 +252,16 @@ async def test_every_tiny_family_edits_and_keeps_the_unmasked_area(client: Any, 
     plain = await client.post(EDIT, files={"image": ("in.png", png(image), "image/png")}, data=form(model=model))
     assert plain.status_code == 200, plain.text
     assert plain.json()["data"][0]["params"]["task"] == modes.without_mask
-    masked = await client.post(EDIT, files={"image": ("in.png", png(image), "image/png"),
-                                            "mask": ("m.png", png(left_half_mask()), "image/png")},
-                               data=form(model=model))
+    inputs = {"image": ("in.png", png(image), "image/png"), "mask": ("m.png", png(left_half_mask()), "image/png")}
+    masked = await client.post(EDIT, files=inputs, data=form(model=model, n=2))
     assert masked.status_code == 200, masked.text
-    assert masked.json()["data"][0]["params"]["task"] == modes.with_mask
-    out = pixels_of(masked.json()["data"][0])
-    assert np.array_equal(out[:, 32:], image[:, 32:])
+    first, second = masked.json()["data"]
+    assert first["params"]["task"] == modes.with_mask
+    for item in (first, second):
+        assert np.array_equal(pixels_of(item)[:, 32:], image[:, 32:])
+    # Image i depends on its own seed only: the second of the pair is the next seed's image alone.
+    alone = await client.post(EDIT, files=inputs, data=form(model=model, seed=second["seed"]))
+    assert np.abs(pixels_of(alone.json()["data"][0]).astype(int) - pixels_of(second)).max() <= 2
     too_many = [("image[]", (f"{i}.png", png(photo(seed=i)), "image/png")) for i in range(modes.max_images + 1)]
     refused = await client.post(EDIT, files=too_many, data=form(model=model))
     assert refused.status_code == 400 and refused.json()["error"]["param"] == "image"
