@@ -44,7 +44,8 @@ def half_mask(size: int = 64) -> np.ndarray:
     return mask
 
 
-def edit_params(task: str = "img2img", strength: float | None = 0.6, size: int = 64, steps: int = 4) -> GenerationParams:
+def edit_params(task: str = "img2img", strength: float | None = 0.6, size: int = 64,
+                steps: int = 4) -> GenerationParams:
     return GenerationParams("tiny-flux", size, size, steps, 0.0, 64, task=task, strength=strength,  # type: ignore[arg-type]
                             inputs="digest")
 
