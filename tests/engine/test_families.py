@@ -256,3 +256,11 @@ def test_the_stage_split_matches_one_plain_pipeline_call(engine: DeviceEngine, k
                      generator=torch.Generator("cpu").manual_seed(5), output_type="np", **kwargs).images[0]
     theirs = (np.clip(plain, 0, 1) * 255).round().astype(np.int16)
     assert np.abs(ours.astype(np.int16) - theirs).max() <= 2
+
+
+def test_models_outside_the_registry_get_their_familys_defaults_and_no_borrowed_licence(cache_dir: Path) -> None:
+    local = resolve_model(str(cache_dir / "models" / "tiny-zimage"))
+    assert local.family == "zimage" and (local.steps, local.guidance) == (8, 0.0)
+    assert local.licence == "unknown: see the model card" and local.tiny is None
+    hub = resolve_model("someone/some-model")
+    assert hub.licence == "unknown: see the model card" and hub.commercial_use and not hub.gated

@@ -22,6 +22,10 @@ __all__ = ["BUILTIN_MODELS", "ModelSpec", "Preset", "UnknownModelError", "family
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 
 
+UNKNOWN_LICENCE = "unknown: see the model card"
+"""The licence shown for models outside the registry (fluxserve cannot know it)."""
+
+
 class UnknownModelError(LookupError):
     """The name is neither a registry key, a local diffusers directory nor an allowed repo id."""
 
@@ -71,12 +75,12 @@ def resolve_model(name: str, *, allow_unregistered: bool = True) -> ModelSpec:
         if not (path / "model_index.json").is_file():
             raise UnknownModelError(f"{name!r} is a directory but not a diffusers pipeline (no model_index.json)")
         family = family_of_directory(path)
-        return FAMILIES[family].defaults.spec(name, str(path.resolve()), family,
+        return FAMILIES[family].defaults.spec(name, str(path.resolve()), family, licence=UNKNOWN_LICENCE,
                                               description=f"local pipeline at {path}")
     if _REPO_ID.match(name):
         # Family is read from model_index.json once downloaded; FLUX defaults until then.
         return replace(BUILTIN_MODELS["dev"], key=name, source=name, family="generic", gated=False,
-                       description=f"hub repo {name}")
+                       licence=UNKNOWN_LICENCE, commercial_use=True, description=f"hub repo {name}")
     raise UnknownModelError(
         f"model {name!r} is not a registry key ({', '.join(BUILTIN_MODELS)}), a local diffusers directory "
         "or a hub repo id (owner/name)"

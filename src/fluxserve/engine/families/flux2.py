@@ -56,7 +56,7 @@ class Flux2DevFamily(Flux2Staged):
             licence="FLUX.2 [dev] Non-Commercial License", commercial_use=False,
             description="FLUX.2 [dev]: 32B, multi-reference edits; non-commercial licence, gated (needs HF_TOKEN; "
                         "its processor needs torchvision)",
-            steps=50, guidance=4.0, presets=DEV_PRESETS,
+            steps=50, guidance=4.0, presets=DEV_PRESETS,  # Flux2Pipeline docstring / call defaults
         ),
         ModelSpec(
             key="tiny-flux2-dev", source="tiny-flux2-dev", family="flux2", tiny="flux2", licence="Apache-2.0",

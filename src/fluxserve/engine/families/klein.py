@@ -92,13 +92,13 @@ class KleinFamily(Flux2Staged):
         ModelSpec(
             key="klein", source="black-forest-labs/FLUX.2-klein-4B", family="klein", licence="Apache-2.0",
             description="FLUX.2 [klein] 4B: 4-step distilled, multi-reference edits and inpainting, Apache-2.0",
-            steps=4, guidance=1.0, presets=KLEIN_PRESETS,
+            steps=4, guidance=1.0, presets=KLEIN_PRESETS,  # sources: KLEIN_SOURCES above
         ),
         ModelSpec(
             key="klein-9b", source="black-forest-labs/FLUX.2-klein-9B", family="klein",
             licence="FLUX Non-Commercial License", commercial_use=False,
             description="FLUX.2 [klein] 9B: 4-step distilled; non-commercial licence (no commercial use)",
-            steps=4, guidance=1.0, presets=KLEIN_PRESETS,
+            steps=4, guidance=1.0, presets=KLEIN_PRESETS,  # licence as the issue states it; unverified
         ),
         ModelSpec(
             key="tiny-klein", source="tiny-klein", family="klein", tiny="klein", licence="Apache-2.0",

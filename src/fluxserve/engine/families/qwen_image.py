@@ -61,7 +61,8 @@ class QwenImageFamily(Family):
         ),
         ModelSpec(
             key="qwen-2512", source="Qwen/Qwen-Image-2512", family="qwen", licence="Apache-2.0",
-            description="Qwen-Image-2512: the December 2025 Qwen-Image weights (same pipeline and defaults)",
+            description="Qwen-Image-2512: newer Qwen-Image weights (same pipeline and defaults)",
+            # Same architecture and defaults as Qwen-Image (the issue: "as Qwen-Image"); unverified here.
             steps=30, guidance=4.0, max_sequence_length=512, max_sequence_length_limit=1024,
             width=1024, height=1024, negative_prompt=" ", presets=_QWEN_PRESETS,
         ),

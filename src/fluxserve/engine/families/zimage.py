@@ -52,7 +52,7 @@ class ZImageFamily(Family):
         ModelSpec(
             key="zimage", source="Tongyi-MAI/Z-Image-Turbo", family="zimage", licence="Apache-2.0",
             description="Z-Image-Turbo: 8 steps, no guidance, bilingual text rendering; img2img and inpainting",
-            steps=8, guidance=0.0, presets=ZIMAGE_PRESETS,
+            steps=8, guidance=0.0, presets=ZIMAGE_PRESETS,  # ZImagePipeline docstring example (see defaults)
         ),
         ModelSpec(
             key="tiny-zimage", source="tiny-zimage", family="zimage", tiny="zimage", licence="Apache-2.0",
