@@ -117,7 +117,8 @@ def test_models_load_from_safetensors(cache_dir: Path) -> None:
 
 
 @pytest.mark.parametrize("name", [
-    "black-forest-labs/FLUX.1-Kontext-dev", "someone/evil-model", "/etc", "../../../../etc/passwd",
+    # hub repos that are not registry keys (FLUX.1-Kontext-dev is one now), paths, URLs, traversal
+    "black-forest-labs/FLUX.1-Fill-dev", "someone/evil-model", "/etc", "../../../../etc/passwd",
     "~/models/x", "C:\\models\\x", "https://example.com/model.safetensors", "tiny-flux/../schnell",
 ])
 def test_requests_may_only_name_registry_keys(bare_client: Callable[..., Any], name: str) -> None:
