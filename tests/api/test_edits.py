@@ -197,6 +197,17 @@ async def test_async_edit_job(client: Any) -> None:
     assert polled["result"]["data"][0]["params"]["task"] == "img2img"
 
 
+async def test_finished_jobs_do_not_keep_their_inputs(client: Any) -> None:
+    """Finished jobs stay listed for FLUX_JOB_TTL; their input pixels (up to 16 images) must not."""
+    response = await client.post(EDIT, files={"image": ("in.png", png(photo()), "image/png"),
+                                              "mask": ("m.png", png(left_half_mask()), "image/png")},
+                                 data=form(request_id="edit-kept-1"))
+    assert response.status_code == 200
+    job = client.app.state.runtime.scheduler.get("edit-kept-1")
+    assert job is not None and job.done
+    assert job.images == [] and job.mask is None
+
+
 async def test_metrics_count_images_by_task(client: Any) -> None:
     from prometheus_client.parser import text_string_to_metric_families
 

@@ -131,6 +131,7 @@ class Job:
             self.error = error
             self.finished_at = time.monotonic()
             self.queue_position = None
+            self.images, self.mask = [], None  # finished jobs stay listed for FLUX_JOB_TTL: not their inputs
         event: dict[str, Any] = {"type": status.value, "step": self.step}
         if self.cancel_step is not None:
             event["cancel_step"] = self.cancel_step
