@@ -204,7 +204,7 @@ async def test_finished_jobs_do_not_keep_their_inputs(client: Any) -> None:
                                  data=form(request_id="edit-kept-1"))
     assert response.status_code == 200
     job = client.app.state.runtime.scheduler.get("edit-kept-1")
-    assert job is not None and job.done
+    assert job is not None and job.status == "succeeded"  # set (with the inputs dropped) before the event
     assert job.images == [] and job.mask is None
 
 
