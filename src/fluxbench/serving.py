@@ -128,7 +128,15 @@ def _call_kwargs(case: Case, pipe: Any) -> dict[str, Any]:
     kwargs: dict[str, Any] = {family.guidance_parameter: case.guidance, "max_sequence_length": MAX_SEQUENCE_LENGTH}
     if family.wants_negative(case.guidance) and family.defaults.negative_prompt is not None:
         kwargs["negative_prompt"] = family.defaults.negative_prompt
+    kwargs.update(family.plain_call_kwargs(case.width, case.height))
     return kwargs
+
+
+def text_to_image(pipe: Any) -> Any:
+    """The pipeline a plain text-to-image call uses (the loaded one, or its family's from_pipe stand-in)."""
+    from fluxserve.engine.families import FAMILIES, family_of_class
+
+    return FAMILIES[family_of_class(type(pipe).__name__)].text_to_image(pipe)
 
 
 @dataclass
@@ -256,8 +264,8 @@ def captured_transformer_inputs(pipe: Any, call_kwargs: dict[str, Any], width: i
     handle = pipe.transformer.register_forward_pre_hook(hook, with_kwargs=True)
     try:
         with torch.inference_mode():
-            pipe(prompt="a lighthouse", width=width, height=height, num_inference_steps=1, output_type="latent",
-                 **call_kwargs)
+            text_to_image(pipe)(prompt="a lighthouse", width=width, height=height, num_inference_steps=1,
+                                output_type="latent", **call_kwargs)
     finally:
         handle.remove()
     return captured[0]
@@ -291,8 +299,8 @@ def run_baseline(pipe: Any, cases: list[Case], reps: int, device: str) -> tuple[
 
     def call(case: Case, prompts_: list[str], seeds: list[int]) -> list[bytes]:
         gens = [torch.Generator("cpu").manual_seed(s) for s in seeds]
-        images = pipe(prompt=prompts_, height=case.height, width=case.width, num_inference_steps=case.steps,
-                      generator=gens, **_call_kwargs(case, pipe)).images
+        images = text_to_image(pipe)(prompt=prompts_, height=case.height, width=case.width,
+                                     num_inference_steps=case.steps, generator=gens, **_call_kwargs(case, pipe)).images
         out = []
         for image in images:
             buf = io.BytesIO()

@@ -202,6 +202,17 @@ async def test_async_edit_job(client: Any) -> None:
     assert polled["result"]["data"][0]["params"]["task"] == "img2img"
 
 
+async def test_finished_jobs_do_not_keep_their_inputs(client: Any) -> None:
+    """Finished jobs stay listed for FLUX_JOB_TTL; their input pixels (up to 16 images) must not."""
+    response = await client.post(EDIT, files={"image": ("in.png", png(photo()), "image/png"),
+                                              "mask": ("m.png", png(left_half_mask()), "image/png")},
+                                 data=form(request_id="edit-kept-1"))
+    assert response.status_code == 200
+    job = client.app.state.runtime.scheduler.get("edit-kept-1")
+    assert job is not None and job.status == "succeeded"  # set (with the inputs dropped) before the event
+    assert job.images == [] and job.mask is None
+
+
 async def test_metrics_count_images_by_task(client: Any) -> None:
     from prometheus_client.parser import text_string_to_metric_families
 
@@ -257,13 +268,16 @@ async def test_every_tiny_family_edits_and_keeps_the_unmasked_area(client: Any, 
     plain = await client.post(EDIT, files={"image": ("in.png", png(image), "image/png")}, data=form(model=model))
     assert plain.status_code == 200, plain.text
     assert plain.json()["data"][0]["params"]["task"] == modes.without_mask
-    masked = await client.post(EDIT, files={"image": ("in.png", png(image), "image/png"),
-                                            "mask": ("m.png", png(left_half_mask()), "image/png")},
-                               data=form(model=model))
+    inputs = {"image": ("in.png", png(image), "image/png"), "mask": ("m.png", png(left_half_mask()), "image/png")}
+    masked = await client.post(EDIT, files=inputs, data=form(model=model, n=2))
     assert masked.status_code == 200, masked.text
-    assert masked.json()["data"][0]["params"]["task"] == modes.with_mask
-    out = pixels_of(masked.json()["data"][0])
-    assert np.array_equal(out[:, 32:], image[:, 32:])
+    first, second = masked.json()["data"]
+    assert first["params"]["task"] == modes.with_mask
+    for item in (first, second):
+        assert np.array_equal(pixels_of(item)[:, 32:], image[:, 32:])
+    # Image i depends on its own seed only: the second of the pair is the next seed's image alone.
+    alone = await client.post(EDIT, files=inputs, data=form(model=model, seed=second["seed"]))
+    assert np.abs(pixels_of(alone.json()["data"][0]).astype(int) - pixels_of(second)).max() <= 2
     too_many = [("image[]", (f"{i}.png", png(photo(seed=i)), "image/png")) for i in range(modes.max_images + 1)]
     refused = await client.post(EDIT, files=too_many, data=form(model=model))
     assert refused.status_code == 400 and refused.json()["error"]["param"] == "image"

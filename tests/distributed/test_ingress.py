@@ -119,6 +119,33 @@ async def test_same_seed_same_image_on_any_replica(ingress: Callable[..., Any]) 
         assert first["b64_json"] == second["b64_json"]
 
 
+async def test_edits_reach_the_replica_with_their_images(ingress: Callable[..., Any]) -> None:
+    """An inpainting edit through the ingress: the images and mask travel to the replica, which keeps the
+    unmasked half; the same seed gives the same bytes on either replica."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    def png(pixels: Any) -> bytes:
+        buffer = io.BytesIO()
+        Image.fromarray(pixels).save(buffer, format="PNG")
+        return buffer.getvalue()
+
+    image = np.kron(np.random.default_rng(0).integers(0, 255, (8, 8, 3)), np.ones((8, 8, 1))).astype(np.uint8)
+    mask = np.full((64, 64, 4), 255, np.uint8)
+    mask[:, :32, 3] = 0
+    files = {"image": ("in.png", png(image), "image/png"), "mask": ("m.png", png(mask), "image/png")}
+    async with ingress() as client:
+        answers = [await client.post("/v1/images/edits", files=files, data={"prompt": "a door", "seed": "3"})
+                   for _ in range(2)]
+    first, second = (a.json()["data"][0] for a in answers)
+    assert first["replica"] != second["replica"] and first["b64_json"] == second["b64_json"]
+    assert first["params"]["task"] == "inpaint"
+    out = np.asarray(Image.open(io.BytesIO(base64.b64decode(first["b64_json"]))).convert("RGB"))
+    assert np.array_equal(out[:, 32:], image[:, 32:])
+
+
 async def test_routes_by_model_and_refuses_models_not_deployed(ingress: Callable[..., Any]) -> None:
     async with ingress() as client:
         r = await client.post("/v1/images/generations", json={"prompt": "qwen", "model": "tiny-qwen",

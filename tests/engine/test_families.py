@@ -252,7 +252,7 @@ def test_the_stage_split_matches_one_plain_pipeline_call(engine: DeviceEngine, k
         kwargs["negative_prompt"] = spec.negative_prompt
     kwargs["max_sequence_length"] = params.max_sequence_length
     with torch.inference_mode():
-        plain = pipe(prompt="a red fox", width=64, height=64, num_inference_steps=2,
+        plain = model.adapter.text_to_image(pipe)(prompt="a red fox", width=64, height=64, num_inference_steps=2,
                      generator=torch.Generator("cpu").manual_seed(5), output_type="np", **kwargs).images[0]
     theirs = (np.clip(plain, 0, 1) * 255).round().astype(np.int16)
     assert np.abs(ours.astype(np.int16) - theirs).max() <= 2

@@ -117,6 +117,7 @@ def test_models_load_from_safetensors(cache_dir: Path) -> None:
 
 
 @pytest.mark.parametrize("name", [
+    # hub repos that are not registry keys (FLUX.1-Kontext-dev is one now), paths, URLs, traversal
     "black-forest-labs/FLUX.1-Fill-dev", "someone/evil-model", "/etc", "../../../../etc/passwd",
     "~/models/x", "C:\\models\\x", "https://example.com/model.safetensors", "tiny-flux/../schnell",
 ])

@@ -75,6 +75,15 @@ def edit_modes(spec: ModelSpec) -> EditModes | None:
     return EditModes(without, with_mask, max_images, masked_by_compositing=with_mask == "edit")
 
 
+def edit_card(spec: ModelSpec) -> dict[str, Any] | None:
+    """What /v1/models says about a model's edits (None: it does not edit)."""
+    modes = edit_modes(spec)
+    if modes is None:
+        return None
+    return {"without_mask": modes.without_mask, "with_mask": modes.with_mask, "max_images": modes.max_images,
+            "masked_by_compositing": modes.masked_by_compositing}
+
+
 @dataclass
 class Upload:
     param: str
@@ -98,6 +107,10 @@ def _invalid(exc: ValidationError) -> APIError:
     message, param = validation_message(error)
     code = "missing_required_parameter" if error.get("type") == "missing" else "invalid_value"
     return APIError(400, message, param=param, code=code)
+
+
+def _images(count: int) -> str:
+    return f"{count} image" + ("s" if count != 1 else "")
 
 
 def _media_type(request: Request) -> str:
@@ -129,7 +142,7 @@ async def read_body(request: Request, model: type[BaseModel], max_input_bytes: i
                 if isinstance(value, UploadFile):
                     if key in ("image", "image[]"):
                         if len(images) >= max_images:
-                            raise APIError(400, f"at most {max_images} images may be sent", param="image",
+                            raise APIError(400, f"at most {_images(max_images)} may be sent", param="image",
                                            code="too_many_images")
                         param = "image" if not images else f"image[{len(images)}]"
                         images.append(await _read_upload(value, param, max_input_bytes))
@@ -182,7 +195,7 @@ def _json_images(body: Any, max_bytes: int, max_images: int) -> tuple[list[Uploa
                                 "(file ids are not supported)", param="images", code="invalid_image")
         urls.append(url)
     if len(urls) > max_images:
-        raise APIError(400, f"at most {max_images} images may be sent, got {len(urls)}", param="image",
+        raise APIError(400, f"at most {_images(max_images)} may be sent, got {len(urls)}", param="image",
                        code="too_many_images")
     try:
         uploads = []
@@ -244,8 +257,8 @@ class EditService:
             raise APIError(400, "image is required: send the image to edit as a file part 'image' (or 'image[]'), "
                                 "or as a data URL in JSON", param="image", code="missing_required_parameter")
         if len(uploads) > modes.max_images:
-            raise APIError(400, f"{spec.key} takes at most {modes.max_images} image"
-                                f"{'s' if modes.max_images > 1 else ''}, got {len(uploads)}", param="image",
+            raise APIError(400, f"{spec.key} takes at most {_images(modes.max_images)}, got {len(uploads)}",
+                           param="image",
                            code="too_many_images")
         task = modes.with_mask if mask_upload is not None else modes.without_mask
         if task is None:

@@ -334,6 +334,7 @@ class ImageService:
         loop = asyncio.get_running_loop()
         size = f"{job.params.width}x{job.params.height}"
         partial_steps = _partial_steps(job.params.steps, options.partial_images)
+        partial_total = job.params.steps
         partial_index = 0
         prefix = options.event_prefix
         async with job.subscribe() as events:  # before submit: no event can be missed
@@ -355,6 +356,9 @@ class ImageService:
                         yield {"type": f"{prefix}.progress", "status": "running", "step": 0,
                                "total": job.params.steps, "queue_position": 0, "batch_size": event.get("batch_size")}
                     elif kind == "progress":
+                        if event["total"] != partial_total:  # img2img/inpaint run fewer steps than asked (strength)
+                            partial_total = event["total"]
+                            partial_steps = _partial_steps(partial_total, options.partial_images)
                         yield {"type": f"{prefix}.progress", "status": "running", "step": event["step"],
                                "total": event["total"], "queue_position": 0}
                         preview = event.get("preview")
@@ -393,8 +397,9 @@ class ImageService:
 
 def error_event(error: JobError) -> dict[str, Any]:
     """An ``error`` stream event in OpenAI's error shape."""
-    return {"type": "error", "error": {"message": sanitize(error.message), "type": "server_error" if error.status >= 500
-                                       else "invalid_request_error", "param": None, "code": error.code}}
+    kind = "server_error" if error.status >= 500 else "invalid_request_error"
+    return {"type": "error", "error": {"message": sanitize(error.message), "type": kind, "param": None,
+                                       "code": error.code}}
 
 
 async def wait_disconnect(receive: Callable[[], Awaitable[Any]]) -> None:

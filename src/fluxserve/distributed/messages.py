@@ -44,6 +44,10 @@ class RemoteRequest:
     want_previews: bool = False
     attempt: int = 0
     """0 for the first try; retries after a lost replica count up."""
+    images: tuple[Any, ...] = ()
+    """Edits: the input images (``uint8`` arrays), as ``Job.images``."""
+    mask: Any = None
+    """Inpainting: the mask (``uint8`` array), as ``Job.mask``."""
 
 
 @dataclass(frozen=True)

@@ -87,7 +87,8 @@ class ReplicaWorker:
         If the caller goes away (Ray cancels this generator) the local job is cancelled too.
         """
         job = Job(spec=request.spec, params=request.params, prompt=request.prompt, seeds=list(request.seeds),
-                  negative_prompt=request.negative_prompt, id=request.job_id, want_previews=request.want_previews)
+                  negative_prompt=request.negative_prompt, id=request.job_id, want_previews=request.want_previews,
+                  images=list(request.images), mask=request.mask)
         yield {"type": "accepted", "replica": self.info()}
         scheduler = self.runtime.scheduler
         async with job.subscribe() as events:  # the one thread → asyncio bridge, as for the HTTP routes

@@ -274,11 +274,20 @@ class _EditPlan:
 
 def _plan_edit(family: Any, view: PipelineView, params: GenerationParams,
                requests: list[ImageRequest]) -> _EditPlan:
+    if any(not r.images for r in requests):
+        raise ValueError(f"a {params.task} request needs its input images")
     requests = [_at_size(r, params.width, params.height) for r in requests]  # an OOM fallback may shrink the size
     first = requests[0]
     pipe = family.edit_pipeline(view.pipeline, params.task)
     mask = first.mask if params.task == "inpaint" else None
     kwargs = family.edit_call_kwargs(params.task, first.images, mask, params.strength, params.width, params.height)
+    # One copy of a single input per output image: the pipelines encode the image with the batch's generators
+    # but, for one image, with the first generator only, which would make image i depend on the others' seeds.
+    count = sum(len(r.seeds) for r in requests)
+    for key in ("image", "mask_image"):
+        value = kwargs.get(key)
+        if value is not None and not isinstance(value, list) and count > 1:
+            kwargs[key] = [value] * count
     return _EditPlan(pipe, kwargs, requests)
 
 

@@ -195,6 +195,7 @@ class Job:
                 self.error = error
                 self.finished_at = now
                 self.queue_position = None
+                self.images, self.mask = [], None  # a finished job keeps no input pixels
                 event = {"type": to.value, "step": self.step}
                 if self.cancel_step is not None:
                     event["cancel_step"] = self.cancel_step

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
+from fluxserve.api.editing import edit_card
 from fluxserve.api.errors import APIError
 from fluxserve.api.middleware import is_admin
 from fluxserve.api.protocol import (
@@ -82,6 +83,7 @@ def model_card(runtime: Runtime, spec: ModelSpec) -> dict[str, Any]:
                              "capacity": m.prompt_cache.capacity}
                          for d, m in loaded.items() if hasattr(m, "prompt_cache")},  # Ray: remote replicas
         "replicas": runtime.replicas(spec.key),
+        "edits": edit_card(spec),
     }
 
 

@@ -230,6 +230,16 @@ class Family:
         """The step callback's latents as [B, C, h, w] for previews."""
         raise NotImplementedError
 
+    def text_to_image(self, pipe: Any) -> Any:
+        """The pipeline that draws from text alone, for plain calls (bench baselines, tests): the loaded one,
+        unless the family's checkpoint is an edit pipeline that needs images (Qwen-Image-Edit)."""
+        return pipe
+
+    def plain_call_kwargs(self, width: int, height: int) -> dict[str, Any]:
+        """Arguments a plain call of :meth:`text_to_image` needs to draw at width × height besides prompt, size,
+        steps and generator (FLUX.1 Kontext: ``max_area``, or it rescales to a megapixel)."""
+        return {}
+
     # edits --------------------------------------------------------------------------------------------
     @property
     def tasks(self) -> tuple[Task, ...]:

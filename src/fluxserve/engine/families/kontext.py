@@ -39,8 +39,9 @@ class KontextFamily(FluxFamily):
     max_input_images = 1
     defaults = FamilyDefaults(
         steps=28, guidance=2.5, max_sequence_length=512, presets=_PRESETS,
-        sources={"guidance": "FLUX.1-Kontext-dev model card example (guidance_scale=2.5)",
-                 "steps": "FluxKontextPipeline default (28)",
+        sources={"guidance": "FluxKontextPipeline's docstring example (guidance_scale=2.5)",
+                 "steps": "FluxKontextPipeline.__call__ default (28)",
+                 "licence": "FLUX.1 [dev] Non-Commercial, gated, as FLUX.1 dev (from memory: unverified here)",
                  "presets": "wide: one of PREFERRED_KONTEXT_RESOLUTIONS in pipeline_flux_kontext.py"},
     )
     optimizations = Optimizations(
@@ -64,8 +65,11 @@ class KontextFamily(FluxFamily):
                 args: DenoiseArgs) -> torch.Tensor:
         # Kontext rescales its output to ``max_area`` (default 1024²) at the requested aspect ratio: ask for
         # exactly the requested size.
-        call = {"max_area": args.width * args.height, **args.call_kwargs}
+        call = {**self.plain_call_kwargs(args.width, args.height), **args.call_kwargs}
         return super().denoise(pipe, positives, negatives, replace(args, call_kwargs=call))
+
+    def plain_call_kwargs(self, width: int, height: int) -> dict[str, Any]:
+        return {"max_area": width * height}
 
     def edit_call_kwargs(self, task: Task, images: Sequence[np.ndarray], mask: np.ndarray | None,
                          strength: float | None, width: int, height: int) -> dict[str, Any]:

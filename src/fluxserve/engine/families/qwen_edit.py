@@ -44,9 +44,11 @@ class QwenImageEditFamily(QwenImageFamily):
     defaults = FamilyDefaults(
         steps=40, guidance=4.0, max_sequence_length=512, max_sequence_length_limit=1024, negative_prompt=" ",
         presets=_PRESETS,
-        sources={"steps": "Qwen-Image-Edit-2509 model card example (num_inference_steps=40)",
-                 "guidance": "Qwen-Image-Edit-2509 model card example (true_cfg_scale=4.0, negative_prompt ' ')",
-                 "max_input_images": "Qwen-Image-Edit-2509 model card: 1 to 3 input images work best"},
+        sources={"steps": "Qwen-Image-Edit-2509 model card example, 40 (from memory: unverified here; "
+                          "QwenImageEditPlusPipeline's docstring example uses 50)",
+                 "guidance": "QwenImageEditPlusPipeline.__call__ default true_cfg_scale=4.0; negative ' '",
+                 "max_input_images": "the issue (up to 3 references; the 2509 card says 1 to 3 work best)",
+                 "licence": "Apache-2.0 (from memory: unverified here)"},
     )
     optimizations = Optimizations(
         compile_blocks=("QwenImageTransformerBlock",), fused_qkv=False, fp8_linears=True,
@@ -77,7 +79,8 @@ class QwenImageEditFamily(QwenImageFamily):
     def cache_key(self, prompt: str, max_sequence_length: int) -> tuple[str, str, int]:
         return ("qwen_edit:text", prompt, max_sequence_length)
 
-    def _t2i(self, pipe: Any) -> Any:
+    def text_to_image(self, pipe: Any) -> Any:
+        """``QwenImagePipeline`` made from the loaded edit pipeline (same modules), cached per pipeline object."""
         made = self._text_to_image.get(pipe)
         if made is None:
             from diffusers import QwenImagePipeline
@@ -98,7 +101,7 @@ class QwenImageEditFamily(QwenImageFamily):
             output_type="latent", return_dict=False, callback_on_step_end_tensor_inputs=["latents"],
             max_sequence_length=args.max_sequence_length or 512)
         if "image" not in args.call_kwargs:  # text to image, every prompt of the batch in one call
-            return self._t2i(pipe)(prompt=texts, negative_prompt=negative, generator=args.generators,
+            return self.text_to_image(pipe)(prompt=texts, negative_prompt=negative, generator=args.generators,
                                    callback_on_step_end=args.callback, **common)[0]
         # The edit pipeline takes one prompt per call: one call per run of equal prompts, each with its own
         # generators; the step callback sees the whole batch's latents (the other rows at zero).

@@ -115,7 +115,16 @@ export class ApiClient {
    * Resolves when the stream ends; rejects with ApiError for HTTP errors (before the stream starts).
    */
   async generate(body, { signal, onEvent }) {
-    const response = await this.fetch("/v1/images/generations", {
+    return this.streamed("/v1/images/generations", body, { signal, onEvent });
+  }
+
+  /** A streamed edit (POST /v1/images/edits with images as data URLs); events as for generate(). */
+  async edit(body, { signal, onEvent }) {
+    return this.streamed("/v1/images/edits", body, { signal, onEvent });
+  }
+
+  async streamed(path, body, { signal, onEvent }) {
+    const response = await this.fetch(path, {
       method: "POST", body, signal, accept: "text/event-stream",
     });
     const type = response.headers.get("content-type") || "";

@@ -3,7 +3,7 @@
 import { el, formatSeconds } from "./format.js";
 
 export class Gallery {
-  constructor({ list, count, empty, viewer, onUse }) {
+  constructor({ list, count, empty, viewer, onUse, onEdit }) {
     this.list = list;
     this.count = count;
     this.empty = empty;
@@ -13,6 +13,10 @@ export class Gallery {
     this.current = null;
     viewer.querySelector("#viewer-use").addEventListener("click", () => {
       if (this.current) this.onUse(this.current);
+      viewer.close();
+    });
+    viewer.querySelector("#viewer-edit").addEventListener("click", () => {
+      if (this.current) onEdit(this.current);
       viewer.close();
     });
   }

@@ -1,7 +1,8 @@
 // fluxserve studio: wires the page to the API (models, tokenize, streamed generations, cancel, memory).
 
 import { ApiClient, ApiError, newRequestId, normalizeBase } from "./api.js";
-import { base64ToBlob, curlCommand, debounce, el, formatBytes, formatSeconds, mediaType } from "./format.js";
+import { base64ToBlob, curlCommand, debounce, el, formatBytes, formatSeconds, mediaType, shellQuote } from "./format.js";
+import { EditPanel } from "./edit.js";
 import { Gallery } from "./gallery.js";
 import { ParamsForm } from "./params.js";
 import * as store from "./store.js";
@@ -33,7 +34,13 @@ const params = new ParamsForm(document, { onChange: () => {} });
 const gallery = new Gallery({
   list: $("gallery"), count: $("gallery-count"), empty: $("gallery-empty"), viewer: $("viewer"),
   onUse: (image) => useSettings(image),
+  onEdit: (image) => editImage(image),
 });
+const edit = new EditPanel({
+  root: $("edit-panel"), onChange: () => updateButtons(),
+  onError: (message) => toast(`Cannot use that image: ${message}`, "error", 6000),
+});
+new MutationObserver(() => updateButtons()).observe($("edit-panel"), { attributes: true, attributeFilter: ["class"] });
 
 function connectionSettings() {
   const base = store.getApiBase();
@@ -215,15 +222,51 @@ function buildRequest() {
     return null;
   }
   params.clearInvalid(ui.prompt);
-  return { prompt, model: state.card?.id, ...params.read() };
+  const request = { prompt, model: state.card?.id, ...params.read() };
+  if (!edit.active) return request;
+  // An edit: the first image's size ("auto"), the images and the painted mask; strength where the task takes one.
+  const modes = state.card?.edits;
+  if (!modes) {
+    toast(`${state.card?.id} does not edit images`, "error", 6000);
+    return null;
+  }
+  const task = edit.hasMask ? modes.with_mask : modes.without_mask;
+  delete request.width;
+  delete request.height;
+  return { ...request, ...edit.fields({ usesStrength: task === "img2img" || task === "inpaint" }) };
+}
+
+async function editImage(image) {
+  try {
+    edit.clear(); // continue from this image: it becomes the (only) input, with a fresh mask
+    await edit.addUrl(image.url, `result ${image.seed}`);
+    $("edit-panel").scrollIntoView({ block: "nearest" });
+    ui.prompt.focus();
+  } catch (err) {
+    toast(`Could not edit that image: ${err.message}`, "error", 6000);
+  }
 }
 
 function showCurl(request) {
   const { request_id: _id, ...body } = request;
   state.lastRequest = body;
-  ui.curl.textContent = curlCommand(api.url("/v1/images/generations"), body,
-                                    { auth: Boolean(api.key) || Boolean(state.models?.runtime?.auth_required) });
+  const auth = Boolean(api.key) || Boolean(state.models?.runtime?.auth_required);
+  ui.curl.textContent = body.image ? editCurl(body, auth)
+    : curlCommand(api.url("/v1/images/generations"), body, { auth });
   ui.copyCurl.disabled = false;
+}
+
+/** The edit as OpenAI's SDKs send it (multipart), with the images as files instead of megabytes of base64. */
+function editCurl(body, auth) {
+  const lines = [`curl ${shellQuote(api.url("/v1/images/edits"))}`];
+  if (auth) lines.push('-H "Authorization: Bearer $FLUX_API_KEY"');
+  body.image.forEach((_, i) => lines.push(`-F ${body.image.length > 1 ? "'image[]'" : "image"}=@image${i + 1}.png`));
+  if (body.mask) lines.push("-F mask=@mask.png");
+  for (const [key, value] of Object.entries(body)) {
+    if (key === "image" || key === "mask" || value === undefined || value === null) continue;
+    lines.push(`-F ${shellQuote(`${key}=${value}`)}`);
+  }
+  return lines.join(" \\\n  ");
 }
 
 async function run(request) {
@@ -239,7 +282,7 @@ async function run(request) {
   state.inflight.set(request.request_id, { turn, controller });
   updateButtons();
   try {
-    await api.generate({ ...request, stream: true, partial_images: 2 }, {
+    await (request.image ? api.edit.bind(api) : api.generate.bind(api))({ ...request, stream: true, partial_images: 2 }, {
       signal: controller.signal,
       onEvent: (type, data) => onStreamEvent(turn, type, data),
     });
@@ -260,7 +303,7 @@ async function run(request) {
 }
 
 function onStreamEvent(turn, type, data) {
-  switch (type) {
+  switch (type.replace(/^image_edit\./, "image_generation.")) { // edits stream the same events under image_edit.*
     case "image_generation.progress":
       turn.onProgress(data);
       break;
@@ -305,6 +348,7 @@ const turnHandlers = {
   onVary: (turn) => run({ ...turn.request, seed: undefined }),
   onRetry: (turn) => run({ ...turn.request }),
   onImage: (_turn, image) => gallery.add(image),
+  onEdit: (_turn, image) => editImage(image),
 };
 
 function useSettings(image) {
@@ -320,6 +364,7 @@ function useSettings(image) {
 function updateButtons() {
   ui.cancel.disabled = state.inflight.size === 0;
   ui.generate.disabled = state.switching || !state.card;
+  ui.generate.firstChild.textContent = edit?.active ? "Edit " : "Generate ";
   ui.cancel.textContent = state.inflight.size > 1 ? `Cancel (${state.inflight.size})` : "Cancel";
 }
 

@@ -140,6 +140,8 @@ export class Turn {
       el("span", { class: "seed" }, "Seed ", el("code", { class: "seed-value", text: String(image.seed) })),
       el("span", { class: "meta", text: `${width}×${height} · ${params.num_inference_steps ?? "?"} steps` }),
       el("a", { class: "btn btn-small download", href: url, download: image.filename, text: "Download" }),
+      el("button", { type: "button", class: "btn btn-small edit-this", text: "Edit this",
+                     onclick: () => this.handlers.onEdit?.(this, image) }),
     );
     const figure = el("figure", { class: "shot" }, el("div", { class: "shot-frame" }, img), caption,
                       timingDetails(image.timing));
