@@ -18,6 +18,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,6 +39,7 @@ from fluxserve.engine.memory import (
 )
 from fluxserve.engine.registry import ModelSpec
 from fluxserve.generation import (
+    AdapterError,
     BadOutput,
     GenerationCancelled,
     GenerationParams,
@@ -46,6 +48,7 @@ from fluxserve.generation import (
     ModelLockTimeout,
     OutOfMemory,
 )
+from fluxserve.loras import LoraLibrary
 from fluxserve.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -123,6 +126,7 @@ class DeviceEngine:
         self._models: dict[str, LoadedModel] = {}
         self._load_locks: dict[str, threading.Lock] = {}
         self.consecutive_oom_failures = 0
+        self.lora_library = LoraLibrary(settings.lora_library_dir)
         self.oom_events: deque[str] = deque(maxlen=256)
         """The latest out-of-memory kinds seen (bounded: a long-running server must not grow it)."""
 
@@ -205,7 +209,7 @@ class DeviceEngine:
         """
         attempt = _Attempt(params)
         rungs = list(self.settings.oom_policy)
-        with model.view() as view:
+        with model.view() as view, self._adapters(model, params):
             try:
                 while True:
                     failure: str | None = None
@@ -239,6 +243,14 @@ class DeviceEngine:
                         raise OutOfMemory(attempt.failure_reason(failure))
             finally:
                 self._undo_temporary(model, view, attempt)
+
+    def _adapters(self, model: LoadedModel, params: GenerationParams) -> Any:
+        """Hold the model with the batch's adapter set active (see ``engine/adapters.py``)."""
+        if model.loras is None:
+            if params.loras:
+                raise AdapterError(model.loras_unavailable or "this model takes no LoRA adapters")
+            return nullcontext()
+        return model.loras.use(params.loras, self.lora_library.get)
 
     def _record_oom(self, model: LoadedModel, attempt: _Attempt, kind: str) -> None:
         self.oom_events.append(kind)
@@ -350,8 +362,10 @@ class DeviceEngine:
                     log.exception("could not re-enable model CPU offload")
 
     def _encode(self, model: LoadedModel, pipe: Any, prompt: str, max_len: int, *,
-                cache: bool = True) -> PromptEmbedding:
-        key = model.adapter.cache_key(prompt, max_len)
+                cache: bool = True, loras: tuple[tuple[str, float], ...] = ()) -> PromptEmbedding:
+        key: tuple[Any, ...] = model.adapter.cache_key(prompt, max_len)
+        if loras and model.loras is not None and model.loras.text_encoder_set(loras):
+            key = (*key, loras)  # a text-encoder adapter changes the embeddings
         cached = model.prompt_cache.get(key) if cache else None
         if cached is not None:
             return cached
@@ -382,12 +396,14 @@ class DeviceEngine:
         use_negative = adapter.wants_negative(params.guidance)
         cache = not attempt.in_float32  # cached embeddings are in the half-precision dtype
         for request in requests:
-            pos = self._encode(model, pipe, request.prompt, params.max_sequence_length, cache=cache)
+            pos = self._encode(model, pipe, request.prompt, params.max_sequence_length, cache=cache,
+                               loras=params.loras)
             neg = None
             if use_negative:
                 neg_text = request.negative_prompt if request.negative_prompt is not None else \
                     (model.spec.negative_prompt or " ")
-                neg = self._encode(model, pipe, neg_text, params.max_sequence_length, cache=cache)
+                neg = self._encode(model, pipe, neg_text, params.max_sequence_length, cache=cache,
+                                   loras=params.loras)
             for _ in request.seeds:
                 positives.append(pos)
                 if neg is not None:
