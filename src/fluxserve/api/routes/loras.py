@@ -17,6 +17,7 @@ from fastapi.responses import JSONResponse
 from fluxserve.api.errors import APIError
 from fluxserve.api.protocol import ERROR_RESPONSES, LoraLoadRequest
 from fluxserve.api.serving import ImageService
+from fluxserve.engine.registry import ModelNotAllowedError, UnknownModelError
 from fluxserve.generation import AdapterError
 from fluxserve.loras import LoraError, LoraInfo, resolve_loras
 
@@ -63,7 +64,12 @@ async def list_loras(request: Request) -> JSONResponse:
 def _target(request: Request, body: LoraLoadRequest) -> tuple[Any, list[tuple[str, Any]]]:
     service = _service(request)
     runtime = service.runtime
-    spec = service.resolve_model(body.model)
+    try:  # an operator may name any registry model, as with /v1/models/select
+        spec = runtime.resolve(body.model, operator=True)
+    except ModelNotAllowedError as exc:
+        raise APIError(403, str(exc), param="model", code="model_not_allowed") from None
+    except UnknownModelError as exc:
+        raise APIError(404, str(exc), param="model", code="model_not_found") from None
     models = [(device, model) for key, device, model in _loaded_models(runtime) if key == spec.key]
     if not models:
         raise APIError(409, f"model {spec.key!r} is not loaded (or takes no adapters): select it first",
