@@ -312,6 +312,6 @@ def ensure_demo_lora(library_dir: Path, model_key: str, model_dir: Path) -> Path
     family, name, seed = demo
     path = Path(library_dir) / family / f"{name}.safetensors"
     if not path.is_file():
-        build_tiny_lora(model_dir, path, family=family, base_model=model_key, seed=seed)
+        build_tiny_lora(model_dir, path, family=family, base_model=model_key, seed=seed, std=0.5)  # visibly strong
         log.info("wrote the demo LoRA %s for %s", name, model_key)
     return path
