@@ -237,3 +237,31 @@ def test_fp8_models_take_no_adapters(cache_dir: Path, lora_dir: Path) -> None:
 
     state, reason = _adapter_state(model.primary, settings.model_copy(update={"quantize": "fp8"}))
     assert state is None and reason is not None and "FLUX_QUANTIZE=fp8" in reason
+
+
+def test_hotswap_slots_give_the_eager_images_and_keep_scales_as_tensors(
+        cache_dir: Path, lora_dir: Path, engine: DeviceEngine, flux: LoadedModel) -> None:
+    """The compiled path's switching (hot-swap into slots padded to FLUX_LORA_MAX_RANK, scales written in
+    place), here without compiling: the same images as eager set_adapters, A→B→A byte-identical, and the
+    scalings stay tensors (a Python float there would recompile per scale value)."""
+    from peft.tuners.lora import LoraLayer
+
+    from fluxserve.engine.adapters import AdapterState
+
+    eager_a = image(engine, flux, (("a", 0.8),))
+    eager_ab = image(engine, flux, (("a", 0.5), ("b", 1.0)))
+    plain = image(engine, flux)
+
+    hot_engine = make_engine(cache_dir, lora_dir)
+    model = load_model(BUILTIN_MODELS["tiny-flux"], CPU, hot_engine.settings)
+    model.primary.enable_lora_hotswap(target_rank=8)
+    model.loras = AdapterState(model.primary, capacity=8, hotswap=True, slots=2, max_rank=8)
+    hot_a = image(hot_engine, model, (("a", 0.8),))
+    assert np.abs(hot_a.astype(int) - eager_a.astype(int)).max() <= 1
+    hot_ab = image(hot_engine, model, (("a", 0.5), ("b", 1.0)))
+    assert np.abs(hot_ab.astype(int) - eager_ab.astype(int)).max() <= 1
+    assert np.abs(image(hot_engine, model).astype(int) - plain.astype(int)).max() <= 1  # every slot at 0
+    assert np.array_equal(image(hot_engine, model, (("a", 0.8),)), hot_a)
+    layers = [m for m in model.primary.transformer.modules() if isinstance(m, LoraLayer)]
+    assert layers and all(isinstance(v, torch.Tensor) for m in layers for v in m.scaling.values())
+    assert all(m.lora_A["fluxserve_slot0"].weight.shape[0] == 8 for m in layers)  # padded to the slot rank

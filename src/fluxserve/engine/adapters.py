@@ -232,23 +232,51 @@ class AdapterState:
         self.pipe.set_adapters([_peft_name(n) for n, _ in wanted], adapter_weights=[s for _, s in wanted])
 
     def _activate_slots(self, wanted: LoraSet) -> None:
+        """Hot-swap each adapter's tensors into its slot and set the scales *in place*.
+
+        ``set_adapters`` would write Python floats into PEFT's ``scaling`` (one recompile per scale value),
+        so after the slots exist scales are only ever ``fill_``/``mul_`` on the scaling tensors that
+        ``enable_lora_hotswap`` made. A hot-swap resets a slot's scaling to its adapter's ``alpha / rank``;
+        every switch swaps again, then multiplies by the request's scale."""
+        from peft.tuners.lora import LoraLayer
+        from peft.utils.hotswap import _convert_scalings_to_tensor
+
         if len(wanted) > self.slots:
             raise AdapterError(f"{len(wanted)} adapters at once, but compiled models have {self.slots} slots "
                                "(FLUX_MAX_LORAS_PER_REQUEST)")
         while len(self._slot_filled) < self.slots:
             self._slot_filled.append(False)
+        created = False
         for index, (name, _) in enumerate(wanted):
             with self._lock:
                 state = self._loaded[name].state_dict
             assert state is not None
-            slot = f"fluxserve_slot{index}"
             # A copy: load_lora_weights pops from the dict it gets.
-            self.pipe.load_lora_weights(dict(state), adapter_name=slot, hotswap=self._slot_filled[index])
+            self.pipe.load_lora_weights(dict(state), adapter_name=_slot(index), hotswap=self._slot_filled[index])
+            created = created or not self._slot_filled[index]
             self._slot_filled[index] = True
-        filled = [f"fluxserve_slot{i}" for i, full in enumerate(self._slot_filled) if full]
-        if filled:
-            scales = [s for _, s in wanted] + [0.0] * (len(filled) - len(wanted))
-            self.pipe.set_adapters(filled, adapter_weights=scales)
+        filled = [_slot(i) for i, full in enumerate(self._slot_filled) if full]
+        modules = [m for component in self.pipe.components.values() if isinstance(component, torch.nn.Module)
+                   for m in component.modules() if isinstance(m, LoraLayer)]
+        if created:  # a new slot (once per slot, the only time the modules change): every slot on, scales as tensors
+            self.pipe.set_adapters(filled, adapter_weights=[1.0] * len(filled))
+            for component in self.pipe.components.values():
+                if isinstance(component, torch.nn.Module):
+                    _convert_scalings_to_tensor(component)
+        scales = {_slot(i): scale for i, (_, scale) in enumerate(wanted)}
+        with torch.no_grad():
+            for module in modules:
+                for slot, value in module.scaling.items():
+                    if not isinstance(value, torch.Tensor):
+                        continue
+                    if slot in scales:
+                        value.mul_(scales[slot])
+                    else:
+                        value.fill_(0.0)  # an unused slot: the model without it
+
+
+def _slot(index: int) -> str:
+    return f"fluxserve_slot{index}"
 
 
 def _peft_name(name: str) -> str:
