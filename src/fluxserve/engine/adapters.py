@@ -168,11 +168,12 @@ class AdapterState:
             if self.hotswap:
                 state = self.pipe.lora_state_dict(str(info.path))
                 state = state[0] if isinstance(state, tuple) else state
-                device = self.pipe.transformer.device
+                device = getattr(self.pipe, "device", None) or "cpu"  # the pipeline's execution device
                 state = {k: v.to(device) for k, v in state.items()}
                 entry = _Loaded(info, 0.0, state)
             else:
-                self.pipe.load_lora_weights(str(info.path), adapter_name=_peft_name(info.name))
+                with _quiet_loader():
+                    self.pipe.load_lora_weights(str(info.path), adapter_name=_peft_name(info.name))
                 entry = _Loaded(info, 0.0)
         except AdapterError:
             raise
@@ -252,7 +253,9 @@ class AdapterState:
                 state = self._loaded[name].state_dict
             assert state is not None
             # A copy: load_lora_weights pops from the dict it gets.
-            self.pipe.load_lora_weights(dict(state), adapter_name=_slot(index), hotswap=self._slot_filled[index])
+            with _quiet_loader():
+                self.pipe.load_lora_weights(dict(state), adapter_name=_slot(index),
+                                            hotswap=self._slot_filled[index])
             created = created or not self._slot_filled[index]
             self._slot_filled[index] = True
         filled = [_slot(i) for i, full in enumerate(self._slot_filled) if full]
@@ -273,6 +276,20 @@ class AdapterState:
                         value.mul_(scales[slot])
                     else:
                         value.fill_(0.0)  # an unused slot: the model without it
+
+
+@contextmanager
+def _quiet_loader() -> Iterator[None]:
+    """diffusers warns on every load that an adapter has no text-encoder part ("No LoRA keys associated to
+    CLIPTextModel ..."): true of most adapters, and one line per switch under hotswap."""
+    from diffusers.utils import logging as diffusers_logging
+
+    level = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        diffusers_logging.set_verbosity(level)
 
 
 def _slot(index: int) -> str:
