@@ -138,8 +138,10 @@ def test_an_adapter_that_does_not_fit_fails_clearly_and_leaves_the_model_working
     save_file({"transformer.transformer_blocks.0.attn.to_q.lora_A.weight": torch.zeros(2, 999),
                "transformer.transformer_blocks.0.attn.to_q.lora_B.weight": torch.zeros(999, 2)}, str(wrong))
     plain = image(engine, flux)
+    with_a = image(engine, flux, (("a", 1.0),))
     with pytest.raises(AdapterError, match="does not fit"):
-        image(engine, flux, (("wrong-shape", 1.0),))
+        image(engine, flux, (("a", 1.0), ("wrong-shape", 1.0)))  # "a" is activated, then the second fails
+    assert np.array_equal(image(engine, flux, (("a", 1.0),)), with_a)  # the set is restored, not assumed
     assert np.array_equal(image(engine, flux), plain)
     assert np.array_equal(image(engine, flux, (("a", 0.8),)), image(engine, flux, (("a", 0.8),)))
     wrong.unlink()
@@ -265,3 +267,28 @@ def test_hotswap_slots_give_the_eager_images_and_keep_scales_as_tensors(
     layers = [m for m in model.primary.transformer.modules() if isinstance(m, LoraLayer)]
     assert layers and all(isinstance(v, torch.Tensor) for m in layers for v in m.scaling.values())
     assert all(m.lora_A["fluxserve_slot0"].weight.shape[0] == 8 for m in layers)  # padded to the slot rank
+
+
+def test_under_regional_compile_switching_never_recompiles(cache_dir: Path, lora_dir: Path) -> None:
+    """FLUX_COMPILE=regional through load_model: hotswap is enabled before compiling; after the first adapter
+    is put into the slot, switching adapters, scales and back to none adds no compiled graph, and A→B→A gives
+    A's image byte-identical (tens of seconds of compiling on a CPU)."""
+    from torch._dynamo.utils import counters
+
+    engine = make_engine(cache_dir, lora_dir, compile="regional", lora_max_rank=8, max_loras_per_request=1)
+    model = engine.load(BUILTIN_MODELS["tiny-flux"])[0]
+    assert "lora_hotswap_rank8" in model.modes and "compile_regional" in model.modes
+    plain = image(engine, model)
+    first = image(engine, model, (("a", 1.0),))  # the slot is created: its blocks compile once more
+    graphs = counters["stats"]["unique_graphs"]
+    other = image(engine, model, (("b", 0.7),))
+    weaker = image(engine, model, (("a", 0.3),))
+    none = image(engine, model)
+    again = image(engine, model, (("a", 1.0),))
+    assert counters["stats"]["unique_graphs"] == graphs, "a switch recompiled"
+    assert not np.array_equal(first, other) and not np.array_equal(first, weaker)
+    assert np.array_equal(again, first)
+    assert np.abs(none.astype(int) - plain.astype(int)).max() <= 1
+    with pytest.raises(AdapterError, match="slots"):
+        image(engine, model, (("a", 1.0), ("b", 1.0)))
+    engine.unload("tiny-flux")

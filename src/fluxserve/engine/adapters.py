@@ -40,6 +40,8 @@ from fluxserve.loras import BASE_MODEL_KEY, FAMILY_KEY, LoraInfo
 log = logging.getLogger(__name__)
 
 LoraSet = tuple[tuple[str, float], ...]
+UNKNOWN_SET: LoraSet = (("", float("nan")),)
+"""The gate's active set after a failed switch: equal to no set (NaN ≠ NaN), so the next batch switches."""
 
 
 class AdapterGate:
@@ -68,6 +70,8 @@ class AdapterGate:
                 try:
                     switch(wanted)  # nobody else is in: the modules are ours
                 except BaseException:
+                    # The modules may hold part of the new set now: the next batch must switch, whatever its set.
+                    self.active = UNKNOWN_SET
                     self._cond.notify_all()
                     raise
                 self.active = wanted
