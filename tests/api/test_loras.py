@@ -133,11 +133,19 @@ async def test_load_and_unload_are_for_admins(app_factory: Callable[..., Any], l
             assert (response.status_code, response.json()["error"]["code"]) == (status, code), response.text
 
         gone = await client.post("/v1/loras/unload", json={"name": "other"}, headers=admin)
+        assert gone.status_code == 200, gone.text
         assert gone.status_code == 200 and gone.json()["devices"] == ["cpu"]
         again = await client.post("/v1/loras/unload", json={"name": "other"}, headers=admin)
         assert again.status_code == 404 and again.json()["error"]["param"] == "name"
         cards = {c["name"]: c for c in (await client.get("/v1/loras", headers=user)).json()["data"]}
         assert cards["other"]["loaded"] == []
+
+
+async def test_hub_ids_are_refused_clearly(app_factory: Callable[..., Any], lora_dir: Path) -> None:
+    async with app_factory(lora_dir=lora_dir, allow_any_model=True) as client:
+        response = await client.post("/v1/loras/load", json={"name": "someone/hub-lora"})
+        assert response.status_code == 501 and response.json()["error"]["code"] == "lora_download_unsupported"
+        assert "FLUX_LORA_DIR" in response.json()["error"]["message"]
 
 
 async def test_fp8_refuses_adapters_per_request(app_factory: Callable[..., Any], lora_dir: Path) -> None:

@@ -15,7 +15,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from fluxserve.api.errors import APIError
-from fluxserve.api.protocol import ERROR_RESPONSES, LoraLoadRequest
+from fluxserve.api.protocol import ERROR_RESPONSES, ErrorResponse, LoraLoadRequest
 from fluxserve.api.serving import ImageService
 from fluxserve.engine.registry import ModelNotAllowedError, UnknownModelError
 from fluxserve.generation import AdapterError
@@ -24,7 +24,11 @@ from fluxserve.loras import LoraError, LoraInfo, resolve_loras
 if TYPE_CHECKING:
     from fluxserve.runtime import Runtime
 
-router = APIRouter(responses=ERROR_RESPONSES)
+router = APIRouter(responses={
+    **ERROR_RESPONSES,
+    403: {"model": ErrorResponse, "description": "Admin key needed, or hub ids without FLUX_ALLOW_ANY_MODEL"},
+    501: {"model": ErrorResponse, "description": "Hub downloads of adapters are not supported"},
+})
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
@@ -87,8 +91,9 @@ def _library_info(request: Request, name: str) -> LoraInfo:
             raise APIError(403, f"{name!r} is not in the LoRA library; hub ids need FLUX_ALLOW_ANY_MODEL=1 "
                                 "(or put the .safetensors file into FLUX_LORA_DIR)", param="name",
                            code="lora_not_allowed")
-        raise APIError(503, f"could not download {name!r}: this server cannot reach the hub; put the "
-                            ".safetensors file into FLUX_LORA_DIR instead", param="name", code="lora_download_failed")
+        raise APIError(501, f"{name!r} is not in the LoRA library and this server does not download adapters "
+                            "from the hub: put the .safetensors file into FLUX_LORA_DIR", param="name",
+                       code="lora_download_unsupported")
     raise APIError(404, f"no adapter named {name[:80]!r} in the LoRA library (GET /v1/loras lists them)",
                    param="name", code="lora_not_found")
 
