@@ -122,6 +122,10 @@ class BadOutput(EngineError):
     """The pipeline kept producing NaN or black images after the retry."""
 
 
+class AdapterError(EngineError):
+    """A LoRA adapter of the batch could not be loaded or activated on this model (the message says why)."""
+
+
 class ModelLockTimeout(TimeoutError):
     """Waited longer than FLUX_MODEL_LOCK_TIMEOUT for another load of the same model."""
 

@@ -270,6 +270,22 @@ class Settings(BaseSettings):
     """Step caching for many-step models: off | fbcache:<threshold>. Lossy, opt-in."""
     prompt_cache_size: int = Field(64, ge=0)
     """LRU entries of prompt embeddings; a repeated prompt skips the text encoders (0 disables)."""
+    # --- LoRA adapters -------------------------------------------------------------------------
+    lora_dir: Path | None = None
+    """Directory of the LoRA library: ``.safetensors`` adapters (diffusers/PEFT, kohya and the other formats
+    diffusers' ``load_lora_weights`` converts), optionally in per-family subfolders (``flux/``, ``qwen/``).
+    Default: ``FLUX_CACHE_DIR/loras``."""
+    lora_cache: int = Field(8, ge=1, le=256)
+    """Adapters each model keeps loaded on its device (LRU); activating a loaded one is ``set_adapters``,
+    never a reload."""
+    max_loras_per_request: int = Field(4, ge=1, le=16)
+    """Most adapters one request may name in ``loras``."""
+    lora_max_scale: float = Field(2.0, gt=0, le=100)
+    """Largest ``|scale|`` a request may give an adapter (400 above it)."""
+    lora_max_rank: int = Field(64, ge=1, le=1024)
+    """Under FLUX_COMPILE: the rank every adapter slot is padded to (diffusers' ``enable_lora_hotswap
+    (target_rank=...)``), so switching adapters or scales never recompiles. Adapters of a higher rank are
+    refused there (400)."""
     warmup_enable: bool = True
     """Run a 1-step generation per model and warmup size after loading; /ready waits for it."""
     warmup_sizes: CsvList = Field(default_factory=list)
@@ -406,6 +422,11 @@ class Settings(BaseSettings):
         data["api_keys"] = ["***"] * len(self.api_keys)
         data["admin_keys"] = ["***"] * len(self.admin_keys)
         return data
+
+    @property
+    def lora_library_dir(self) -> Path:
+        """Where the LoRA library lives (FLUX_LORA_DIR, default ``FLUX_CACHE_DIR/loras``)."""
+        return self.lora_dir if self.lora_dir is not None else self.cache_dir / "loras"
 
     def hf_token_value(self) -> str | None:
         return self.hf_token.get_secret_value() if self.hf_token else None

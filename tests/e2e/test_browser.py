@@ -185,6 +185,36 @@ def test_generate_from_a_preset(studio_server: ServerProcess, studio_outputs: Pa
     page.screenshot(path=str(ARTIFACTS / "web-studio-phone.png"))
 
 
+def test_pick_a_lora_adapter(studio_server: ServerProcess, page: Page) -> None:
+    """The picker lists the library's adapters for the model's family (serving tiny-flux wrote the demo one);
+    the chosen adapter and scale go into the request, the curl, the chips and the gallery's parameters."""
+    server = studio_server
+    use_model(server, "tiny-flux")
+    open_studio(page, server.base_url + "/")
+    picker = page.locator("#lora-field")
+    expect(picker).to_be_visible()
+    page.locator(".segment", has_text="low").click()
+    page.get_by_label("tiny-flux-demo", exact=True).check()
+    page.get_by_label("Scale of tiny-flux-demo").fill("0.5")
+    expect(page.locator(".lora-row .lora-value")).to_have_text("0.50")
+    page.get_by_label("Prompt", exact=True).fill("a lighthouse at dusk")
+    page.get_by_label("Prompt", exact=True).press("Control+Enter")
+    reply = latest_reply(page)
+    expect(reply).to_have_attribute("data-state", "done", timeout=GENERATION_TIMEOUT_MS)
+    expect(page.locator("#curl")).to_contain_text('"loras":[{"name":"tiny-flux-demo","scale":0.5}]')
+    expect(page.locator(".turn").last.locator(".chips")).to_contain_text("LoRA tiny-flux-demo ×0.5")
+    page.locator("#gallery li button").first.click()
+    expect(page.locator("#viewer-params")).to_contain_text("tiny-flux-demo ×0.5")
+    page.keyboard.press("Escape")
+    listing = httpx.get(server.base_url + "/v1/loras", timeout=30).json()
+    assert next(a for a in listing["data"] if a["name"] == "tiny-flux-demo")["loaded"] == ["tiny-flux@cpu"]
+
+    use_model(server, "tiny-qwen")  # the demo adapter fits only tiny-flux: no picker for qwen
+    page.reload()
+    expect(page.get_by_label("Model", exact=True)).to_have_value("tiny-qwen")
+    expect(picker).to_be_hidden()
+
+
 def test_cancel_a_slow_generation(studio_server: ServerProcess, page: Page) -> None:
     server = studio_server
     open_studio(page, server.base_url + "/")

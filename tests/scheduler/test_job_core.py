@@ -372,3 +372,28 @@ def test_loading_one_model_does_not_stop_another_from_generating(make_scheduler:
     engine.release_load()
     engine.next_call().run_free()
     assert ended(waiting) is JobStatus.SUCCEEDED and engine.loads == [OTHER.key]
+
+
+def test_jobs_batch_only_with_the_same_adapter_set_and_scales(make_scheduler: Any) -> None:
+    from dataclasses import replace
+
+    scheduler, engine, _ = make_scheduler()
+    blocker = scheduler.submit(job(steps=1, width=256))
+    held = engine.next_call()
+
+    def with_loras(loras: tuple[tuple[str, float], ...]) -> Job:
+        made = job(steps=1)
+        made.params = replace(made.params, loras=loras)
+        return made
+
+    same = [scheduler.submit(with_loras((("a", 1.0),))) for _ in range(2)]
+    weaker = scheduler.submit(with_loras((("a", 0.5),)))
+    plain = scheduler.submit(job(steps=1))
+    held.run_free()
+    calls = []
+    for _ in range(3):
+        call = engine.next_call()
+        calls.append((call.params.loras, call.size))
+        call.run_free()
+    assert sorted(calls) == [((), 1), ((("a", 0.5),), 1), ((("a", 1.0),), 2)]
+    assert all(ended(j) is JobStatus.SUCCEEDED for j in [blocker, *same, weaker, plain])

@@ -26,7 +26,7 @@ from fluxserve.api.middleware import (
     ShutdownUploadMiddleware,
     StrictJsonMiddleware,
 )
-from fluxserve.api.routes import edits, images, models, system
+from fluxserve.api.routes import edits, images, loras, models, system
 from fluxserve.api.serving import ImageService
 from fluxserve.settings import Settings
 
@@ -67,6 +67,7 @@ def create_app(settings: Settings, runtime: Runtime | None = None, *, manage_run
     app.include_router(images.router)
     app.include_router(edits.router)
     app.include_router(models.router)
+    app.include_router(loras.router)
     if settings.web_ui and STATIC_DIR.is_dir():
         app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 

@@ -84,6 +84,27 @@ class APIModel(BaseModel):
         return sorted((self.model_extra or {}).keys())
 
 
+class LoraRef(APIModel):
+    """One adapter of a request's ``loras``: a name from the LoRA library and its scale."""
+
+    name: str = Field(..., min_length=1, max_length=256, description="Adapter name (GET /v1/loras).")
+    scale: float = Field(1.0, description="Strength; 0 is the model without it (|scale| ≤ FLUX_LORA_MAX_SCALE).")
+
+    @field_validator("scale", mode="before")
+    @classmethod
+    def _number(cls, value: Any) -> Any:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return float(value)  # strict mode: 1 is a valid scale too
+        return value
+
+    @field_validator("scale")
+    @classmethod
+    def _finite(cls, value: float) -> float:
+        if not math.isfinite(value):
+            raise ValueError("must be a finite number")
+        return value
+
+
 class ImageGenerationRequest(APIModel):
     """``POST /v1/images/generations`` (and ``/v1/images/jobs``)."""
 
@@ -117,6 +138,22 @@ class ImageGenerationRequest(APIModel):
     write_metadata: bool = Field(False, description="Save a JSON sidecar next to the saved image.")
     request_id: str | None = Field(None, pattern=REQUEST_ID_PATTERN, description="Client-chosen id to cancel.")
     allow_fallback: bool | None = Field(None, description="Let OOM recovery lower the resolution.")
+    loras: list[LoraRef] | None = Field(
+        None, description='LoRA adapters from the library: [{"name": "...", "scale": 0.8}] '
+                          "(up to FLUX_MAX_LORAS_PER_REQUEST; multipart: the same list as a JSON string).")
+
+    @field_validator("loras", mode="before")
+    @classmethod
+    def _loras_json(cls, value: Any) -> Any:
+        """Multipart edits send every field as text: ``loras`` then holds the JSON list."""
+        if isinstance(value, str):
+            import json
+
+            try:
+                return json.loads(value)
+            except ValueError:
+                raise ValueError('must be a list like [{"name": "...", "scale": 0.8}]') from None
+        return value
 
     @field_validator("guidance_scale", "true_cfg_scale")
     @classmethod
@@ -153,6 +190,8 @@ class ImageParams(BaseModel):
     """Edits only: img2img, inpaint or edit."""
     strength: float | None = None
     """img2img / inpaint only: how far the result moved from the input."""
+    loras: list[dict[str, Any]] | None = None
+    """The LoRA adapters and scales the image was made with (absent without adapters)."""
 
 
 class ImageData(BaseModel):
@@ -206,6 +245,12 @@ class ImagesResponse(BaseModel):
 
 class SelectModelRequest(APIModel):
     model: str = Field(..., min_length=1)
+
+
+class LoraLoadRequest(APIModel):
+    name: str = Field(..., min_length=1, max_length=256, description="Library adapter name (or a hub id with "
+                      "FLUX_ALLOW_ANY_MODEL=1).")
+    model: str | None = Field(None, description="Model to load it on (default: the active model).")
 
 
 class UnloadModelRequest(APIModel):

@@ -21,6 +21,7 @@ from fluxserve.api.errors import APIError, sanitize
 from fluxserve.api.protocol import ImageData, ImageGenerationRequest, ImageParams, ImagesResponse, public_model_source
 from fluxserve.engine.registry import ModelNotAllowedError, ModelSpec, UnknownModelError
 from fluxserve.generation import MAX_RANDOM_SEED, GenerationParams, pick_seed, seeds_for
+from fluxserve.loras import LoraError, LoraLibrary, resolve_loras
 from fluxserve.scheduler.jobs import TERMINAL_EVENTS, Job, JobError, JobStatus
 from fluxserve.storage.images import MEDIA_TYPES, encode_image, to_base64
 from fluxserve.storage.outputs import save_error_code
@@ -58,6 +59,7 @@ class ImageService:
         self.runtime = runtime
         self.settings = runtime.settings
         self._background: set[asyncio.Task[None]] = set()
+        self.loras = LoraLibrary(self.settings.lora_library_dir)
 
     # --- validation ------------------------------------------------------------------------------
     def resolve_model(self, name: str | None) -> ModelSpec:
@@ -144,10 +146,27 @@ class ImageService:
         seed = body.seed if body.seed is not None else pick_seed() % (MAX_RANDOM_SEED + 2 - n)
         seeds = seeds_for(seed, n)
         allow_fallback = s.allow_fallback if body.allow_fallback is None else body.allow_fallback
-        params = GenerationParams(spec.key, width, height, steps, float(guidance), max_len, allow_fallback)
+        loras = self.resolve_loras(body, spec)
+        params = GenerationParams(spec.key, width, height, steps, float(guidance), max_len, allow_fallback,
+                                  loras=loras)
         check_compute_budget(body, params, n, s.max_megapixel_steps)
         return Job(spec=spec, params=params, prompt=body.prompt, seeds=seeds, negative_prompt=body.negative_prompt,
                    request_id=request_id, owner=owner, want_previews=want_previews)
+
+    def resolve_loras(self, body: ImageGenerationRequest, spec: ModelSpec) -> tuple[tuple[str, float], ...]:
+        """The request's adapter set (sorted by name: part of the batching key); 404/400 naming ``loras``."""
+        if not body.loras:
+            return ()
+        s = self.settings
+        unavailable = None
+        if s.quantize == "fp8":
+            unavailable = "LoRA adapters are not available with FLUX_QUANTIZE=fp8 (the fp8 linears take no adapters)"
+        try:
+            return resolve_loras(self.loras, [(ref.name, ref.scale) for ref in body.loras], model_key=spec.key,
+                                 family=spec.family, max_count=s.max_loras_per_request,
+                                 max_scale=s.lora_max_scale, unavailable=unavailable)
+        except LoraError as exc:
+            raise APIError(exc.status, exc.message, param="loras", code=exc.code) from None
 
     def output_options(self, body: ImageGenerationRequest, base_url: str) -> OutputOptions:
         fmt = body.output_format or "png"
@@ -257,6 +276,7 @@ class ImageService:
                  "num_inference_steps": result.original_params.steps}
                 if result.original_params is not None else None),
             task=p.task if p.task != "generate" else None, strength=p.strength,
+            loras=[{"name": name, "scale": scale} for name, scale in p.loras] or None,
         )
         plan = job.metadata.get("device_plan") or self.runtime.plan_for(job.device)  # Ray replicas send theirs
         saved_path = metadata_path = save_error = None

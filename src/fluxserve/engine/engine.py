@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,12 +31,14 @@ from fluxserve.engine.recovery import Attempt, OomLadder, RetryInFloat32, bad_ou
 from fluxserve.engine.registry import ModelSpec
 from fluxserve.engine.store import ModelStore
 from fluxserve.generation import (
+    AdapterError,
     GenerationCancelled,
     GenerationParams,
     ImageRequest,
     ImageResult,
     OutOfMemory,
 )
+from fluxserve.loras import LoraLibrary
 from fluxserve.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -51,6 +54,7 @@ class DeviceEngine:
         self.store = ModelStore(settings, plan)
         self.ladder = OomLadder(settings, plan)
         self.consecutive_oom_failures = 0
+        self.lora_library = LoraLibrary(settings.lora_library_dir)
 
     # --- models ----------------------------------------------------------------------------------
     @property
@@ -95,7 +99,7 @@ class DeviceEngine:
         """
         attempt = Attempt(params)
         rungs = list(self.settings.oom_policy)
-        with model.view() as view:
+        with model.view() as view, self._adapters(model, params):
             try:
                 while True:
                     failure: str | None = None
@@ -130,9 +134,19 @@ class DeviceEngine:
             finally:
                 self.ladder.undo_temporary(model, view, attempt)
 
+    def _adapters(self, model: LoadedModel, params: GenerationParams) -> Any:
+        """Hold the model with the batch's adapter set active (see ``engine/adapters.py``)."""
+        if model.loras is None:
+            if params.loras:
+                raise AdapterError(model.loras_unavailable or "this model takes no LoRA adapters")
+            return nullcontext()
+        return model.loras.use(params.loras, self.lora_library.get)
+
     def _encode(self, model: LoadedModel, pipe: Any, prompt: str, max_len: int, *,
-                cache: bool = True) -> PromptEmbedding:
-        key = model.adapter.cache_key(prompt, max_len)
+                cache: bool = True, loras: tuple[tuple[str, float], ...] = ()) -> PromptEmbedding:
+        key: tuple[Any, ...] = model.adapter.cache_key(prompt, max_len)
+        if loras and model.loras is not None and model.loras.text_encoder_set(loras):
+            key = (*key, loras)  # a text-encoder adapter changes the embeddings
         cached = model.prompt_cache.get(key) if cache else None
         if cached is not None:
             return cached
@@ -163,12 +177,14 @@ class DeviceEngine:
         use_negative = adapter.wants_negative(params.guidance)
         cache = not attempt.in_float32  # cached embeddings are in the half-precision dtype
         for request in requests:
-            pos = self._encode(model, pipe, request.prompt, params.max_sequence_length, cache=cache)
+            pos = self._encode(model, pipe, request.prompt, params.max_sequence_length, cache=cache,
+                               loras=params.loras)
             neg = None
             if use_negative:
                 neg_text = request.negative_prompt if request.negative_prompt is not None else \
                     (model.spec.negative_prompt or " ")
-                neg = self._encode(model, pipe, neg_text, params.max_sequence_length, cache=cache)
+                neg = self._encode(model, pipe, neg_text, params.max_sequence_length, cache=cache,
+                                   loras=params.loras)
             for _ in request.seeds:
                 positives.append(pos)
                 if neg is not None:

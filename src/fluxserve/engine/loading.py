@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from fluxserve.engine.adapters import AdapterState, ensure_demo_lora
 from fluxserve.engine.device import DevicePlan, validate_generator_device
 from fluxserve.engine.families import FAMILIES, Family, PromptEmbedding, family_of_class
 from fluxserve.engine.memory import apply_attention_slicing, apply_offload, apply_vae_modes
@@ -89,12 +90,12 @@ class PromptCache:
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
-        self._items: OrderedDict[tuple[str, str, int], PromptEmbedding] = OrderedDict()
+        self._items: OrderedDict[tuple[Any, ...], PromptEmbedding] = OrderedDict()
         self._lock = threading.Lock()
         self.hits = 0
         self.misses = 0
 
-    def get(self, key: tuple[str, str, int]) -> PromptEmbedding | None:
+    def get(self, key: tuple[Any, ...]) -> PromptEmbedding | None:
         if self.capacity == 0:
             return None
         with self._lock:
@@ -106,7 +107,7 @@ class PromptCache:
             self.hits += 1
             return item
 
-    def put(self, key: tuple[str, str, int], value: PromptEmbedding) -> None:
+    def put(self, key: tuple[Any, ...], value: PromptEmbedding) -> None:
         if self.capacity == 0:
             return
         with self._lock:
@@ -137,6 +138,10 @@ class LoadedModel:
     warmup: dict[str, Any] = field(default_factory=dict)
     loaded_at: float = field(default_factory=time.monotonic)
     """Monotonic time the load finished (tells whether a request waited for it)."""
+    loras: AdapterState | None = None
+    """Its LoRA adapters (loaded, active, the gate that serializes switching); None where adapters cannot
+    apply (FLUX_QUANTIZE=fp8, pipelines without ``load_lora_weights``): see :attr:`loras_unavailable`."""
+    loras_unavailable: str | None = None
     shared_lock: threading.Lock = field(default_factory=threading.Lock)
     """Serializes what touches modules every view shares outside denoising: the VAE decode, and the OOM
     ladder's temporary VAE modes and float32 re-decode, so one view never changes the VAE under another."""
@@ -172,6 +177,18 @@ def _import_own_components(directory: Path) -> None:
     for value in index.values():
         if isinstance(value, list) and value and isinstance(value[0], str) and value[0].startswith("fluxserve."):
             importlib.import_module(value[0])
+
+
+def _adapter_state(pipe: Any, settings: Settings) -> tuple[AdapterState | None, str | None]:
+    """The model's adapter state, or why adapters cannot apply to it."""
+    if settings.quantize == "fp8":
+        # Float8RowwiseLinear is no nn.Linear: PEFT cannot wrap it, and merging into fp8 weights would lose the
+        # adapter's precision. Refused per request (400) rather than applied to a dequantized copy.
+        return None, "LoRA adapters are not available with FLUX_QUANTIZE=fp8 (the fp8 linears take no adapters)"
+    if not hasattr(pipe, "load_lora_weights"):
+        return None, f"{type(pipe).__name__} does not take LoRA adapters"
+    return AdapterState(pipe, capacity=settings.lora_cache, hotswap=settings.compile != "off",
+                        slots=settings.max_loras_per_request, max_rank=settings.lora_max_rank), None
 
 
 def load_model(spec: ModelSpec, plan: DevicePlan, settings: Settings, *, views: int = 1) -> LoadedModel:
@@ -215,6 +232,17 @@ def load_model(spec: ModelSpec, plan: DevicePlan, settings: Settings, *, views: 
     modes += apply_vae_modes(pipe, slicing=settings.vae_slicing, tiling=settings.vae_tiling,
                              tile_size=settings.vae_tile_size)
 
+    # LoRA: hotswap must be enabled before the transformer is compiled (slots padded to FLUX_LORA_MAX_RANK).
+    loras, loras_unavailable = _adapter_state(pipe, settings)
+    if loras is not None and loras.hotswap:
+        pipe.enable_lora_hotswap(target_rank=settings.lora_max_rank)
+        modes.append(f"lora_hotswap_rank{settings.lora_max_rank}")
+    if spec.tiny is not None:
+        try:
+            ensure_demo_lora(settings.lora_library_dir, spec.key, Path(source))
+        except Exception as exc:  # the demo adapter is a convenience: the model still serves without it
+            log.warning("could not write the demo LoRA for %s: %s: %s", spec.key, type(exc).__name__, exc)
+
     from fluxserve.engine.optimize import apply_optimizations
 
     modes += apply_optimizations(pipe, settings, plan, FAMILIES[family])
@@ -223,6 +251,7 @@ def load_model(spec: ModelSpec, plan: DevicePlan, settings: Settings, *, views: 
     model = LoadedModel(
         spec=spec, plan=plan, adapter=FAMILIES[family], pipeline_class=pipeline_class,
         load_seconds=0.0, modes=modes, prompt_cache=PromptCache(settings.prompt_cache_size), primary=pipe,
+        loras=loras, loras_unavailable=loras_unavailable,
     )
     model.add_view(PipelineView(pipe, plan.generator_device))
     for _ in range(views - 1):

@@ -33,7 +33,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fluxserve.engine.registry import ModelSpec
-from fluxserve.generation import BadOutput, GenerationCancelled, ModelLoadError, ModelLockTimeout, OutOfMemory
+from fluxserve.generation import (
+    AdapterError,
+    BadOutput,
+    GenerationCancelled,
+    ModelLoadError,
+    ModelLockTimeout,
+    OutOfMemory,
+)
 from fluxserve.scheduler.jobs import Job, JobError, JobStatus, cancelled_error, queue_full
 from fluxserve.scheduler.pacing import Pacing
 from fluxserve.scheduler.protocols import Engine
@@ -420,6 +427,9 @@ class Scheduler:
             return
         except BadOutput as exc:
             self._fail_all(jobs, JobError(str(exc), code="bad_output", status=503))
+            return
+        except AdapterError as exc:  # the adapter, not the batch: every job named it
+            self._fail_all(jobs, JobError(f"invalid 'loras': {exc}", code="lora_unavailable", status=400))
             return
         for job, result in zip(jobs, results, strict=True):
             if job.cancel_requested:

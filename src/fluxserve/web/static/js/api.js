@@ -98,6 +98,10 @@ export class ApiClient {
     return this.json("/v1/models/select", { method: "POST", body: { model }, signal });
   }
 
+  loras(signal) {
+    return this.json("/v1/loras", { signal });
+  }
+
   tokenize(prompt, model, signal) {
     return this.json("/v1/tokenize", { method: "POST", body: { prompt, model }, signal });
   }

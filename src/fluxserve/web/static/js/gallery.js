@@ -53,6 +53,7 @@ export class Gallery {
       ["Seed", image.seed],
       ["Max sequence length", p.max_sequence_length],
       ["Negative prompt", p.negative_prompt],
+      ["LoRA", (p.loras || []).map((l) => `${l.name} ×${l.scale}`).join(", ")],
       ["Server time", Number.isFinite(image.timing.total) ? formatSeconds(image.timing.total) : null],
       ["Request id", image.requestId],
     ];

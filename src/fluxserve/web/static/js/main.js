@@ -115,6 +115,11 @@ async function loadModels({ reset = false } = {}) {
   ui.badge.title = devices.map((d) => `${d.device}: ${d.dtype} (VAE ${d.vae_dtype}, generator on ${d.generator_device})`)
     .join("\n") || "Device and dtype";
   params.applyModel(card, data.runtime, { reset: reset || first || changed });
+  try {
+    params.setLoras(await api.loras(), card);
+  } catch {
+    params.setLoras(null, card); // an older server without /v1/loras: no picker
+  }
   updateTokens();
   updateButtons();
   return true;

@@ -8,7 +8,7 @@ const PRESET_ORDER = ["low", "medium", "high", "wide"];
 const PARAM_FIELDS = {
   width: "width", height: "height", size: "width", num_inference_steps: "steps", quality: "steps",
   guidance_scale: "guidance", true_cfg_scale: "guidance", seed: "seed", n: "count", prompt: "prompt",
-  negative_prompt: "negative-prompt", model: "model-select",
+  negative_prompt: "negative-prompt", model: "model-select", loras: "lora-list",
 };
 
 export class ParamsForm {
@@ -27,6 +27,8 @@ export class ParamsForm {
     this.summary = $("params-summary");
     this.card = null;
     this.onChange = onChange;
+    this.loraField = $("lora-field");
+    this.loraList = $("lora-list");
 
     for (const input of Object.values(this.fields)) {
       input.addEventListener("input", () => {
@@ -98,6 +100,44 @@ export class ParamsForm {
     this.syncPreset();
   }
 
+  /**
+   * The LoRA picker: the library's adapters for this model's family (and, for adapters made for one model,
+   * that model), each with a checkbox and a scale slider. Hidden when none fits.
+   */
+  setLoras(library, card) {
+    const fits = (library?.data || []).filter((a) => (!a.family || a.family === card.family)
+      && (!a.base_model || a.base_model === card.id));
+    const chosen = new Map(this.readLoras().map((l) => [l.name, l.scale]));
+    const max = library?.limits?.max_scale || 2;
+    this.loraList.replaceChildren(...fits.map((adapter, index) => {
+      const id = `lora-${index}`;
+      const check = el("input", { type: "checkbox", id, class: "lora-check", value: adapter.name });
+      check.checked = chosen.has(adapter.name);
+      const slider = el("input", { type: "range", class: "lora-scale", min: String(-max), max: String(max),
+                                   step: "0.05", value: String(chosen.get(adapter.name) ?? 1),
+                                   "aria-label": `Scale of ${adapter.name}` });
+      const shown = el("output", { class: "lora-value", text: Number(slider.value).toFixed(2) });
+      slider.addEventListener("input", () => {
+        shown.textContent = Number(slider.value).toFixed(2);
+        check.checked = true;
+        this.onChange();
+      });
+      check.addEventListener("change", () => this.onChange());
+      return el("li", { class: "lora-row", title: `rank ${adapter.rank} · ${adapter.target_modules.join(", ")}` },
+        check, el("label", { for: id, class: "lora-name", text: adapter.name }), slider, shown);
+    }));
+    this.loraField.hidden = fits.length === 0 || library?.available === false;
+  }
+
+  /** The chosen adapters as the API takes them: [{name, scale}]. */
+  readLoras() {
+    if (!this.loraList) return [];
+    return [...this.loraList.querySelectorAll(".lora-row")]
+      .filter((row) => row.querySelector(".lora-check").checked)
+      .map((row) => ({ name: row.querySelector(".lora-check").value,
+                       scale: Number(row.querySelector(".lora-scale").value) }));
+  }
+
   setValues(values) {
     const f = this.fields;
     const set = (input, value) => {
@@ -158,6 +198,8 @@ export class ParamsForm {
     const n = num(f.count);
     if (n !== undefined && n !== 1) body.n = n;
     if (!this.negativeField.hidden && f.negative.value !== "") body.negative_prompt = f.negative.value;
+    const loras = this.loraField.hidden ? [] : this.readLoras();
+    if (loras.length) body.loras = loras;
     body.store_local = f.storeLocal.checked;
     body.write_metadata = f.storeLocal.checked && f.writeMetadata.checked;
     return body;

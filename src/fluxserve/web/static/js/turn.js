@@ -211,6 +211,7 @@ function describe(request) {
   if (guidance !== undefined) chips.push(`${request.true_cfg_scale !== undefined ? "cfg" : "guidance"} ${guidance}`);
   chips.push(request.seed !== undefined ? `seed ${request.seed}` : "random seed");
   if (request.n > 1) chips.push(`${request.n} images`);
+  for (const lora of request.loras || []) chips.push(`LoRA ${lora.name} ×${lora.scale}`);
   return chips;
 }
 

@@ -1,0 +1,366 @@
+"""LoRA adapters on a loaded model: load from the library, keep up to FLUX_LORA_CACHE, activate per batch.
+
+Adapter state lives in the modules (PEFT layers inside the transformer and text encoders), and every
+pipeline view of a model shares those modules. So activation is serialized per model by an
+:class:`AdapterGate`: batches whose adapter set (names and scales) is the one active run side by side
+(FLUX_MAX_CONCURRENT views); a batch with another set waits until the running ones finish, then switches.
+A switch never happens under a running generation, and newcomers of the current set queue behind a
+waiting switch (no starvation).
+
+Two ways to switch:
+
+- eager (FLUX_COMPILE=off): each adapter is its own PEFT adapter, loaded once (``load_lora_weights``) and
+  kept (LRU, FLUX_LORA_CACHE); activating a set is ``set_adapters(names, scales)``, no set is
+  ``disable_lora()``. Never a reload.
+- compiled (FLUX_COMPILE=regional/full): ``enable_lora_hotswap(target_rank=FLUX_LORA_MAX_RANK)`` before
+  the model is compiled, and FLUX_MAX_LORAS_PER_REQUEST fixed *slots*. An adapter's converted state dict
+  is read from disk once and kept on the device (LRU); activating it copies its tensors into a slot in
+  place (diffusers' hotswap), unused slots get scale 0. Shapes and Python state never change, so the
+  compiled graphs stay valid: no recompilation after the first adapter has been put into a slot.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fluxserve.generation import AdapterError
+from fluxserve.loras import BASE_MODEL_KEY, FAMILY_KEY, LoraInfo
+
+log = logging.getLogger(__name__)
+
+LoraSet = tuple[tuple[str, float], ...]
+UNKNOWN_SET: LoraSet = (("", float("nan")),)
+"""The gate's active set after a failed switch: equal to no set (NaN ≠ NaN), so the next batch switches."""
+
+
+class AdapterGate:
+    """Lets batches of one adapter set in together; a different set waits for the model to be idle."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self.active: LoraSet = ()
+        self._users = 0
+        self._waiting: dict[LoraSet, int] = {}
+
+    @contextmanager
+    def use(self, wanted: LoraSet, switch: Callable[[LoraSet], None]) -> Iterator[None]:
+        """Hold the model with ``wanted`` active; ``switch`` runs (alone on the model) when it must change."""
+        with self._cond:
+            self._waiting[wanted] = self._waiting.get(wanted, 0) + 1
+            self._cond.notify_all()  # wait_for_waiters watchers
+            try:
+                self._cond.wait_for(lambda: self._users == 0 or (
+                    wanted == self.active and not any(n for s, n in self._waiting.items() if s != self.active)))
+            finally:
+                self._waiting[wanted] -= 1
+                if not self._waiting[wanted]:
+                    del self._waiting[wanted]
+            if wanted != self.active:
+                try:
+                    switch(wanted)  # nobody else is in: the modules are ours
+                except BaseException:
+                    # The modules may hold part of the new set now: the next batch must switch, whatever its set.
+                    self.active = UNKNOWN_SET
+                    self._cond.notify_all()
+                    raise
+                self.active = wanted
+            self._users += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._users -= 1
+                self._cond.notify_all()
+
+    def wait_for_waiters(self, count: int, timeout: float) -> bool:
+        """Tests: block until ``count`` batches wait at the gate (True) or ``timeout`` passes (False)."""
+        with self._cond:
+            return self._cond.wait_for(lambda: sum(self._waiting.values()) >= count, timeout)
+
+    @property
+    def users(self) -> int:
+        with self._cond:
+            return self._users
+
+
+@dataclass
+class _Loaded:
+    info: LoraInfo
+    seconds: float
+    state_dict: dict[str, torch.Tensor] | None = None
+    """Compiled mode: the converted tensors, on the device, hot-swapped into a slot when activated."""
+
+
+@dataclass
+class AdapterState:
+    """One model's adapters: what is loaded, what is active, and the gate that serializes switching."""
+
+    pipe: Any
+    capacity: int
+    hotswap: bool = False
+    """Compiled mode: adapters go into fixed slots by hotswap (see the module docstring)."""
+    slots: int = 1
+    max_rank: int = 64
+    gate: AdapterGate = field(default_factory=AdapterGate)
+    _loaded: OrderedDict[str, _Loaded] = field(default_factory=OrderedDict)
+    _slot_filled: list[bool] = field(default_factory=list)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    switches: int = 0
+    last_switch_seconds: float = 0.0
+
+    def loaded_names(self) -> list[str]:
+        with self._lock:
+            return list(self._loaded)
+
+    def text_encoder_set(self, loras: LoraSet) -> bool:
+        """Whether any adapter of ``loras`` adapts a text encoder (the prompt-cache key then includes them)."""
+        with self._lock:
+            return any(name in self._loaded and self._loaded[name].info.text_encoder for name, _ in loras)
+
+    @contextmanager
+    def use(self, loras: LoraSet, resolve: Callable[[str], LoraInfo | None]) -> Iterator[None]:
+        """Hold the model with exactly ``loras`` active (loading what is missing) for one batch."""
+        with self.gate.use(loras, lambda wanted: self._switch(wanted, resolve)):
+            yield
+
+    # --- loading -------------------------------------------------------------------------------------
+    def preload(self, info: LoraInfo) -> float:
+        """Load ``info`` now (POST /v1/loras/load); returns the seconds it took (0 when already loaded)."""
+        with self.gate._cond:
+            self.gate._cond.wait_for(lambda: self.gate._users == 0)
+            seconds = self._ensure(info, keep=frozenset(n for n, _ in self.gate.active))
+            self._activate(self.gate.active)  # load_lora_weights activates what it loads: restore the set
+            return seconds
+
+    def unload(self, name: str) -> bool:
+        """Drop ``name`` from the model (POST /v1/loras/unload); False when it was not loaded."""
+        with self.gate._cond:
+            self.gate._cond.wait_for(lambda: self.gate._users == 0)
+            with self._lock:
+                if name not in self._loaded:
+                    return False
+            if any(n == name for n, _ in self.gate.active):
+                self._activate(())
+                self.gate.active = ()
+            self._drop(name)
+            return True
+
+    def _ensure(self, info: LoraInfo, keep: frozenset[str]) -> float:
+        with self._lock:
+            current = self._loaded.get(info.name)
+            if current is not None and current.info.path == info.path and current.info.mtime == info.mtime:
+                self._loaded.move_to_end(info.name)
+                return 0.0
+        if current is not None:  # the file changed on disk: load the new one
+            self._drop(info.name)
+        if self.hotswap and info.rank > self.max_rank:
+            raise AdapterError(f"adapter {info.name!r} has rank {info.rank}, above FLUX_LORA_MAX_RANK="
+                               f"{self.max_rank} that compiled models pad adapters to")
+        started = time.perf_counter()
+        try:
+            if self.hotswap:
+                state = self.pipe.lora_state_dict(str(info.path))
+                state = state[0] if isinstance(state, tuple) else state
+                device = getattr(self.pipe, "device", None) or "cpu"  # the pipeline's execution device
+                state = {k: v.to(device) for k, v in state.items()}
+                entry = _Loaded(info, 0.0, state)
+            else:
+                with _quiet_loader():
+                    self.pipe.load_lora_weights(str(info.path), adapter_name=_peft_name(info.name))
+                entry = _Loaded(info, 0.0)
+        except AdapterError:
+            raise
+        except Exception as exc:  # a file that does not fit this model: a clear error, the model unchanged
+            log.warning("could not load LoRA %s: %s: %s", info.name, type(exc).__name__, exc)
+            self._forget_partial(info.name)
+            raise AdapterError(f"adapter {info.name!r} does not fit this model ({type(exc).__name__})") from None
+        entry.seconds = time.perf_counter() - started
+        with self._lock:
+            self._loaded[info.name] = entry
+            over = [n for n in self._loaded if n not in keep and n != info.name][: max(0, len(self._loaded)
+                                                                                      - self.capacity)]
+        for name in over:  # LRU: the least recently used first
+            self._drop(name)
+        log.info("LoRA loaded", extra={"ctx": {"lora": info.name, "seconds": round(entry.seconds, 3),
+                                               "rank": info.rank, "hotswap": self.hotswap}})
+        return entry.seconds
+
+    def _forget_partial(self, name: str) -> None:
+        if self.hotswap:
+            return
+        try:
+            if _peft_name(name) in _adapter_names(self.pipe):
+                self.pipe.delete_adapters(_peft_name(name))
+        except Exception:
+            log.exception("could not remove a partly loaded LoRA")
+
+    def _drop(self, name: str) -> None:
+        with self._lock:
+            entry = self._loaded.pop(name, None)
+        if entry is None or self.hotswap:
+            return  # hotswap: the slots keep their shapes; the cached tensors go with the entry
+        self.pipe.delete_adapters(_peft_name(name))
+
+    # --- switching -----------------------------------------------------------------------------------
+    def _switch(self, wanted: LoraSet, resolve: Callable[[str], LoraInfo | None]) -> None:
+        started = time.perf_counter()
+        keep = frozenset(name for name, _ in wanted)
+        for name, _ in wanted:
+            info = resolve(name)
+            if info is None:
+                raise AdapterError(f"adapter {name!r} is no longer in the LoRA library")
+            self._ensure(info, keep)
+        self._activate(wanted)
+        self.switches += 1
+        self.last_switch_seconds = time.perf_counter() - started
+
+    def _activate(self, wanted: LoraSet) -> None:
+        if self.hotswap:
+            self._activate_slots(wanted)
+            return
+        if not wanted:
+            if _adapter_names(self.pipe):
+                self.pipe.disable_lora()
+            return
+        self.pipe.enable_lora()
+        self.pipe.set_adapters([_peft_name(n) for n, _ in wanted], adapter_weights=[s for _, s in wanted])
+
+    def _activate_slots(self, wanted: LoraSet) -> None:
+        """Hot-swap each adapter's tensors into its slot and set the scales *in place*.
+
+        ``set_adapters`` would write Python floats into PEFT's ``scaling`` (one recompile per scale value),
+        so after the slots exist scales are only ever ``fill_``/``mul_`` on the scaling tensors that
+        ``enable_lora_hotswap`` made. A hot-swap resets a slot's scaling to its adapter's ``alpha / rank``;
+        every switch swaps again, then multiplies by the request's scale."""
+        from peft.tuners.lora import LoraLayer
+        from peft.utils.hotswap import _convert_scalings_to_tensor
+
+        if len(wanted) > self.slots:
+            raise AdapterError(f"{len(wanted)} adapters at once, but compiled models have {self.slots} slots "
+                               "(FLUX_MAX_LORAS_PER_REQUEST)")
+        while len(self._slot_filled) < self.slots:
+            self._slot_filled.append(False)
+        created = False
+        for index, (name, _) in enumerate(wanted):
+            with self._lock:
+                state = self._loaded[name].state_dict
+            assert state is not None
+            # A copy: load_lora_weights pops from the dict it gets.
+            with _quiet_loader():
+                self.pipe.load_lora_weights(dict(state), adapter_name=_slot(index),
+                                            hotswap=self._slot_filled[index])
+            created = created or not self._slot_filled[index]
+            self._slot_filled[index] = True
+        filled = [_slot(i) for i, full in enumerate(self._slot_filled) if full]
+        modules = [m for component in self.pipe.components.values() if isinstance(component, torch.nn.Module)
+                   for m in component.modules() if isinstance(m, LoraLayer)]
+        if created:  # a new slot (once per slot, the only time the modules change): every slot on, scales as tensors
+            self.pipe.set_adapters(filled, adapter_weights=[1.0] * len(filled))
+            for component in self.pipe.components.values():
+                if isinstance(component, torch.nn.Module):
+                    _convert_scalings_to_tensor(component)
+        scales = {_slot(i): scale for i, (_, scale) in enumerate(wanted)}
+        with torch.no_grad():
+            for module in modules:
+                for slot, value in module.scaling.items():
+                    if not isinstance(value, torch.Tensor):
+                        continue
+                    if slot in scales:
+                        value.mul_(scales[slot])
+                    else:
+                        value.fill_(0.0)  # an unused slot: the model without it
+
+
+@contextmanager
+def _quiet_loader() -> Iterator[None]:
+    """diffusers warns on every load that an adapter has no text-encoder part ("No LoRA keys associated to
+    CLIPTextModel ..."): true of most adapters, and one line per switch under hotswap."""
+    from diffusers.utils import logging as diffusers_logging
+
+    level = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        diffusers_logging.set_verbosity(level)
+
+
+def _slot(index: int) -> str:
+    return f"fluxserve_slot{index}"
+
+
+def _peft_name(name: str) -> str:
+    """PEFT adapter names become module attribute keys: no dots or slashes."""
+    return "lora_" + "".join(ch if ch.isalnum() or ch in "_-" else "_" for ch in name)
+
+
+def _adapter_names(pipe: Any) -> set[str]:
+    return {name for names in pipe.get_list_adapters().values() for name in names}
+
+
+# --- tiny adapters built offline ------------------------------------------------------------------------
+TINY_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+
+
+def build_tiny_lora(model_dir: Path, path: Path, *, family: str, base_model: str, seed: int, rank: int = 4,
+                    std: float = 0.2, targets: tuple[str, ...] = TINY_TARGETS) -> Path:
+    """A random-weight PEFT LoRA for a tiny model's transformer, saved with the pipeline's
+    ``save_lora_weights`` as ``.safetensors`` (so it loads through the same path as a downloaded one)."""
+    import tempfile
+
+    import diffusers
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    index = json.loads((Path(model_dir) / "model_index.json").read_text(encoding="utf-8"))
+    transformer_class = getattr(diffusers, index["transformer"][1])
+    transformer = transformer_class.from_pretrained(Path(model_dir) / "transformer")
+    transformer.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=list(targets)), adapter_name="tiny")
+    state = get_peft_model_state_dict(transformer, adapter_name="tiny")
+    gen = torch.Generator().manual_seed(seed)
+    # The names diffusers' save_lora_weights writes: the PEFT keys under the pipeline component's prefix.
+    tensors = {f"transformer.{k}": (torch.randn(v.shape, generator=gen) * std).contiguous()
+               for k, v in sorted(state.items())}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=".tmp", dir=path.parent)
+    try:
+        import os
+
+        os.close(handle)
+        save_file(tensors, tmp, metadata={"format": "pt", FAMILY_KEY: family, BASE_MODEL_KEY: base_model})
+        os.replace(tmp, path)  # atomic: a reader never sees half a file
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+DEMO_LORAS = {"tiny-flux": ("flux", "tiny-flux-demo", 7)}
+"""Registry key → (family subfolder, adapter name, seed) of the demo adapter serving that model puts into
+the library on first use."""
+
+
+def ensure_demo_lora(library_dir: Path, model_key: str, model_dir: Path) -> Path | None:
+    """Serving a tiny model with a demo adapter writes it into the library once (like the model itself)."""
+    demo = DEMO_LORAS.get(model_key)
+    if demo is None:
+        return None
+    family, name, seed = demo
+    path = Path(library_dir) / family / f"{name}.safetensors"
+    if not path.is_file():
+        build_tiny_lora(model_dir, path, family=family, base_model=model_key, seed=seed, std=0.5)  # visibly strong
+        log.info("wrote the demo LoRA %s for %s", name, model_key)
+    return path
