@@ -203,14 +203,17 @@ async def test_async_edit_job(client: Any) -> None:
 
 
 async def test_finished_jobs_do_not_keep_their_inputs(client: Any) -> None:
-    """Finished jobs stay listed for FLUX_JOB_TTL; their input pixels (up to 16 images) must not."""
-    response = await client.post(EDIT, files={"image": ("in.png", png(photo()), "image/png"),
-                                              "mask": ("m.png", png(left_half_mask()), "image/png")},
+    """Async jobs stay in the job table with their result for FLUX_JOB_TTL; their input pixels (up to 16
+    images and a mask) must not."""
+    response = await client.post(EDIT + "/jobs", files={"image": ("in.png", png(photo()), "image/png"),
+                                                        "mask": ("m.png", png(left_half_mask()), "image/png")},
                                  data=form(request_id="edit-kept-1"))
-    assert response.status_code == 200
-    job = client.app.state.runtime.scheduler.get("edit-kept-1")
-    assert job is not None and job.status == "succeeded"  # set (with the inputs dropped) before the event
-    assert job.images == [] and job.mask is None
+    assert response.status_code == 202
+    job = client.app.state.runtime.scheduler.table.get(response.json()["id"], None)
+    assert job is not None and job.images  # queued or running: it still needs them
+    await job.done()
+    assert job.status == "succeeded" and job.images == [] and job.mask is None  # dropped at the end
+    await asyncio.gather(*client.app.state.images._background)  # its result is encoded (and counted) next
 
 
 async def test_metrics_count_images_by_task(client: Any) -> None:
