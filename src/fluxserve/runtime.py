@@ -207,6 +207,12 @@ def _local_backend(settings: Settings, probe: BackendProbe | None, engines: Sequ
             log.warning(warning)
     if any(plan.backend == "cpu" for plan in plans):
         _leave_a_core_for_the_server()
+    if engines is None and settings.worker_processes:
+        from fluxserve.engine.workers import ProcessEngine, cpu_threads_per_worker
+
+        cpu_workers = sum(1 for plan in plans if plan.backend == "cpu")
+        engines = [ProcessEngine(settings, plan, torch_threads=cpu_threads_per_worker(cpu_workers)
+                                 if plan.backend == "cpu" else None) for plan in plans]
     if engines is None:
         faults = FaultInjector(settings.fault_injection, settings.faults)
         engines = [DeviceEngine(settings, plan, faults) for plan in plans]
