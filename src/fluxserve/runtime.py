@@ -199,12 +199,14 @@ def _local_backend(settings: Settings, probe: BackendProbe | None, engines: Sequ
     from fluxserve.engine.engine import DeviceEngine
     from fluxserve.engine.faults import FaultInjector
     from fluxserve.engine.memory import check_memory_modes
+    from fluxserve.engine.optimize import check_attention_backend
 
     devices = settings.devices or [settings.device]
     plans = [select_device_dtype(device, settings.dtype, settings.generator_device, probe) for device in devices]
     for plan in plans:  # a memory mode that cannot work here stops start-up, naming FLUX_OFFLOAD etc.
         for warning in check_memory_modes(settings, plan):
             log.warning(warning)
+        check_attention_backend(settings, plan)  # likewise an attention kernel that is not installed
     if any(plan.backend == "cpu" for plan in plans):
         _leave_a_core_for_the_server()
     if engines is None and settings.worker_processes:

@@ -14,6 +14,7 @@ from fluxserve.engine.optimize import (
     OptimizationError,
     StepCache,
     apply_optimizations,
+    available_attention_backends,
     drop_unfused_projections,
     parse_step_cache,
     validate_optimizations,
@@ -205,3 +206,27 @@ def test_plain_diffusers_fusion_keeps_dead_weights() -> None:
     assert tensors > 0 and freed == grown - before
     assert _bytes(pipe.transformer) == before
     assert np.array_equal(_run(pipe), fused)  # the fused forward never read them
+
+
+@pytest.mark.parametrize(("name", "says"), [
+    ("flash", "flash-attn"), ("sage", "sageattention"), ("xformers", "xformers"),
+    ("_native_cudnn", "CUDA kernel"), ("_native_flash", "CUDA kernel"), ("flash_hub", "Hugging Face Hub"),
+    ("fastest", "no such diffusers attention backend"),
+])
+def test_start_up_refuses_an_attention_backend_that_cannot_run_here(make_settings: Any, name: str,
+                                                                     says: str) -> None:
+    from fluxserve.runtime import Runtime
+
+    with pytest.raises(OptimizationError, match=f"FLUX_ATTENTION_BACKEND={name}") as refused:
+        Runtime(make_settings(attention_backend=name))
+    assert says in str(refused.value)
+
+
+def test_cpu_attention_backends_are_listed_and_match_native(tmp_path: Any) -> None:
+    assert {"native", "_native_math"} <= set(available_attention_backends(CPU))
+    assert not any(name.endswith("_hub") for name in available_attention_backends(CPU))
+    reference = _run(_pipe())
+    pipe = _pipe()
+    assert apply_optimizations(pipe, _settings(tmp_path, attention_backend="_native_math"), CPU) == [
+        "attention__native_math"]
+    assert np.abs(_run(pipe) - reference).max() < 1e-4

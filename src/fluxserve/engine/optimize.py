@@ -137,12 +137,66 @@ def validate_optimizations(settings: Settings, plan: DevicePlan, transformer: An
                 f"FLUX_STEP_CACHE={settings.step_cache}: this model's transformer does not support caching; "
                 "set FLUX_STEP_CACHE=off."
             )
+    check_attention_backend(settings, plan)
     if settings.attention_backend and transformer is not None and not hasattr(transformer, "set_attention_backend"):
         raise OptimizationError(
             f"FLUX_ATTENTION_BACKEND={settings.attention_backend}: the installed diffusers has no attention "
             "backends (needs diffusers >= 0.35); unset FLUX_ATTENTION_BACKEND."
         )
     return cache
+
+
+CPU_ATTENTION_BACKENDS = frozenset({"native", "_native_math", "flex"})
+"""diffusers attention backends that run off CUDA too (the rest are CUDA kernels, or NPU/XLA's)."""
+_NON_CUDA_ACCELERATORS = {"_native_npu": "an Ascend NPU", "_native_xla": "an XLA device (TPU)"}
+
+
+def attention_backend_problem(name: str, plan: DevicePlan) -> str | None:
+    """Why diffusers' attention backend ``name`` cannot run for ``plan`` (None: it can).
+
+    Checked at start-up, before any model loads: an unknown name, a backend whose kernel diffusers would
+    download from the Hugging Face Hub at run time (``*_hub``: this server runs no code from a hub), a
+    package that is not installed (diffusers' own requirement check: flash-attn, sageattention, xformers),
+    and a CUDA kernel on a device that is not CUDA.
+    """
+    from diffusers.models.attention_dispatch import AttentionBackendName, _check_attention_backend_requirements
+
+    setting = f"FLUX_ATTENTION_BACKEND={name}"
+    value = name.strip().lower()
+    names = sorted(member.value for member in AttentionBackendName)
+    if value not in names:
+        usable = ", ".join(available_attention_backends(plan)) or "none"
+        return f"{setting}: no such diffusers attention backend; usable here: {usable}"
+    if value.endswith("_hub"):
+        return (f"{setting}: this backend downloads its kernel from the Hugging Face Hub when first used, which "
+                "this server never does; install the kernel's package (flash-attn, sageattention) and use its "
+                "plain name (flash, _flash_3, sage), or unset FLUX_ATTENTION_BACKEND")
+    try:
+        _check_attention_backend_requirements(AttentionBackendName(value))
+    except RuntimeError as exc:
+        return f"{setting}: {exc} Or unset FLUX_ATTENTION_BACKEND (the default runs everywhere)."
+    if value in _NON_CUDA_ACCELERATORS:
+        return f"{setting} needs {_NON_CUDA_ACCELERATORS[value]}; this model runs on {plan.device}"
+    if value not in CPU_ATTENTION_BACKENDS and plan.backend != "cuda":
+        return (f"{setting} is a CUDA kernel; this model runs on {plan.device}. Use native (the default), "
+                "_native_math or flex, or unset FLUX_ATTENTION_BACKEND")
+    return None
+
+
+def available_attention_backends(plan: DevicePlan) -> list[str]:
+    """The diffusers attention backends that pass :func:`attention_backend_problem` for ``plan``."""
+    from diffusers.models.attention_dispatch import AttentionBackendName
+
+    return [member.value for member in AttentionBackendName
+            if not member.value.endswith("_hub") and attention_backend_problem(member.value, plan) is None]
+
+
+def check_attention_backend(settings: Settings, plan: DevicePlan) -> None:
+    """Refuse a ``FLUX_ATTENTION_BACKEND`` that cannot run here (:class:`OptimizationError` naming it)."""
+    if settings.attention_backend:
+        problem = attention_backend_problem(settings.attention_backend, plan)
+        if problem:
+            raise OptimizationError(problem)
 
 
 def _set_attention_backend(transformer: Any, name: str) -> None:
