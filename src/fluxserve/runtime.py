@@ -202,6 +202,8 @@ def _local_backend(settings: Settings, probe: BackendProbe | None, engines: Sequ
     from fluxserve.engine.optimize import check_attention_backend
 
     devices = settings.devices or [settings.device]
+    if settings.parallel.strip().lower() not in ("", "off"):
+        _check_parallel(settings, devices)
     plans = [select_device_dtype(device, settings.dtype, settings.generator_device, probe) for device in devices]
     for plan in plans:  # a memory mode that cannot work here stops start-up, naming FLUX_OFFLOAD etc.
         for warning in check_memory_modes(settings, plan):
@@ -220,6 +222,20 @@ def _local_backend(settings: Settings, probe: BackendProbe | None, engines: Sequ
         engines = [DeviceEngine(settings, plan, faults) for plan in plans]
     scheduler = Scheduler(settings, engines, hook=hook)
     return LocalCatalog(settings, plans, engines, scheduler, metrics), scheduler
+
+
+def _check_parallel(settings: Settings, devices: list[str]) -> None:
+    """FLUX_PARALLEL: refuse at start-up what cannot run here (docs/parallel.md)."""
+    import torch
+
+    from fluxserve.engine.parallel import ParallelConfigError, check_parallel
+
+    cuda = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    plan = check_parallel(settings.parallel, devices, cuda, worker_processes=settings.worker_processes,
+                          attention_backend=settings.attention_backend)
+    raise ParallelConfigError(
+        f"FLUX_PARALLEL={settings.parallel}: the {plan.kind} split passes its checks here, but this version "
+        "serves no split groups yet (measure with bench/parallel_gpu.py; docs/parallel.md). Unset FLUX_PARALLEL.")
 
 
 def _leave_a_core_for_the_server() -> None:
