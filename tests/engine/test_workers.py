@@ -142,3 +142,20 @@ def test_engine_errors_keep_their_type_across_the_boundary() -> None:
     bug = _rebuild_error("ZeroDivisionError", "division by zero")
     assert isinstance(bug, WorkerError) and "ZeroDivisionError" in str(bug)
     assert not isinstance(bug, WorkerCrashed)
+
+
+def test_injected_failures_inside_the_worker_keep_their_meaning(make_settings: Callable[..., Any]) -> None:
+    settings = make_settings(fault_injection=True, faults="error@encode:1,oom@denoise:2", oom_policy=["clear_cache"])
+    engine = ProcessEngine(settings, select_device_dtype("cpu"), torch_threads=1)
+    try:
+        model, _ = engine.load(resolve_model("tiny-flux"))
+        params = GenerationParams("tiny-flux", 64, 64, 1, 0.0, 32)
+        with pytest.raises(WorkerError, match="InjectedFault"):  # a bug-like failure: 500 in the scheduler
+            engine.generate(model, params, [ImageRequest("a", [1])])
+        with pytest.raises(OutOfMemory, match="cpu_oom") as oom:  # the worker's ladder ran, then gave up
+            engine.generate(model, params, [ImageRequest("a", [1])])
+        assert "cache cleanup" in oom.value.reason and engine.consecutive_oom_failures == 1
+        result = engine.generate(model, params, [ImageRequest("a", [1])])[0]
+        assert result.images[0].shape == (64, 64, 3) and engine.consecutive_oom_failures == 0
+    finally:
+        engine.close()
