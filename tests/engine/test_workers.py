@@ -159,3 +159,48 @@ def test_injected_failures_inside_the_worker_keep_their_meaning(make_settings: C
         assert result.images[0].shape == (64, 64, 3) and engine.consecutive_oom_failures == 0
     finally:
         engine.close()
+
+
+def test_a_split_group_runs_its_ranks_in_lockstep(make_settings: Callable[..., Any]) -> None:
+    """A group of two ranks on CPU (gloo). diffusers' context parallelism itself needs CUDA, so the ranks
+    here run the same unsplit model ("mirror"): what is tested is the group's plumbing — every call mirrored,
+    cancel flags agreed at every step, a dead rank restarting the whole group."""
+    from fluxserve.engine.engine import DeviceEngine
+    from fluxserve.engine.parallel import ParallelPlan
+
+    settings = make_settings(warmup_enable=False)
+    cpu = select_device_dtype("cpu")
+    spec = resolve_model("tiny-flux")
+    params = GenerationParams(spec.key, 64, 64, 2, 0.0, 32)
+    alone = DeviceEngine(settings, cpu)
+    expected = alone.generate(alone.load(spec)[0], params, [ImageRequest("a fox", [5])])[0].images[0]
+
+    engine = ProcessEngine(settings, cpu, torch_threads=1, group=[cpu, cpu], split=ParallelPlan("mirror", 2))
+    try:
+        assert engine.device == "cpu+cpu"
+        model, _ = engine.load(spec)
+        assert len(engine.rank_pids) == 1
+        result = engine.generate(model, params, [ImageRequest("a fox", [5])])[0]
+        assert np.array_equal(result.images[0], expected)
+
+        stop = threading.Event()
+        steps: list[int] = []
+
+        def progress(step: int, _total: int, _preview: Any) -> None:
+            steps.append(step)
+            if step == 2:
+                stop.set()
+
+        with pytest.raises(GenerationCancelled):
+            engine.generate(model, GenerationParams(spec.key, 64, 64, 8, 0.0, 32),
+                            [ImageRequest("a fox", [6], is_cancelled=stop.is_set, on_progress=progress)])
+        assert steps == [1, 2]  # both ranks stopped at step 3: no rank was left in a collective
+        assert engine.generate(model, params, [ImageRequest("a fox", [5])])[0].images[0].shape == (64, 64, 3)
+
+        os.kill(engine.rank_pids[0], signal.SIGKILL)  # rank 1 dies: rank 0 stops, the group restarts whole
+        assert engine.wait_restarted(1, timeout=WAIT)
+        model, _ = engine.load(spec)
+        again = engine.generate(model, params, [ImageRequest("a fox", [5])])[0]
+        assert np.array_equal(again.images[0], expected)
+    finally:
+        engine.close()

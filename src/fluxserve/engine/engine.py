@@ -125,6 +125,8 @@ class DeviceEngine:
         self.consecutive_oom_failures = 0
         self.oom_events: deque[str] = deque(maxlen=256)
         """The latest out-of-memory kinds seen (bounded: a long-running server must not grow it)."""
+        self.step_sync: Callable[[list[bool]], list[bool]] | None = None
+        """Ranks of a split group (``fluxserve.engine.parallel``): agree on the cancel flags each step."""
 
     # --- models ----------------------------------------------------------------------------------
     @property
@@ -404,7 +406,10 @@ class DeviceEngine:
 
         def on_step(p: Any, step: int, _t: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
             latents = kwargs.get("latents")
-            if all(r.is_cancelled() for r in requests):
+            cancelled = [r.is_cancelled() for r in requests]
+            if self.step_sync is not None:  # a rank of a split group: every rank stops at the same step
+                cancelled = self.step_sync(cancelled)
+            if all(cancelled):
                 p._interrupt = True
                 return {}
             wants = [r for r in requests if r.on_progress is not None and not r.is_cancelled()]

@@ -433,6 +433,12 @@ def apply_optimizations(pipe: Any, settings: Settings, plan: DevicePlan, family:
         vae.to(memory_format=torch.channels_last)
         applied.append("vae_channels_last")
 
+    from fluxserve.engine.parallel import KINDS, active_plan, enable_context_parallel
+
+    split = active_plan()
+    if transformer_ops and split is not None and split.kind in KINDS:  # before compile: it hooks attention
+        applied.append(enable_context_parallel(transformer))
+
     if settings.compile != "off":
         cache_dir = _configure_compile_cache(settings)
         if transformer_ops:

@@ -99,3 +99,60 @@ def check_parallel(value: str, devices: list[str], cuda_devices: int, *, worker_
             f"FLUX_ATTENTION_BACKEND={attention_backend or 'native (the default)'} does not; set "
             f"FLUX_ATTENTION_BACKEND to one of {', '.join(RING_BACKENDS[:4])}, or use ulysses:{plan.degree}.")
     return plan
+
+
+# --- the ranks of a split group (inside the worker processes; torch from here on) -------------------
+_active: ParallelPlan | None = None
+"""The split this process is a rank of (set by :func:`join_group`); None outside split groups."""
+
+
+def active_plan() -> ParallelPlan | None:
+    return _active
+
+
+def join_group(plan: ParallelPlan, rank: int, world: int, device: str, port: int) -> None:
+    """Join the group's process group (NCCL on CUDA, gloo otherwise), with a short collective timeout so
+    that a rank left alone in a collective fails instead of hanging for NCCL's default 10 minutes."""
+    import datetime
+    import os
+
+    import torch
+    import torch.distributed as dist
+
+    global _active
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ["MASTER_PORT"] = str(port)
+    backend = "nccl" if device.startswith("cuda") else "gloo"
+    options: dict[str, object] = {"timeout": datetime.timedelta(seconds=GROUP_TIMEOUT_S)}
+    if backend == "nccl":
+        torch.cuda.set_device(torch.device(device))
+        options["device_id"] = torch.device(device)
+    dist.init_process_group(backend, rank=rank, world_size=world, **options)  # type: ignore[arg-type]
+    _active = plan
+
+
+GROUP_TIMEOUT_S = 120
+"""Seconds a rank waits in one collective before it fails (and the group is restarted)."""
+
+
+def enable_context_parallel(transformer: object) -> str:
+    """``transformer.enable_parallelism`` with this process's split; returns the mode's name."""
+    from diffusers import ContextParallelConfig
+
+    plan = _active
+    assert plan is not None and plan.enabled
+    degree = {"ulysses_degree": plan.degree} if plan.kind == "ulysses" else {"ring_degree": plan.degree}
+    transformer.enable_parallelism(config=ContextParallelConfig(**degree))  # type: ignore[attr-defined]
+    return f"context_parallel_{plan.kind}{plan.degree}"
+
+
+def agree_flags(flags: list[bool], device: str) -> list[bool]:
+    """Every rank gets rank 0's cancel flags (one broadcast per denoising step), so all interrupt at the
+    same step: a rank that stopped alone would leave the others waiting in the next all-to-all."""
+    import torch
+    import torch.distributed as dist
+
+    tensor = torch.tensor([int(f) for f in flags], dtype=torch.int32,
+                          device=device if device.startswith("cuda") else "cpu")
+    dist.broadcast(tensor, src=0)
+    return [bool(v) for v in tensor.tolist()]

@@ -24,21 +24,24 @@ few milliseconds over a pipe).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import logging
 import multiprocessing
+import multiprocessing.connection
 import os
 import queue
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from multiprocessing.connection import Connection
 from typing import Any
 
 from fluxserve.engine.device import DevicePlan
+from fluxserve.engine.parallel import ParallelPlan
 from fluxserve.engine.registry import ModelSpec
 from fluxserve.generation import (
     BadOutput,
@@ -109,9 +112,13 @@ class _NoFaults:
 class ProcessEngine:
     """One device's engine in a spawned worker process, behind the scheduler's ``Engine`` protocol."""
 
-    def __init__(self, settings: Settings, plan: DevicePlan, *, torch_threads: int | None = None) -> None:
+    def __init__(self, settings: Settings, plan: DevicePlan, *, torch_threads: int | None = None,
+                 group: list[DevicePlan] | None = None, split: ParallelPlan | None = None) -> None:
+        """``group`` and ``split``: this engine is a split group (``FLUX_PARALLEL``); ``plan`` is rank 0's."""
         self.settings = settings
         self.plan = plan
+        self.group = group if group and len(group) > 1 else None
+        self.split = split if self.group else None
         self.faults = _NoFaults()
         self.torch_threads = torch_threads
         self._context = multiprocessing.get_context("spawn")
@@ -127,6 +134,8 @@ class ProcessEngine:
         self._ready = False
         self._closing = False
         self.restarts = 0
+        self.rank_pids: list[int] = []
+        """A split group's other ranks (their processes are rank 0's children)."""
         self._crashes = 0
         self.consecutive_oom_failures = 0
         self._start_worker()
@@ -134,6 +143,8 @@ class ProcessEngine:
     # --- the worker process ----------------------------------------------------------------------
     @property
     def device(self) -> str:
+        if self.group:
+            return "+".join(p.device for p in self.group)
         return self.plan.device
 
     @property
@@ -142,9 +153,11 @@ class ProcessEngine:
 
     def _start_worker(self) -> None:
         parent_conn, child_conn = self._context.Pipe(duplex=True)
+        # a split group's rank 0 starts the other ranks: it may not be daemonic (daemons have no children)
         process = self._context.Process(
-            target=worker_main, args=(self.settings, self.plan, child_conn, self.torch_threads),
-            name=f"fluxserve-worker-{self.device}", daemon=True)
+            target=worker_main, args=(self.settings, self.plan, child_conn, self.torch_threads, self.group,
+                                      self.split),
+            name=f"fluxserve-worker-{self.device}", daemon=self.group is None)
         process.start()
         child_conn.close()  # only the worker holds its end: its death closes the pipe
         with self._state:
@@ -165,6 +178,7 @@ class ProcessEngine:
                 break
             if kind == "hello":  # the worker built its engine: calls may go now
                 with self._state:
+                    self.rank_pids = list(payload.get("ranks", []))
                     self._ready = True
                     self._state.notify_all()
                 continue
@@ -189,7 +203,9 @@ class ProcessEngine:
             return
         log.error("worker process died; restarting it", extra={"ctx": {
             "device": self.device, "pid": process.pid, "exitcode": code, "calls_failed": len(stale)}})
-        self.restarts += 1
+        with self._state:
+            self.restarts += 1
+            self._state.notify_all()
         self._crashes += 1
         if self._crashes > 1:  # died again before answering anything: back off, never spin
             time.sleep(min(RESTART_BACKOFF_MAX, 2.0 ** (self._crashes - 2)))
@@ -207,6 +223,11 @@ class ProcessEngine:
             self.load(spec)
         except Exception as exc:  # the scheduler's own loads report it to jobs; here only the log
             log.error("reloading %s after a worker restart failed: %s", spec.key, exc)
+
+    def wait_restarted(self, restarts: int, timeout: float | None = None) -> bool:
+        """Wait until the worker has been restarted ``restarts`` times in all and answers again."""
+        with self._state:
+            return self._state.wait_for(lambda: self.restarts >= restarts and self._ready, timeout=timeout)
 
     def close(self) -> None:
         with self._state:
@@ -355,12 +376,20 @@ def _rebuild_error(kind: str, message: str) -> Exception:
 class _Worker:
     """The worker's side: a DeviceEngine, a receive loop, one thread per call."""
 
-    def __init__(self, settings: Settings, plan: DevicePlan, conn: Connection) -> None:
+    def __init__(self, settings: Settings, plan: DevicePlan, conn: Connection,
+                 followers: list[Connection] | None = None) -> None:
         from fluxserve.engine.engine import DeviceEngine
         from fluxserve.engine.faults import FaultInjector
 
         self.engine = DeviceEngine(settings, plan, FaultInjector(settings.fault_injection, settings.faults))
         self.conn = conn
+        self.followers = followers or []
+        self.group_lock = threading.Lock()
+        """A split group's ranks must run their collectives in one order: mirrored calls go one at a time."""
+        if self.followers:
+            from fluxserve.engine.parallel import agree_flags
+
+            self.engine.step_sync = functools.partial(agree_flags, device=plan.device)
         self.send_lock = threading.Lock()
         self.lock = threading.Lock()
         self.flags: dict[int, list[bool]] = {}
@@ -406,6 +435,19 @@ class _Worker:
                 self.acks.pop(call_id, None)
 
     def dispatch(self, call_id: int, verb: str, args: Any) -> Any:
+        if self.followers and verb in _MIRRORED:
+            with self.group_lock:
+                for follower in self.followers:  # the other ranks run the same call, in the same order
+                    follower.send((verb, _mirror_args(verb, args)))
+                value = self.run_local(call_id, verb, args)
+                for rank, follower in enumerate(self.followers, start=1):
+                    kind, detail = follower.recv()
+                    if kind == "error":
+                        raise WorkerError(f"rank {rank} of the split group: {detail}")
+                return value
+        return self.run_local(call_id, verb, args)
+
+    def run_local(self, call_id: int, verb: str, args: Any) -> Any:
         engine = self.engine
         if verb == "load":
             model, loaded_now = engine.load(args)
@@ -453,8 +495,21 @@ class _Worker:
         return out
 
 
-def worker_main(settings: Settings, plan: DevicePlan, conn: Connection, torch_threads: int | None) -> None:
-    """The worker process's entry point (spawned: a fresh interpreter)."""
+_MIRRORED = ("load", "unload", "release", "generate")
+_follower_pids: list[int] = []
+
+
+def _mirror_args(verb: str, args: Any) -> Any:
+    if verb != "generate":
+        return args
+    key, params, wire = args
+    return key, params, [replace(w, reports_progress=False) for w in wire]
+
+
+def worker_main(settings: Settings, plan: DevicePlan, conn: Connection, torch_threads: int | None,
+                group: list[DevicePlan] | None = None, split: ParallelPlan | None = None) -> None:
+    """The worker process's entry point (spawned: a fresh interpreter). In a split group it is rank 0:
+    it starts the other ranks, joins the process group with them, and mirrors every model call to them."""
     from fluxserve.observability.logs import configure_logging
 
     configure_logging(settings.log_level, settings.structured_logs)
@@ -462,8 +517,12 @@ def worker_main(settings: Settings, plan: DevicePlan, conn: Connection, torch_th
         import torch
 
         torch.set_num_threads(torch_threads)
-    worker = _Worker(settings, plan, conn)
-    worker.send((0, "hello", os.getpid()))
+    followers: list[Connection] = []
+    if group and split:
+        settings = _group_settings(settings)
+        followers = _start_followers(settings, group, split, torch_threads)
+    worker = _Worker(settings, plan, conn, followers)
+    worker.send((0, "hello", {"pid": os.getpid(), "ranks": _follower_pids}))
     log.info("worker process serving", extra={"ctx": {"device": plan.device, "pid": os.getpid()}})
     worker.serve()
 
@@ -472,3 +531,106 @@ def cpu_threads_per_worker(workers: int) -> int:
     """Torch threads for each of ``workers`` CPU worker processes, one core kept for the server."""
     cores = os.cpu_count() or 1
     return max(1, (cores - 1) // max(1, workers))
+
+
+def _group_settings(settings: Settings) -> Settings:
+    """A split group's ranks must take the same path through every call: no OOM ladder (a retry, an
+    offload or a downscale on one rank alone would leave the others in a collective)."""
+    return settings.model_copy(update={"oom_policy": []})
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _start_followers(settings: Settings, group: list[DevicePlan], split: ParallelPlan,
+                     torch_threads: int | None) -> list[Connection]:
+    """Start ranks 1..N-1, join the process group as rank 0, and watch them: a rank that dies takes
+    rank 0 down too, so the server sees the group fail and restarts it whole."""
+    from fluxserve.engine.parallel import join_group
+
+    context = multiprocessing.get_context("spawn")
+    port = _free_port()
+    conns, processes = [], []
+    for rank in range(1, len(group)):
+        mine, theirs = context.Pipe(duplex=True)
+        process = context.Process(target=follower_main,
+                                  args=(settings, group[rank], rank, len(group), port, split, theirs, torch_threads),
+                                  name=f"fluxserve-rank{rank}-{group[rank].device}", daemon=True)
+        process.start()
+        theirs.close()
+        conns.append(mine)
+        processes.append(process)
+    join_group(split, 0, len(group), group[0].device, port)
+    _follower_pids.extend(p.pid for p in processes if p.pid is not None)
+
+    def watch() -> None:
+        multiprocessing.connection.wait([p.sentinel for p in processes])
+        dead = [p for p in processes if not p.is_alive()]
+        log.error("a rank of the split group died; the group stops and is restarted",
+                  extra={"ctx": {"ranks": [p.name for p in dead], "exitcodes": [p.exitcode for p in dead]}})
+        os._exit(70)
+
+    threading.Thread(target=watch, name="group-watch", daemon=True).start()
+    return conns
+
+
+def follower_main(settings: Settings, plan: DevicePlan, rank: int, world: int, port: int, split: ParallelPlan,
+                  conn: Connection, torch_threads: int | None) -> None:
+    """Rank ``rank`` of a split group: runs rank 0's model calls in order, answers ok or error."""
+    from fluxserve.engine.engine import DeviceEngine
+    from fluxserve.engine.parallel import agree_flags, join_group
+    from fluxserve.observability.logs import configure_logging
+
+    configure_logging(settings.log_level, settings.structured_logs)
+    if torch_threads:
+        import torch
+
+        torch.set_num_threads(torch_threads)
+    join_group(split, rank, world, plan.device, port)
+    engine = DeviceEngine(settings, plan)
+    agreed: list[bool] = []
+
+    def step_sync(flags: list[bool]) -> list[bool]:
+        agreed[:] = agree_flags(flags, plan.device)
+        return list(agreed)
+
+    engine.step_sync = step_sync
+    while True:
+        try:
+            verb, args = conn.recv()
+        except (EOFError, OSError):
+            return  # rank 0 is gone
+        try:
+            if verb == "load":
+                engine.load(args)
+                value: Any = None
+            elif verb == "unload":
+                value = engine.unload(args)
+            elif verb == "release":
+                value = engine.release(args)
+            else:
+                key, params, wire = args
+                model = engine.get(key)
+                if model is None:
+                    raise ModelLoadError(f"{key} is not loaded on rank {rank}")
+                agreed[:] = [False] * len(wire)
+                requests = [ImageRequest(prompt=w.prompt, seeds=w.seeds, negative_prompt=w.negative_prompt,
+                                         is_cancelled=functools.partial(_agreed, agreed, i), images=w.images,
+                                         mask=w.mask) for i, w in enumerate(wire)]
+                with contextlib.suppress(GenerationCancelled):  # rank 0 reports the outcome
+                    engine.generate(model, params, requests)
+                value = None
+        except Exception as exc:
+            log.exception("rank %d: %s failed", rank, verb)
+            conn.send(("error", f"{type(exc).__name__}: {exc}"))
+        else:
+            conn.send(("ok", value))
+
+
+def _agreed(agreed: list[bool], index: int) -> bool:
+    return index < len(agreed) and agreed[index]
