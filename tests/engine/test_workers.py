@@ -204,3 +204,20 @@ def test_a_split_group_runs_its_ranks_in_lockstep(make_settings: Callable[..., A
         assert np.array_equal(again.images[0], expected)
     finally:
         engine.close()
+
+
+def test_real_server_with_worker_processes_serves_and_leaves_no_workers(server_factory: Callable[..., Any]) -> None:
+    import httpx
+    import psutil
+    from openai import OpenAI
+
+    server = server_factory({"FLUX_DEVICES": "cpu,cpu", "FLUX_WORKER_PROCESSES": "1"}, name="workers")
+    client = OpenAI(base_url=server.base_url + "/v1", api_key="unused", timeout=WAIT)
+    image = client.images.generate(model="tiny-flux", prompt="a lighthouse", size="256x256", n=1)
+    assert image.data and image.data[0].b64_json
+    memory = httpx.get(server.base_url + "/v1/models", timeout=30).json()["runtime"]["memory"]
+    assert all("worker_pid" in m for m in memory), memory
+    pids = [m["worker_pid"] for m in memory]
+    assert len(set(pids)) == 2 and all(psutil.pid_exists(pid) for pid in pids)
+    assert server.stop() == 0
+    assert not any(psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE for pid in pids)

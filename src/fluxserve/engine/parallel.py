@@ -6,7 +6,9 @@ diffusers 0.42 ships context parallelism for FLUX (``ModelMixin.enable_paralleli
 computes ``rank % torch.accelerator.device_count()``, which on a machine without an accelerator is a
 division by zero, so it does not run on CPU with gloo (probed with two gloo ranks on torch 2.13 CPU:
 ``ZeroDivisionError``). The configuration is therefore checked here, at start-up, against the CUDA
-devices present, and refused with a message naming the setting when it cannot run.
+devices present, and refused with a message naming the setting when it cannot run. The ranks' side
+(process group, agreeing cancel flags per step, enabling the split) is at the end of this module; the
+processes are started by :mod:`fluxserve.engine.workers`.
 
 How split groups and per-GPU replicas mix (docs/parallel.md): ``FLUX_DEVICES`` is cut into groups of
 ``N`` consecutive devices; each group is one engine to the scheduler (one slot, one batch at a time,
