@@ -428,7 +428,11 @@ class _Worker:
                 log.exception("worker call %s failed", verb)
             self.send((call_id, "error", (type(exc).__name__, str(exc))))
         else:
-            self.send((call_id, "ok", value))
+            try:
+                self.send((call_id, "ok", value))
+            except Exception as exc:  # an answer that cannot cross must still end the call
+                log.exception("worker call %s: the result could not be sent", verb)
+                self.send((call_id, "error", (type(exc).__name__, "the result could not be sent back")))
         finally:
             with self.lock:
                 self.flags.pop(call_id, None)
