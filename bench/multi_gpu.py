@@ -26,9 +26,11 @@ from fluxbench.serving import build_fullsize_flux
 from fluxserve.loadtest import run_load
 
 
-def serve(model: str, devices: str, port: int, log: Path, size: str) -> subprocess.Popen[bytes]:
+def serve(model: str, devices: str, port: int, log: Path, size: str,
+          worker_processes: bool = False) -> subprocess.Popen[bytes]:
     env = dict(os.environ, FLUX_MODEL=model, FLUX_DEVICES=devices, FLUX_PORT=str(port), FLUX_MAX_BATCH="1",
-               FLUX_WARMUP_SIZES=size, FLUX_STORE_LOCAL="0", FLUX_MAX_QUEUE="256")
+               FLUX_WARMUP_SIZES=size, FLUX_STORE_LOCAL="0", FLUX_MAX_QUEUE="256",
+               FLUX_WORKER_PROCESSES="1" if worker_processes else "0")
     return subprocess.Popen([sys.executable, "-m", "fluxserve", "serve"], env=env, stdout=log.open("wb"),
                             stderr=subprocess.STDOUT)
 
@@ -39,9 +41,12 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=32)
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--size", default="512x512")
+    parser.add_argument("--worker-processes", action="store_true",
+                        help="FLUX_WORKER_PROCESSES=1: each device's engine in its own process")
     args = parser.parse_args()
-    results: dict[str, object] = {"gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
-                                  "torch": torch.__version__}
+    results: dict[str, object] = {"worker_processes": args.worker_processes}
+    results["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    results["torch"] = torch.__version__
     path = Path("/tmp/flux-schnell-random")
     started = time.perf_counter()
     pipe = build_fullsize_flux(device="cuda:0")
@@ -55,7 +60,7 @@ def main() -> int:
     for devices in ("cuda:0", "cuda:0,cuda:1"):
         port = 8100 + len(devices)
         log = args.out.parent / f"serve-{devices.replace(':', '').replace(',', '-')}.log"
-        proc = serve(str(path), devices, port, log, args.size)
+        proc = serve(str(path), devices, port, log, args.size, args.worker_processes)
         t0 = time.perf_counter()
         url = f"http://127.0.0.1:{port}"
         while time.perf_counter() - t0 < 240:

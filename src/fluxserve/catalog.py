@@ -147,7 +147,11 @@ class LocalCatalog:
         return self._startup_done.wait(timeout)
 
     def close(self) -> None:
-        pass  # the engines' memory goes with the process
+        """In-process engines' memory goes with the process; worker processes are stopped."""
+        for engine in self.engines:
+            close = getattr(engine, "close", None)
+            if close is not None:
+                close()
 
     def readiness_problems(self) -> list[str]:
         if self.startup_error:

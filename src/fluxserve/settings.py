@@ -96,6 +96,17 @@ class Settings(BaseSettings):
     devices: CsvList = Field(default_factory=list)
     """One worker per listed device (e.g. ``cuda:0,cuda:1`` or ``cpu,cpu``); empty: one worker on
     the resolved device."""
+    worker_processes: bool = False
+    """Run each device's engine in its own spawned process (``FLUX_DEVICES=cuda:0,cuda:1``: two
+    processes, so the GPUs never wait on one interpreter). The scheduler and API stay in the server
+    process; a worker process that dies is restarted and its in-flight jobs fail. Off: engines run
+    as threads of the server process (enough for one GPU, and for CPU)."""
+    parallel: str = "off"
+    """Split each request over several GPUs with diffusers' context parallelism: ``ulysses:N`` or
+    ``ring:N`` (N CUDA GPUs per request, FLUX_DEVICES cut into groups of N; needs
+    FLUX_WORKER_PROCESSES=1; ring needs an attention kernel with log-sum-exp, e.g.
+    FLUX_ATTENTION_BACKEND=flash). Refused at start-up where there are not enough CUDA GPUs.
+    See docs/parallel.md."""
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     """Compute dtype. auto: bfloat16 on CUDA (float16 on GPUs without bf16), bfloat16 on MPS where a
     bf16 operation really runs there (checked at start-up, else float16), float32 on CPU."""

@@ -14,6 +14,8 @@ from fluxserve.engine.optimize import (
     OptimizationError,
     StepCache,
     apply_optimizations,
+    available_attention_backends,
+    drop_unfused_projections,
     parse_step_cache,
     validate_optimizations,
 )
@@ -162,4 +164,69 @@ def test_regional_compile_on_cpu(tmp_path: Any) -> None:
     pipe = _pipe()
     names = apply_optimizations(pipe, _settings(tmp_path, compile="regional", fuse_qkv=True), CPU)
     assert names == ["fuse_qkv", "compile_regional"]  # no VAE compile on CPU: it only costs start-up
+    assert np.abs(_run(pipe) - reference).max() < 1e-4
+
+
+def _bytes(module: torch.nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in module.state_dict().values())
+
+
+def test_fuse_qkv_drops_the_unfused_projections(tmp_path: Any) -> None:
+    reference_pipe = _pipe()
+    reference = _run(reference_pipe)
+    before_params = sum(p.numel() for p in reference_pipe.transformer.parameters())
+    before_bytes = _bytes(reference_pipe.transformer)
+    attn = reference_pipe.transformer.transformer_blocks[0].attn
+    qkv_bytes = sum(_bytes(getattr(attn, n)) for n in ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj",
+                                                         "add_v_proj"))
+
+    pipe = _pipe()
+    assert apply_optimizations(pipe, _settings(tmp_path, fuse_qkv=True), CPU) == ["fuse_qkv"]
+    after_params = sum(p.numel() for p in pipe.transformer.parameters())
+    after_bytes = _bytes(pipe.transformer)
+    # fusing adds nothing: the fused weights replace the separate ones
+    assert after_params == before_params
+    assert after_bytes == before_bytes
+    names = {name.rpartition(".")[2] for name, _ in pipe.transformer.named_modules()}
+    assert not names & {"to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj"}
+    assert {"to_qkv", "to_added_qkv"} <= names
+    assert qkv_bytes > 0
+    np.testing.assert_allclose(_run(pipe), reference, atol=1e-5, rtol=0)
+
+
+def test_plain_diffusers_fusion_keeps_dead_weights() -> None:
+    # what drop_unfused_projections fixes: diffusers alone grows the model by the fused copies
+    pipe = _pipe()
+    before = _bytes(pipe.transformer)
+    pipe.transformer.fuse_qkv_projections()
+    grown = _bytes(pipe.transformer)
+    assert grown > before
+    fused = _run(pipe)
+    tensors, freed = drop_unfused_projections(pipe.transformer)
+    assert tensors > 0 and freed == grown - before
+    assert _bytes(pipe.transformer) == before
+    assert np.array_equal(_run(pipe), fused)  # the fused forward never read them
+
+
+@pytest.mark.parametrize(("name", "says"), [
+    ("flash", "flash-attn"), ("sage", "sageattention"), ("xformers", "xformers"),
+    ("_native_cudnn", "CUDA kernel"), ("_native_flash", "CUDA kernel"), ("flash_hub", "Hugging Face Hub"),
+    ("fastest", "no such diffusers attention backend"),
+])
+def test_start_up_refuses_an_attention_backend_that_cannot_run_here(make_settings: Any, name: str,
+                                                                     says: str) -> None:
+    from fluxserve.runtime import Runtime
+
+    with pytest.raises(OptimizationError, match=f"FLUX_ATTENTION_BACKEND={name}") as refused:
+        Runtime(make_settings(attention_backend=name))
+    assert says in str(refused.value)
+
+
+def test_cpu_attention_backends_are_listed_and_match_native(tmp_path: Any) -> None:
+    assert {"native", "_native_math"} <= set(available_attention_backends(CPU))
+    assert not any(name.endswith("_hub") for name in available_attention_backends(CPU))
+    reference = _run(_pipe())
+    pipe = _pipe()
+    assert apply_optimizations(pipe, _settings(tmp_path, attention_backend="_native_math"), CPU) == [
+        "attention__native_math"]
     assert np.abs(_run(pipe) - reference).max() < 1e-4

@@ -55,6 +55,8 @@ class DeviceEngine:
         self.ladder = OomLadder(settings, plan)
         self.consecutive_oom_failures = 0
         self.lora_library = LoraLibrary(settings.lora_library_dir)
+        self.step_sync: Callable[[list[bool]], list[bool]] | None = None
+        """Ranks of a split group (``fluxserve.engine.parallel``): agree on the cancel flags each step."""
 
     # --- models ----------------------------------------------------------------------------------
     @property
@@ -201,7 +203,10 @@ class DeviceEngine:
 
         def on_step(p: Any, step: int, _t: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
             latents = kwargs.get("latents")
-            if all(r.is_cancelled() for r in requests):
+            cancelled = [r.is_cancelled() for r in requests]
+            if self.step_sync is not None:  # a rank of a split group: every rank stops at the same step
+                cancelled = self.step_sync(cancelled)
+            if all(cancelled):
                 p._interrupt = True
                 return {}
             wants = [r for r in requests if r.on_progress is not None and not r.is_cancelled()]

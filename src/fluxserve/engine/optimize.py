@@ -137,12 +137,66 @@ def validate_optimizations(settings: Settings, plan: DevicePlan, transformer: An
                 f"FLUX_STEP_CACHE={settings.step_cache}: this model's transformer does not support caching; "
                 "set FLUX_STEP_CACHE=off."
             )
+    check_attention_backend(settings, plan)
     if settings.attention_backend and transformer is not None and not hasattr(transformer, "set_attention_backend"):
         raise OptimizationError(
             f"FLUX_ATTENTION_BACKEND={settings.attention_backend}: the installed diffusers has no attention "
             "backends (needs diffusers >= 0.35); unset FLUX_ATTENTION_BACKEND."
         )
     return cache
+
+
+CPU_ATTENTION_BACKENDS = frozenset({"native", "_native_math", "flex"})
+"""diffusers attention backends that run off CUDA too (the rest are CUDA kernels, or NPU/XLA's)."""
+_NON_CUDA_ACCELERATORS = {"_native_npu": "an Ascend NPU", "_native_xla": "an XLA device (TPU)"}
+
+
+def attention_backend_problem(name: str, plan: DevicePlan) -> str | None:
+    """Why diffusers' attention backend ``name`` cannot run for ``plan`` (None: it can).
+
+    Checked at start-up, before any model loads: an unknown name, a backend whose kernel diffusers would
+    download from the Hugging Face Hub at run time (``*_hub``: this server runs no code from a hub), a
+    package that is not installed (diffusers' own requirement check: flash-attn, sageattention, xformers),
+    and a CUDA kernel on a device that is not CUDA.
+    """
+    from diffusers.models.attention_dispatch import AttentionBackendName, _check_attention_backend_requirements
+
+    setting = f"FLUX_ATTENTION_BACKEND={name}"
+    value = name.strip().lower()
+    names = sorted(member.value for member in AttentionBackendName)
+    if value not in names:
+        usable = ", ".join(available_attention_backends(plan)) or "none"
+        return f"{setting}: no such diffusers attention backend; usable here: {usable}"
+    if value.endswith("_hub"):
+        return (f"{setting}: this backend downloads its kernel from the Hugging Face Hub when first used, which "
+                "this server never does; install the kernel's package (flash-attn, sageattention) and use its "
+                "plain name (flash, _flash_3, sage), or unset FLUX_ATTENTION_BACKEND")
+    try:
+        _check_attention_backend_requirements(AttentionBackendName(value))
+    except RuntimeError as exc:
+        return f"{setting}: {exc} Or unset FLUX_ATTENTION_BACKEND (the default runs everywhere)."
+    if value in _NON_CUDA_ACCELERATORS:
+        return f"{setting} needs {_NON_CUDA_ACCELERATORS[value]}; this model runs on {plan.device}"
+    if value not in CPU_ATTENTION_BACKENDS and plan.backend != "cuda":
+        return (f"{setting} is a CUDA kernel; this model runs on {plan.device}. Use native (the default), "
+                "_native_math or flex, or unset FLUX_ATTENTION_BACKEND")
+    return None
+
+
+def available_attention_backends(plan: DevicePlan) -> list[str]:
+    """The diffusers attention backends that pass :func:`attention_backend_problem` for ``plan``."""
+    from diffusers.models.attention_dispatch import AttentionBackendName
+
+    return [member.value for member in AttentionBackendName
+            if not member.value.endswith("_hub") and attention_backend_problem(member.value, plan) is None]
+
+
+def check_attention_backend(settings: Settings, plan: DevicePlan) -> None:
+    """Refuse a ``FLUX_ATTENTION_BACKEND`` that cannot run here (:class:`OptimizationError` naming it)."""
+    if settings.attention_backend:
+        problem = attention_backend_problem(settings.attention_backend, plan)
+        if problem:
+            raise OptimizationError(problem)
 
 
 def _set_attention_backend(transformer: Any, name: str) -> None:
@@ -155,11 +209,50 @@ def _set_attention_backend(transformer: Any, name: str) -> None:
 def _fuse_qkv(pipe: Any, transformer: Any) -> bool:
     if hasattr(transformer, "fuse_qkv_projections"):
         transformer.fuse_qkv_projections()
-        return True
-    if hasattr(pipe, "fuse_qkv_projections"):
+    elif hasattr(pipe, "fuse_qkv_projections"):
         pipe.fuse_qkv_projections(text_encoder=False, vae=False)
-        return True
-    return False
+    else:
+        return False
+    dropped = drop_unfused_projections(transformer)
+    log.info("fuse_qkv: dropped %d unfused projection weights (%.2f GB)", dropped[0], dropped[1] / 1e9)
+    return True
+
+
+_UNFUSED_BY_FUSED = {
+    "to_qkv": ("to_q", "to_k", "to_v"),
+    "to_kv": ("to_k", "to_v"),
+    "to_added_qkv": ("add_q_proj", "add_k_proj", "add_v_proj"),
+}
+"""diffusers' fused projection → the separate projections it replaces (``AttentionModuleMixin.fuse_projections``)."""
+
+
+def drop_unfused_projections(transformer: Any) -> tuple[int, int]:
+    """Delete the separate Q/K/V projections that a fused one replaced; returns (tensors, bytes) freed.
+
+    diffusers' ``fuse_projections`` concatenates ``to_q``/``to_k``/``to_v`` into a new ``to_qkv`` (and
+    the ``add_*_proj`` into ``to_added_qkv``) but keeps the originals, which the fused forward never reads:
+    about 3 GB of dead weights on FLUX.1 in bf16. Only modules whose ``fused_projections`` flag is set and
+    whose fused layer exists lose their originals, so the forward is unchanged. ``unfuse_qkv_projections``
+    cannot bring them back afterwards (fusing is one-way here; reload the model to unfuse).
+    """
+    tensors = size = 0
+    for module in transformer.modules():
+        if not getattr(module, "fused_projections", False):
+            continue
+        for fused, separate in _UNFUSED_BY_FUSED.items():
+            if not isinstance(getattr(module, fused, None), torch.nn.Module):
+                continue
+            for name in separate:
+                layer = module._modules.get(name)  # only registered submodules
+                if layer is None:
+                    continue
+                for tensor in list(layer.parameters()) + list(layer.buffers()):
+                    tensors += 1
+                    size += tensor.numel() * tensor.element_size()
+                delattr(module, name)
+    if size and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return tensors, size
 
 
 def _unused_projection(name: str, fused_parents: set[str]) -> bool:
@@ -339,6 +432,12 @@ def apply_optimizations(pipe: Any, settings: Settings, plan: DevicePlan, family:
     if settings.channels_last and vae is not None:
         vae.to(memory_format=torch.channels_last)
         applied.append("vae_channels_last")
+
+    from fluxserve.engine.parallel import KINDS, active_plan, enable_context_parallel
+
+    split = active_plan()
+    if transformer_ops and split is not None and split.kind in KINDS:  # before compile: it hooks attention
+        applied.append(enable_context_parallel(transformer))
 
     if settings.compile != "off":
         cache_dir = _configure_compile_cache(settings)

@@ -1,0 +1,223 @@
+"""A process per device (FLUX_WORKER_PROCESSES=1): real spawned worker processes with the tiny model behind
+the real scheduler and app. Kill, cancel and progress are synchronized on job events, never on time."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import os
+import signal
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fluxserve.engine.device import select_device_dtype
+from fluxserve.engine.registry import resolve_model
+from fluxserve.engine.workers import ProcessEngine, WorkerCrashed, WorkerError, _rebuild_error
+from fluxserve.generation import BadOutput, GenerationCancelled, GenerationParams, ImageRequest, OutOfMemory
+from fluxserve.scheduler.jobs import Job, JobStatus
+from fluxserve.scheduler.scheduler import Scheduler
+
+GEN = "/v1/images/generations"
+WAIT = 300  # seconds: only a bound against a hang, never a threshold a test asserts
+
+
+async def test_two_cpu_worker_processes_serve_the_api(app_factory: Callable[..., Any]) -> None:
+    async with app_factory(devices=["cpu", "cpu"], worker_processes=True, max_batch=1) as client:
+        engines = client.app.state.runtime.scheduler.engines  # type: ignore[attr-defined]
+        assert [type(e) for e in engines] == [ProcessEngine, ProcessEngine]
+        pids = {e.pid for e in engines}
+        assert len(pids) == 2 and os.getpid() not in pids
+        for engine in engines:  # start-up loaded and warmed the model inside each worker process
+            model = engine.get("tiny-flux")
+            assert model is not None and model.warmup["64x64"]["outcome"] == "ok"
+            assert engine.memory()["worker_pid"] == engine.pid
+        body = {"prompt": "a red fox", "size": "64x64", "num_inference_steps": 2}
+        responses = await asyncio.gather(*(client.post(GEN, json={**body, "seed": s}) for s in range(4)))
+        assert [r.status_code for r in responses] == [200] * 4
+        images = [np.asarray(Image.open(io.BytesIO(base64.b64decode(r.json()["data"][0]["b64_json"]))))
+                  for r in responses]
+        assert all(i.shape == (64, 64, 3) for i in images)
+        again = await client.post(GEN, json={**body, "seed": 0})  # same seed, whichever process runs it
+        same = np.asarray(Image.open(io.BytesIO(base64.b64decode(again.json()["data"][0]["b64_json"]))))
+        assert np.array_equal(same, images[0])
+        models = (await client.get("/v1/models/tiny-flux")).json()
+        assert models["loaded"] is True
+
+
+@pytest.fixture
+def scheduler(make_settings: Callable[..., Any]) -> Iterator[Scheduler]:
+    settings = make_settings(worker_processes=True, max_batch=1, warmup_enable=False)
+    engine = ProcessEngine(settings, select_device_dtype("cpu"), torch_threads=1)
+    scheduler = Scheduler(settings, [engine])
+    scheduler.start()
+    scheduler.ensure_loaded(resolve_model("tiny-flux"), wait=True, timeout=WAIT)
+    yield scheduler
+    scheduler.shutdown()
+    engine.close()
+
+
+def _job(steps: int, seed: int = 1) -> Job:
+    spec = resolve_model("tiny-flux")
+    return Job(spec=spec, params=GenerationParams(spec.key, 64, 64, steps, 0.0, 32), prompt="a fox", seeds=[seed])
+
+
+def test_killed_worker_fails_its_job_and_the_next_job_runs_after_restart(scheduler: Scheduler) -> None:
+    engine = scheduler.engines[0]
+    assert isinstance(engine, ProcessEngine)
+    first_pid = engine.pid
+    assert first_pid is not None
+    mid_job, killed = threading.Event(), threading.Event()
+
+    def hold_at_first_step(event: dict[str, Any]) -> None:
+        # runs in the slot thread inside the progress callback: the worker waits for its ack meanwhile
+        if event.get("type") == "progress" and not mid_job.is_set():
+            mid_job.set()
+            killed.wait(WAIT)
+
+    job = _job(steps=8)
+    job.add_listener(hold_at_first_step)
+    scheduler.submit(job)
+    assert mid_job.wait(WAIT)
+    os.kill(first_pid, signal.SIGKILL)
+    killed.set()
+    assert job.wait(WAIT)
+    assert job.status == JobStatus.FAILED
+    assert job.error is not None and job.error.status == 500 and "WorkerCrashed" in job.error.message
+
+    after = _job(steps=2, seed=2)
+    scheduler.submit(after)  # waits in the queue until the restarted worker has loaded the model again
+    assert after.wait(WAIT)
+    assert after.status == JobStatus.SUCCEEDED, after.error
+    assert after.result is not None and after.result.images[0].shape == (64, 64, 3)
+    assert engine.pid not in (None, first_pid) and engine.restarts == 1
+
+
+def test_cancel_crosses_the_process_boundary_within_one_step(scheduler: Scheduler) -> None:
+    steps_seen: list[int] = []
+
+    def cancel_at_step_two(event: dict[str, Any]) -> None:
+        if event.get("type") == "progress":
+            steps_seen.append(event["step"])
+            if event["step"] == 2:
+                scheduler.cancel(job.id)  # before the parent acks step 2 to the worker
+
+    job = _job(steps=10)
+    job.add_listener(cancel_at_step_two)
+    scheduler.submit(job)
+    assert job.wait(WAIT)
+    assert job.status == JobStatus.CANCELLED
+    assert steps_seen == [1, 2]  # the worker saw the flag at the very next step and reported no more
+
+
+def test_progress_and_previews_cross_the_boundary(make_settings: Callable[..., Any]) -> None:
+    engine = ProcessEngine(make_settings(), select_device_dtype("cpu"), torch_threads=1)
+    try:
+        model, loaded_now = engine.load(resolve_model("tiny-flux"))
+        assert loaded_now and engine.get("tiny-flux") is model
+        seen: list[tuple[int, int, Any]] = []
+        request = ImageRequest("a fox", [3, 4], on_progress=lambda s, t, p: seen.append((s, t, p)),
+                               want_previews=True)
+        results = engine.generate(model, GenerationParams("tiny-flux", 64, 64, 3, 0.0, 32), [request])
+        assert [s for s, _, _ in seen] == [1, 2, 3] and {t for _, t, _ in seen} == {3}
+        assert all(isinstance(p, np.ndarray) and p.dtype == np.uint8 for _, _, p in seen)
+        assert results[0].seeds == [3, 4] and len(results[0].images) == 2
+        assert engine.unload("tiny-flux") and engine.get("tiny-flux") is None
+        with pytest.raises(Exception, match="not loaded"):
+            engine.generate(model, GenerationParams("tiny-flux", 64, 64, 1, 0.0, 32), [ImageRequest("a", [1])])
+    finally:
+        engine.close()
+
+
+def test_engine_errors_keep_their_type_across_the_boundary() -> None:
+    oom = _rebuild_error("OutOfMemory", "cpu_oom: still out of memory")
+    assert isinstance(oom, OutOfMemory) and oom.reason == "cpu_oom: still out of memory"
+    assert isinstance(_rebuild_error("BadOutput", "nan"), BadOutput)
+    assert isinstance(_rebuild_error("GenerationCancelled", "x"), GenerationCancelled)
+    bug = _rebuild_error("ZeroDivisionError", "division by zero")
+    assert isinstance(bug, WorkerError) and "ZeroDivisionError" in str(bug)
+    assert not isinstance(bug, WorkerCrashed)
+
+
+def test_injected_failures_inside_the_worker_keep_their_meaning(make_settings: Callable[..., Any]) -> None:
+    settings = make_settings(fault_injection=True, faults="error@encode:1,oom@denoise:2", oom_policy=["clear_cache"])
+    engine = ProcessEngine(settings, select_device_dtype("cpu"), torch_threads=1)
+    try:
+        model, _ = engine.load(resolve_model("tiny-flux"))
+        params = GenerationParams("tiny-flux", 64, 64, 1, 0.0, 32)
+        with pytest.raises(WorkerError, match="InjectedFault"):  # a bug-like failure: 500 in the scheduler
+            engine.generate(model, params, [ImageRequest("a", [1])])
+        with pytest.raises(OutOfMemory, match="cpu_oom") as oom:  # the worker's ladder ran, then gave up
+            engine.generate(model, params, [ImageRequest("a", [1])])
+        assert "cache cleanup" in oom.value.reason and engine.consecutive_oom_failures == 1
+        result = engine.generate(model, params, [ImageRequest("a", [1])])[0]
+        assert result.images[0].shape == (64, 64, 3) and engine.consecutive_oom_failures == 0
+    finally:
+        engine.close()
+
+
+def test_a_split_group_runs_its_ranks_in_lockstep(make_settings: Callable[..., Any]) -> None:
+    """A group of two ranks on CPU (gloo). diffusers' context parallelism itself needs CUDA, so the ranks
+    here run the same unsplit model ("mirror"): what is tested is the group's plumbing — every call mirrored,
+    cancel flags agreed at every step, a dead rank restarting the whole group."""
+    from fluxserve.engine.engine import DeviceEngine
+    from fluxserve.engine.parallel import ParallelPlan
+
+    settings = make_settings(warmup_enable=False)
+    cpu = select_device_dtype("cpu")
+    spec = resolve_model("tiny-flux")
+    params = GenerationParams(spec.key, 64, 64, 2, 0.0, 32)
+    alone = DeviceEngine(settings, cpu)
+    expected = alone.generate(alone.load(spec)[0], params, [ImageRequest("a fox", [5])])[0].images[0]
+
+    engine = ProcessEngine(settings, cpu, torch_threads=1, group=[cpu, cpu], split=ParallelPlan("mirror", 2))
+    try:
+        assert engine.device == "cpu+cpu"
+        model, _ = engine.load(spec)
+        assert len(engine.rank_pids) == 1
+        result = engine.generate(model, params, [ImageRequest("a fox", [5])])[0]
+        assert np.array_equal(result.images[0], expected)
+
+        stop = threading.Event()
+        steps: list[int] = []
+
+        def progress(step: int, _total: int, _preview: Any) -> None:
+            steps.append(step)
+            if step == 2:
+                stop.set()
+
+        with pytest.raises(GenerationCancelled):
+            engine.generate(model, GenerationParams(spec.key, 64, 64, 8, 0.0, 32),
+                            [ImageRequest("a fox", [6], is_cancelled=stop.is_set, on_progress=progress)])
+        assert steps == [1, 2]  # both ranks stopped at step 3: no rank was left in a collective
+        assert engine.generate(model, params, [ImageRequest("a fox", [5])])[0].images[0].shape == (64, 64, 3)
+
+        os.kill(engine.rank_pids[0], signal.SIGKILL)  # rank 1 dies: rank 0 stops, the group restarts whole
+        assert engine.wait_restarted(1, timeout=WAIT)
+        model, _ = engine.load(spec)
+        again = engine.generate(model, params, [ImageRequest("a fox", [5])])[0]
+        assert np.array_equal(again.images[0], expected)
+    finally:
+        engine.close()
+
+
+def test_real_server_with_worker_processes_serves_and_leaves_no_workers(server_factory: Callable[..., Any]) -> None:
+    import httpx
+    import psutil
+    from openai import OpenAI
+
+    server = server_factory({"FLUX_DEVICES": "cpu,cpu", "FLUX_WORKER_PROCESSES": "1"}, name="workers")
+    client = OpenAI(base_url=server.base_url + "/v1", api_key="unused", timeout=WAIT)
+    image = client.images.generate(model="tiny-flux", prompt="a lighthouse", size="256x256", n=1)
+    assert image.data and image.data[0].b64_json
+    memory = httpx.get(server.base_url + "/v1/models", timeout=30).json()["runtime"]["memory"]
+    assert all("worker_pid" in m for m in memory), memory
+    pids = [m["worker_pid"] for m in memory]
+    assert len(set(pids)) == 2 and all(psutil.pid_exists(pid) for pid in pids)
+    assert server.stop() == 0
+    assert not any(psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE for pid in pids)
