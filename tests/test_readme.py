@@ -150,7 +150,7 @@ def test_the_cheap_commands_really_run(demo: str, cache_dir: Path, tmp_path: Pat
             ran.append(command)
     assert any(c.startswith("curl") for c in ran) and any("generate" in c for c in ran)
 
-    (example,) = blocks("python")
+    example, *others = blocks("python")
     assert "./run python fox.py" in README  # how the README says to run it
     (tmp_path / "fox.py").write_text(example.replace(README_BASE, demo))
     done = subprocess.run([str(ROOT / "run"), "python", "fox.py"], capture_output=True, text=True, cwd=tmp_path,
@@ -158,3 +158,8 @@ def test_the_cheap_commands_really_run(demo: str, cache_dir: Path, tmp_path: Pat
     assert done.returncode == 0, done.stderr[-2000:]
     b64_start, seed = done.stdout.split()
     assert b64_start.startswith("iVBOR") and seed == "7"  # a PNG, and the seed the example sent
+    for index, other in enumerate(others):  # the other SDK examples run too (in the same folder: photo.png)
+        (tmp_path / f"example{index}.py").write_text(other.replace(README_BASE, demo))
+        done = subprocess.run([str(ROOT / "run"), "python", f"example{index}.py"], capture_output=True, text=True,
+                              cwd=tmp_path, env=env, timeout=300)
+        assert done.returncode == 0, f"{other}\n{done.stderr[-2000:]}"

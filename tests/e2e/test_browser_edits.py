@@ -40,7 +40,8 @@ def edit_server(cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> It
     out = tmp_path_factory.mktemp("studio-edits")
     server = ServerProcess({"FLUX_MODEL": "tiny-flux", "FLUX_CACHE_DIR": str(cache_dir), "FLUX_DEVICE": "cpu",
                             "FLUX_OUTPUT_DIR": str(out / "outputs"), "FLUX_WARMUP_SIZES": "64x64",
-                            "FLUX_MAX_STEPS": str(SLOW_STEPS)}, out / "server.log")
+                            "FLUX_MAX_STEPS": str(SLOW_STEPS), "FLUX_MAX_MEGAPIXEL_STEPS": "1e9"},
+                           out / "server.log")
     try:
         server.wait_ready()
         yield server

@@ -25,7 +25,8 @@ TINY_KEYS = [key for key, spec in BUILTIN_MODELS.items() if spec.tiny is not Non
 def live(cache_dir: Any, tmp_path_factory: pytest.TempPathFactory) -> Any:
     out = tmp_path_factory.mktemp("families")
     server = ServerProcess({"FLUX_MODEL": "tiny-flux", "FLUX_CACHE_DIR": str(cache_dir), "FLUX_DEVICE": "cpu",
-                            "FLUX_WARMUP_SIZES": "64x64", "FLUX_OUTPUT_DIR": str(out / "outputs")},
+                            "FLUX_WARMUP_SIZES": "64x64", "FLUX_OUTPUT_DIR": str(out / "outputs"),
+                            "FLUX_MODELS": ",".join(TINY_KEYS)},  # requests may name every tiny family
                            out / "server.log")
     server.wait_ready()
     yield server

@@ -230,3 +230,21 @@ def test_cpu_attention_backends_are_listed_and_match_native(tmp_path: Any) -> No
     assert apply_optimizations(pipe, _settings(tmp_path, attention_backend="_native_math"), CPU) == [
         "attention__native_math"]
     assert np.abs(_run(pipe) - reference).max() < 1e-4
+
+
+def test_fp8_keeps_the_linears_a_family_declares() -> None:
+    """Z-Image's timestep embedder reads ``mlp[0].weight.dtype``: its linears stay in the model's dtype."""
+    import torch
+
+    from fluxserve.engine.families import FAMILIES
+    from fluxserve.engine.optimize import Float8RowwiseLinear, _quantize_fp8
+
+    model = torch.nn.Module()
+    model.t_embedder = torch.nn.Module()
+    model.t_embedder.mlp = torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.SiLU())
+    model.layers = torch.nn.ModuleList([torch.nn.Linear(256, 256)])
+    keep = FAMILIES["zimage"].optimizations.fp8_keep
+    assert _quantize_fp8(model, keep) == 1
+    kept = model.t_embedder.mlp[0]
+    assert isinstance(kept, torch.nn.Linear) and kept.weight.dtype == torch.float32
+    assert isinstance(model.layers[0], Float8RowwiseLinear)

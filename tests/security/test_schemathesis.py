@@ -120,7 +120,9 @@ def test_responses_fuzzing_cannot_reach_conform(api_schema: Any, live_client: An
         ("GET", "/v1/images/jobs/{job_id}", {"path_parameters": {"job_id": job}}, 200),
         ("GET", "/v1/images/jobs/{job_id}/events", {"path_parameters": {"job_id": job}}, 200),
         ("DELETE", "/v1/images/jobs/{job_id}", {"path_parameters": {"job_id": job}}, 409),
-        ("POST", "/v1/tokenize", {"body": {"prompt": "x", "model": "tiny-qwen"}}, 403),  # not in FLUX_MODELS
+        # 403 while tiny-qwen is not in FLUX_MODELS; 409 (not loaded) once the fuzzing above selected and
+        # unloaded it (an admin's select enables a model)
+        ("POST", "/v1/tokenize", {"body": {"prompt": "x", "model": "tiny-qwen"}}, (403, 409)),
         ("POST", "/v1/models/unload", {"body": {"model": "tiny-qwen"}}, 404),
     ]
     failures = []
@@ -129,7 +131,8 @@ def test_responses_fuzzing_cannot_reach_conform(api_schema: Any, live_client: An
         case = operation.Case(media_type="application/json" if "body" in parts else None, **parts)
         try:
             response = case.call_and_validate(checks=CHECKS)
-            assert response.status_code == status, (response.status_code, response.text[:300])
+            wanted = status if isinstance(status, tuple) else (status,)
+            assert response.status_code in wanted, (response.status_code, response.text[:300])
         except (Exception, BaseExceptionGroup) as exc:
             failures.append(f"{method} {path}: {type(exc).__name__}: {str(exc)[:1500]}")
     assert not failures, "\n\n".join(failures)

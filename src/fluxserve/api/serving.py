@@ -369,18 +369,19 @@ class ImageService:
                         return  # the client left: the finally below cancels the job
                     event = upcoming.result()
                     kind = event["type"]
+                    # every streamed event names the job, so a client can follow it (/v1/images/jobs/{id}/events)
                     if kind == "queued":
-                        yield {"type": f"{prefix}.progress", "status": "queued", "step": 0,
+                        yield {"type": f"{prefix}.progress", "status": "queued", "step": 0, "job_id": job.id,
                                "total": job.params.steps, "queue_position": event.get("queue_position")}
                     elif kind == "started":
-                        yield {"type": f"{prefix}.progress", "status": "running", "step": 0,
+                        yield {"type": f"{prefix}.progress", "status": "running", "step": 0, "job_id": job.id,
                                "total": job.params.steps, "queue_position": 0, "batch_size": event.get("batch_size")}
                     elif kind == "progress":
                         if event["total"] != partial_total:  # img2img/inpaint run fewer steps than asked (strength)
                             partial_total = event["total"]
                             partial_steps = _partial_steps(partial_total, options.partial_images)
                         yield {"type": f"{prefix}.progress", "status": "running", "step": event["step"],
-                               "total": event["total"], "queue_position": 0}
+                               "job_id": job.id, "total": event["total"], "queue_position": 0}
                         preview = event.get("preview")
                         if preview is not None and event["step"] in partial_steps:
                             data = await loop.run_in_executor(self.runtime.encoder, encode_image, preview, "png")

@@ -309,8 +309,9 @@ class Float8RowwiseLinear(torch.nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, fp8=rowwise"
 
 
-def _quantize_fp8(transformer: Any) -> int:
-    """Swap the transformer's linear layers for :class:`Float8RowwiseLinear`; returns how many."""
+def _quantize_fp8(transformer: Any, keep: tuple[str, ...] = ()) -> int:
+    """Swap the transformer's linear layers for :class:`Float8RowwiseLinear` (except those under the
+    ``keep`` prefixes); returns how many."""
     fused_parents = {name for name, module in transformer.named_modules()
                      if getattr(module, "fused_projections", False)}
     targets: list[tuple[torch.nn.Module, str, torch.nn.Linear]] = []
@@ -322,6 +323,8 @@ def _quantize_fp8(transformer: Any) -> int:
             continue
         if _unused_projection(name, fused_parents):
             continue  # replaced by the fused to_qkv / to_added_qkv
+        if name.startswith(keep):
+            continue
         parent_name, _, leaf = name.rpartition(".")
         targets.append((transformer.get_submodule(parent_name) if parent_name else transformer, leaf, module))
     for parent, leaf, linear in targets:
@@ -420,7 +423,7 @@ def apply_optimizations(pipe: Any, settings: Settings, plan: DevicePlan, family:
         log.warning("FLUX_QUANTIZE=fp8: %s models keep their linear layers (%s); skipped", family.name,
                     family.optimizations.notes)
     elif transformer_ops and settings.quantize == "fp8":
-        count = _quantize_fp8(transformer)
+        count = _quantize_fp8(transformer, family.optimizations.fp8_keep if family is not None else ())
         applied.append("fp8_rowwise")
         log.info("fp8: quantized %d linear layers of the transformer (torchao, row-wise scales)", count)
 

@@ -124,7 +124,7 @@ def _aliases(runtime: Runtime) -> dict[str, str]:
     served = {}
     for name in runtime.model_aliases:
         try:
-            served[name] = runtime.resolve(name).key
+            served[name] = public_model_source(runtime.resolve(name).key)
         except UnknownModelError:
             continue
     return served
@@ -140,7 +140,7 @@ async def list_models(request: Request) -> JSONResponse:
     listing: dict[str, Any] = {
         "object": "list", "data": cards,
         # The earlier web page builds its model picker from `available` (key → repo id, Object.entries).
-        "available": {spec.key: public_source(spec) for spec in specs},
+        "available": {public_model_source(spec.key): public_source(spec) for spec in specs},
         "aliases": _aliases(runtime),
         "active": {"key": public_model_source(active.key), "id": public_source(active), "type": active.family},
         "active_key": public_model_source(active.key),

@@ -138,6 +138,9 @@ class Optimizations:
     """The attention processors support ``fuse_qkv_projections`` (one matmul for Q, K and V)."""
     fp8_linears: bool = True
     """The transformer's large linear layers may become float8 row-wise (FLUX_QUANTIZE=fp8)."""
+    fp8_keep: tuple[str, ...] = ()
+    """Module-name prefixes whose linears stay in the model's dtype under fp8 (code that reads their
+    ``.weight``, e.g. to pick a dtype; small layers where fp8 gains nothing)."""
     notes: str = ""
     """Why an optimization does not apply, for the docs and the bench table."""
 

@@ -45,7 +45,9 @@ class ZImageFamily(Family):
     )
     optimizations = Optimizations(
         compile_blocks=("ZImageTransformerBlock",), fused_qkv=False, fp8_linears=True,
-        notes="ZImage's attention processor has no fused-QKV path")
+        # The timestep embedder reads mlp[0].weight.dtype to cast its input (seen on the H200: AttributeError).
+        fp8_keep=("t_embedder.",),
+        notes="ZImage's attention processor has no fused-QKV path; its timestep embedder stays bf16 under fp8")
     uses_negative_prompt = True
     tokenizers = ("tokenizer",)
     models = (
