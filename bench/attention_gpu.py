@@ -27,7 +27,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import torch
-from fluxserve.bench import build_fullsize_flux, transformer_inputs
+from fluxbench.serving import build_fullsize_flux, transformer_inputs
 
 from fluxserve.engine.device import select_device_dtype
 from fluxserve.engine.optimize import available_attention_backends
@@ -95,13 +95,13 @@ def forward_rows(backends: list[str], sizes: list[int], repeat: int, out: Path) 
         inputs = transformer_inputs(holder, size, size, text_tokens=TEXT_TOKENS)
         with torch.inference_mode():
             transformer.set_attention_backend("native")
-            reference = transformer(**inputs, return_dict=False)[0]
+            reference = transformer(**{**inputs, "return_dict": False})[0]  # the inputs already carry it
             for backend in backends:
                 row: dict[str, Any] = {"what": "forward", "size": size, "backend": backend}
                 try:
                     transformer.set_attention_backend(backend)
-                    result = transformer(**inputs, return_dict=False)[0]
-                    row.update(seconds=timed(partial(transformer, **inputs, return_dict=False), repeat),
+                    result = transformer(**{**inputs, "return_dict": False})[0]
+                    row.update(seconds=timed(partial(transformer, **{**inputs, "return_dict": False}), repeat),
                                psnr_db=psnr(result, reference),
                                peak_gb=torch.cuda.max_memory_allocated() / 1e9)
                 except Exception as exc:

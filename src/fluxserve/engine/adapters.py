@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 
+from fluxserve.engine.construction import MODEL_BUILD_LOCK
 from fluxserve.generation import AdapterError
 from fluxserve.loras import BASE_MODEL_KEY, FAMILY_KEY, LoraInfo
 
@@ -176,7 +177,7 @@ class AdapterState:
                 state = {k: v.to(device) for k, v in state.items()}
                 entry = _Loaded(info, 0.0, state)
             else:
-                with _quiet_loader():
+                with MODEL_BUILD_LOCK, _quiet_loader():  # PEFT patches process-global state while it loads
                     self.pipe.load_lora_weights(str(info.path), adapter_name=_peft_name(info.name))
                 entry = _Loaded(info, 0.0)
         except AdapterError:
@@ -257,7 +258,7 @@ class AdapterState:
                 state = self._loaded[name].state_dict
             assert state is not None
             # A copy: load_lora_weights pops from the dict it gets.
-            with _quiet_loader():
+            with MODEL_BUILD_LOCK, _quiet_loader():  # PEFT patches process-global state while it loads
                 self.pipe.load_lora_weights(dict(state), adapter_name=_slot(index),
                                             hotswap=self._slot_filled[index])
             created = created or not self._slot_filled[index]
@@ -326,9 +327,11 @@ def build_tiny_lora(model_dir: Path, path: Path, *, family: str, base_model: str
 
     index = json.loads((Path(model_dir) / "model_index.json").read_text(encoding="utf-8"))
     transformer_class = getattr(diffusers, index["transformer"][1])
-    transformer = transformer_class.from_pretrained(Path(model_dir) / "transformer")
-    transformer.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=list(targets)), adapter_name="tiny")
-    state = get_peft_model_state_dict(transformer, adapter_name="tiny")
+    with MODEL_BUILD_LOCK:  # from_pretrained and PEFT patch process-global state while they build
+        transformer = transformer_class.from_pretrained(Path(model_dir) / "transformer")
+        transformer.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=list(targets)),
+                                adapter_name="tiny")
+        state = get_peft_model_state_dict(transformer, adapter_name="tiny")
     gen = torch.Generator().manual_seed(seed)
     # The names diffusers' save_lora_weights writes: the PEFT keys under the pipeline component's prefix.
     tensors = {f"transformer.{k}": (torch.randn(v.shape, generator=gen) * std).contiguous()

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from fluxserve.engine.adapters import AdapterState, ensure_demo_lora
+from fluxserve.engine.construction import MODEL_BUILD_LOCK
 from fluxserve.engine.device import DevicePlan, validate_generator_device
 from fluxserve.engine.families import FAMILIES, Family, PromptEmbedding, family_of_class
 from fluxserve.engine.memory import apply_attention_slicing, apply_offload, apply_vae_modes
@@ -34,10 +35,6 @@ from fluxserve.settings import Settings
 log = logging.getLogger(__name__)
 
 
-# transformers/accelerate build models under process-global "empty weights" context managers, so two
-# from_pretrained calls in different threads corrupt each other (meta tensors). Reads from disk are
-# serialized by this lock; generation never takes it, so loading B still never stops A from generating.
-_FROM_PRETRAINED_LOCK = threading.Lock()
 
 
 def tiny_model_dir(settings: Settings, spec: ModelSpec) -> Path:
@@ -202,7 +199,7 @@ def load_model(spec: ModelSpec, plan: DevicePlan, settings: Settings, *, views: 
         kwargs.update(cache_dir=str(settings.cache_dir / "hub"), revision=settings.revision,
                       variant=settings.variant, token=settings.hf_token_value())
     try:
-        with _FROM_PRETRAINED_LOCK:
+        with MODEL_BUILD_LOCK:  # see fluxserve.engine.construction
             if spec.tiny is not None:
                 source = ensure_tiny_model(tiny_model_dir(settings, spec), spec.tiny)
                 _import_own_components(Path(source))
