@@ -218,7 +218,8 @@ class Settings(BaseSettings):
 
     # --- scheduler -----------------------------------------------------------------------------
     max_queue: int = Field(64, ge=0)
-    """Jobs waiting beyond those running; when full, requests get 429 at once."""
+    """Jobs that may wait beyond those the idle workers start at once (0: only what idle workers take);
+    past it requests get 429 with Retry-After at once."""
     queue_timeout: float = Field(300.0, gt=0)
     """Seconds a job may wait in the queue before it is dropped with 504."""
     max_concurrent: int = Field(1, ge=1, le=16)
