@@ -27,8 +27,8 @@ from types import SimpleNamespace
 from typing import Any
 
 import torch
-from fluxbench.serving import build_fullsize_flux, transformer_inputs
 
+from fluxbench.serving import build_fullsize_flux, transformer_inputs
 from fluxserve.engine.device import select_device_dtype
 from fluxserve.engine.optimize import available_attention_backends
 

@@ -71,6 +71,7 @@ def broadcast_module(module: torch.nn.Module) -> None:
 
 def rank_main(rank: int, args: argparse.Namespace) -> None:
     from diffusers import ContextParallelConfig
+
     from fluxbench.serving import build_fullsize_flux, transformer_inputs
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(args.port))
