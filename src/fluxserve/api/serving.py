@@ -7,10 +7,11 @@ encoding, base64 and saving run on the runtime's encoder thread pool.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -361,37 +362,35 @@ class ImageService:
             self.submit(job)
             gone = asyncio.ensure_future(disconnected())
             try:
-                while True:
-                    upcoming = asyncio.ensure_future(anext(events))
-                    await asyncio.wait({upcoming, gone}, return_when=asyncio.FIRST_COMPLETED)
-                    if not upcoming.done():
-                        upcoming.cancel()
-                        return  # the client left: the finally below cancels the job
-                    event = upcoming.result()
-                    kind = event["type"]
-                    # every streamed event names the job, so a client can follow it (/v1/images/jobs/{id}/events)
-                    if kind == "queued":
-                        yield {"type": f"{prefix}.progress", "status": "queued", "step": 0, "job_id": job.id,
-                               "total": job.params.steps, "queue_position": event.get("queue_position")}
-                    elif kind == "started":
-                        yield {"type": f"{prefix}.progress", "status": "running", "step": 0, "job_id": job.id,
-                               "total": job.params.steps, "queue_position": 0, "batch_size": event.get("batch_size")}
-                    elif kind == "progress":
-                        if event["total"] != partial_total:  # img2img/inpaint run fewer steps than asked (strength)
-                            partial_total = event["total"]
-                            partial_steps = _partial_steps(partial_total, options.partial_images)
-                        yield {"type": f"{prefix}.progress", "status": "running", "step": event["step"],
-                               "job_id": job.id, "total": event["total"], "queue_position": 0}
-                        preview = event.get("preview")
-                        if preview is not None and event["step"] in partial_steps:
-                            data = await loop.run_in_executor(self.runtime.encoder, encode_image, preview, "png")
-                            yield {"type": f"{prefix}.partial_image", "b64_json": to_base64(data),
-                                   "partial_image_index": partial_index, "created_at": int(time.time()),
-                                   "size": size, "quality": options.quality, "background": "opaque",
-                                   "output_format": "png", "step": event["step"]}
-                            partial_index += 1
-                    elif kind in TERMINAL_EVENTS:
-                        break
+                async with contextlib.aclosing(until_gone(events, gone)) as followed:
+                    async for event in followed:
+                        kind = event["type"]  # every streamed event names its job (for /v1/images/jobs/{id}/events)
+                        if kind == "queued":
+                            yield {"type": f"{prefix}.progress", "status": "queued", "step": 0, "job_id": job.id,
+                                   "total": job.params.steps, "queue_position": event.get("queue_position")}
+                        elif kind == "started":
+                            yield {"type": f"{prefix}.progress", "status": "running", "step": 0, "job_id": job.id,
+                                   "total": job.params.steps, "queue_position": 0,
+                                   "batch_size": event.get("batch_size")}
+                        elif kind == "progress":
+                            if event["total"] != partial_total:  # img2img/inpaint run fewer steps (strength)
+                                partial_total = event["total"]
+                                partial_steps = _partial_steps(partial_total, options.partial_images)
+                            yield {"type": f"{prefix}.progress", "status": "running", "step": event["step"],
+                                   "job_id": job.id, "total": event["total"], "queue_position": 0}
+                            preview = event.get("preview")
+                            if preview is not None and event["step"] in partial_steps:
+                                data = await loop.run_in_executor(self.runtime.encoder, encode_image, preview,
+                                                                  "png")
+                                yield {"type": f"{prefix}.partial_image", "b64_json": to_base64(data),
+                                       "partial_image_index": partial_index, "created_at": int(time.time()),
+                                       "size": size, "quality": options.quality, "background": "opaque",
+                                       "output_format": "png", "step": event["step"]}
+                                partial_index += 1
+                        elif kind in TERMINAL_EVENTS:
+                            break
+                if not job.finished:
+                    return  # the client left: the finally below cancels the job
                 if job.status is not JobStatus.SUCCEEDED:
                     error = job.error or JobError("the job did not finish", code="internal_error", status=500)
                     yield error_event(error)
@@ -421,6 +420,23 @@ def error_event(error: JobError) -> dict[str, Any]:
     kind = "server_error" if error.status >= 500 else "invalid_request_error"
     return {"type": "error", "error": {"message": sanitize(error.message), "type": kind, "param": None,
                                        "code": error.code}}
+
+
+async def until_gone(events: AsyncIterator[dict[str, Any]], gone: asyncio.Future[None]
+                     ) -> AsyncGenerator[dict[str, Any], None]:
+    """``events`` until they end or the client goes away, whichever comes first (no polling)."""
+    while True:
+        upcoming: asyncio.Future[Any] = asyncio.ensure_future(anext(events))
+        either: list[asyncio.Future[Any]] = [upcoming, gone]
+        await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+        if not upcoming.done():
+            upcoming.cancel()
+            return
+        try:
+            event = upcoming.result()
+        except StopAsyncIteration:
+            return
+        yield event
 
 
 async def wait_disconnect(receive: Callable[[], Awaitable[Any]]) -> None:

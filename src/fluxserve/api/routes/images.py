@@ -19,8 +19,8 @@ from fluxserve.api.protocol import (
     ImagesResponse,
     public_model_source,
 )
-from fluxserve.api.serving import ImageService, wait_disconnect
-from fluxserve.scheduler.jobs import TERMINAL_EVENTS, Job, JobStatus
+from fluxserve.api.serving import ImageService, until_gone, wait_disconnect
+from fluxserve.scheduler.jobs import Job, JobStatus
 
 router = APIRouter(responses=ERROR_RESPONSES)
 # Documented non-JSON answers. One SSE event: ``data`` is a JSON object, the last one ``[DONE]``.
@@ -172,16 +172,9 @@ async def job_events(job_id: str, request: Request) -> StreamingResponse:
         async with job.subscribe() as subscription:
             gone = asyncio.ensure_future(gone_after())
             try:
-                while True:
-                    upcoming = asyncio.ensure_future(anext(subscription))
-                    await asyncio.wait({upcoming, gone}, return_when=asyncio.FIRST_COMPLETED)
-                    if not upcoming.done():
-                        upcoming.cancel()
-                        return
-                    event = upcoming.result()
-                    yield _public({k: v for k, v in event.items() if k != "preview"})
-                    if event["type"] in TERMINAL_EVENTS:
-                        return
+                async with contextlib.aclosing(until_gone(subscription, gone)) as followed:
+                    async for event in followed:  # ends after the terminal event, or when the client leaves
+                        yield _public({k: v for k, v in event.items() if k != "preview"})
             finally:
                 gone.cancel()
 
