@@ -428,15 +428,30 @@ async def until_gone(events: AsyncIterator[dict[str, Any]], gone: asyncio.Future
     while True:
         upcoming: asyncio.Future[Any] = asyncio.ensure_future(anext(events))
         either: list[asyncio.Future[Any]] = [upcoming, gone]
-        await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
-        if not upcoming.done():
-            upcoming.cancel()
+        try:
+            await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:  # this generator is being closed or cancelled
+            _discard(upcoming)
+            raise
+        if not upcoming.done():  # the client left first
+            _discard(upcoming)
             return
         try:
             event = upcoming.result()
         except StopAsyncIteration:
             return
         yield event
+
+
+def _discard(task: asyncio.Future[Any]) -> None:
+    """A task nobody will await: cancel it if it still runs, and read its outcome either way (no "exception
+    was never retrieved" noise)."""
+    if task.done():
+        if not task.cancelled():
+            task.exception()
+        return
+    task.cancel()
+    task.add_done_callback(lambda t: None if t.cancelled() else t.exception())
 
 
 async def wait_disconnect(receive: Callable[[], Awaitable[Any]]) -> None:
