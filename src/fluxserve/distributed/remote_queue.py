@@ -30,7 +30,6 @@ from typing import Any, Protocol
 
 from fluxserve.distributed.config import slots_per_replica
 from fluxserve.distributed.messages import FINAL_EVENTS, RemoteRequest, ReplicaInfo
-from fluxserve.engine.registry import ModelSpec
 from fluxserve.scheduler.jobs import Job, JobError, JobStatus, cancelled_error, queue_full
 from fluxserve.scheduler.pacing import Pacing
 from fluxserve.scheduler.scheduler import SHUTTING_DOWN, Hook
@@ -140,17 +139,6 @@ class RemoteScheduler:
             leftovers = list(self._dispatches.values())
         for dispatch in leftovers:
             self._cancel_task(dispatch)
-
-    # --- models ----------------------------------------------------------------------------------
-    def ensure_loaded(self, spec: ModelSpec, wait: bool = True, timeout: float | None = None) -> list[Any]:
-        """Models live on their deployments' replicas; only check that ``spec`` has one."""
-        if spec.key not in self.clients:
-            raise JobError(f"model {spec.key!r} has no deployment on this Ray Serve application",
-                           code="model_unavailable", status=503)
-        return []
-
-    def is_loaded(self, key: str) -> bool:
-        return key in self.clients and self.running_replicas.get(key, 0) > 0
 
     @property
     def consecutive_oom_failures(self) -> int:

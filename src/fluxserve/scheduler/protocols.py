@@ -21,14 +21,6 @@ from fluxserve.scheduler.jobs import Job
 from fluxserve.scheduler.table import JobTable
 
 
-class LoadedModelInfo(Protocol):
-    """The parts of a loaded model the scheduler and the routes read."""
-
-    spec: ModelSpec
-    load_seconds: float
-    loaded_at: float
-
-
 class Engine(Protocol):
     @property
     def device(self) -> str: ...
