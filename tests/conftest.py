@@ -96,6 +96,22 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def wait_process_ready(base_url: str, proc: subprocess.Popen[bytes], logs: Callable[[], str],
+                       timeout: float = 120) -> None:
+    """Until a server subprocess answers /ready with 200 (it publishes no event: poll, bounded)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}:\n{logs()[-3000:]}")
+        try:
+            if httpx.get(base_url + "/ready", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise TimeoutError(f"server not ready:\n{logs()[-3000:]}")
+
+
 class ServerProcess:
     """``fluxserve serve`` in a real subprocess on loopback, logs captured to a file."""
 
@@ -111,17 +127,7 @@ class ServerProcess:
                                      stdout=self._log, stderr=subprocess.STDOUT, cwd=str(log_path.parent))
 
     def wait_ready(self, timeout: float = 120) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.logs()[-3000:]}")
-            try:
-                if httpx.get(self.base_url + "/ready", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        raise TimeoutError(f"server not ready:\n{self.logs()[-3000:]}")
+        wait_process_ready(self.base_url, self.proc, self.logs, timeout)
 
     def logs(self) -> str:
         self._log.flush()

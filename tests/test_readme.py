@@ -17,16 +17,14 @@ import shlex
 import shutil
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 from PIL import Image
 
-from tests.conftest import free_port
+from tests.conftest import free_port, wait_process_ready
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text(encoding="utf-8")
@@ -111,17 +109,9 @@ def demo(cache_dir: Path, tmp_path: Path) -> Iterator[str]:
     proc = subprocess.Popen([str(ROOT / "run"), "demo", "--port", str(port)], stdout=log, stderr=subprocess.STDOUT,
                             env=fresh_env(cache_dir, FLUX_WARMUP_SIZES="64x64", FLUX_OUTPUT_DIR=str(tmp_path / "out")))
     base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
     try:
-        while True:
-            assert proc.poll() is None, (tmp_path / "demo.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "./run demo did not become ready"
-            try:
-                if httpx.get(base + "/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
+        log.flush()
+        wait_process_ready(base, proc, lambda: (tmp_path / "demo.log").read_text(errors="replace"))
         yield base
     finally:
         proc.terminate()
