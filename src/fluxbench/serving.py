@@ -23,6 +23,7 @@ import argparse
 import base64
 import contextlib
 import datetime as dt
+import functools
 import io
 import json
 import logging
@@ -48,6 +49,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from fluxserve.generation import Task
+
 log = logging.getLogger(__name__)
 
 QUALITY_PROMPT = "a lighthouse on a cliff at dusk, oil painting"
@@ -68,6 +71,12 @@ class Case:
     klein, klein-9b, zimage, qwen, ...) or its ``tiny-<key>``."""
     guidance: float = 0.0
     """Guidance on every path (the family's own parameter: ``guidance_scale`` or ``true_cfg_scale``)."""
+    task: Task = "generate"
+    """generate | img2img | inpaint: an edit of one fixed noise photo (:func:`edit_inputs`; inpaint repaints
+    its right half), by the family's own edit pipeline (``from_pipe``) on the baseline path, by
+    ``GenerationParams.task`` on the engine path and by ``images.edit`` (multipart) over HTTP."""
+    strength: float | None = None
+    """img2img / inpaint: how far from the input image (diffusers runs ``int(steps * strength)`` steps)."""
 
 
 CUDA_CASES = [
@@ -75,6 +84,8 @@ CUDA_CASES = [
     Case("512-4", 512, 512, 4),
     Case("1024-4-x4", 1024, 1024, 4, clients=4),
     Case("1024-28", 1024, 1024, 28, variant="dev"),
+    Case("img2img-1024-28", 1024, 1024, 28, variant="dev", guidance=3.5, task="img2img", strength=0.6),
+    Case("inpaint-1024-28", 1024, 1024, 28, variant="dev", guidance=3.5, task="inpaint", strength=0.6),
 ]
 CPU_CASES = [
     Case("64-1", 64, 64, 1, variant="tiny"),
@@ -82,6 +93,8 @@ CPU_CASES = [
     Case("256-4", 256, 256, 4, variant="tiny"),
     Case("128-4-x4", 128, 128, 4, clients=4, variant="tiny"),
     Case("128-28", 128, 128, 28, variant="tiny"),
+    Case("img2img-128-4", 128, 128, 4, variant="tiny", task="img2img", strength=0.6),
+    Case("inpaint-128-4", 128, 128, 4, variant="tiny", task="inpaint", strength=0.6),
 ]
 MODES: dict[str, dict[str, str]] = {
     "plain": {},
@@ -121,7 +134,7 @@ def family_cases(name: str, device: str) -> list[Case]:
 def _call_kwargs(case: Case, pipe: Any) -> dict[str, Any]:
     """Keyword arguments of a plain pipeline call for ``case`` (besides prompt, size, steps, generator)."""
     if case.variant in FLUX_VARIANTS:
-        return {"guidance_scale": 0.0, "max_sequence_length": MAX_SEQUENCE_LENGTH}
+        return {"guidance_scale": case.guidance, "max_sequence_length": MAX_SEQUENCE_LENGTH}
     from fluxserve.engine.families import FAMILIES, family_of_class
 
     family = FAMILIES[family_of_class(type(pipe).__name__)]
@@ -130,6 +143,32 @@ def _call_kwargs(case: Case, pipe: Any) -> dict[str, Any]:
         kwargs["negative_prompt"] = family.defaults.negative_prompt
     kwargs.update(family.plain_call_kwargs(case.width, case.height))
     return kwargs
+
+
+def edit_inputs(case: Case) -> tuple[list[np.ndarray], np.ndarray | None]:
+    """The input photo (fixed RGB noise at the case's size) and, for inpaint, the mask (255 = may change:
+    the right half), the same on every path."""
+    if case.task == "generate":
+        return [], None
+    image = np.random.default_rng(0).integers(0, 256, (case.height, case.width, 3), dtype=np.uint8)
+    if case.task != "inpaint":
+        return [image], None
+    mask = np.zeros((case.height, case.width), np.uint8)
+    mask[:, case.width // 2:] = 255
+    return [image], mask
+
+
+def plain_pipeline(pipe: Any, case: Case) -> tuple[Any, dict[str, Any]]:
+    """The plain diffusers pipeline a case calls and its edit arguments: text-to-image, or the family's edit
+    pipeline for the task (``from_pipe`` of the loaded one) with ``image``/``mask_image``/``strength``."""
+    if case.task == "generate":
+        return text_to_image(pipe), {}
+    from fluxserve.engine.families import FAMILIES, family_of_class
+
+    family = FAMILIES[family_of_class(type(pipe).__name__)]
+    images, mask = edit_inputs(case)
+    return (family.edit_pipeline(pipe, case.task),
+            family.edit_call_kwargs(case.task, images, mask, case.strength, case.width, case.height))
 
 
 def text_to_image(pipe: Any) -> Any:
@@ -152,9 +191,12 @@ class Measurement:
     psnr_db: float | None = None
     max_diff: int | None = None
     note: str = ""
+    server_timing: dict[str, list[float]] = field(default_factory=dict)
+    """http: the stage timings each timed response reports (``data[0].timing``: text_encode, denoise, ...)."""
 
     def summary(self) -> dict[str, Any]:
         lat = self.latencies
+        stages = {k: round(statistics.median(v), 4) for k, v in self.server_timing.items() if v}
         return {
             "case": self.case, "path": self.path, "mode": self.mode,
             "median_s": round(statistics.median(lat), 4) if lat else None,
@@ -162,6 +204,7 @@ class Measurement:
             "images_per_s": round(self.images / self.wall_s, 3) if self.wall_s else None,
             "requests": len(lat), "images": self.images, "peak_mem_gb": self.peak_mem_gb,
             "psnr_db": self.psnr_db, "max_diff": self.max_diff, "note": self.note,
+            **({"server_stage_median_s": stages} if stages else {}),
         }
 
 
@@ -173,6 +216,16 @@ def psnr(a: np.ndarray, b: np.ndarray) -> tuple[float, int]:
     diff = a.astype(np.float64) - b.astype(np.float64)
     mse = float((diff**2).mean())
     return (math.inf if mse == 0 else 10 * math.log10(255.0**2 / mse)), int(np.abs(diff).max())
+
+
+def case_psnr(case: Case, image: np.ndarray, reference: np.ndarray) -> tuple[float, int]:
+    """:func:`psnr` of a path's image against the baseline's; for inpaint over the repainted area only (outside
+    the mask fluxserve returns the input's own pixels, the plain pipeline its VAE round trip)."""
+    _, mask = edit_inputs(case)
+    if case.task == "inpaint" and mask is not None:
+        where = mask > 0
+        return psnr(image[where], reference[where])
+    return psnr(image, reference)
 
 
 def _sync(device: str) -> None:
@@ -212,6 +265,41 @@ def _seed_for(i: int) -> int:
 
 # --------------------------------------------------------------------------------------------------
 # full-size FLUX.1 with random weights (CUDA)
+
+STORE_DTYPES = ("bfloat16", "float8_e4m3fn")
+FP8_MAX = 448.0
+"""The largest finite float8_e4m3fn value (casting beyond it gives NaN, so weights are clamped first)."""
+
+
+def save_pipeline(pipe: Any, path: Path, store_dtype: str = "bfloat16") -> None:
+    """``save_pretrained`` the random-weight pipeline to ``path``.
+
+    ``float8_e4m3fn`` halves the checkpoint for models whose bf16 files do not fit the disk (Qwen-Image-2512,
+    FLUX.2 dev): every floating parameter of the pipeline's modules except the VAE is rounded to fp8 *in
+    memory* (so the in-memory baseline and the copy loaded back hold exactly the same values) and written as
+    fp8; ``from_pretrained(torch_dtype=torch.bfloat16)`` upcasts on load. The model computes in bf16 either
+    way: same shapes, same kernels, same cost. Buffers (rotary tables, ids) are left as they are.
+    """
+    if store_dtype not in STORE_DTYPES:
+        raise ValueError(f"store dtype {store_dtype!r}: choose {', '.join(STORE_DTYPES)}")
+    if store_dtype == "bfloat16":
+        pipe.save_pretrained(path, safe_serialization=True)
+        return
+    fp8 = torch.float8_e4m3fn
+    rounded: list[tuple[torch.nn.Parameter, torch.dtype]] = []
+    modules = [m for name, m in pipe.components.items() if isinstance(m, torch.nn.Module) and name != "vae"]
+    with torch.no_grad():
+        for module in modules:
+            for param in module.parameters():
+                if param.is_floating_point() and param.dtype != fp8:
+                    rounded.append((param, param.dtype))
+                    param.data = param.data.clamp(-FP8_MAX, FP8_MAX).to(fp8)
+    try:
+        pipe.save_pretrained(path, safe_serialization=True)
+    finally:
+        with torch.no_grad():
+            for param, dtype in rounded:
+                param.data = param.data.to(dtype)
 
 def build_fullsize_flux(guidance_embeds: bool = False, device: str = "cuda",
                         dtype: torch.dtype = torch.bfloat16) -> Any:
@@ -299,8 +387,9 @@ def run_baseline(pipe: Any, cases: list[Case], reps: int, device: str) -> tuple[
 
     def call(case: Case, prompts_: list[str], seeds: list[int]) -> list[bytes]:
         gens = [torch.Generator("cpu").manual_seed(s) for s in seeds]
-        images = text_to_image(pipe)(prompt=prompts_, height=case.height, width=case.width,
-                                     num_inference_steps=case.steps, generator=gens, **_call_kwargs(case, pipe)).images
+        plain, edit = plain_pipeline(pipe, case)
+        images = plain(prompt=prompts_, height=case.height, width=case.width, num_inference_steps=case.steps,
+                       generator=gens, **_call_kwargs(case, pipe), **edit).images
         out = []
         for image in images:
             buf = io.BytesIO()
@@ -343,7 +432,8 @@ def _decode_png(data: bytes) -> np.ndarray:
 
 def run_engine(model_name: str, cases: list[Case], reps: int, mode: str, device: str,
                refs: dict[str, np.ndarray], cache_dir: Path,
-               paired_server: ServerProcess | None = None) -> tuple[list[Measurement], dict[str, Any]]:
+               paired_server: ServerProcess | None = None,
+               warmups: int = 2) -> tuple[list[Measurement], dict[str, Any]]:
     """(b). With ``paired_server`` (a running server of the same model), single-client cases also run
     ``reps`` alternating engine/HTTP pairs: the per-pair difference is the server's own overhead, robust
     to load drifting on a shared machine."""
@@ -351,6 +441,7 @@ def run_engine(model_name: str, cases: list[Case], reps: int, mode: str, device:
     from fluxserve.runtime import Runtime
     from fluxserve.settings import load_settings
     from fluxserve.storage.images import encode_image, to_base64
+    from fluxserve.storage.inputs import inputs_digest
 
     overrides = {k.removeprefix("FLUX_").lower(): v for k, v in MODES[mode].items()}
     settings = load_settings(model=model_name, device=device, warmup_enable=False, store_local=False,
@@ -369,8 +460,11 @@ def run_engine(model_name: str, cases: list[Case], reps: int, mode: str, device:
     stages: dict[str, list[float]] = {}
 
     def call(case: Case, prompts_: list[str], seeds: list[int]) -> list[str]:
-        params = GenerationParams(spec.key, case.width, case.height, case.steps, case.guidance, MAX_SEQUENCE_LENGTH)
-        requests = [ImageRequest(p, [s]) for p, s in zip(prompts_, seeds, strict=True)]
+        images, mask = edit_inputs(case)
+        params = GenerationParams(spec.key, case.width, case.height, case.steps, case.guidance, MAX_SEQUENCE_LENGTH,
+                                  task=case.task, strength=case.strength,
+                                  inputs=inputs_digest(images, mask) if images else None)
+        requests = [ImageRequest(p, [s], images=images, mask=mask) for p, s in zip(prompts_, seeds, strict=True)]
         out = engine.generate(model, params, requests)
         for key, value in out[0].timings.items():
             stages.setdefault(f"{case.name}:{key}", []).append(value)
@@ -387,8 +481,8 @@ def run_engine(model_name: str, cases: list[Case], reps: int, mode: str, device:
             m = Measurement(case.name, "engine", mode,
                             note=f"one engine batch of {n} requests" if n > 1 else "")
             t = time.perf_counter()
-            call(case, [next(prompts) for _ in range(n)], [_seed_for(i) for i in range(n)])  # warm-up/compile
-            call(case, [next(prompts) for _ in range(n)], [_seed_for(i) for i in range(n)])
+            for _ in range(warmups):  # warm-up/compile
+                call(case, [next(prompts) for _ in range(n)], [_seed_for(i) for i in range(n)])
             info[f"warmup_{case.name}_s"] = round(time.perf_counter() - t, 2)
             _reset_peak(device)
             begun = time.perf_counter()
@@ -401,7 +495,7 @@ def run_engine(model_name: str, cases: list[Case], reps: int, mode: str, device:
             m.peak_mem_gb = _peak_gb(device)
             if case.name in refs:
                 b64 = call(case, [QUALITY_PROMPT], [QUALITY_SEED])[0]
-                p, mx = psnr(_decode_png(base64.b64decode(b64)), refs[case.name])
+                p, mx = case_psnr(case, _decode_png(base64.b64decode(b64)), refs[case.name])
                 m.psnr_db, m.max_diff = round(p, 2), mx
             results.append(m)
             log.info("engine %s %s: %s", mode, case.name, m.summary())
@@ -412,7 +506,7 @@ def run_engine(model_name: str, cases: list[Case], reps: int, mode: str, device:
                     t = time.perf_counter()
                     call(case, [next(prompts)], [_seed_for(r)])
                     direct = time.perf_counter() - t
-                    over_http, _ = _http_request(client, paired_server.model, case, next(prompts), _seed_for(r))
+                    over_http, _, _ = _http_request(client, paired_server.model, case, next(prompts), _seed_for(r))
                     diffs.append(over_http - direct)
                 info.setdefault("paired_http_overhead_ms", {})[case.name] = {
                     "median": round(statistics.median(diffs) * 1000, 2), "min": round(min(diffs) * 1000, 2),
@@ -514,25 +608,60 @@ def _openai_client(server: ServerProcess) -> Any:
     return OpenAI(base_url=server.base_url + "/v1", api_key="bench", max_retries=0, timeout=600)
 
 
-def _http_request(client: Any, model: str, case: Case, prompt: str, seed: int) -> tuple[float, str]:
-    """One ``images.generate`` call; returns (seconds, b64 PNG)."""
+@functools.cache
+def _edit_files(case: Case) -> dict[str, tuple[str, bytes, str]]:
+    """The multipart files of a case's ``images.edit`` call: the input photo, and for inpaint the mask as
+    OpenAI takes it (an RGBA PNG whose transparent pixels mark the area to change). Encoded once per case."""
+    from PIL import Image
+
+    def png(image: Any) -> bytes:
+        buf = io.BytesIO()
+        image.save(buf, format="PNG")
+        return buf.getvalue()
+
+    images, mask = edit_inputs(case)
+    files = {"image": ("photo.png", png(Image.fromarray(images[0])), "image/png")}
+    if mask is not None:
+        rgba = np.full((case.height, case.width, 4), 255, np.uint8)
+        rgba[..., 3] = 255 - mask
+        files["mask"] = ("mask.png", png(Image.fromarray(rgba, mode="RGBA")), "image/png")
+    return files
+
+
+def _http_request(client: Any, model: str, case: Case, prompt: str, seed: int) -> tuple[float, str, dict[str, float]]:
+    """One ``images.generate`` (or, for an edit case, ``images.edit``) call; returns (seconds, b64 PNG, the
+    server's stage timings for the image)."""
+    body: dict[str, Any] = {"seed": seed, "num_inference_steps": case.steps, "guidance_scale": case.guidance,
+                            "max_sequence_length": MAX_SEQUENCE_LENGTH}
+    size = f"{case.width}x{case.height}"
     t = time.perf_counter()
-    resp = client.images.generate(
-        model=model, prompt=prompt, n=1, size=f"{case.width}x{case.height}", response_format="b64_json",
-        extra_body={"seed": seed, "num_inference_steps": case.steps, "guidance_scale": case.guidance,
-                    "max_sequence_length": MAX_SEQUENCE_LENGTH},
-    )
-    return time.perf_counter() - t, resp.data[0].b64_json or ""
+    if case.task == "generate":
+        resp = client.images.generate(model=model, prompt=prompt, n=1, size=size, response_format="b64_json",
+                                      extra_body=body)
+    else:
+        body["strength"] = case.strength
+        resp = client.images.edit(model=model, prompt=prompt, n=1, size=size, response_format="b64_json",
+                                  extra_body=body, **_edit_files(case))
+    seconds = time.perf_counter() - t
+    item = resp.data[0]
+    timing = (item.model_extra or {}).get("timing") or {}
+    return seconds, item.b64_json or "", {k: float(v) for k, v in timing.items() if isinstance(v, int | float)}
 
 
 def run_http(server: ServerProcess, cases: list[Case], reps: int, mode: str,
-             refs: dict[str, np.ndarray]) -> list[Measurement]:
+             refs: dict[str, np.ndarray], warmups: int = 2) -> list[Measurement]:
     client = _openai_client(server)
     prompts = _prompts(f"http-{mode}")
     lock = threading.Lock()
+    stages: dict[str, list[float]] | None = None  # the timed requests' server timings go here
 
     def request(case: Case, prompt: str, seed: int) -> tuple[float, str]:
-        return _http_request(client, server.model, case, prompt, seed)
+        seconds, b64, timing = _http_request(client, server.model, case, prompt, seed)
+        if stages is not None:
+            with lock:
+                for key, value in timing.items():
+                    stages.setdefault(key, []).append(value)
+        return seconds, b64
 
     def next_prompt() -> str:
         with lock:
@@ -543,9 +672,11 @@ def run_http(server: ServerProcess, cases: list[Case], reps: int, mode: str,
         n = case.clients
         m = Measurement(case.name, "http", mode, note=f"{n} concurrent clients" if n > 1 else "")
         with ThreadPoolExecutor(n) as pool:
-            for _ in range(2 if n == 1 else 3):  # warm-up: compiles this shape (and batch sizes) untimed
+            stages = None
+            for _ in range(warmups if n == 1 else warmups + 1):  # warm-up: compiles this shape (and batch sizes)
                 list(pool.map(lambda i, c=case: request(c, next_prompt(), _seed_for(i)), range(n)))
             mem = [server.gpu_memory_gb()]
+            stages = m.server_timing
             begun = time.perf_counter()
 
             def client_loop(index: int, c: Case = case) -> list[float]:
@@ -555,12 +686,13 @@ def run_http(server: ServerProcess, cases: list[Case], reps: int, mode: str,
                 m.latencies.extend(lat)
             m.wall_s = time.perf_counter() - begun
             m.images = n * reps
+            stages = None
             mem.append(server.gpu_memory_gb())
         known = [x for x in mem if x is not None]
         m.peak_mem_gb = max(known) if known else None
         if case.name in refs:
             _, b64 = request(case, QUALITY_PROMPT, QUALITY_SEED)
-            p, mx = psnr(_decode_png(base64.b64decode(b64)), refs[case.name])
+            p, mx = case_psnr(case, _decode_png(base64.b64decode(b64)), refs[case.name])
             m.psnr_db, m.max_diff = round(p, 2), mx
         results.append(m)
         log.info("http %s %s: %s", mode, case.name, m.summary())
@@ -586,9 +718,11 @@ def _forward_inputs(pipe: Any, case: Case) -> TransformerCall | None:
     return None if case.variant in FLUX_VARIANTS else captured_transformer_inputs(pipe, _call_kwargs(case, pipe))
 
 
-def _prepare_family_model(key: str, device: str, work: Path, timings: dict[str, float]) -> tuple[str, Any]:
+def _prepare_family_model(key: str, device: str, work: Path, timings: dict[str, float],
+                          store_dtype: str = "bfloat16") -> tuple[str, Any]:
     """A registry model of any family: its tiny version (CPU) or its full-size architecture with random
-    weights built on the GPU from ``Family.full_size_components`` and saved for ``from_pretrained``."""
+    weights built on the GPU from ``Family.full_size_components`` and saved for ``from_pretrained``
+    (:func:`save_pipeline`)."""
     import diffusers
 
     from fluxserve.engine.families import FAMILIES
@@ -614,14 +748,15 @@ def _prepare_family_model(key: str, device: str, work: Path, timings: dict[str, 
     with _phase(f"save_{key}", timings):
         if path.exists():
             shutil.rmtree(path)
-        pipe.save_pretrained(path, safe_serialization=True)
+        save_pipeline(pipe, path, store_dtype)
     return str(path), pipe
 
 
-def _prepare_model(variant: str, device: str, work: Path, timings: dict[str, float]) -> tuple[str, Any]:
+def _prepare_model(variant: str, device: str, work: Path, timings: dict[str, float],
+                   store_dtype: str = "bfloat16") -> tuple[str, Any]:
     """Return (model name for fluxserve, in-memory baseline pipeline)."""
     if variant not in FLUX_VARIANTS:
-        return _prepare_family_model(variant, device, work, timings)
+        return _prepare_family_model(variant, device, work, timings, store_dtype)
     if variant == "tiny":
         from diffusers import FluxPipeline
 
@@ -641,7 +776,7 @@ def _prepare_model(variant: str, device: str, work: Path, timings: dict[str, flo
     with _phase(f"save_{variant}", timings):
         if path.exists():
             shutil.rmtree(path)
-        pipe.save_pretrained(path, safe_serialization=True)
+        save_pipeline(pipe, path, store_dtype)
     return str(path), pipe
 
 
@@ -688,6 +823,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--work-dir", type=Path, help="where models and compile caches go (default: a temp dir)")
     parser.add_argument("--out", type=Path, default=Path("bench-results.json"), help="JSON output file")
     parser.add_argument("--list", action="store_true", help="list the cases and exit")
+    parser.add_argument("--warmups", type=int, default=2,
+                        help="untimed requests per case before the timed ones, engine and http (default 2)")
+    parser.add_argument("--store-dtype", choices=STORE_DTYPES, default="bfloat16",
+                        help="dtype of the random-weight checkpoint on disk (CUDA): float8_e4m3fn halves it for "
+                             "models whose bf16 files do not fit the disk; weights are rounded to fp8 in memory "
+                             "first and upcast on load, so every path computes in bf16 on the same values")
     parser.add_argument("--family", help="bench another family instead of FLUX.1: a family (klein, zimage, qwen, "
                                          "...) or a registry key (klein-9b, qwen-2512, ...); on CPU its tiny model")
     return parser
@@ -725,7 +866,8 @@ def main(argv: list[str] | None = None) -> int:
     report: dict[str, Any] = {
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "device": device,
         "command": "fluxserve bench " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "versions": _versions(), "reps": args.reps, "max_sequence_length": MAX_SEQUENCE_LENGTH,
+        "versions": _versions(), "reps": args.reps, "warmups": args.warmups, "store_dtype": args.store_dtype,
+        "max_sequence_length": MAX_SEQUENCE_LENGTH,
         "results": [], "engine": {}, "server": {}, "phases": {},
     }
     timings: dict[str, float] = report["phases"]
@@ -745,7 +887,7 @@ def main(argv: list[str] | None = None) -> int:
 
     for variant in dict.fromkeys(c.variant for c in cases):
         vcases = [c for c in cases if c.variant == variant]
-        model_name, pipe = _prepare_model(variant, device, work, timings)
+        model_name, pipe = _prepare_model(variant, device, work, timings, args.store_dtype)
         refs: dict[str, np.ndarray] = {}
         if "baseline" in paths or "engine" in paths or "http" in paths:
             with _phase(f"baseline_{variant}", timings):
@@ -771,12 +913,12 @@ def main(argv: list[str] | None = None) -> int:
                 try:
                     with _phase(f"http_{key}", timings):
                         report["server"][f"{key}_first_start_to_ready_s"] = round(server.start(), 1)
-                        measurements.extend(run_http(server, vcases, args.reps, mode, refs))
+                        measurements.extend(run_http(server, vcases, args.reps, mode, refs, args.warmups))
                     flush()
                     if pair:
                         with _phase(f"engine_{variant}_{mode}", timings):
                             res, info = run_engine(model_name, vcases, args.reps, mode, device, refs, cache_dir,
-                                                   paired_server=server)
+                                                   paired_server=server, warmups=args.warmups)
                         measurements.extend(res)
                         report["engine"][f"{variant}_{mode}"] = info
                     server.stop()
@@ -792,7 +934,8 @@ def main(argv: list[str] | None = None) -> int:
             if "engine" in paths and not pair:
                 try:
                     with _phase(f"engine_{variant}_{mode}", timings):
-                        res, info = run_engine(model_name, vcases, args.reps, mode, device, refs, cache_dir)
+                        res, info = run_engine(model_name, vcases, args.reps, mode, device, refs, cache_dir,
+                                               warmups=args.warmups)
                     measurements.extend(res)
                     report["engine"][f"{variant}_{mode}"] = info
                 except Exception as exc:

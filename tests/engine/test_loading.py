@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -56,3 +57,21 @@ def test_presets_fit_the_size_multiple() -> None:
             assert preset.width % spec.size_multiple == 0 and preset.height % spec.size_multiple == 0, spec.key
         assert spec.width % spec.size_multiple == 0
     assert all(p.steps >= 24 for p in BUILTIN_MODELS["dev"].presets.values())
+
+
+def test_weights_load_straight_onto_the_gpu_only_when_the_whole_pipeline_lives_there(make_settings: Any) -> None:
+    """``device_map="cuda"`` (no full host-memory copy on the way) for CUDA without offload; CPU, MPS and the
+    offload modes load on the CPU first, as diffusers needs for them."""
+    from fluxserve.engine.device import DevicePlan
+    from fluxserve.engine.loading import direct_placement
+
+    def plan(device: str) -> DevicePlan:
+        return DevicePlan(device, "bfloat16", "bfloat16", "cpu")
+
+    settings = make_settings()
+    assert direct_placement(plan("cuda:0"), settings) == "cuda"
+    assert direct_placement(plan("cuda:1"), settings) == "cuda"  # made the current device while loading
+    assert direct_placement(plan("cuda:0"), make_settings(offload="model")) is None
+    assert direct_placement(plan("cuda:0"), make_settings(offload="sequential")) is None
+    assert direct_placement(plan("mps"), settings) is None
+    assert direct_placement(plan("cpu"), settings) is None

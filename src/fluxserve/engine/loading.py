@@ -188,6 +188,30 @@ def _adapter_state(pipe: Any, settings: Settings) -> tuple[AdapterState | None, 
                         slots=settings.max_loras_per_request, max_rank=settings.lora_max_rank), None
 
 
+def direct_placement(plan: DevicePlan, settings: Settings) -> str | None:
+    """The ``device_map`` that makes ``from_pretrained`` put the weights straight onto the GPU, or None to
+    load on the CPU and move them (:func:`apply_offload`).
+
+    Straight onto the GPU whenever the whole pipeline lives there (CUDA, no CPU offload): no full copy of the
+    model in host memory on the way (FLUX.2 dev is 113 GB in bf16, more than many hosts have) and no second
+    copy pass. diffusers takes only ``"cuda"`` (the current device), so :func:`_current_cuda_device` makes
+    ``cuda:N`` current while loading. MPS and CPU load as before.
+    """
+    if settings.offload != "none" or plan.device.partition(":")[0] != "cuda":
+        return None
+    return "cuda"
+
+
+@contextmanager
+def _current_cuda_device(plan: DevicePlan) -> Iterator[None]:
+    """``plan``'s CUDA device is the current one inside (``device_map="cuda"`` means the current device)."""
+    if plan.device.partition(":")[0] != "cuda":
+        yield
+        return
+    with torch.cuda.device(torch.device(plan.device)):
+        yield
+
+
 def load_model(spec: ModelSpec, plan: DevicePlan, settings: Settings, *, views: int = 1) -> LoadedModel:
     """Load ``spec`` onto ``plan.device`` and prepare it (memory modes, optimizations, views)."""
     from diffusers import DiffusionPipeline
@@ -198,8 +222,11 @@ def load_model(spec: ModelSpec, plan: DevicePlan, settings: Settings, *, views: 
     if spec.tiny is None:
         kwargs.update(cache_dir=str(settings.cache_dir / "hub"), revision=settings.revision,
                       variant=settings.variant, token=settings.hf_token_value())
+    placement = direct_placement(plan, settings)
+    if placement is not None:
+        kwargs["device_map"] = placement
     try:
-        with MODEL_BUILD_LOCK:  # see fluxserve.engine.construction
+        with MODEL_BUILD_LOCK, _current_cuda_device(plan):  # see fluxserve.engine.construction
             if spec.tiny is not None:
                 source = ensure_tiny_model(tiny_model_dir(settings, spec), spec.tiny)
                 _import_own_components(Path(source))
