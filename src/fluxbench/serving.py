@@ -562,7 +562,10 @@ class ServerProcess:
         deadline = started + timeout
         while time.perf_counter() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"fluxserve serve exited with {self.proc.returncode}; see {self.log_path}")
+                self._log.flush()
+                tail = self.log_path.read_text(errors="replace").splitlines()[-25:]
+                raise RuntimeError(f"fluxserve serve exited with {self.proc.returncode}; the end of "
+                                   f"{self.log_path}:\n" + "\n".join(tail))
             try:
                 with urllib.request.urlopen(self.base_url + "/ready", timeout=2) as resp:
                     if resp.status == 200:

@@ -12,6 +12,7 @@ from PIL import Image
 
 from fluxserve.engine.device import DevicePlan
 from fluxserve.engine.engine import DeviceEngine, denoising_steps
+from fluxserve.engine.families import FAMILIES
 from fluxserve.engine.faults import FaultInjector
 from fluxserve.engine.loading import LoadedModel, load_model
 from fluxserve.engine.registry import BUILTIN_MODELS
@@ -102,3 +103,33 @@ def test_oom_downscale_shrinks_the_inputs_and_keeps_the_unmasked_area(cache_dir:
     small = np.asarray(Image.fromarray(image).resize((48, 48), Image.Resampling.LANCZOS))
     assert np.array_equal(out[:, 26:], small[:, 26:])  # away from the (resampled, now soft) mask edge
     assert np.abs(out[:, :22].astype(int) - small[:, :22]).mean() > 5
+
+
+EDIT_PIPELINES = [(family.name, task) for family in FAMILIES.values() if family.has_tiny
+                  for task in family.tasks if task != "generate"]
+
+
+@pytest.mark.parametrize(("family_name", "task"), EDIT_PIPELINES)
+def test_an_edit_pipeline_shares_the_loaded_modules_and_keeps_their_dtypes(family_name: str, task: str) -> None:
+    """diffusers' from_pipe would cast every shared module to float32: a bf16 model on a GPU would silently
+    turn float32 (found on the H200: twice the memory, 3× slower, and fp8 linears crashing) after its first
+    edit. The edit pipeline holds the very same modules, each in the dtype the engine gave it."""
+    import torch
+
+    family = FAMILIES[family_name]
+    pipe = family.tiny_pipeline()
+    pipe.transformer.to(torch.bfloat16)  # what a CUDA load gives; the VAE stays float32 (MPS does this)
+    text_encoder = getattr(pipe, "text_encoder", None)
+    if text_encoder is not None:
+        text_encoder.to(torch.bfloat16)
+    before = {name: {p.dtype for p in m.parameters()} for name, m in pipe.components.items()
+              if isinstance(m, torch.nn.Module)}
+    edit = family.edit_pipeline(pipe, task)  # type: ignore[arg-type]
+    for name, module in pipe.components.items():
+        if isinstance(module, torch.nn.Module) and name in edit.components:
+            assert edit.components[name] is module, name
+    after = {name: {p.dtype for p in m.parameters()} for name, m in pipe.components.items()
+             if isinstance(m, torch.nn.Module)}
+    assert after == before
+    assert {p.dtype for p in pipe.transformer.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in pipe.vae.parameters()} == {torch.float32}

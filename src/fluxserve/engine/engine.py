@@ -279,9 +279,9 @@ def _synchronizer(backend: str, device: str) -> Callable[[], None]:
 # --- edits: img2img, inpainting, instruction edits ---------------------------------------------------
 # Edits run through ``_run`` above like generations (prompt cache, batching, progress, cancel, previews,
 # OOM ladder, NaN checks), with four hooks taken from the model's family contract: the task's pipeline
-# (``Family.edit_pipeline``: made with ``from_pipe``, so the weights are shared, and cached per pipeline
-# view), the call's image arguments (``Family.edit_call_kwargs``), the number of steps that really run,
-# and — with a mask — the input's own pixels kept outside it. The scheduler batches edit jobs only when
+# (``Family.edit_pipeline``: made by ``sharing_modules``, so the weights are shared with their dtypes, and
+# cached per pipeline view), the call's image arguments (``Family.edit_call_kwargs``), the number of steps
+# that really run, and — with a mask — the input's own pixels kept outside it. The scheduler batches edit jobs only when
 # their inputs are byte-identical (the ``inputs`` digest is part of GenerationParams), so the first
 # request's images stand for the whole batch.
 

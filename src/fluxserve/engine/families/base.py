@@ -4,7 +4,7 @@ A *family* is one module in this package with one subclass of :class:`Family`. I
 
 - ``name`` and the diffusers pipeline classes per task (``pipeline_classes``; ``"generate"`` is
   required, ``"img2img"``, ``"inpaint"`` and ``"edit"`` optional — edit pipelines are made from the loaded
-  one with ``from_pipe``, so they share its weights);
+  one by :func:`sharing_modules`, so they share its weights and keep their dtypes);
 - its defaults (:class:`FamilyDefaults`, with the source of each value) and the registry entries it
   serves (``models``: one :class:`ModelSpec` per key, licence and gated state included);
 - how to encode prompts and what keys the prompt cache, how prompts batch, and the stage API the engine
@@ -175,7 +175,8 @@ class Family:
     title: ClassVar[str] = ""
     """Human name (docs, ``/v1/models`` descriptions)."""
     pipeline_classes: ClassVar[dict[Task, str]] = {}
-    """diffusers class names per task; ``"generate"`` is required. Edit tasks are built with ``from_pipe``."""
+    """diffusers class names per task; ``"generate"`` is required. Edit tasks are built with
+    :func:`sharing_modules`."""
     max_input_images: ClassVar[int] = 0
     """How many reference images the ``"edit"`` task takes (0: no edit task)."""
     defaults: ClassVar[FamilyDefaults]
@@ -249,8 +250,8 @@ class Family:
         return tuple(self.pipeline_classes)
 
     def edit_pipeline(self, pipe: Any, task: Task) -> Any:
-        """The pipeline for ``task``, made from ``pipe`` with ``from_pipe`` (same modules, no second copy of
-        the weights) and cached per pipeline object, so each engine view gets its own."""
+        """The pipeline for ``task``, made from ``pipe`` by :func:`sharing_modules` (same modules, no second copy
+        of the weights, dtypes untouched) and cached per pipeline object, so each engine view gets its own."""
         class_name = self.pipeline_classes.get(task)
         if class_name is None:
             raise ValueError(f"{self.name} models cannot {task}; they can: {', '.join(self.tasks)}")
@@ -260,7 +261,7 @@ class Family:
         if task not in made:
             import diffusers
 
-            edit = getattr(diffusers, class_name).from_pipe(pipe)
+            edit = sharing_modules(getattr(diffusers, class_name), pipe)
             edit.set_progress_bar_config(disable=True)
             made[task] = edit
         return made[task]
@@ -326,6 +327,35 @@ class Family:
 
 
 # --- helpers shared by families ---------------------------------------------------------------------
+def sharing_modules(pipeline_class: Any, pipe: Any) -> Any:
+    """A ``pipeline_class`` over ``pipe``'s own modules and config: diffusers' ``from_pipe`` without its last
+    step.
+
+    ``from_pipe`` ends with ``new_pipeline.to(dtype=torch_dtype)``, float32 when no dtype is given. The
+    modules are shared, so that casts the *loaded* model too: a bf16 model turns float32 (twice the memory,
+    several times slower), fp8 linears are up-cast (then crash in ``_scaled_mm``), a float32 VAE (MPS)
+    would take the pipeline's dtype. Here every module keeps the dtype and device the engine gave it.
+    Arguments the class takes are filled from ``pipe.components`` (modules, tokenizers, scheduler, processor)
+    or, for plain options, from ``pipe.config``; a module the class needs but ``pipe`` lacks raises TypeError.
+    """
+    import inspect
+
+    components = pipe.components
+    kwargs: dict[str, Any] = {}
+    for name, parameter in inspect.signature(pipeline_class.__init__).parameters.items():
+        if name == "self" or parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
+            continue
+        if name in components:
+            kwargs[name] = components[name]
+        elif name in pipe.config and not name.startswith("_"):
+            kwargs[name] = pipe.config[name]
+    made = pipeline_class(**kwargs)
+    source = pipe.config.get("_name_or_path")
+    if source is not None:
+        made.register_to_config(_name_or_path=source)
+    return made
+
+
 def stack(embeds: Sequence[PromptEmbedding], key: str) -> torch.Tensor:
     import torch
 

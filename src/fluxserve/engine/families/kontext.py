@@ -1,7 +1,7 @@
 """FLUX.1 Kontext [dev] (``FluxKontextPipeline``): FLUX.1's architecture, conditioned on a reference image.
 
 An instruction edit takes the image and a prompt that says what to change; with a mask, the masked area is
-repainted through ``FluxKontextInpaintPipeline`` (made from the loaded pipeline with ``from_pipe``). Without
+repainted through ``FluxKontextInpaintPipeline`` (made from the loaded pipeline, sharing its modules). Without
 an image it draws from text like FLUX.1 [dev]. Prompts, batching, previews and decoding are FLUX.1's.
 """
 

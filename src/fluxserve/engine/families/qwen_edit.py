@@ -4,7 +4,7 @@ Instruction edits with up to three reference images. Its Qwen2.5-VL text encoder
 with the prompt, so prompts are not encoded (nor cached) apart from the images: the pipeline encodes them
 in its call. The pipeline has no inpainting mode; with a mask the engine keeps the area outside it by
 copying the input's pixels back after decoding. Text-to-image (no image) runs through
-``QwenImagePipeline`` made from the loaded pipeline with ``from_pipe`` (the same weights).
+``QwenImagePipeline`` made from the loaded pipeline by ``sharing_modules`` (the same weights).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from fluxserve.engine.families.base import (
     Optimizations,
     Preset,
     PromptEmbedding,
+    sharing_modules,
 )
 from fluxserve.engine.families.qwen_image import QwenImageFamily
 from fluxserve.generation import Task
@@ -85,7 +86,7 @@ class QwenImageEditFamily(QwenImageFamily):
         if made is None:
             from diffusers import QwenImagePipeline
 
-            made = QwenImagePipeline.from_pipe(pipe)
+            made = sharing_modules(QwenImagePipeline, pipe)
             made.set_progress_bar_config(disable=True)
             self._text_to_image[pipe] = made
         return made
