@@ -14,8 +14,8 @@ import importlib
 import sys
 
 PACKAGES = ("torch", "diffusers", "transformers", "accelerate", "peft", "safetensors", "fastapi", "starlette",
-            "uvicorn", "h11", "pydantic", "pydantic_settings", "multipart", "prometheus_client", "psutil", "isal",
-            "PIL", "numpy", "openai")
+            "uvicorn", "h11", "pydantic", "pydantic_settings", "python_multipart", "prometheus_client", "psutil",
+            "isal", "PIL", "numpy", "openai")
 CHAINS = ("fluxserve.server", "fluxserve.api.app", "fluxserve.engine.engine", "fluxbench.serving")
 """What ``fluxserve serve`` and ``fluxserve bench`` import, with everything those import in turn."""
 

@@ -1,7 +1,8 @@
 """``fluxserve bench``: the same work measured three ways on one machine in one run.
 
 (a) **baseline** — plain diffusers ``FluxPipeline`` (bf16 on CUDA, no tricks, ``guidance_scale=0``), called
-    directly, each image encoded to PNG with PIL's defaults;
+    directly, each image encoded to PNG with PIL's defaults (edit cases: the family's diffusers edit pipeline;
+    ``--family``: that family's pipeline);
 (b) **engine** — fluxserve's :class:`~fluxserve.engine.engine.DeviceEngine` called directly (PNG at
     ``FLUX_PNG_COMPRESS_LEVEL``, the server's encoder);
 (c) **http** — a real ``fluxserve serve`` subprocess on loopback, driven with the official ``openai``
@@ -73,7 +74,7 @@ class Case:
     """Guidance on every path (the family's own parameter: ``guidance_scale`` or ``true_cfg_scale``)."""
     task: Task = "generate"
     """generate | img2img | inpaint: an edit of one fixed noise photo (:func:`edit_inputs`; inpaint repaints
-    its right half), by the family's own edit pipeline (``from_pipe``) on the baseline path, by
+    its right half), by the family's own diffusers edit pipeline over the same modules on the baseline path, by
     ``GenerationParams.task`` on the engine path and by ``images.edit`` (multipart) over HTTP."""
     strength: float | None = None
     """img2img / inpaint: how far from the input image (diffusers runs ``int(steps * strength)`` steps)."""
@@ -160,7 +161,8 @@ def edit_inputs(case: Case) -> tuple[list[np.ndarray], np.ndarray | None]:
 
 def plain_pipeline(pipe: Any, case: Case) -> tuple[Any, dict[str, Any]]:
     """The plain diffusers pipeline a case calls and its edit arguments: text-to-image, or the family's edit
-    pipeline for the task (``from_pipe`` of the loaded one) with ``image``/``mask_image``/``strength``."""
+    pipeline for the task (``Family.edit_pipeline``: over the loaded modules) with ``image``/``mask_image``/
+    ``strength``."""
     if case.task == "generate":
         return text_to_image(pipe), {}
     from fluxserve.engine.families import FAMILIES, family_of_class
@@ -172,7 +174,8 @@ def plain_pipeline(pipe: Any, case: Case) -> tuple[Any, dict[str, Any]]:
 
 
 def text_to_image(pipe: Any) -> Any:
-    """The pipeline a plain text-to-image call uses (the loaded one, or its family's from_pipe stand-in)."""
+    """The pipeline a plain text-to-image call uses (the loaded one, or its family's text-to-image pipeline over
+    the same modules)."""
     from fluxserve.engine.families import FAMILIES, family_of_class
 
     return FAMILIES[family_of_class(type(pipe).__name__)].text_to_image(pipe)
@@ -300,6 +303,7 @@ def save_pipeline(pipe: Any, path: Path, store_dtype: str = "bfloat16") -> None:
         with torch.no_grad():
             for param, dtype in rounded:
                 param.data = param.data.to(dtype)
+
 
 def build_fullsize_flux(guidance_embeds: bool = False, device: str = "cuda",
                         dtype: torch.dtype = torch.bfloat16) -> Any:
