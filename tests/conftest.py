@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
@@ -96,42 +100,107 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def wait_process_ready(base_url: str, proc: subprocess.Popen[bytes], logs: Callable[[], str],
-                       timeout: float = 120) -> None:
-    """Until a server subprocess answers /ready with 200 (it publishes no event: poll, bounded)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}:\n{logs()[-3000:]}")
-        try:
-            if httpx.get(base_url + "/ready", timeout=2).status_code == 200:
+class ReadinessSocket:
+    """A ``NOTIFY_SOCKET`` for one server subprocess: fluxserve speaks systemd's readiness protocol, so waiting
+    for a server is one blocking receive of its ``READY=1`` (no polling). A watcher thread sends a datagram of
+    its own when the process exits first, so a crashed start-up is reported at once."""
+
+    EXITED = b"EXITED"
+
+    def __init__(self) -> None:
+        self._dir = tempfile.mkdtemp(prefix="fxn")  # short: a socket path has room for ~100 bytes
+        self.address = os.path.join(self._dir, "notify")
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._sock.bind(self.address)
+
+    def wait_ready(self, proc: subprocess.Popen[bytes], logs: Callable[[], str], timeout: float = 120) -> None:
+        """Until the server announces it is ready; raises with its log if it exits, is not ready or is late."""
+
+        def watch() -> None:
+            proc.wait()
+            with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+                sock.sendto(self.EXITED, self.address)
+
+        threading.Thread(target=watch, name="server-exit-watch", daemon=True).start()
+        deadline = time.monotonic() + timeout
+        while True:
+            self._sock.settimeout(max(0.001, deadline - time.monotonic()))
+            try:
+                message = self._sock.recv(4096)
+            except TimeoutError:
+                raise TimeoutError(f"server not ready after {timeout:.0f}s:\n{logs()[-3000:]}") from None
+            if message == self.EXITED:
+                raise RuntimeError(f"server exited with {proc.returncode}:\n{logs()[-3000:]}")
+            fields = dict(line.partition("=")[::2] for line in message.decode().splitlines())
+            if fields.get("READY") == "1":
+                if fields.get("STATUS") != "ready":
+                    raise RuntimeError(f"server up but {fields.get('STATUS')}:\n{logs()[-3000:]}")
                 return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    raise TimeoutError(f"server not ready:\n{logs()[-3000:]}")
+
+    def close(self) -> None:
+        self._sock.close()
+        shutil.rmtree(self._dir, ignore_errors=True)
 
 
 class ServerProcess:
-    """``fluxserve serve`` in a real subprocess on loopback, logs captured to a file."""
+    """``fluxserve serve`` in a real subprocess on loopback. Its output is copied line by line to ``log_path``
+    by a reader thread, which also wakes :meth:`wait_for_log`; readiness comes by :class:`ReadinessSocket`."""
 
     def __init__(self, env: dict[str, str], log_path: Path, args: list[str] | None = None) -> None:
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
+        self._readiness = ReadinessSocket()
         full_env = {k: v for k, v in os.environ.items() if not k.startswith("FLUX_")}
-        full_env.update({"FLUX_PORT": str(self.port), "FLUX_HOST": "127.0.0.1", "PYTHONUNBUFFERED": "1"})
+        full_env.update({"FLUX_PORT": str(self.port), "FLUX_HOST": "127.0.0.1", "PYTHONUNBUFFERED": "1",
+                         "NOTIFY_SOCKET": self._readiness.address})
         full_env.update(env)
         self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self._lines: list[str] = []
+        self._new_line = threading.Condition()
         self.proc = subprocess.Popen([sys.executable, "-m", "fluxserve", "serve", *(args or [])], env=full_env,
-                                     stdout=self._log, stderr=subprocess.STDOUT, cwd=str(log_path.parent))
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=str(log_path.parent))
+        self._reader = threading.Thread(target=self._copy_output, name="server-log", daemon=True)
+        self._reader.start()
+
+    def _copy_output(self) -> None:
+        assert self.proc.stdout is not None
+        for raw in self.proc.stdout:  # until the process (and anything holding its stdout) is gone
+            with self._new_line:
+                if not self._log.closed:
+                    self._log.write(raw)
+                    self._log.flush()
+                self._lines.append(raw.decode(errors="replace"))
+                self._new_line.notify_all()
 
     def wait_ready(self, timeout: float = 120) -> None:
-        wait_process_ready(self.base_url, self.proc, self.logs, timeout)
+        self._readiness.wait_ready(self.proc, self.logs, timeout)
 
     def logs(self) -> str:
-        self._log.flush()
-        return self.log_path.read_text(errors="replace")
+        """The output so far (all of it once the process has exited)."""
+        if self.proc.poll() is not None:
+            self._reader.join(30)
+        with self._new_line:
+            return "".join(self._lines)
+
+    def log_mark(self) -> int:
+        """A position in the output: :meth:`wait_for_log` with ``since`` looks only at lines after it."""
+        with self._new_line:
+            return len(self._lines)
+
+    def wait_for_log(self, matches: Callable[[str], bool], *, since: int = 0, timeout: float = 60) -> str:
+        """The first output line after ``since`` that ``matches``, waiting (on the reader's notifications)
+        for it to be written."""
+        deadline = time.monotonic() + timeout
+        with self._new_line:
+            while True:
+                for line in self._lines[since:]:
+                    if matches(line):
+                        return line
+                since = len(self._lines)
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not self._new_line.wait(remaining):
+                    raise TimeoutError(f"no such log line after {timeout:.0f}s:\n{''.join(self._lines)[-3000:]}")
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
         if self.proc.poll() is None:
@@ -141,7 +210,10 @@ class ServerProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        self._log.close()
+        self._reader.join(30)
+        with self._new_line:
+            self._log.close()
+        self._readiness.close()
         return self.proc.returncode
 
 

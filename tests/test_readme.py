@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from tests.conftest import free_port, wait_process_ready
+from tests.conftest import ReadinessSocket, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text(encoding="utf-8")
@@ -105,18 +105,21 @@ def test_every_command_has_its_program_in_a_fresh_shell(cache_dir: Path, tmp_pat
 def demo(cache_dir: Path, tmp_path: Path) -> Iterator[str]:
     """`./run demo` itself, on a free port instead of 8000."""
     port = free_port()
+    readiness = ReadinessSocket()
     log = open(tmp_path / "demo.log", "wb")  # noqa: SIM115 - closed below
     proc = subprocess.Popen([str(ROOT / "run"), "demo", "--port", str(port)], stdout=log, stderr=subprocess.STDOUT,
-                            env=fresh_env(cache_dir, FLUX_WARMUP_SIZES="64x64", FLUX_OUTPUT_DIR=str(tmp_path / "out")))
+                            env=fresh_env(cache_dir, FLUX_WARMUP_SIZES="64x64", FLUX_OUTPUT_DIR=str(tmp_path / "out"),
+                                          NOTIFY_SOCKET=readiness.address))
     base = f"http://127.0.0.1:{port}"
     try:
         log.flush()
-        wait_process_ready(base, proc, lambda: (tmp_path / "demo.log").read_text(errors="replace"))
+        readiness.wait_ready(proc, lambda: (tmp_path / "demo.log").read_text(errors="replace"))
         yield base
     finally:
         proc.terminate()
         proc.wait(60)
         log.close()
+        readiness.close()
 
 
 @pytest.mark.e2e

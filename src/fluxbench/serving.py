@@ -146,16 +146,19 @@ def _call_kwargs(case: Case, pipe: Any) -> dict[str, Any]:
     return kwargs
 
 
+@functools.cache
 def edit_inputs(case: Case) -> tuple[list[np.ndarray], np.ndarray | None]:
     """The input photo (fixed RGB noise at the case's size) and, for inpaint, the mask (255 = may change:
-    the right half), the same on every path."""
+    the right half), the same on every path. Made once per case (not inside the timed calls) and read-only."""
     if case.task == "generate":
         return [], None
     image = np.random.default_rng(0).integers(0, 256, (case.height, case.width, 3), dtype=np.uint8)
+    image.flags.writeable = False
     if case.task != "inpaint":
         return [image], None
     mask = np.zeros((case.height, case.width), np.uint8)
     mask[:, case.width // 2:] = 255
+    mask.flags.writeable = False
     return [image], mask
 
 
@@ -463,12 +466,16 @@ def run_engine(model_name: str, cases: list[Case], reps: int, mode: str, device:
     results: list[Measurement] = []
     stages: dict[str, list[float]] = {}
 
+    @functools.cache
+    def digest(case: Case) -> str | None:  # what the HTTP layer computes once per request, once per case here
+        images, mask = edit_inputs(case)
+        return inputs_digest(images, mask) if images else None
+
     def call(case: Case, prompts_: list[str], seeds: list[int]) -> list[str]:
         images, mask = edit_inputs(case)
         params = GenerationParams(spec.key, case.width, case.height, case.steps, case.guidance, MAX_SEQUENCE_LENGTH,
-                                  task=case.task, strength=case.strength,
-                                  inputs=inputs_digest(images, mask) if images else None)
-        requests = [ImageRequest(p, [s], images=images, mask=mask) for p, s in zip(prompts_, seeds, strict=True)]
+                                  task=case.task, strength=case.strength, inputs=digest(case))
+        requests = [ImageRequest(p, [s], images=list(images), mask=mask) for p, s in zip(prompts_, seeds, strict=True)]
         out = engine.generate(model, params, requests)
         for key, value in out[0].timings.items():
             stages.setdefault(f"{case.name}:{key}", []).append(value)

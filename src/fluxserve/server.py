@@ -37,6 +37,7 @@ import contextlib
 import json
 import logging
 import signal
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -246,6 +247,19 @@ def guarded_protocol(settings: Settings) -> type[GuardedH11Protocol]:
     return type("FluxHTTPProtocol", (GuardedH11Protocol,), {"limits": ConnectionLimits.from_settings(settings)})
 
 
+def notify_service_manager(address: str | None, message: str) -> None:
+    """systemd's sd_notify protocol: one datagram to ``address`` (``$NOTIFY_SOCKET``: a socket path, or
+    ``@name`` in the abstract namespace). Nothing without an address; a failure is logged, never raised."""
+    if not address:
+        return
+    target = "\0" + address[1:] if address.startswith("@") else address
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.sendto(message.encode(), target)
+    except OSError as exc:
+        log.warning("could not notify the service manager at %s: %s", address, exc)
+
+
 class GracefulServer(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, runtime: Runtime) -> None:
         super().__init__(config)
@@ -253,6 +267,19 @@ class GracefulServer(uvicorn.Server):
         self.cancelled_jobs = 0
         self._drainer: threading.Thread | None = None
         self._hurry = threading.Event()
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        """uvicorn's start-up (the lifespan has started the runtime, the sockets listen), then, off the event
+        loop, ``READY=1`` for a service manager once the models are loaded and warmed up."""
+        await super().startup(sockets)
+        if self.started and self.runtime.settings.notify_socket:
+            threading.Thread(target=self._announce_ready, name="notify-ready", daemon=True).start()
+
+    def _announce_ready(self) -> None:
+        self.runtime.wait_started()
+        ready, reasons = self.runtime.readiness()
+        status = "ready" if ready else "not ready: " + "; ".join(reasons)
+        notify_service_manager(self.runtime.settings.notify_socket, f"READY=1\nSTATUS={status}")
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
@@ -273,6 +300,7 @@ class GracefulServer(uvicorn.Server):
             log.info("shutdown requested (signal %s): finishing in-flight and queued jobs for up to %gs", sig,
                      self.runtime.settings.shutdown_timeout)
             self.runtime.begin_shutdown()
+            notify_service_manager(self.runtime.settings.notify_socket, "STOPPING=1")
             self._drainer = threading.Thread(target=self._drain, name="shutdown-drain", daemon=True)
             self._drainer.start()
         else:

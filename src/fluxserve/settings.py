@@ -162,6 +162,10 @@ class Settings(BaseSettings):
     the new one gets 503 ``too_many_connections`` with Retry-After and is closed."""
     shutdown_timeout: float = Field(30.0, ge=0)
     """On SIGTERM/SIGINT, seconds to finish in-flight and queued jobs before cancelling the rest."""
+    notify_socket: str | None = Field(None, validation_alias=AliasChoices("NOTIFY_SOCKET", "notify_socket"))
+    """systemd's readiness socket (systemd sets it for ``Type=notify`` units; a path, or ``@name`` for the
+    abstract namespace). The server sends ``READY=1`` once it listens with its models loaded and warmed up
+    (``STATUS=`` says ready, or why not) and ``STOPPING=1`` when a shutdown begins. Unset: nothing is sent."""
 
     # --- request limits ------------------------------------------------------------------------
     max_images_per_request: int = Field(4, ge=1, le=64)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import base64
 import json
-import time
 from typing import Any
 
 import httpx
@@ -65,25 +64,40 @@ def _requests_total(live: ServerProcess) -> dict[str, float]:
     return counts
 
 
+def _access_record(line: str) -> dict[str, Any] | None:
+    """The access-log record of a generations request in this server log line, if it is one."""
+    if not line.startswith("{"):
+        return None
+    record: dict[str, Any] = json.loads(line)
+    is_access = record.get("logger") == "fluxserve.access" and record.get("endpoint") == "generations"
+    return record if is_access else None
+
+
+def _job_cancelled_record(line: str) -> bool:
+    """The record a job's end writes right after counting it (``fluxserve_cancelled_total``)."""
+    record = json.loads(line) if line.startswith("{") else {}
+    return bool(record.get("message") == "generation finished" and record.get("outcome") == "cancelled")
+
+
 def test_cancelled_stream_is_counted_and_logged_as_cancelled(live: ServerProcess) -> None:
+    for probe in ("/health", "/ready"):  # probes are logged at DEBUG only (checked below)
+        assert httpx.get(live.base_url + probe, timeout=30).status_code == 200
     before = _requests_total(live)
+    mark = live.log_mark()
     body = {"prompt": "slow", "size": "256x256", "num_inference_steps": 400, "stream": True}
     with httpx.stream("POST", live.base_url + "/v1/images/generations", json=body, timeout=60) as stream:
         assert stream.status_code == 200
         for line in stream.iter_lines():
             if line.startswith("data: {") and json.loads(line[6:]).get("status") == "running":
                 break  # the job runs: hang up
-    deadline = time.monotonic() + 30
-    after = before
-    while time.monotonic() < deadline:  # the server notices the hang-up within its next poll
-        after = _requests_total(live)
-        if after.get("499", 0) > before.get("499", 0):
-            break
-        time.sleep(0.05)
+    # The server counts the request, then writes its access record, and counts the cancelled job, then logs its
+    # end: once both records are there, so are both counts.
+    access = _access_record(live.wait_for_log(lambda line: _access_record(line) is not None, since=mark))
+    assert access is not None and access["status"] == 499
+    live.wait_for_log(_job_cancelled_record, since=mark)
+    after = _requests_total(live)
     assert after.get("499", 0) == before.get("499", 0) + 1
     assert after.get("200", 0) == before.get("200", 0)  # not counted as served
     assert after["cancelled"] == before["cancelled"] + 1  # and its job was cancelled
     records = [json.loads(line) for line in live.logs().splitlines() if line.startswith("{")]
-    access = [r for r in records if r.get("logger") == "fluxserve.access" and r.get("endpoint") == "generations"]
-    assert access[-1]["status"] == 499
     assert not any(r.get("endpoint") in ("health", "ready") for r in records)  # probes: DEBUG only

@@ -56,6 +56,8 @@ def test_structured_logs_metrics_and_faults_agree(server_factory: Callable[..., 
     })
     url = server.base_url
     responses: list[httpx.Response] = []
+    for probe in ("/health", "/ready"):  # what a load balancer sends (readiness itself came by NOTIFY_SOCKET)
+        assert httpx.get(url + probe, timeout=30).status_code == 200
     with httpx.Client(base_url=url, headers=AUTH, timeout=60) as client:
         for body in ({**BASE, "n": 1}, {**BASE, "n": 2}, {**BASE, "n": 1}, {**BASE, "n": 2},
                      {**BASE, "size": "63x64"}):

@@ -138,7 +138,7 @@ class _FakeScheduler:
 
 class _FakeRuntime:
     def __init__(self, busy: bool, timeout: float) -> None:
-        self.settings = SimpleNamespace(shutdown_timeout=timeout)
+        self.settings = SimpleNamespace(shutdown_timeout=timeout, notify_socket=None)
         self.scheduler = _FakeScheduler(busy)
         self.shutting_down = False
 

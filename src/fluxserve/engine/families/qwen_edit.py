@@ -18,7 +18,6 @@ from fluxserve.engine.families.base import (
     DenoiseArgs,
     FamilyDefaults,
     ModelSpec,
-    Optimizations,
     Preset,
     PromptEmbedding,
     sharing_modules,
@@ -51,9 +50,7 @@ class QwenImageEditFamily(QwenImageFamily):
                  "max_input_images": "the issue (up to 3 references; the 2509 card says 1 to 3 work best)",
                  "licence": "Apache-2.0 (from memory: unverified here)"},
     )
-    optimizations = Optimizations(
-        compile_blocks=("QwenImageTransformerBlock",), fused_qkv=False, fp8_linears=True,
-        notes="QwenDoubleStreamAttnProcessor2_0 has no fused-QKV path (Q, K, V stay separate)")
+    # optimizations: Qwen-Image's (the same transformer)
     models = (  # type: ignore[assignment]  # the base family declares its own fixed-length tuple
         ModelSpec(
             key="qwen-edit", source="Qwen/Qwen-Image-Edit-2509", family="qwen_edit", licence="Apache-2.0",
