@@ -248,3 +248,28 @@ def test_fp8_keeps_the_linears_a_family_declares() -> None:
     kept = model.t_embedder.mlp[0]
     assert isinstance(kept, torch.nn.Linear) and kept.weight.dtype == torch.float32
     assert isinstance(model.layers[0], Float8RowwiseLinear)
+
+
+def test_fp8_releases_each_bf16_linear_once_its_fp8_copy_exists(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The memory peak of the conversion is the model plus one layer: when a layer is converted, the
+    layers converted before it are gone (holding them all until the end overflowed an H200 on FLUX.2 dev)."""
+    import weakref
+
+    import torch
+
+    from fluxserve.engine import optimize
+
+    model = torch.nn.Module()
+    model.layers = torch.nn.ModuleList([torch.nn.Linear(256, 256) for _ in range(4)])
+    originals = [weakref.ref(layer) for layer in model.layers]
+    alive_at_each_conversion: list[int] = []
+
+    class Recording(optimize.Float8RowwiseLinear):
+        def __init__(self, linear: torch.nn.Linear) -> None:
+            alive_at_each_conversion.append(sum(ref() is not None for ref in originals))
+            super().__init__(linear)
+
+    monkeypatch.setattr(optimize, "Float8RowwiseLinear", Recording)
+    assert optimize._quantize_fp8(model) == 4
+    assert alive_at_each_conversion == [4, 3, 2, 1]  # the current layer and those not converted yet
+    assert all(ref() is None for ref in originals)
