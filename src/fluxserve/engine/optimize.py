@@ -328,8 +328,8 @@ def _quantize_fp8(transformer: Any, keep: tuple[str, ...] = ()) -> int:
         targets.append(name)
     # One layer at a time, so the memory peak is the model plus one layer. Converting all of them before
     # releasing any held the bf16 and the fp8 weights together: FLUX.2 dev's text encoder, bf16 transformer
-    # and fp8 copy (48 + 64 + 32 GB) overflowed an H200, and Qwen-Image's fast server kept 14 GB more cached
-    # than its lossless one.
+    # and fp8 copy (48 + 64 + 32 GB) are more than an H200's 139 GB (its fast server never got ready), and
+    # Qwen-Image-2512's fast server kept 14 GB more than its lossless one.
     for name in targets:
         parent_name, _, leaf = name.rpartition(".")
         parent = transformer.get_submodule(parent_name) if parent_name else transformer
