@@ -93,15 +93,16 @@ def forward_rows(backends: list[str], sizes: list[int], repeat: int, out: Path) 
     holder = SimpleNamespace(transformer=transformer)
     for size in sizes:
         inputs = transformer_inputs(holder, size, size, text_tokens=TEXT_TOKENS)
+        call = {**inputs, "return_dict": False}  # the inputs already carry it: set it once, here
         with torch.inference_mode():
             transformer.set_attention_backend("native")
-            reference = transformer(**{**inputs, "return_dict": False})[0]  # the inputs already carry it
+            reference = transformer(**call)[0]
             for backend in backends:
                 row: dict[str, Any] = {"what": "forward", "size": size, "backend": backend}
                 try:
                     transformer.set_attention_backend(backend)
-                    result = transformer(**{**inputs, "return_dict": False})[0]
-                    row.update(seconds=timed(partial(transformer, **{**inputs, "return_dict": False}), repeat),
+                    result = transformer(**call)[0]
+                    row.update(seconds=timed(partial(transformer, **call), repeat),
                                psnr_db=psnr(result, reference),
                                peak_gb=torch.cuda.max_memory_allocated() / 1e9)
                 except Exception as exc:

@@ -112,7 +112,6 @@ def demo(cache_dir: Path, tmp_path: Path) -> Iterator[str]:
                                           NOTIFY_SOCKET=readiness.address))
     base = f"http://127.0.0.1:{port}"
     try:
-        log.flush()
         readiness.wait_ready(proc, lambda: (tmp_path / "demo.log").read_text(errors="replace"))
         yield base
     finally:

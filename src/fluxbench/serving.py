@@ -273,8 +273,6 @@ def _seed_for(i: int) -> int:
 # full-size FLUX.1 with random weights (CUDA)
 
 STORE_DTYPES = ("bfloat16", "float8_e4m3fn")
-FP8_MAX = 448.0
-"""The largest finite float8_e4m3fn value (casting beyond it gives NaN, so weights are clamped first)."""
 
 
 def save_pipeline(pipe: Any, path: Path, store_dtype: str = "bfloat16") -> None:
@@ -291,6 +289,8 @@ def save_pipeline(pipe: Any, path: Path, store_dtype: str = "bfloat16") -> None:
     if store_dtype == "bfloat16":
         pipe.save_pretrained(path, safe_serialization=True)
         return
+    from fluxserve.engine.optimize import FP8_MAX  # casting beyond it gives NaN: weights are clamped first
+
     fp8 = torch.float8_e4m3fn
     rounded: list[tuple[torch.nn.Parameter, torch.dtype]] = []
     modules = [m for name, m in pipe.components.items() if isinstance(m, torch.nn.Module) and name != "vae"]

@@ -47,8 +47,9 @@ def test_an_fp8_checkpoint_loads_back_with_exactly_the_in_memory_weights(tmp_pat
 
 
 def test_the_edit_cases_run_on_every_path(tmp_path: Path) -> None:
-    """img2img and inpaint through plain diffusers (from_pipe), the engine and a real server (images.edit,
-    multipart with an RGBA mask): each path gives the baseline's image and reports the server's stage timings."""
+    """img2img and inpaint through plain diffusers (the family's edit pipeline), the engine and a real server
+    (images.edit, multipart with an RGBA mask): each path gives the baseline's image and reports the server's
+    stage timings."""
     from fluxbench.serving import main
 
     out = tmp_path / "bench.json"

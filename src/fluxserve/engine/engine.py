@@ -281,9 +281,9 @@ def _synchronizer(backend: str, device: str) -> Callable[[], None]:
 # OOM ladder, NaN checks), with four hooks taken from the model's family contract: the task's pipeline
 # (``Family.edit_pipeline``: made by ``sharing_modules``, so the weights are shared with their dtypes, and
 # cached per pipeline view), the call's image arguments (``Family.edit_call_kwargs``), the number of steps
-# that really run, and — with a mask — the input's own pixels kept outside it. The scheduler batches edit jobs only when
-# their inputs are byte-identical (the ``inputs`` digest is part of GenerationParams), so the first
-# request's images stand for the whole batch.
+# that really run, and — with a mask — the input's own pixels kept outside it. The scheduler batches edit
+# jobs only when their inputs are byte-identical (the ``inputs`` digest is part of GenerationParams), so
+# the first request's images stand for the whole batch.
 
 
 @dataclass

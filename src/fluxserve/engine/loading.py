@@ -35,8 +35,6 @@ from fluxserve.settings import Settings
 log = logging.getLogger(__name__)
 
 
-
-
 def tiny_model_dir(settings: Settings, spec: ModelSpec) -> Path:
     return settings.cache_dir / "models" / spec.key
 
@@ -197,7 +195,7 @@ def direct_placement(plan: DevicePlan, settings: Settings) -> str | None:
     copy pass. diffusers takes only ``"cuda"`` (the current device), so :func:`_current_cuda_device` makes
     ``cuda:N`` current while loading. MPS and CPU load as before.
     """
-    if settings.offload != "none" or plan.device.partition(":")[0] != "cuda":
+    if settings.offload != "none" or plan.backend != "cuda":
         return None
     return "cuda"
 
@@ -205,10 +203,10 @@ def direct_placement(plan: DevicePlan, settings: Settings) -> str | None:
 @contextmanager
 def _current_cuda_device(plan: DevicePlan) -> Iterator[None]:
     """``plan``'s CUDA device is the current one inside (``device_map="cuda"`` means the current device)."""
-    if plan.device.partition(":")[0] != "cuda":
+    if plan.backend != "cuda":
         yield
         return
-    with torch.cuda.device(torch.device(plan.device)):
+    with torch.cuda.device(plan.torch_device):
         yield
 
 
