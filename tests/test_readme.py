@@ -64,8 +64,8 @@ def fresh_env(cache_dir: Path, **extra: str) -> dict[str, str]:
 
 def run_verbs() -> set[str]:
     out = subprocess.run([str(ROOT / "run"), "help"], capture_output=True, text=True, timeout=30)
-    assert out.returncode == 0
-    (line,) = [line for line in out.stderr.splitlines() if line.startswith("verbs: ")]
+    assert out.returncode == 0 and not out.stderr  # help is an answer, on stdout
+    (line,) = [line for line in out.stdout.splitlines() if line.startswith("verbs: ")]
     return set(line.removeprefix("verbs: ").split())
 
 
