@@ -1,11 +1,11 @@
-"""Fail fast, before a device call spends minutes on a build: import everything ``fluxserve serve``,
+"""Fail fast, before a GPU benchmark spends minutes building a model: import everything ``fluxserve serve``,
 ``fluxserve bench`` and the official ``openai`` client need, the way their subprocesses will, and print
 the versions found. A missing package is named with the import that needs it; exit status 1.
 
-    PYTHONPATH=/tmp/site:$PWD/src python3 bench/preflight.py
+    PYTHONPATH=src python3 bench/preflight.py
 
-(Two device calls of 2026-12-01 lost their HTTP rows to packages the device image lacks — FastAPI's
-``opentelemetry-api``, the openai client's ``httpx2`` — found only after the model build; bench/NOTES.md.)
+(Two GPU runs of 2026-12-01 lost their HTTP rows to packages missing from the machine's environment —
+FastAPI's ``opentelemetry-api``, the openai client's ``httpx2`` — found only after the model build.)
 """
 
 from __future__ import annotations

@@ -57,7 +57,7 @@ log = logging.getLogger(__name__)
 QUALITY_PROMPT = "a lighthouse on a cliff at dusk, oil painting"
 QUALITY_SEED = 42
 MAX_SEQUENCE_LENGTH = 256
-"""T5 tokens on every path (FLUX.1-schnell's default; the reference numbers in shared/GPU.md use it)."""
+"""T5 tokens on every path (FLUX.1-schnell's default, and the length the reference forward timings use)."""
 
 
 @dataclass(frozen=True)

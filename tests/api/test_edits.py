@@ -110,7 +110,8 @@ async def test_strength_moves_the_result_away_from_the_input(client: Any) -> Non
 
 @pytest.fixture(scope="module")
 def tiny_vae_round_trip_error(cache_dir: Path) -> float:
-    """How far the tiny FLUX VAE's encode → decode moves the test image (the bound the issue asks about)."""
+    """How far the tiny FLUX VAE's encode → decode moves the test image: what a kept area would drift by
+    without the copy-back."""
     import torch
     from diffusers import FluxPipeline
 

@@ -131,7 +131,7 @@ class FluxFamily(Family):
                             tokenizer_2=t5_tok, transformer=transformer)
 
     def full_size_components(self, device: str, dtype: torch.dtype, variant: str | None = None) -> dict[str, Any]:
-        """FLUX.1 as published (see GPU.md): ``variant="dev"`` has the guidance embedding, schnell not."""
+        """FLUX.1 as published (the repos' configs): ``variant="dev"`` has the guidance embedding, schnell not."""
         from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
         from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
