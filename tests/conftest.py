@@ -22,6 +22,8 @@ import httpx
 import pytest
 from asgi_lifespan import LifespanManager
 
+pytest_plugins = ["tests.services"]  # PostgreSQL, S3 and job store fixtures
+
 ROOT = Path(__file__).resolve().parent.parent
 CACHE_DIR = Path(os.environ.get("FLUX_TEST_CACHE_DIR", ROOT / ".cache" / "test"))
 ARTIFACTS = ROOT / "test-artifacts"
