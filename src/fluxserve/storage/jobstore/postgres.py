@@ -8,7 +8,9 @@ otherwise), created on first use under an advisory lock so that replicas startin
 Faults: the database unreachable when the store opens raises :class:`JobStoreUnavailable` with the
 reason (the server refuses to start). Lost later, every operation raises
 :class:`JobStoreUnavailable` after at most ``timeout`` seconds; the pool checks each connection before
-handing it out and reconnects in the background, so operations work again once the database is back.
+handing it out and reconnects in the background (retrying after 1, 2, 4... seconds; after
+``max(10, 3 × timeout)`` seconds of failures it starts over on the next operation), so operations work
+again within seconds of the database's return.
 """
 
 from __future__ import annotations
@@ -71,7 +73,7 @@ class PostgresJobStore(SqlJobStore):
         # 2. The pool: each connection is checked before use, lost ones are replaced in the background.
         self._pool: ConnectionPool[psycopg.Connection[Any]] = ConnectionPool(
             dsn, min_size=1, max_size=pool_size, kwargs=connect_args, open=False, timeout=timeout,
-            check=ConnectionPool.check_connection, reconnect_timeout=max(30.0, 6 * timeout), name="fluxserve-jobs")
+            check=ConnectionPool.check_connection, reconnect_timeout=max(10.0, 3 * timeout), name="fluxserve-jobs")
         try:
             self._pool.open(wait=True, timeout=timeout)
         except PoolTimeout:

@@ -74,7 +74,8 @@ class SqliteJobStore(SqlJobStore):
             raise JobStoreUnavailable(f"{self.description} cannot be opened: {exc}") from None
         try:
             self._check_file()
-            self._prepare_schema()
+            self._prepare_schema()  # refuses a foreign or other-version store before anything below changes it
+            self._configure()
             # 3. Nobody else holds the store, so jobs still marked running lost their process: their leases end now.
             with self._tx() as tx:
                 tx.execute("UPDATE jobs SET lease_until = NULL WHERE state = 'running'")
@@ -92,15 +93,21 @@ class SqliteJobStore(SqlJobStore):
             if check != ["ok"]:
                 raise JobStoreRefused(f"{self.description} is corrupted (SQLite quick_check: {'; '.join(check[:3])}); "
                                       "fluxserve never resets a job store: restore it from a backup or move it away")
+        except sqlite3.DatabaseError as exc:
+            raise JobStoreRefused(f"{self.description} is not a usable SQLite database ({exc}); fluxserve never "
+                                  "resets a job store: restore it from a backup or move it away") from None
+
+    def _configure(self) -> None:
+        """Write-ahead logging and full syncs, on a store that passed every check."""
+        try:
             mode = self._conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
             if str(mode).lower() != "wal":
                 raise JobStoreRefused(f"{self.description} cannot use write-ahead logging (journal mode {mode})")
             self._conn.execute("PRAGMA synchronous=FULL")
-            if application == 0:
+            if self._conn.execute("PRAGMA application_id").fetchone()[0] == 0:
                 self._conn.execute(f"PRAGMA application_id={APPLICATION_ID}")
         except sqlite3.DatabaseError as exc:
-            raise JobStoreRefused(f"{self.description} is not a usable SQLite database ({exc}); fluxserve never "
-                                  "resets a job store: restore it from a backup or move it away") from None
+            raise JobStoreUnavailable(f"{self.description} cannot be configured: {exc}") from None
 
     def _jobs_table_ddl(self) -> str:
         return f"CREATE TABLE jobs (seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT NOT NULL UNIQUE,{JOB_COLUMNS_DDL})"
