@@ -502,9 +502,9 @@ class Settings(BaseSettings):
     def _webhook_secret(cls, value: SecretStr | None) -> SecretStr | None:
         if value is None or not value.get_secret_value():
             return None
-        raw = value.get_secret_value().removeprefix("whsec_")
+        raw = value.get_secret_value().removeprefix("whsec_").rstrip("=")
         try:
-            key = base64.b64decode(raw + "==", validate=True)
+            key = base64.b64decode(raw + "=" * (-len(raw) % 4), validate=True)
         except (ValueError, binascii.Error):
             raise ValueError("must be whsec_ followed by base64 (Standard Webhooks secret format)") from None
         if len(key) < 16:
