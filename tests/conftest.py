@@ -51,7 +51,8 @@ def make_settings(cache_dir: Path, tmp_path: Path) -> Callable[..., Any]:
 
     def make(**overrides: Any) -> Settings:
         values: dict[str, Any] = {"model": "tiny-flux", "cache_dir": cache_dir, "output_dir": tmp_path / "outputs",
-                                  "device": "cpu", "warmup_sizes": ["64x64"], "_env_file": None}
+                                  "state_dir": tmp_path / "state", "device": "cpu", "warmup_sizes": ["64x64"],
+                                  "_env_file": None}
         values.update(overrides)
         return Settings(**values)
 

@@ -30,6 +30,8 @@ from fluxserve.storage.jobstore.sql import JOB_COLUMNS_DDL, SqlJobStore, Tx, Uni
 APPLICATION_ID = 0x666C7578
 """``PRAGMA application_id`` of fluxserve's job stores ('flux'): `file` and SQLite tools can tell them."""
 DEFAULT_FILE = "jobs.sqlite3"
+_UNAVAILABLE = ("locked", "busy", "disk", "i/o", "full", "readonly", "unable to open")
+"""Words of SQLite's errors that mean "not now" (disk full, I/O error, locked), not a bug in a statement."""
 
 
 class _SqliteTx:
@@ -131,7 +133,8 @@ class SqliteJobStore(SqlJobStore):
                     self._conn.execute("ROLLBACK")
                 if isinstance(exc, sqlite3.IntegrityError) and "UNIQUE" in str(exc):
                     raise UniqueViolation(str(exc)) from None
-                if isinstance(exc, sqlite3.OperationalError):  # disk full, I/O error, locked
+                if isinstance(exc, sqlite3.OperationalError) and any(
+                        word in str(exc).lower() for word in _UNAVAILABLE):
                     raise JobStoreUnavailable(f"{self.description} failed: {exc}") from None
                 if isinstance(exc, sqlite3.DatabaseError):
                     raise JobStoreError(f"{self.description} failed: {exc}") from None
