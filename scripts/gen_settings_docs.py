@@ -22,6 +22,8 @@ def _default(name: str) -> str:
     value: Any = Settings(_env_file=None).model_dump(mode="json")[name]  # type: ignore[call-arg]
     if name == "cache_dir":
         return "~/.cache/fluxserve"
+    if name == "state_dir":
+        return "~/.local/state/fluxserve"
     if value is None:
         return ""
     if isinstance(value, bool):

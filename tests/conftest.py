@@ -22,6 +22,8 @@ import httpx
 import pytest
 from asgi_lifespan import LifespanManager
 
+pytest_plugins = ["tests.services"]  # PostgreSQL, S3 and job store fixtures
+
 ROOT = Path(__file__).resolve().parent.parent
 CACHE_DIR = Path(os.environ.get("FLUX_TEST_CACHE_DIR", ROOT / ".cache" / "test"))
 ARTIFACTS = ROOT / "test-artifacts"
@@ -49,7 +51,8 @@ def make_settings(cache_dir: Path, tmp_path: Path) -> Callable[..., Any]:
 
     def make(**overrides: Any) -> Settings:
         values: dict[str, Any] = {"model": "tiny-flux", "cache_dir": cache_dir, "output_dir": tmp_path / "outputs",
-                                  "device": "cpu", "warmup_sizes": ["64x64"], "_env_file": None}
+                                  "state_dir": tmp_path / "state", "device": "cpu", "warmup_sizes": ["64x64"],
+                                  "_env_file": None}
         values.update(overrides)
         return Settings(**values)
 
