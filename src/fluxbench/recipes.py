@@ -164,10 +164,9 @@ def fresh_pipeline(shared: dict[str, Any], local_dir: Path, device: str, dtype: 
 
     kwargs: dict[str, Any] = {"torch_dtype": dtype}
     if device.startswith("cuda"):
-        kwargs["device_map"] = "cuda"  # diffusers takes the current device
-    with torch.cuda.device(torch.device(device)) if device.startswith("cuda") else contextlib.nullcontext():
-        transformer = FluxTransformer2DModel.from_pretrained(local_dir, subfolder="transformer", **kwargs)
-        vae = AutoencoderKL.from_pretrained(local_dir, subfolder="vae", **kwargs)
+        kwargs["device_map"] = device  # a model's from_pretrained takes any device name
+    transformer = FluxTransformer2DModel.from_pretrained(local_dir, subfolder="transformer", **kwargs)
+    vae = AutoencoderKL.from_pretrained(local_dir, subfolder="vae", **kwargs)
     if not device.startswith("cuda"):
         transformer, vae = transformer.to(device), vae.to(device)
     scheduler = shared["scheduler"]

@@ -1081,7 +1081,8 @@ def print_compute(compute: dict[str, Any], out: Any = None) -> None:
     for variant, entry in compute.items():
         if variant == "gemm_ceiling_tflops" or not isinstance(entry, dict) or "paths" not in entry:
             continue
-        print(f"{variant}: one transformer forward at {entry['width']}x{entry['height']} ({entry['tokens']} tokens), "
+        tokens = f" ({entry['tokens']} tokens)" if entry.get("tokens") else ""
+        print(f"{variant}: one transformer forward at {entry['width']}x{entry['height']}{tokens}, "
               f"{entry['tflop']} TFLOP", file=out)
         print(f"  {'path':<24} {'forward s':>10} {'TFLOP/s':>8} {'of ceiling':>11}", file=out)
         for name, row in entry["paths"].items():
@@ -1154,7 +1155,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--compile-cache", type=Path, metavar="DIR",
                         help="keep Inductor's caches in DIR/inductor for every compile of the run (recipes, engine "
                              "and server) and a bundle of the compiled artifacts in DIR, loaded before anything "
-                             "compiles and saved after each peer path: a later run that finds DIR skips the "
+                             "compiles and written when the run ends: a later run that finds DIR skips the "
                              "recipes' max-autotune compile")
     parser.add_argument("--autotune-budget", choices=tuple(AUTOTUNE_BUDGETS), default="recipe",
                         help="recipe: the recipes' autotuning as published; bounded: coordinate descent without "
@@ -1269,6 +1270,14 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _tokens(call: TransformerCall) -> int | None:
+    """Image + text tokens of one transformer call (FLUX-style arguments), None where it has others."""
+    kwargs = call[1]
+    if "hidden_states" not in kwargs or "encoder_hidden_states" not in kwargs:
+        return None
+    return int(kwargs["hidden_states"].shape[1] + kwargs["encoder_hidden_states"].shape[1])
+
+
 def _stop_on_sigterm(signum: int, _frame: Any) -> None:
     raise SystemExit(128 + signum)
 
@@ -1300,13 +1309,17 @@ def _run_variants(args: argparse.Namespace, device: str, cases: list[Case], mode
         flops = 0.0
         entry: dict[str, Any] = {}
         if compute_case is not None:
-            with torch.no_grad():
+            try:
                 forward_inputs = pipeline_transformer_inputs(pipe, compute_case)
-            flops = forward_flops(pipe.transformer, *forward_inputs)
-            tokens = forward_inputs[1]["hidden_states"].shape[1] + forward_inputs[1]["encoder_hidden_states"].shape[1]
-            entry = {"case": compute_case.name, "width": compute_case.width, "height": compute_case.height,
-                     "tokens": int(tokens), "tflop": float(f"{flops / 1e12:.4g}"), "paths": {}}
-            compute[variant] = entry
+                flops = forward_flops(pipe.transformer, *forward_inputs)
+            except Exception as exc:  # the compute section is extra: a family it cannot count keeps its rows
+                log.exception("no compute section for %s", variant)
+                compute[variant] = {"error": f"{type(exc).__name__}: {exc}"}
+                forward_inputs = None
+            else:
+                entry = {"case": compute_case.name, "width": compute_case.width, "height": compute_case.height,
+                         "tokens": _tokens(forward_inputs), "tflop": float(f"{flops / 1e12:.4g}"), "paths": {}}
+                compute[variant] = entry
 
         def add_compute(name: str, forward_s: float | None, key: str, source: str = "",
                         entry_: dict[str, Any] = entry, flops_: float = flops) -> None:
