@@ -18,6 +18,9 @@ PACKAGES = ("torch", "diffusers", "transformers", "accelerate", "peft", "safeten
             "isal", "PIL", "numpy", "openai")
 CHAINS = ("fluxserve.server", "fluxserve.api.app", "fluxserve.engine.engine", "fluxbench.serving")
 """What ``fluxserve serve`` and ``fluxserve bench`` import, with everything those import in turn."""
+OPTIONAL = ("torchao", "cache_dit", "flash_attn_interface")
+"""What the bench's peer paths use where installed (recipe-fp8, cache-dit, FlashAttention-3); without them
+those rows are skipped with the reason, so their absence is reported, not an error."""
 
 
 def main() -> int:
@@ -36,6 +39,14 @@ def main() -> int:
 
         openai.OpenAI(base_url="http://127.0.0.1:9/v1", api_key="preflight", max_retries=0)  # builds its HTTP stack
     print(" ".join(f"{k}={v}" for k, v in versions.items()))
+    optional = []
+    for name in OPTIONAL:
+        try:
+            module = importlib.import_module(name)
+            optional.append(f"{name}={getattr(module, '__version__', '?')}")
+        except Exception as exc:  # reported, not fatal: the bench skips the rows that need it
+            optional.append(f"{name}=missing ({type(exc).__name__})")
+    print("optional, for the bench's peer rows:", " ".join(optional))
     for problem in problems:
         print(problem, file=sys.stderr)
     return 1 if problems else 0
