@@ -49,9 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     tiny = sub.add_parser("make-tiny-model", help="write a tiny random-weight pipeline (diffusers format)")
     tiny.add_argument("directory", type=Path)
-    from fluxserve.models.registry import tiny_families  # torch-free
+    from fluxserve.models.registry import BUILTIN_MODELS, tiny_families  # torch-free
 
-    tiny.add_argument("--family", choices=tiny_families(), default="flux")
+    first_tiny = next(spec.tiny for spec in BUILTIN_MODELS.values() if spec.tiny is not None)
+    tiny.add_argument("--family", choices=tiny_families(), default=first_tiny)
 
     sub.add_parser("bench", help="benchmark against plain diffusers (see BENCHMARKS.md)", add_help=False)
     sub.add_parser("loadtest", help="drive concurrent clients against a running server", add_help=False)
