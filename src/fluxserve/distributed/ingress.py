@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI
@@ -57,10 +57,10 @@ class RemoteModel:
     info: ReplicaInfo
     client: ModelClient
     loaded_at: float = 0.0
-    warmup: WarmupRuns = field(init=False)
 
-    def __post_init__(self) -> None:
-        self.warmup = dict(self.info.warmup)
+    @property
+    def warmup(self) -> WarmupRuns:
+        return self.info.warmup
 
     @property
     def descriptor(self) -> FamilyDescriptor:
