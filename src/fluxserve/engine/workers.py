@@ -116,7 +116,7 @@ class RemoteModel:
         return tuple(p.device for p in self.engine.group) if self.engine.group else (self.engine.plan.device,)
 
     def prompt_cache_stats(self) -> PromptCacheStats:
-        hits, misses, capacity = self.engine._call("prompt_cache", self.spec.key)
+        hits, misses, capacity = self.engine._call("prompt_cache", (self.spec.key, None))
         return PromptCacheStats(hits=hits, misses=misses, capacity=capacity)
 
     def token_count(self, prompt: str) -> dict[str, int]:
@@ -136,7 +136,7 @@ class WorkerLoras:
     key: str
 
     def loaded_names(self) -> list[str]:
-        names: list[str] = self.engine._call("lora_names", self.key)
+        names: list[str] = self.engine._call("lora_names", (self.key, None))
         return names
 
     def preload(self, info: LoraInfo) -> float:
@@ -528,14 +528,9 @@ class _Worker:
         if verb == "generate":
             key, params, wire = args
             return engine.generate(self.model(key), params, self.requests(call_id, wire))
-        if verb == "token_count":
-            key, prompt = args
-            return self.model(key).token_count(prompt)
-        if verb == "prompt_cache":
-            stats = self.model(args).prompt_cache_stats()
-            return stats.hits, stats.misses, stats.capacity
-        if verb in ("lora_names", "lora_load", "lora_unload"):
-            return _lora_call(self.model(args if verb == "lora_names" else args[0]), verb, args)
+        if verb in _MODEL_CALLS:
+            key, argument = args
+            return _model_call(self.model(key), verb, argument)
         raise ValueError(f"unknown worker call {verb!r}")
 
     def model(self, key: str) -> LoadedModel:
@@ -573,18 +568,25 @@ class _Worker:
 
 
 _MIRRORED = ("load", "unload", "release", "generate", "lora_load", "lora_unload")
+_MODEL_CALLS = ("token_count", "prompt_cache", "lora_names", "lora_load", "lora_unload")
+"""What the routes ask of one loaded model (args ``(model key, argument)``): :func:`_model_call`."""
+_follower_pids: list[int] = []
 
 
-def _lora_call(model: LoadedModel, verb: str, args: Any) -> Any:
-    """``lora_names`` / ``lora_load`` / ``lora_unload`` on a model of this process."""
+def _model_call(model: LoadedModel, verb: str, argument: Any) -> Any:
+    """One of :data:`_MODEL_CALLS` on a model of this process (the worker's side of :class:`RemoteModel`)."""
+    if verb == "token_count":
+        return model.token_count(argument)
+    if verb == "prompt_cache":
+        stats = model.prompt_cache_stats()
+        return stats.hits, stats.misses, stats.capacity
     if model.loras is None:
         raise AdapterError(model.loras_unavailable or "this model takes no LoRA adapters")
     if verb == "lora_names":
         return model.loras.loaded_names()
     if verb == "lora_load":
-        return model.loras.preload(args[1])
-    return model.loras.unload(args[1])
-_follower_pids: list[int] = []
+        return model.loras.preload(argument)
+    return model.loras.unload(argument)
 
 
 def _mirror_args(verb: str, args: Any) -> Any:
@@ -702,10 +704,11 @@ def follower_main(settings: Settings, plan: DevicePlan, rank: int, world: int, p
             elif verb == "release":
                 value = engine.release(args)
             elif verb in ("lora_load", "lora_unload"):
-                model = engine.get(args[0])
+                key, argument = args
+                model = engine.get(key)
                 if model is None:
-                    raise ModelLoadError(f"{args[0]} is not loaded on rank {rank}")
-                value = _lora_call(model, verb, args)
+                    raise ModelLoadError(f"{key} is not loaded on rank {rank}")
+                value = _model_call(model, verb, argument)
             else:
                 key, params, wire = args
                 model = engine.get(key)
