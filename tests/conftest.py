@@ -36,8 +36,8 @@ for _name in [n for n in os.environ if n.startswith("FLUX_") and n != "FLUX_TEST
 @pytest.fixture(scope="session")
 def cache_dir() -> Path:
     """Tiny models are built here once and shared by every test (and every server subprocess)."""
-    from fluxserve.engine.registry import BUILTIN_MODELS
     from fluxserve.engine.tiny import ensure_tiny_model
+    from fluxserve.models.registry import BUILTIN_MODELS
 
     for key, spec in BUILTIN_MODELS.items():  # every family's tiny-<key> (tiny-flux, tiny-qwen, tiny-klein, ...)
         if spec.tiny is not None:

@@ -142,8 +142,7 @@ FLUX_VARIANTS = ("schnell", "dev", "tiny")
 def family_cases(name: str, device: str) -> list[Case]:
     """Cases for ``--family NAME`` (a family or a registry key): 1024² at the model's default steps on CUDA
     (one client, and four in one batch), its tiny model at 128² on CPU."""
-    from fluxserve.engine.families import FAMILIES
-    from fluxserve.engine.registry import BUILTIN_MODELS
+    from fluxserve.models.registry import BUILTIN_MODELS, FAMILIES
 
     if name in FAMILIES:  # a family means its first real checkpoint
         name = next(s.key for s in FAMILIES[name].models if s.tiny is None)
@@ -165,14 +164,21 @@ def _call_kwargs(case: Case, pipe: Any) -> dict[str, Any]:
     """Keyword arguments of a plain pipeline call for ``case`` (besides prompt, size, steps, generator)."""
     if case.variant in FLUX_VARIANTS:
         return {"guidance_scale": case.guidance, "max_sequence_length": MAX_SEQUENCE_LENGTH}
-    from fluxserve.engine.families import FAMILIES, family_of_class
-
-    family = FAMILIES[family_of_class(type(pipe).__name__)]
+    runner = _runner_of(pipe)
+    family = runner.descriptor
     kwargs: dict[str, Any] = {family.guidance_parameter: case.guidance, "max_sequence_length": MAX_SEQUENCE_LENGTH}
     if family.wants_negative(case.guidance) and family.defaults.negative_prompt is not None:
         kwargs["negative_prompt"] = family.defaults.negative_prompt
-    kwargs.update(family.plain_call_kwargs(case.width, case.height))
+    kwargs.update(runner.plain_call_kwargs(case.width, case.height))
     return kwargs
+
+
+def _runner_of(pipe: Any) -> Any:
+    """The family runner of a loaded pipeline (by its class)."""
+    from fluxserve.engine.families import runner_for
+    from fluxserve.models.registry import family_of_class
+
+    return runner_for(family_of_class(type(pipe).__name__))
 
 
 @functools.cache
@@ -193,24 +199,20 @@ def edit_inputs(case: Case) -> tuple[list[np.ndarray], np.ndarray | None]:
 
 def plain_pipeline(pipe: Any, case: Case) -> tuple[Any, dict[str, Any]]:
     """The plain diffusers pipeline a case calls and its edit arguments: text-to-image, or the family's edit
-    pipeline for the task (``Family.edit_pipeline``: over the loaded modules) with ``image``/``mask_image``/
+    pipeline for the task (``FamilyRunner.edit_pipeline``: over the loaded modules) with ``image``/``mask_image``/
     ``strength``."""
     if case.task == "generate":
         return text_to_image(pipe), {}
-    from fluxserve.engine.families import FAMILIES, family_of_class
-
-    family = FAMILIES[family_of_class(type(pipe).__name__)]
+    runner = _runner_of(pipe)
     images, mask = edit_inputs(case)
-    return (family.edit_pipeline(pipe, case.task),
-            family.edit_call_kwargs(case.task, images, mask, case.strength, case.width, case.height))
+    return (runner.edit_pipeline(pipe, case.task),
+            runner.edit_call_kwargs(case.task, images, mask, case.strength, case.width, case.height))
 
 
 def text_to_image(pipe: Any) -> Any:
     """The pipeline a plain text-to-image call uses (the loaded one, or its family's text-to-image pipeline over
     the same modules)."""
-    from fluxserve.engine.families import FAMILIES, family_of_class
-
-    return FAMILIES[family_of_class(type(pipe).__name__)].text_to_image(pipe)
+    return _runner_of(pipe).text_to_image(pipe)
 
 
 @dataclass
@@ -373,12 +375,12 @@ def save_pipeline(pipe: Any, path: Path, store_dtype: str = "bfloat16") -> None:
 def build_fullsize_flux(guidance_embeds: bool = False, device: str = "cuda",
                         dtype: torch.dtype = torch.bfloat16) -> Any:
     """A ``FluxPipeline`` with the published FLUX.1 architecture and random weights, built on ``device``
-    (``FluxFamily.full_size_components``)."""
+    (``FluxRunner.full_size_components``)."""
     from diffusers import FluxPipeline
 
-    from fluxserve.engine.families import FAMILIES
+    from fluxserve.engine.families.flux import FluxRunner
 
-    components = FAMILIES["flux"].full_size_components(device, dtype, "dev" if guidance_embeds else None)
+    components = FluxRunner().full_size_components(device, dtype, "dev" if guidance_embeds else None)
     pipe: Any = FluxPipeline(**components)
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -936,15 +938,16 @@ def _forward_inputs(pipe: Any, case: Case) -> TransformerCall | None:
 def _prepare_family_model(key: str, device: str, work: Path, timings: dict[str, float],
                           store_dtype: str = "bfloat16") -> tuple[str, Any, Path]:
     """A registry model of any family: its tiny version (CPU) or its full-size architecture with random
-    weights built on the GPU from ``Family.full_size_components`` and saved for ``from_pretrained``
+    weights built on the GPU from ``FamilyRunner.full_size_components`` and saved for ``from_pretrained``
     (:func:`save_pipeline`)."""
     import diffusers
 
-    from fluxserve.engine.families import FAMILIES
-    from fluxserve.engine.registry import BUILTIN_MODELS
+    from fluxserve.engine.families import runner_for
+    from fluxserve.models.registry import BUILTIN_MODELS
 
     spec = BUILTIN_MODELS[key]
-    family = FAMILIES[spec.family]
+    runner = runner_for(spec.family)
+    family = runner.descriptor
     cls = getattr(diffusers, family.pipeline_classes["generate"])
     if spec.tiny is not None:
         from fluxserve.engine.loading import tiny_model_dir
@@ -956,7 +959,7 @@ def _prepare_family_model(key: str, device: str, work: Path, timings: dict[str, 
         pipe.set_progress_bar_config(disable=True)
         return key, pipe.to(device), path
     with _phase(f"build_{key}", timings):
-        components = family.full_size_components(device, torch.bfloat16, family.full_size_variants.get(key))
+        components = runner.full_size_components(device, torch.bfloat16, family.full_size_variants.get(key))
         pipe = cls(**components)
         pipe.set_progress_bar_config(disable=True)
     path = work / f"{key}-random"
@@ -976,8 +979,8 @@ def _prepare_model(variant: str, device: str, work: Path, timings: dict[str, flo
         from diffusers import FluxPipeline
 
         from fluxserve.engine.loading import tiny_model_dir
-        from fluxserve.engine.registry import resolve_model
         from fluxserve.engine.tiny import ensure_tiny_model
+        from fluxserve.models.registry import resolve_model
         from fluxserve.settings import load_settings
 
         spec = resolve_model("tiny-flux")

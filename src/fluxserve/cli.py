@@ -98,9 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
                           description="Write a tiny random-weight pipeline of one family in diffusers format "
                                       "(offline; serve it with --model DIRECTORY).")
     tiny.add_argument("directory", type=Path)
-    from fluxserve.engine.families import FAMILIES  # torch-free
+    from fluxserve.models.registry import BUILTIN_MODELS, tiny_families  # torch-free
 
-    tiny.add_argument("--family", choices=[n for n, f in FAMILIES.items() if f.has_tiny], default="flux")
+    first_tiny = next(spec.tiny for spec in BUILTIN_MODELS.values() if spec.tiny is not None)
+    tiny.add_argument("--family", choices=tiny_families(), default=first_tiny)
 
     sub.add_parser("bench", help="benchmark against plain diffusers (see BENCHMARKS.md)", add_help=False)
     sub.add_parser("loadtest", help="drive concurrent clients against a running server", add_help=False)
@@ -135,8 +136,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     configure_logging("WARNING", settings.structured_logs)
     from fluxserve.engine.engine import DeviceEngine
-    from fluxserve.engine.registry import resolve_model
     from fluxserve.generation import GenerationParams, ImageRequest, pick_seed
+    from fluxserve.models.registry import resolve_model
     from fluxserve.runtime import Runtime
     from fluxserve.storage.images import encode_image
 
@@ -201,8 +202,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except Exception as exc:
         from fluxserve.engine.device import DeviceSelectionError
-        from fluxserve.engine.registry import UnknownModelError
         from fluxserve.generation import ModelLoadError
+        from fluxserve.models.registry import UnknownModelError
 
         if isinstance(exc, DeviceSelectionError | ModelLoadError | UnknownModelError):
             print(f"fluxserve: {exc}", file=sys.stderr)

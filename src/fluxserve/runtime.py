@@ -19,8 +19,9 @@ from typing import Any
 
 from fluxserve import __version__
 from fluxserve.catalog import LocalCatalog
-from fluxserve.engine.device import BackendProbe, DevicePlan, select_device_dtype
-from fluxserve.engine.registry import ModelSpec
+from fluxserve.models.devices import BackendProbe, DevicePlan
+from fluxserve.models.handle import ModelHandle
+from fluxserve.models.spec import ModelSpec
 from fluxserve.observability.events import job_ended
 from fluxserve.observability.logs import register_secrets
 from fluxserve.observability.metrics import Metrics
@@ -160,7 +161,7 @@ class Runtime:
     def release(self, keep: set[str]) -> tuple[list[str], int]:
         return self.models.release(keep)
 
-    def model_info(self, key: str) -> dict[str, Any]:
+    def model_info(self, key: str) -> dict[str, ModelHandle]:
         return self.models.model_info(key)
 
     def replicas(self, key: str) -> list[dict[str, Any]] | None:
@@ -196,6 +197,7 @@ class Runtime:
 def _local_backend(settings: Settings, probe: BackendProbe | None, engines: Sequence[Engine] | None, hook: Hook,
                    metrics: Metrics) -> tuple[LocalCatalog, Scheduler]:
     """This process's devices: a plan and an engine each, one scheduler in front of them."""
+    from fluxserve.engine.device import select_device_dtype
     from fluxserve.engine.engine import DeviceEngine
     from fluxserve.engine.faults import FaultInjector
     from fluxserve.engine.memory import check_memory_modes

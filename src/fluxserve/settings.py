@@ -18,7 +18,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from fluxserve.aliases import OPENAI_IMAGE_MODELS, parse_model_aliases
+from fluxserve.models.aliases import OPENAI_IMAGE_MODELS, parse_model_aliases
 
 ENV_PREFIX = "FLUX_"
 

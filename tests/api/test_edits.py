@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fluxserve.engine.registry import BUILTIN_MODELS
+from fluxserve.models.registry import BUILTIN_MODELS
 
 TINY_KEYS = [key for key, spec in BUILTIN_MODELS.items() if spec.tiny is not None]
 """Requests may name every tiny model here (FLUX_MODELS)."""
@@ -264,7 +264,7 @@ async def test_every_tiny_family_edits_and_keeps_the_unmasked_area(client: Any, 
     """Each tiny model through HTTP: the family's task without a mask, its masked task with the area outside
     the mask kept, and a 400 naming ``image`` past its image count."""
     from fluxserve.api.editing import edit_modes
-    from fluxserve.engine.registry import resolve_model
+    from fluxserve.models.registry import resolve_model
 
     modes = edit_modes(resolve_model(model))
     assert modes is not None, f"{model} cannot edit"

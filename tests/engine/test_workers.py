@@ -17,9 +17,9 @@ import pytest
 from PIL import Image
 
 from fluxserve.engine.device import select_device_dtype
-from fluxserve.engine.registry import resolve_model
 from fluxserve.engine.workers import ProcessEngine, WorkerCrashed, WorkerError, _rebuild_error
 from fluxserve.generation import BadOutput, GenerationCancelled, GenerationParams, ImageRequest, OutOfMemory
+from fluxserve.models.registry import resolve_model
 from fluxserve.scheduler.jobs import Job, JobStatus
 from fluxserve.scheduler.scheduler import Scheduler
 from tests.conftest import assert_same_image_within_rounding
