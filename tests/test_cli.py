@@ -97,7 +97,7 @@ def test_help_is_plain_text_and_imports_no_model_or_web_library(args: list[str],
 
 
 def test_serve_help_lists_the_models_and_warns_about_the_default_download(tmp_path: Path) -> None:
-    from fluxserve.engine.registry import BUILTIN_MODELS
+    from fluxserve.models.registry import BUILTIN_MODELS
 
     done = run_cli(["serve", "--help"], {}, tmp_path, timeout=120)
     assert done.returncode == 0, done.stderr

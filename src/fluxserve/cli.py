@@ -47,7 +47,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 def models_epilog() -> str:
     """The model keys ``--model`` takes, tiny offline ones marked, and the warning about the default's size."""
-    from fluxserve.engine.registry import BUILTIN_MODELS  # torch-free (numpy and dataclasses)
+    from fluxserve.models.registry import BUILTIN_MODELS  # torch-free
 
     width = max(len(key) for key in BUILTIN_MODELS) + 2
     lines = ["models (--model or FLUX_MODEL; default schnell):"]
