@@ -19,12 +19,13 @@ from fluxserve.api.errors import install_error_handlers
 from fluxserve.api.middleware import (
     ApiKeyMiddleware,
     BodyLimitMiddleware,
+    ClientBudgetMiddleware,
     HeaderLimitMiddleware,
     HeadMiddleware,
     RateLimitMiddleware,
     RequestContextMiddleware,
-    ShutdownUploadMiddleware,
     StrictJsonMiddleware,
+    UploadGuardMiddleware,
 )
 from fluxserve.api.routes import edits, images, loras, models, system
 from fluxserve.api.serving import ImageService
@@ -71,15 +72,19 @@ def create_app(settings: Settings, runtime: Runtime | None = None, *, manage_run
     if settings.web_ui and STATIC_DIR.is_dir():
         app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
-    # Outermost last: request context → CORS → header limits → body limit → shutdown of uploads → auth and
-    # roles → rate limit → strict JSON → HEAD → app. CORS wraps the limits and auth so that their
-    # 401/403/413/431/429 reach pages on allowed origins (the web page asks for a key).
+    # Outermost last: request context → CORS → header limits → body limit → upload guard (slow bodies,
+    # shutdown) → auth and roles → per-client budget → rate limit → strict JSON → HEAD → app. CORS wraps the
+    # limits and auth so that their 401/403/408/413/431/429 reach pages on allowed origins (the web page asks
+    # for a key).
     app.add_middleware(HeadMiddleware)
     app.add_middleware(StrictJsonMiddleware)
     app.add_middleware(RateLimitMiddleware, per_minute=settings.rate_limit_per_minute, burst=settings.rate_limit_burst)
+    app.add_middleware(ClientBudgetMiddleware, max_requests=settings.max_connections_per_client,
+                       max_streams=settings.max_streams_per_client)
     app.add_middleware(ApiKeyMiddleware, keys=settings.all_api_keys(), protect_metrics=settings.metrics_require_auth,
                        admin_keys=settings.admin_keys)
-    app.add_middleware(ShutdownUploadMiddleware, shutting_down=lambda: runtime.shutting_down)
+    app.add_middleware(UploadGuardMiddleware, shutting_down=lambda: runtime.shutting_down,
+                       grace=settings.body_timeout, min_rate=settings.body_min_rate)
     edit_limit = max(settings.max_body_bytes, settings.max_edit_body_bytes)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, path_limits={
         path: edit_limit for path in ("/v1/images/edits", "/v1/images/edits/jobs", "/v1/images/variations")})

@@ -1,5 +1,6 @@
-"""ASGI middleware: request ids, header and body limits, API-key auth and roles, rate limits, strict
-JSON, answering uploads cut short by a shutdown, and per-request metrics.
+"""ASGI middleware: request ids, header and body limits, API-key auth and roles, rate limits, each client's
+share of connections and event streams, strict JSON, bodies cut short when too slow or by a shutdown, and
+per-request metrics.
 
 Written as plain ASGI (not BaseHTTPMiddleware) so that streaming responses and client-disconnect
 detection keep working. Limits that must hold before a request exists at all (header bytes, header
@@ -52,6 +53,17 @@ def endpoint_name(path: str) -> str:
         if path.startswith(prefix):
             return name
     return "root" if path == "/" else "other"
+
+
+PROBE_PATHS = ("/health", "/ready")
+"""Liveness and readiness: answered whatever a client's (or the server's) connection budget says."""
+
+
+def client_key(scope: Scope) -> str:
+    """Whom a request counts against: its API key (as :class:`ApiKeyMiddleware` recorded it), else its
+    address."""
+    state = scope.get("state") or {}
+    return str(state.get("client_id") or "addr:" + str((scope.get("client") or ("local",))[0]))
 
 
 async def _send_error(send: Send, status: int, message: str, code: str, headers: list[tuple[bytes, bytes]]
@@ -522,21 +534,36 @@ class _UploadCutShort(Exception):
     pass
 
 
-class ShutdownUploadMiddleware:
-    """A client still sending its body when a shutdown begins gets the JSON 503 ``shutting_down`` at
-    once (and the connection is closed), instead of waiting for the server's grace period to run out
-    and its request task to be cancelled (which uvicorn answers with a plain-text 500).
+class UploadGuardMiddleware:
+    """Request bodies that arrive too slowly, or while a shutdown begins, are cut short with a JSON
+    answer and the connection is closed.
 
-    ``shutting_down`` is polled every 0.1 s, and only while the app waits for body bytes that have
-    not arrived."""
+    Too slow: after a grace period of ``grace`` seconds (FLUX_BODY_TIMEOUT) a body must keep arriving at
+    ``min_rate`` bytes a second on average (FLUX_BODY_MIN_RATE): the body may keep the server waiting
+    ``grace + received / min_rate`` seconds in all, and only the time the app spends waiting for body
+    bytes counts. A slower body gets 408 ``body_timeout`` (a few bytes every few seconds would otherwise
+    hold a connection, and its request, for as long as the client likes).
+
+    Shutdown: a client still sending its body when a shutdown begins gets the JSON 503 ``shutting_down``
+    at once, instead of waiting for the server's grace period to run out and its request task to be
+    cancelled (which uvicorn answers with a plain-text 500). ``shutting_down`` is polled every 0.1 s, and
+    only while the app waits for body bytes that have not arrived."""
 
     POLL = 0.1
 
-    def __init__(self, app: ASGIApp, shutting_down: Callable[[], bool]) -> None:
+    def __init__(self, app: ASGIApp, shutting_down: Callable[[], bool], grace: float = 10.0,
+                 min_rate: float = 4096.0) -> None:
         self.app = app
         self.shutting_down = shutting_down
+        self.grace = grace
+        self.min_rate = min_rate
 
-    async def _answer(self, send: Send) -> None:
+    async def _answer(self, send: Send, reason: str) -> None:
+        if reason == "slow":
+            await _send_error(send, 408, f"the request body arrived too slowly: after {self.grace:g} s it must "
+                              f"average at least {self.min_rate:g} bytes/s (FLUX_BODY_TIMEOUT, FLUX_BODY_MIN_RATE)",
+                              "body_timeout", [CLOSE])
+            return
         await _send_error(send, 503, "the server is shutting down; send the request again to another instance "
                           "or after the restart", "shutting_down", [CLOSE, (b"retry-after", b"1")])
 
@@ -548,35 +575,47 @@ class ShutdownUploadMiddleware:
         if not headers.get(b"content-length", b"0").strip(b"0 ") and b"transfer-encoding" not in headers:
             await self.app(scope, receive, send)  # no body to wait for
             return
-        body_done = cut_short = response_started = False
+        loop = asyncio.get_running_loop()
+        body_done = response_started = False
+        cut_short: str | None = None
+        received = 0
+        waited = 0.0
 
         async def guarded_receive() -> Message:
-            nonlocal body_done, cut_short
+            nonlocal body_done, cut_short, received, waited
             if cut_short:
                 raise _UploadCutShort
             if body_done:
                 return await receive()
+            allowed = self.grace + received / self.min_rate - waited
             pending = asyncio.ensure_future(receive())
+            began = loop.time()
             try:
                 while not pending.done():
-                    await asyncio.wait({pending}, timeout=self.POLL)
+                    left = allowed - (loop.time() - began)
+                    if left <= 0:
+                        cut_short = "slow"
+                        raise _UploadCutShort
+                    await asyncio.wait({pending}, timeout=min(self.POLL, left))
                     if not pending.done() and self.shutting_down():
-                        cut_short = True
+                        cut_short = "shutdown"
                         raise _UploadCutShort
             finally:
+                waited += loop.time() - began
                 if not pending.done():
                     pending.cancel()
             message = pending.result()
             if message["type"] != "http.request" or not message.get("more_body", False):
                 body_done = True
+            received += len(message.get("body", b""))
             return message
 
         async def tracking_send(message: Message) -> None:
             nonlocal response_started
-            if cut_short:  # the app answered the aborted read its own way: answer 503 instead
+            if cut_short:  # the app answered the aborted read its own way: answer 408 or 503 instead
                 if not response_started and message["type"] == "http.response.start":
                     response_started = True
-                    await self._answer(send)
+                    await self._answer(send, cut_short)
                 return
             if message["type"] == "http.response.start":
                 response_started = True
@@ -586,4 +625,77 @@ class ShutdownUploadMiddleware:
             await self.app(scope, guarded_receive, tracking_send)
         if cut_short and not response_started:
             response_started = True
-            await self._answer(send)
+            await self._answer(send, cut_short)
+
+
+def _is_event_stream(message: Message) -> bool:
+    return any(name.lower() == b"content-type" and value.split(b";", 1)[0].strip().lower() == b"text/event-stream"
+               for name, value in message.get("headers") or [])
+
+
+class ClientBudgetMiddleware:
+    """One client's share of the server's connections: at most ``max_requests`` requests in progress
+    (FLUX_MAX_CONNECTIONS_PER_CLIENT) and ``max_streams`` event streams open (FLUX_MAX_STREAMS_PER_CLIENT),
+    per API key, or per address without keys. Both are below the server-wide FLUX_MAX_CONNECTIONS, so a
+    client that holds many connections (slow bodies, long streams) meets its own limit while the server
+    still has room for everyone else.
+
+    A request over the first limit gets 429 ``connection_limit_exceeded`` before its body is read, and its
+    connection is closed. An event stream over the second gets 429 ``stream_limit_exceeded`` instead of its
+    first byte; the app then sees the client gone (its job is cancelled as for any client that leaves).
+    /health and /ready are never counted nor refused. The counts live on the event loop: no lock."""
+
+    def __init__(self, app: ASGIApp, max_requests: int, max_streams: int) -> None:
+        self.app = app
+        self.max_requests = max_requests
+        self.max_streams = max_streams
+        self._requests: dict[str, int] = {}
+        self._streams: dict[str, int] = {}
+
+    @staticmethod
+    def _release(counts: dict[str, int], client: str) -> None:
+        left = counts[client] - 1
+        if left:
+            counts[client] = left
+        else:
+            del counts[client]  # no entry for a client with nothing open: the dicts stay small
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope.get("path") in PROBE_PATHS:
+            await self.app(scope, receive, send)
+            return
+        client = client_key(scope)
+        if self._requests.get(client, 0) >= self.max_requests:
+            await _send_error(send, 429, f"this client already has {self.max_requests} requests in progress "
+                              "(FLUX_MAX_CONNECTIONS_PER_CLIENT); retry when one of them is done",
+                              "connection_limit_exceeded", [CLOSE, (b"retry-after", b"1")])
+            return
+        self._requests[client] = self._requests.get(client, 0) + 1
+        streaming = refused = False
+
+        async def counting_send(message: Message) -> None:
+            nonlocal streaming, refused
+            if refused:
+                return  # the app's refused stream goes nowhere
+            if message["type"] == "http.response.start" and _is_event_stream(message):
+                if self._streams.get(client, 0) >= self.max_streams:
+                    refused = True
+                    await _send_error(send, 429, f"this client already has {self.max_streams} event streams open "
+                                      "(FLUX_MAX_STREAMS_PER_CLIENT); close one or poll the job instead",
+                                      "stream_limit_exceeded", [(b"retry-after", b"1")])
+                    return
+                self._streams[client] = self._streams.get(client, 0) + 1
+                streaming = True
+            await send(message)
+
+        async def watching_receive() -> Message:
+            if refused:  # a refused stream's app hears that its client left
+                return {"type": "http.disconnect"}
+            return await receive()
+
+        try:
+            await self.app(scope, watching_receive, counting_send)
+        finally:
+            self._release(self._requests, client)
+            if streaming:
+                self._release(self._streams, client)
