@@ -178,6 +178,15 @@ class Settings(BaseSettings):
     body_min_rate: float = Field(4096.0, gt=0)
     """Bytes per second a request body must average once FLUX_BODY_TIMEOUT has passed: a body of B bytes may
     keep the server waiting FLUX_BODY_TIMEOUT + B / FLUX_BODY_MIN_RATE seconds in all."""
+    json_parse_threads: int = Field(2, ge=1, le=64)
+    """Threads that parse JSON request bodies over 64 KiB (edits with data URLs), off the event loop: at most
+    this many large bodies are parsed at once, the others wait their turn."""
+    body_memory_bytes: int = Field(512 * 1024 * 1024, ge=1024 * 1024)
+    """Memory that JSON request bodies over 64 KiB may hold at once, all together: each reserves twice its size
+    (its bytes and what parsing makes of them) from its Content-Length, before a byte is read, until it is
+    parsed. A body that does not fit gets 503 ``server_busy`` with Retry-After; one client may hold at most
+    half (429 ``body_memory_limit_exceeded``). At least 4 × the largest body limit, so that any allowed body
+    can be received."""
     shutdown_timeout: float = Field(30.0, ge=0)
     """On SIGTERM/SIGINT, seconds to finish in-flight and queued jobs before cancelling the rest."""
     notify_socket: str | None = Field(None, validation_alias=AliasChoices("NOTIFY_SOCKET", "notify_socket"))
@@ -442,6 +451,11 @@ class Settings(BaseSettings):
             raise ValueError(f"FLUX_MAX_CONNECTIONS_PER_CLIENT ({self.max_connections_per_client}) must be below "
                              f"FLUX_MAX_CONNECTIONS ({self.max_connections}): one client must meet its own limit "
                              "before the server's")
+        largest_body = max(self.max_body_bytes, self.max_edit_body_bytes)
+        if self.body_memory_bytes < 4 * largest_body:
+            raise ValueError(f"FLUX_BODY_MEMORY_BYTES ({self.body_memory_bytes}) must be at least 4 × the largest body "
+                             f"limit ({largest_body}, FLUX_MAX_BODY_BYTES / FLUX_MAX_EDIT_BODY_BYTES): one client may "
+                             "hold half of it, and a body reserves twice its size")
         if self.max_streams_per_client > self.max_connections_per_client:
             raise ValueError("FLUX_MAX_STREAMS_PER_CLIENT must be ≤ FLUX_MAX_CONNECTIONS_PER_CLIENT")
         return self

@@ -13,17 +13,18 @@ size); it never batches with a text-to-image job.
 
 from __future__ import annotations
 
-import json
+import asyncio
 from dataclasses import dataclass, replace
 from typing import Any
 
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException
 from starlette.requests import Request
 
 from fluxserve.api.errors import APIError, validation_message
-from fluxserve.api.protocol import ImageEditRequest, ImageVariationRequest
+from fluxserve.api.jsontext import JsonRefused, loads_strict
+from fluxserve.api.protocol import APIModel, ImageEditRequest, ImageVariationRequest
 from fluxserve.api.serving import ImageService
 from fluxserve.engine.families import get_family
 from fluxserve.engine.registry import ModelSpec
@@ -125,7 +126,7 @@ async def _read_upload(upload: UploadFile, param: str, max_bytes: int) -> Upload
     return Upload(param, data)
 
 
-async def read_body(request: Request, model: type[BaseModel], max_input_bytes: int, *,
+async def read_body(request: Request, model: type[APIModel], max_input_bytes: int, *,
                     max_images: int = MAX_IMAGE_FIELDS) -> tuple[Any, list[Upload], Upload | None]:
     """Fields, image uploads and mask upload from a multipart/form-data or JSON body."""
     media = _media_type(request)
@@ -165,18 +166,25 @@ async def read_body(request: Request, model: type[BaseModel], max_input_bytes: i
         except ValidationError as exc:
             raise _invalid(exc) from None
     if media == "application/json":
-        raw = await request.body()
-        try:
-            obj = json.loads(raw) if raw else None
-        except ValueError:  # the strict JSON middleware answers first; this is a safety net
-            raise APIError(400, "the request body is not valid JSON", code="invalid_json") from None
+        state = request.scope.get("state") or {}
+        if "json_body" in state:  # parsed once, off the event loop, by the strict JSON middleware
+            obj = state.pop("json_body")
+        else:
+            raw = await request.body()
+            try:
+                obj = loads_strict(raw) if raw else None
+            except JsonRefused as exc:
+                raise APIError(400, exc.message, param=exc.param, code=exc.code) from None
         if not isinstance(obj, dict):
             raise APIError(400, "the request body must be a JSON object", code="invalid_json")
         try:
             body = model.model_validate(obj)
         except ValidationError as exc:
             raise _invalid(exc) from None
-        return body, *_json_images(body, max_input_bytes, max_images)
+        del obj
+        uploads, mask = await asyncio.to_thread(_json_images, body, max_input_bytes, max_images)  # base64: CPU work
+        # The data URLs are decoded: drop their text (up to FLUX_MAX_EDIT_BODY_BYTES) for the rest of the request.
+        return body.model_copy(update=dict.fromkeys(model.DATA_URL_FIELDS)), uploads, mask
     raise APIError(400, "send multipart/form-data (as OpenAI's SDKs do) or application/json with images as "
                         f"base64 data URLs, not {media[:60] or 'no Content-Type'}", code="unsupported_media_type")
 
