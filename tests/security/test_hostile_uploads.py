@@ -1,5 +1,8 @@
 """Uploads cost what their bounds say, checked before the work starts.
 
+- A 49 KB PNG that declares 16777216×1 pixels is refused from its header (the aspect ratio no output size
+  can keep), where it used to decode 48 MB and then narrow the width 16 pixels at a time for 13–24 s of CPU
+  on a thread that encodes every client's images; the auto size is closed form.
 - JSON edits carry images of megabytes as data URLs (a rule for 100 000-character strings refused any over
   ≈ 73 KB); their bodies are parsed once, off the event loop, while /health answers; and large bodies hold
   at most FLUX_BODY_MEMORY_BYTES together, half of it per client.
@@ -10,6 +13,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -24,13 +28,69 @@ from PIL import Image
 
 from .helpers import assert_openai_error, connect, read_all, serve_in_thread, status_and_error
 
+GEN = "/v1/images/generations"
 EDIT = "/v1/images/edits"
+SMALL = {"prompt": "a lighthouse", "size": "64x64", "num_inference_steps": 1}
 
 
 def _png(image: Image.Image, compress_level: int = 1) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", compress_level=compress_level)
     return buffer.getvalue()
+
+
+def _stepwise_auto_size(width: int, height: int, m: int, min_size: int, max_size: int,
+                        max_pixels: int) -> tuple[int, int]:
+    """The definition the closed form must meet: scale, round, then shorten the longer side one multiple at a
+    time until the limits hold (what the server used to run, for inputs small enough to loop over)."""
+    scale = min(1.0, max_size / max(width, height), (max_pixels / (width * height)) ** 0.5)
+    scale = max(scale, min_size / min(width, height)) if min(width, height) * scale < min_size else scale
+    w = max(m, int(width * scale / m + 0.5) * m)
+    h = max(m, int(height * scale / m + 0.5) * m)
+    while w * h > max_pixels or w > max_size or h > max_size:
+        w, h = (w - m, h) if w >= h else (w, h - m)
+    lo = -(-min_size // m) * m
+    return max(w, lo), max(h, lo)
+
+
+@pytest.mark.timeout(30)
+def test_auto_size_is_closed_form_and_meets_its_definition() -> None:
+    from fluxserve.api.editing import auto_size
+
+    # 2^40 × 1 would take the stepwise form some 10^11 steps; the closed form answers at once.
+    assert auto_size(2**40, 1, multiple=16, min_size=64, max_size=2048, max_pixels=2048 * 2048) == (2048, 64)
+    rng = np.random.default_rng(7)
+    for _ in range(20_000):
+        m = int(rng.choice([8, 16, 32, 64]))
+        min_size, max_size = int(rng.choice([64, 128, 256])), int(rng.choice([256, 512, 1024, 2048]))
+        max_pixels = int(rng.choice([128 * 128, 256 * 256, 512 * 768, 1024 * 1024, 2048 * 2048]))
+        if max_pixels < min_size * min_size:
+            continue
+        width = int(rng.integers(1, 5000))
+        ratio = max_size // min_size  # within the aspect ratio the server accepts
+        height = int(rng.integers(max(1, math.ceil(width / ratio)), min(5000, width * ratio) + 1))
+        expected = _stepwise_auto_size(width, height, m, min_size, max_size, max_pixels)
+        assert auto_size(width, height, multiple=m, min_size=min_size, max_size=max_size,
+                         max_pixels=max_pixels) == expected, (width, height, m, min_size, max_size, max_pixels)
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(240)
+def test_a_16777216x1_png_is_refused_from_its_header_while_others_are_served(
+        server_factory: Callable[..., Any]) -> None:
+    server = server_factory({"FLUX_LOG_LEVEL": "WARNING"}, name="strip")
+    strip = _png(Image.new("RGB", (16_777_216, 1), (90, 90, 90)), compress_level=9)
+    assert len(strip) < 100_000  # about 49 KB on the wire; 48 MB once decoded
+    base = server.base_url
+    with ThreadPoolExecutor(3) as pool:
+        uploads = [pool.submit(httpx.post, base + EDIT, data={"prompt": "wider", "size": "auto"},
+                               files={"image": ("strip.png", strip, "image/png")}, timeout=200) for _ in range(2)]
+        legit = pool.submit(httpx.post, base + GEN, json=SMALL, timeout=200)
+        for upload in uploads:
+            error = assert_openai_error(upload.result(), 400, param="image", code="unsupported_aspect_ratio")
+            assert "16777216x1" in error["message"] and "FLUX_MAX_SIZE / FLUX_MIN_SIZE" in error["message"]
+        assert legit.result().status_code == 200
+    assert httpx.get(base + "/ready", timeout=30).status_code == 200
 
 
 def _noise_png(width: int, height: int, seed: int) -> bytes:

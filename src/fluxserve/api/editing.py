@@ -14,6 +14,7 @@ size); it never batches with a text-to-image job.
 from __future__ import annotations
 
 import asyncio
+import math
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -83,6 +84,34 @@ def edit_card(spec: ModelSpec) -> dict[str, Any] | None:
         return None
     return {"without_mask": modes.without_mask, "with_mask": modes.with_mask, "max_images": modes.max_images,
             "masked_by_compositing": modes.masked_by_compositing}
+
+
+def auto_size(width: int, height: int, *, multiple: int, min_size: int, max_size: int,
+              max_pixels: int) -> tuple[int, int]:
+    """The output size for an input of ``width`` × ``height`` (``size`` auto): on ``multiple``, scaled with its
+    aspect ratio kept to at most ``max_size`` a side and ``max_pixels`` in all, scaled up only as far as
+    ``min_size`` needs. Closed form: the same few operations whatever the dimensions (it used to shorten
+    the long side one multiple at a time: millions of steps for a 16777216×1 image)."""
+    m = multiple
+    lo = -(-min_size // m) * m  # the smallest and largest sides on the multiple
+    hi = max(lo, max_size // m * m)
+    # 1. One scale for both sides: down to the limits, up only to min_size.
+    scale = min(1.0, max_size / max(width, height), math.sqrt(max_pixels / (width * height)))
+    if min(width, height) * scale < min_size:
+        scale = min_size / min(width, height)
+    w = min(hi, max(lo, int(width * scale / m + 0.5) * m))
+    h = min(hi, max(lo, int(height * scale / m + 0.5) * m))
+    if w * h <= max_pixels:
+        return w, h
+    # 2. Rounding went over max_pixels: shorten the long side to fit; where even a square is too large, the
+    #    largest square (or square and one multiple) that fits.
+    long, short = max(w, h), min(w, h)
+    long = max(short, max_pixels // short // m * m)
+    if long * short <= max_pixels:
+        return (long, short) if w >= h else (short, long)
+    k = min(short, math.isqrt(max_pixels) // m * m)
+    w, h = (k, k + m) if k + m <= short and k * (k + m) <= max_pixels else (k, k)
+    return max(w, lo), max(h, lo)
 
 
 @dataclass
@@ -233,22 +262,17 @@ class EditService:
     def _decode(self, upload: Upload) -> DecodedImage:
         s = self.settings
         try:
-            return decode_image(upload.data, upload.param, max_bytes=s.max_input_bytes, max_pixels=s.max_input_pixels)
+            return decode_image(upload.data, upload.param, max_bytes=s.max_input_bytes, max_pixels=s.max_input_pixels,
+                                max_aspect=s.max_size / s.min_size)
         except InputError as exc:
             raise APIError(400, exc.message, param=exc.param, code=exc.code) from None
 
     def _auto_size(self, spec: ModelSpec, width: int, height: int) -> str:
-        """The first image's size on the model's multiple, scaled down (aspect kept) to fit the limits."""
+        """The first image's size as the output size, within the limits (:func:`auto_size`)."""
         s = self.settings
-        m = spec.size_multiple
-        scale = min(1.0, s.max_size / max(width, height), (s.max_pixels / (width * height)) ** 0.5)
-        scale = max(scale, s.min_size / min(width, height)) if min(width, height) * scale < s.min_size else scale
-        w = max(m, int(width * scale / m + 0.5) * m)
-        h = max(m, int(height * scale / m + 0.5) * m)
-        while w * h > s.max_pixels or w > s.max_size or h > s.max_size:
-            w, h = (w - m, h) if w >= h else (w, h - m)
-        lo = -(-s.min_size // m) * m
-        return f"{max(w, lo)}x{max(h, lo)}"
+        w, h = auto_size(width, height, multiple=spec.size_multiple, min_size=s.min_size, max_size=s.max_size,
+                         max_pixels=s.max_pixels)
+        return f"{w}x{h}"
 
     def build_job(self, body: ImageEditRequest, uploads: list[Upload], mask_upload: Upload | None,
                   request_id: str | None, *, want_previews: bool = False, variation: bool = False,
