@@ -20,6 +20,7 @@ from typing import Any
 
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException
 from starlette.requests import Request
 
@@ -155,15 +156,26 @@ async def _read_upload(upload: UploadFile, param: str, max_bytes: int) -> Upload
     return Upload(param, data)
 
 
+def _no_mask() -> APIError:
+    return APIError(400, "variations take no mask (nor do OpenAI's); to change only part of an image, send it "
+                         "with its mask to the edits endpoint", param="mask", code="unsupported_value")
+
+
 async def read_body(request: Request, model: type[APIModel], max_input_bytes: int, *,
                     max_images: int = MAX_IMAGE_FIELDS) -> tuple[Any, list[Upload], Upload | None]:
-    """Fields, image uploads and mask upload from a multipart/form-data or JSON body."""
+    """Fields, image uploads and mask upload from a multipart/form-data or JSON body. A mask is refused
+    where ``model`` has no ``mask`` field (variations)."""
     media = _media_type(request)
+    takes_mask = "mask" in model.model_fields
     if media == "multipart/form-data":
         try:
             form = await request.form(max_files=max_images + 2, max_fields=64, max_part_size=64 * 1024)
-        except MultiPartException as exc:
-            raise APIError(400, f"invalid multipart body: {exc.message}", code="invalid_multipart") from None
+        except (MultiPartException, StarletteHTTPException) as exc:
+            # Starlette turns its parser's errors into a bare HTTPException(400) inside an app
+            if isinstance(exc, StarletteHTTPException) and exc.status_code != 400:
+                raise
+            detail = exc.message if isinstance(exc, MultiPartException) else str(exc.detail)
+            raise APIError(400, f"invalid multipart body: {detail}", code="invalid_multipart") from None
         fields: dict[str, Any] = {}
         images: list[Upload] = []
         mask: Upload | None = None
@@ -176,6 +188,8 @@ async def read_body(request: Request, model: type[APIModel], max_input_bytes: in
                                            code="too_many_images")
                         param = "image" if not images else f"image[{len(images)}]"
                         images.append(await _read_upload(value, param, max_input_bytes))
+                    elif key == "mask" and not takes_mask:
+                        raise _no_mask()
                     elif key == "mask" and mask is None:
                         mask = await _read_upload(value, "mask", max_input_bytes)
                     else:
@@ -206,6 +220,8 @@ async def read_body(request: Request, model: type[APIModel], max_input_bytes: in
                 raise APIError(400, exc.message, param=exc.param, code=exc.code) from None
         if not isinstance(obj, dict):
             raise APIError(400, "the request body must be a JSON object", code="invalid_json")
+        if "mask" in obj and not takes_mask:
+            raise _no_mask()
         try:
             body = model.model_validate(obj)
         except ValidationError as exc:
