@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import json
 import socket
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -87,3 +89,49 @@ def status_and_error(response: bytes) -> tuple[int, dict[str, Any]]:
     error = json.loads(body)["error"]
     assert set(error) == OPENAI_ERROR_KEYS, error
     return int(head[9:12]), error
+
+
+_PROBE = """
+import sys, threading, time, httpx
+stop = threading.Event()
+threading.Thread(target=lambda: (sys.stdin.read(), stop.set()), daemon=True).start()
+with httpx.Client(base_url=sys.argv[1], timeout=30) as client:
+    while not stop.wait(0.05):
+        started = time.perf_counter()
+        try:
+            status = client.get("/health").status_code
+        except httpx.TransportError as exc:
+            print("failed", type(exc).__name__, flush=True)
+            continue
+        print(status, time.perf_counter() - started, flush=True)
+"""
+
+
+class HealthProbe:
+    """A load balancer's liveness probe of ``base_url``: ``GET /health`` every 50 ms, from a process of its
+    own (so the latencies are the server's, not those of the test's busy threads), until :meth:`stop`."""
+
+    def __init__(self, base_url: str) -> None:
+        self._proc = subprocess.Popen([sys.executable, "-c", _PROBE, base_url], stdin=subprocess.PIPE,
+                                      stdout=subprocess.PIPE, text=True)
+        self.latencies: list[float] = []
+        self.failures: list[str] = []
+
+    def stop(self) -> HealthProbe:
+        """Ends the probing (closing its stdin) and collects what it saw."""
+        output, _ = self._proc.communicate("", timeout=60)
+        for line in output.splitlines():
+            status, _, value = line.partition(" ")
+            if status == "200":
+                self.latencies.append(float(value))
+            else:
+                self.failures.append(line)
+        return self
+
+    @property
+    def worst(self) -> float:
+        return max(self.latencies, default=0.0)
+
+    @property
+    def median(self) -> float:
+        return sorted(self.latencies)[len(self.latencies) // 2] if self.latencies else 0.0
