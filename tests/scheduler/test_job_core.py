@@ -397,3 +397,98 @@ def test_jobs_batch_only_with_the_same_adapter_set_and_scales(make_scheduler: An
         call.run_free()
     assert sorted(calls) == [((), 1), ((("a", 0.5),), 1), ((("a", 1.0),), 2)]
     assert all(ended(j) is JobStatus.SUCCEEDED for j in [blocker, *same, weaker, plain])
+
+
+# --- ordered, total events -----------------------------------------------------------------------------
+class Recorder:
+    """A thread-side listener that records each event type, in the order it was called."""
+
+    def __init__(self) -> None:
+        self.kinds: list[str] = []
+        self.started = threading.Event()
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        self.kinds.append(event["type"])
+        if event["type"] == "started":
+            self.started.set()
+
+
+def test_queued_reaches_listeners_before_started(make_scheduler: Any) -> None:
+    """``submit`` emitted ``queued`` after releasing the scheduler's lock: an idle slot could start the job
+    first, and a stream showed ``queued`` after ``started``. The hook below holds the submitting thread right
+    after the lock until the job runs: the ``queued`` event must already be out by then."""
+    scheduler, engine, hooks = make_scheduler()
+    recorder = Recorder()
+    hooks.on["job_queued"] = lambda _data: recorder.started.wait(BOUND)
+    j = job(steps=1)
+    j.add_listener(recorder)
+    scheduler.submit(j)
+    engine.next_call().run_free()
+    assert ended(j) is JobStatus.SUCCEEDED
+    assert recorder.kinds[:2] == ["queued", "started"], recorder.kinds
+    assert recorder.kinds[-1] == "succeeded" and recorder.kinds.count("succeeded") == 1
+
+
+def test_a_raising_listener_is_logged_and_cannot_change_the_jobs_fate(make_scheduler: Any,
+                                                                     caplog: pytest.LogCaptureFixture) -> None:
+    """A listener that raised on ``started`` escaped from ``_next_batch`` after the job was marked running but
+    before it was recorded on its slot: the job stayed ``running`` in no structure, ``wait`` never returned."""
+    scheduler, engine, _ = make_scheduler()
+    later = Recorder()
+
+    def broken(event: dict[str, Any]) -> None:
+        raise RuntimeError(f"a broken listener ({event['type']})")
+
+    j = job(steps=2)
+    j.add_listener(broken)
+    j.add_listener(later)  # registered after the broken one: still called, in order
+    scheduler.submit(j)
+    engine.next_call().run_free()
+    assert ended(j) is JobStatus.SUCCEEDED
+    assert later.kinds == ["queued", "started", "progress", "progress", "succeeded"]
+    assert "a broken listener" in caplog.text and scheduler.readiness_problems() == []
+    assert all(slot.crashes == 0 for slot in scheduler._slots)
+
+
+def test_a_job_is_where_drain_finds_it_before_it_is_marked_running(make_scheduler: Any) -> None:
+    """Drain (and cancel) find a running job through its slot. A listener of ``started`` looks for the job
+    there; and when a listener raises, drain still cancels the job instead of leaving it running."""
+    scheduler, engine, _ = make_scheduler()
+    found: list[bool] = []
+
+    def look(event: dict[str, Any]) -> None:
+        if event["type"] == "started":
+            found.append(any(j in slot.batch for slot in scheduler._slots))
+            raise RuntimeError("a broken listener")
+
+    j = job(steps=5)
+    j.add_listener(look)
+    scheduler.submit(j)
+    engine.next_call()  # parked before its first step
+    assert found == [True]
+    assert scheduler.drain(0) == 1
+    assert ended(j) is JobStatus.CANCELLED and j.error is not None and j.error.code == "shutting_down"
+
+
+def test_events_from_two_threads_reach_every_listener_in_one_order() -> None:
+    """A progress event and the terminal event of one job can be emitted by two threads at once (a slot, and
+    drain). Each listener must see them in the order the job changed: nothing after the terminal event."""
+    j = job()
+    j.transition(JobStatus.RUNNING)
+    recorder = Recorder()
+    in_progress, terminal_emitted = threading.Event(), threading.Event()
+
+    def slow(event: dict[str, Any]) -> None:  # holds the slot thread inside its progress delivery
+        if event["type"] == "progress" and not in_progress.is_set():
+            in_progress.set()
+            assert terminal_emitted.wait(BOUND)
+
+    j.add_listener(slow)
+    j.add_listener(recorder)
+    slot = threading.Thread(target=lambda: [j.emit({"type": "progress", "step": s}) for s in (1, 2)])
+    slot.start()
+    assert in_progress.wait(BOUND)
+    j.transition(JobStatus.CANCELLED, error=JobError("x", code="cancelled", status=409))  # "drain", elsewhere
+    terminal_emitted.set()
+    slot.join(BOUND)
+    assert recorder.kinds == ["progress", "cancelled"], recorder.kinds

@@ -239,12 +239,13 @@ class Scheduler:
                 job.total_steps = job.params.steps
                 self._pending[job.id] = job
                 job.queue_position = len(self._pending)
+                # Under the lock: no slot can start the job before its listeners have "queued".
+                job.emit({"type": "queued", "queue_position": job.queue_position})
                 self._cond.notify_all()
         except JobError:
             self.table.discard(job)
             raise
         self._hook("job_queued", {"job": job})
-        job.emit({"type": "queued", "queue_position": job.queue_position})
         self._kick_loads()
         return job
 
@@ -334,13 +335,14 @@ class Scheduler:
                 if not batch:
                     continue
                 images = sum(job.n for job in batch)
-                started = []
+                # Recorded on the slot first: drain and cancel find the jobs from the moment they are running.
+                now = self._clock()
+                slot.batch, slot.busy_since, slot.last_progress = batch, now, now
                 for job in batch:
                     del self._pending[job.id]
-                    if job.transition(JobStatus.RUNNING, batch_size=images, device=engine.device):
-                        started.append(job)
-                now = self._clock()
-                slot.batch, slot.busy_since, slot.last_progress = started, now, now
+                    job.transition(JobStatus.RUNNING, batch_size=images, device=engine.device)
+                started = [job for job in batch if job.status is JobStatus.RUNNING]
+                slot.batch = started
                 self._update_positions()
                 self._hook("batch_taken", {"jobs": started, "slot": slot.name})
                 return model, started
