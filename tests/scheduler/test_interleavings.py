@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import threading
 from types import SimpleNamespace
 from typing import Any
 
@@ -45,6 +46,7 @@ class Run:
         self.waiters: list[asyncio.Task[bool]] = []
         self.disconnects: list[asyncio.Future[None]] = []
         self.readers: list[asyncio.Task[list[str]]] = []
+        self.admin: list[threading.Thread] = []
 
     # --- operations ------------------------------------------------------------------------------
     def submit(self) -> None:
@@ -108,13 +110,17 @@ class Run:
         if live:
             self.rng.choice(live).set_result(None)
 
-    def unload(self) -> None:
-        self.scheduler.unload(self.rng.choice(MODELS).key)
+    def unload(self) -> None:  # waits for the batches using the model: in a thread, while the run goes on
+        key = self.rng.choice(MODELS).key
+        self._in_thread(lambda: self.scheduler.unload(key))
 
     def release(self) -> None:
-        for engine in self.engines:
-            engine.release(set())
-        self.scheduler.unload_done()
+        self._in_thread(lambda: self.scheduler.release(set()))
+
+    def _in_thread(self, target: Any) -> None:
+        thread = threading.Thread(target=target, daemon=True)
+        thread.start()
+        self.admin.append(thread)
 
     # --- the end ---------------------------------------------------------------------------------
     async def finish(self) -> None:
@@ -130,6 +136,9 @@ class Run:
                 break
             await asyncio.get_running_loop().run_in_executor(None, self._wait_any_job)
         assert all(job.finished for job in self.jobs), [job.status for job in self.jobs if not job.finished]
+        for thread in self.admin:  # every unload and release returned
+            thread.join(BOUND)
+            assert not thread.is_alive()
         for gone in self.disconnects:
             if not gone.done():
                 gone.set_result(None)
