@@ -154,12 +154,13 @@ class LocalCatalog:
                 close()
 
     def readiness_problems(self) -> list[str]:
+        """Start-up gates readiness (load and warm-up). Afterwards a model that is not resident is no reason:
+        an admin who unloads or releases the served model asked for its memory back, and the next request
+        that needs it loads it, so a ready-only load balancer never strands the server (docs/reliability.md)."""
         if self.startup_error:
             return [f"start-up failed: {without_paths(self.startup_error)}"]
         if not self._startup_done.is_set():
             return ["loading and warming up the default model"]
-        if not self.scheduler.is_loaded(self.names.active_key):
-            return [f"model {self.names.active_key} is not loaded"]
         return []
 
     def warmup(self, spec: ModelSpec) -> None:
