@@ -36,6 +36,7 @@ class Gate:
         self._open.clear()
 
     def open(self) -> None:
+        self.closed = False
         self._open.set()
 
     def pass_through(self) -> None:
@@ -53,7 +54,8 @@ class FakeModel:
 
 class GatedEngine:
     """The engine inside the worker: ``get`` (before the call's requests exist) and the text encoding
-    (before the first step) can be held; each step checks the cancel flags, then reports progress."""
+    (before the first step) can be held; each step checks the cancel flags, then reports progress, and a
+    call cancelled by its last step ends cancelled (as :class:`~fluxserve.engine.engine.DeviceEngine`)."""
 
     device = "fake:0"
 
@@ -81,6 +83,8 @@ class GatedEngine:
             for request in requests:
                 if request.on_progress is not None:
                     request.on_progress(step + 1, params.steps, None)
+        if all(r.is_cancelled() for r in requests):  # as the real engine: cancelled during the last step
+            raise GenerationCancelled("cancelled during denoising")
         return [ImageResult(images=[], seeds=list(r.seeds), params=params, timings={}, batch_size=1) for r in requests]
 
 
@@ -99,6 +103,8 @@ class Parent:
         self.conn, child = multiprocessing.Pipe(duplex=True)
         self.follower_conns = [multiprocessing.Pipe(duplex=True) for _ in range(followers)]
         self.mirrored: list[str] = []
+        self.answered = threading.Semaphore(0)
+        """Released once per answer a follower sent."""
         self.worker = _Worker(engine, child, [mine for mine, _theirs in self.follower_conns])
         self._ids = iter(range(1000, 100000))
         self._unread: dict[int, list[tuple[str, Any]]] = {}
@@ -118,6 +124,11 @@ class Parent:
                 return
             self.mirrored.append(verb)
             conn.send(("ok", None))
+            self.answered.release()
+
+    def unread_follower_answers(self) -> bool:
+        """Whether rank 0 left a follower's answer in its pipe (call after every answer was sent)."""
+        return any(conn.poll(0) for conn in self.worker.followers)
 
     def send(self, message: Any) -> None:
         self.conn.send(message)

@@ -336,3 +336,20 @@ def test_messages_for_a_call_that_ended_leave_nothing_behind() -> None:
     parent.round_trip()
     assert 1 not in parent.worker.calls
     parent.close()
+
+
+def test_a_cancelled_call_in_a_split_group_leaves_no_answer_of_the_other_ranks_behind() -> None:
+    """Rank 0 read the other ranks' answers only after a call that succeeded: after a cancelled generation
+    each rank's answer stayed in its pipe, and the next call took it for its own."""
+    engine = GatedEngine()
+    parent = Parent(engine, followers=1)
+    parent.start()
+    parent.send((1, "generate", ("m", params(5), [wire("a")])))
+    kind, payload = parent.recv(1)
+    assert kind == "progress"
+    parent.send((1, "ack", (payload[0], [True])))
+    kind, payload = parent.recv(1)
+    assert (kind, payload[0]) == ("error", "GenerationCancelled")
+    assert parent.answered.acquire(timeout=20)  # the other rank has answered the mirrored call
+    assert parent.mirrored == ["generate"] and not parent.unread_follower_answers()
+    parent.close()

@@ -449,14 +449,28 @@ class _Worker:
                 self.refuse_if_cancelled(call_id, verb)  # after the wait for the group, before any rank starts
                 for follower in self.followers:  # the other ranks run the same call, in the same order
                     follower.send((verb, _mirror_args(verb, args)))
-                value = self.run_local(call_id, verb, args)
-                for rank, follower in enumerate(self.followers, start=1):
-                    kind, detail = follower.recv()
-                    if kind == "error":
-                        raise WorkerError(f"rank {rank} of the split group: {detail}")
+                try:
+                    value = self.run_local(call_id, verb, args)
+                except GenerationCancelled:
+                    # Every rank stopped at the same step (the flags are agreed per step) and answered: read
+                    # those answers now, or the next call would take them for its own.
+                    self.collect_followers()
+                    raise
+                failures = self.collect_followers()
+                if failures:
+                    raise WorkerError(failures[0])
                 return value
         self.refuse_if_cancelled(call_id, verb)
         return self.run_local(call_id, verb, args)
+
+    def collect_followers(self) -> list[str]:
+        """Every other rank's answer to the mirrored call; what the failed ones said."""
+        failures = []
+        for rank, follower in enumerate(self.followers, start=1):
+            kind, detail = follower.recv()
+            if kind == "error":
+                failures.append(f"rank {rank} of the split group: {detail}")
+        return failures
 
     def refuse_if_cancelled(self, call_id: int, verb: str) -> None:
         """A generation whose every request was cancelled before it started does not start."""
