@@ -212,6 +212,8 @@ class Run:
                 return
 
     def check(self) -> None:
+        for job in self.jobs:  # a job is done a moment before its listeners (the table's too) hear of it
+            assert job.wait_delivered(BOUND)
         assert self.scheduler.readiness_problems() == []  # no worker died
         assert all(slot.crashes == 0 for slot in self.scheduler._slots)
         for job in self.jobs:

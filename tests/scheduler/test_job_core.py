@@ -386,7 +386,7 @@ def test_finished_jobs_without_results_leave_the_table_at_once(make_scheduler: A
         scheduler.cancel(j.id)
     running.run_free()  # the running one stops at its next step
     for j in jobs:
-        assert ended(j) in FINISHED
+        assert ended(j) in FINISHED and j.wait_delivered(BOUND)  # the table hears of the end right after it
     assert len(scheduler.table) == 0
     stone = scheduler.table.tombstone(jobs[-1].id, None)
     assert stone is not None and stone.summary["status"] == "cancelled" and "prompt" not in stone.summary

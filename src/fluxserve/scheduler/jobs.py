@@ -143,6 +143,8 @@ class Job:
     _outbox: deque[tuple[dict[str, Any], list[Listener]]] = field(default_factory=deque)
     """Events not delivered yet, each with the listeners registered when it happened (see the module doc)."""
     _delivering: bool = False
+    _delivered: threading.Event = field(default_factory=threading.Event)
+    """Set once the terminal event has reached every listener it was for."""
 
     # --- state -------------------------------------------------------------------------------------
     @property
@@ -252,6 +254,8 @@ class Job:
                         listener(event)
                     except Exception:  # a listener's bug is its own: the job and the other listeners carry on
                         log.exception("a listener of job %s failed on its %r event", self.id, event.get("type"))
+                if event["type"] in TERMINAL_EVENTS:
+                    self._delivered.set()
         except BaseException:  # interpreter exit, KeyboardInterrupt: let the next emit deliver
             with self._lock:
                 self._delivering = False
@@ -296,6 +300,11 @@ class Job:
     def wait(self, timeout: float | None = None) -> bool:
         """Blocking wait for the end (threads only: the CLI, Ray replica helpers)."""
         return self._done.wait(timeout)
+
+    def wait_delivered(self, timeout: float | None = None) -> bool:
+        """Blocking wait until the terminal event has reached every listener (the job is done a moment
+        before: :meth:`wait` returns then). Threads only."""
+        return self._delivered.wait(timeout)
 
     def summary(self) -> dict[str, Any]:
         """Status for GET /v1/images/jobs/{id} (without the images)."""
