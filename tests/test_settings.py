@@ -116,7 +116,7 @@ def test_fp8_without_compile_warns_with_the_measured_cost() -> None:
     from fluxserve.engine.memory import check_memory_modes
     from fluxserve.settings import Settings
 
-    warnings = check_memory_modes(Settings(quantize="fp8", _env_file=None), select_device_dtype("cpu"))
+    warnings = check_memory_modes(Settings(quantize="fp8", _env_file=None).engine, select_device_dtype("cpu"))
     assert any("slower than bf16" in w and "FLUX_COMPILE=regional" in w for w in warnings)
 
 

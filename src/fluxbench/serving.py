@@ -954,7 +954,7 @@ def _prepare_family_model(key: str, device: str, work: Path, timings: dict[str, 
         from fluxserve.engine.tiny import ensure_tiny_model
         from fluxserve.settings import load_settings
 
-        path = ensure_tiny_model(tiny_model_dir(load_settings(cache_dir=str(work / "cache")), spec), spec.tiny)
+        path = ensure_tiny_model(tiny_model_dir(load_settings(cache_dir=str(work / "cache")).engine, spec), spec.tiny)
         pipe = cls.from_pretrained(path, torch_dtype=torch.float32)
         pipe.set_progress_bar_config(disable=True)
         return key, pipe.to(device), path
@@ -984,7 +984,7 @@ def _prepare_model(variant: str, device: str, work: Path, timings: dict[str, flo
         from fluxserve.settings import load_settings
 
         spec = resolve_model("tiny-flux")
-        path = ensure_tiny_model(tiny_model_dir(load_settings(cache_dir=str(work / "cache")), spec), "flux")
+        path = ensure_tiny_model(tiny_model_dir(load_settings(cache_dir=str(work / "cache")).engine, spec), "flux")
         pipe = FluxPipeline.from_pretrained(path, torch_dtype=torch.float32)
         pipe.set_progress_bar_config(disable=True)
         return "tiny-flux", pipe.to(device), path

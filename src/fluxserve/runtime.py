@@ -209,32 +209,33 @@ def _local_backend(settings: Settings, probe: BackendProbe | None, engines: Sequ
     from fluxserve.engine.memory import check_memory_modes
     from fluxserve.engine.optimize import check_attention_backend
 
+    engine = settings.engine  # what every engine gets (worker processes receive it across their pipe)
     devices = settings.devices or [settings.device]
     split = _check_parallel(settings, devices) if settings.parallel.strip().lower() not in ("", "off") else None
     plans = [select_device_dtype(device, settings.dtype, settings.generator_device, probe) for device in devices]
     for plan in plans:  # a memory mode that cannot work here stops start-up, naming FLUX_OFFLOAD etc.
-        for warning in check_memory_modes(settings, plan):
+        for warning in check_memory_modes(engine, plan):
             log.warning(warning)
-        check_attention_backend(settings, plan)  # likewise an attention kernel that is not installed
+        check_attention_backend(engine, plan)  # likewise an attention kernel that is not installed
     if any(plan.backend == "cpu" for plan in plans):
         _leave_a_core_for_the_server()
     if engines is None and split is not None:  # FLUX_PARALLEL: one engine per group of GPUs
         from fluxserve.engine.workers import ProcessEngine
 
         by_device = dict(zip(devices, plans, strict=True))
-        engines = [ProcessEngine(settings, by_device[group[0]], group=[by_device[d] for d in group], split=split)
+        engines = [ProcessEngine(engine, by_device[group[0]], group=[by_device[d] for d in group], split=split)
                    for group in split.groups(devices)]
         plans = [by_device[group[0]] for group in split.groups(devices)]
     if engines is None and settings.worker_processes:
         from fluxserve.engine.workers import ProcessEngine, cpu_threads_per_worker
 
         cpu_workers = sum(1 for plan in plans if plan.backend == "cpu")
-        engines = [ProcessEngine(settings, plan, torch_threads=cpu_threads_per_worker(cpu_workers)
+        engines = [ProcessEngine(engine, plan, torch_threads=cpu_threads_per_worker(cpu_workers)
                                  if plan.backend == "cpu" else None) for plan in plans]
     if engines is None:
         faults = FaultInjector(settings.fault_injection, settings.faults)
-        engines = [DeviceEngine(settings, plan, faults) for plan in plans]
-    scheduler = Scheduler(settings, engines, hook=hook)
+        engines = [DeviceEngine(engine, plan, faults) for plan in plans]
+    scheduler = Scheduler(settings.scheduler, engines, hook=hook)
     return LocalCatalog(settings, plans, engines, scheduler, metrics), scheduler
 
 

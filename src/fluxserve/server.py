@@ -57,6 +57,7 @@ from uvicorn.server import HANDLED_SIGNALS
 from fluxserve.api.app import create_app
 from fluxserve.api.errors import error_body, error_message_parts
 from fluxserve.api.middleware import PROBE_PATHS
+from fluxserve.config import HttpConfig
 from fluxserve.runtime import Runtime
 from fluxserve.settings import Settings, SettingsError
 
@@ -83,7 +84,7 @@ class ConnectionLimits:
     linger_bytes: int
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> ConnectionLimits:
+    def from_settings(cls, settings: HttpConfig) -> ConnectionLimits:
         return cls(settings.max_header_bytes, settings.header_timeout, settings.max_connections,
                    linger_bytes=max(settings.max_body_bytes, LINGER_BYTES))
 
@@ -272,7 +273,7 @@ class GuardedH11Protocol(H11Protocol):
         super().connection_lost(exc)
 
 
-def guarded_protocol(settings: Settings) -> type[GuardedH11Protocol]:
+def guarded_protocol(settings: HttpConfig) -> type[GuardedH11Protocol]:
     """The protocol class uvicorn instantiates per connection, with this server's limits."""
     return type("FluxHTTPProtocol", (GuardedH11Protocol,), {"limits": ConnectionLimits.from_settings(settings)})
 
@@ -394,7 +395,7 @@ def _check_auth_settings(settings: Settings) -> None:
                     "(set FLUX_API_KEYS or FLUX_API_KEYS_FILE)", settings.host)
 
 
-def http_limits(settings: Settings) -> dict[str, Any]:
+def http_limits(settings: HttpConfig) -> dict[str, Any]:
     """uvicorn.Config arguments that bound each connection (see the module docstring)."""
     return {"http": guarded_protocol(settings), "h11_max_incomplete_event_size": settings.max_header_bytes,
             "timeout_keep_alive": settings.keep_alive_timeout, "ws": "none"}
@@ -406,7 +407,7 @@ def serve(settings: Settings) -> int:
     app = create_app(settings, runtime)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None,
                             timeout_graceful_shutdown=RESPONSE_GRACE,
-                            access_log=False, proxy_headers=False, **http_limits(settings))
+                            access_log=False, proxy_headers=False, **http_limits(settings.http))
     server = GracefulServer(config, runtime)
     server.run()
     log.info("exited cleanly", extra={"ctx": {"cancelled_jobs": server.cancelled_jobs}})

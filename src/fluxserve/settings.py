@@ -11,13 +11,28 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import os
+from collections.abc import Mapping
+from functools import cached_property
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from fluxserve.config import (
+    SECTIONS,
+    DistributedConfig,
+    EngineConfig,
+    HttpConfig,
+    ObservabilityConfig,
+    SchedulerConfig,
+    StorageConfig,
+    WebhooksConfig,
+    lora_library_dir,
+    read_api_keys,
+)
 from fluxserve.models.aliases import OPENAI_IMAGE_MODELS, parse_model_aliases
 
 ENV_PREFIX = "FLUX_"
@@ -55,6 +70,7 @@ def redact_dsn(dsn: str) -> str:
 
 
 CsvList = Annotated[list[str], NoDecode]
+SectionT = TypeVar("SectionT")
 
 
 class SettingsError(ValueError):
@@ -578,14 +594,58 @@ class Settings(BaseSettings):
             raise ValueError("FLUX_MAX_STREAMS_PER_CLIENT must be ≤ FLUX_MAX_CONNECTIONS_PER_CLIENT")
         return self
 
+    # --- sections: what each layer reads (fluxserve.config) -----------------------------------------
+    def _section(self, section: type[SectionT]) -> SectionT:
+        """``section`` filled from the fields of the same names (lists become tuples: sections are frozen)."""
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(section)}  # type: ignore[arg-type]
+        return section(**{name: tuple(v) if isinstance(v, list) else v for name, v in values.items()})
+
+    @cached_property
+    def http(self) -> HttpConfig:
+        """The HTTP layer's section: keys, CORS, connection and body budgets, request limits."""
+        return self._section(HttpConfig)
+
+    @cached_property
+    def scheduler(self) -> SchedulerConfig:
+        """The job queue's section: queue bounds, batching, timeouts, results' budget."""
+        return self._section(SchedulerConfig)
+
+    @cached_property
+    def engine(self) -> EngineConfig:
+        """The engine's section: device, precision, memory modes, optimizations (sent to worker processes)."""
+        return self._section(EngineConfig)
+
+    @cached_property
+    def storage(self) -> StorageConfig:
+        """The storage layer's section: outputs, url files, job and result stores."""
+        return self._section(StorageConfig)
+
+    @cached_property
+    def webhooks(self) -> WebhooksConfig:
+        """The webhook deliveries' section."""
+        return self._section(WebhooksConfig)
+
+    @cached_property
+    def observability(self) -> ObservabilityConfig:
+        """Logging and metrics."""
+        return self._section(ObservabilityConfig)
+
+    @cached_property
+    def distributed(self) -> DistributedConfig:
+        """The Ray Serve layer's section."""
+        return self._section(DistributedConfig)
+
+    def model_copy(self, *, update: Mapping[str, Any] | None = None, deep: bool = False) -> Settings:
+        """A copy with ``update`` applied; its sections are built anew from its own fields."""
+        copied = super().model_copy(update=update, deep=deep)
+        for name in SECTIONS:
+            copied.__dict__.pop(name, None)  # a section cached on the original describes the original
+        return copied
+
     # --- helpers -------------------------------------------------------------------------------
     def all_api_keys(self) -> list[str]:
         """Keys from FLUX_API_KEYS, FLUX_API_KEYS_FILE and FLUX_ADMIN_KEYS together."""
-        keys = list(self.api_keys)
-        if self.api_keys_file is not None:
-            text = self.api_keys_file.read_text(encoding="utf-8")
-            keys += [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
-        return keys + [key for key in self.admin_keys if key not in keys]
+        return read_api_keys(self.api_keys, self.api_keys_file, self.admin_keys)
 
     def redacted(self) -> dict[str, Any]:
         """Settings as a dict that is safe to log or to show in /v1/models."""
@@ -601,7 +661,7 @@ class Settings(BaseSettings):
     @property
     def lora_library_dir(self) -> Path:
         """Where the LoRA library lives (FLUX_LORA_DIR, default ``FLUX_CACHE_DIR/loras``)."""
-        return self.lora_dir if self.lora_dir is not None else self.cache_dir / "loras"
+        return lora_library_dir(self.lora_dir, self.cache_dir)
 
     def hf_token_value(self) -> str | None:
         return self.hf_token.get_secret_value() if self.hf_token else None

@@ -240,7 +240,7 @@ def test_batching_key_holds_identical_inputs_together(cache_dir: Path) -> None:
     from fluxserve.settings import Settings
 
     settings = Settings(model="tiny-flux", cache_dir=cache_dir, device="cpu", _env_file=None)  # type: ignore[call-arg]
-    edits = EditService(ImageService(Runtime(settings)))
+    edits = EditService(ImageService(Runtime(settings), settings.http))
     body = ImageEditRequest(prompt="a", num_inference_steps=2)
     a, b = png(photo(seed=1)), png(photo(seed=2))
 

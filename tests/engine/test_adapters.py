@@ -4,6 +4,7 @@ key of text-encoder adapters, the LRU, and two concurrent views with different a
 from __future__ import annotations
 
 import threading
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +62,7 @@ def make_engine(cache_dir: Path, lora_dir: Path, **overrides: Any) -> DeviceEngi
     values: dict[str, Any] = {"model": "tiny-flux", **overrides}
     settings = Settings(cache_dir=cache_dir, device="cpu", lora_dir=lora_dir, _env_file=None,  # type: ignore[call-arg]
                         **values)
-    return DeviceEngine(settings, CPU)
+    return DeviceEngine(settings.engine, CPU)
 
 
 @pytest.fixture(scope="module")
@@ -235,10 +236,10 @@ def test_serving_tiny_flux_writes_its_demo_adapter(cache_dir: Path, tmp_path: Pa
 def test_fp8_models_take_no_adapters(cache_dir: Path, lora_dir: Path) -> None:
     settings = Settings(model="tiny-flux", cache_dir=cache_dir, device="cpu", lora_dir=lora_dir,  # type: ignore[call-arg]
                         _env_file=None)
-    model = load_model(BUILTIN_MODELS["tiny-flux"], CPU, settings)
+    model = load_model(BUILTIN_MODELS["tiny-flux"], CPU, settings.engine)
     from fluxserve.engine.loading import _adapter_state
 
-    state, reason = _adapter_state(model.primary, settings.model_copy(update={"quantize": "fp8"}))
+    state, reason = _adapter_state(model.primary, replace(settings.engine, quantize="fp8"))
     assert state is None and reason is not None and "FLUX_QUANTIZE=fp8" in reason
 
 

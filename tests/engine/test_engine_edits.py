@@ -25,13 +25,13 @@ CPU = DevicePlan("cpu", "float32", "float32", "cpu")
 @pytest.fixture(scope="module")
 def model(cache_dir: Path) -> LoadedModel:
     settings = Settings(model="tiny-flux", cache_dir=cache_dir, device="cpu", _env_file=None)  # type: ignore[call-arg]
-    return load_model(BUILTIN_MODELS["tiny-flux"], CPU, settings)
+    return load_model(BUILTIN_MODELS["tiny-flux"], CPU, settings.engine)
 
 
 def engine(cache_dir: Path, faults: str = "") -> DeviceEngine:
     settings = Settings(model="tiny-flux", cache_dir=cache_dir, device="cpu", fault_injection=True,  # type: ignore[call-arg]
                         min_size=32, _env_file=None)
-    return DeviceEngine(settings, CPU, FaultInjector(True, faults))
+    return DeviceEngine(settings.engine, CPU, FaultInjector(True, faults))
 
 
 def photo(size: int = 64) -> np.ndarray:

@@ -64,7 +64,7 @@ def engine(cache_dir: Path) -> DeviceEngine:
     from fluxserve.settings import Settings
 
     settings = Settings(cache_dir=cache_dir, device="cpu", _env_file=None)  # type: ignore[call-arg]
-    return DeviceEngine(settings, select_device_dtype("cpu"))
+    return DeviceEngine(settings.engine, select_device_dtype("cpu"))
 
 
 @pytest.mark.parametrize("key", TINY_KEYS)
@@ -232,7 +232,7 @@ def test_fuse_qkv_is_not_reported_where_the_family_cannot_fuse(make_settings: An
     for key in ("tiny-qwen", "tiny-klein"):
         spec = resolve_model(key)
         pipe = runner_for(spec.family).tiny_pipeline()
-        applied = apply_optimizations(pipe, make_settings(fuse_qkv=True), plan, FAMILIES[spec.family])
+        applied = apply_optimizations(pipe, make_settings(fuse_qkv=True).engine, plan, FAMILIES[spec.family])
         assert ("fuse_qkv" in applied) == FAMILIES[spec.family].optimizations.fused_qkv
 
 

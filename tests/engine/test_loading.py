@@ -68,10 +68,10 @@ def test_weights_load_straight_onto_the_gpu_only_when_the_whole_pipeline_lives_t
     def plan(device: str) -> DevicePlan:
         return DevicePlan(device, "bfloat16", "bfloat16", "cpu")
 
-    settings = make_settings()
+    settings = make_settings().engine
     assert direct_placement(plan("cuda:0"), settings) == "cuda"
     assert direct_placement(plan("cuda:1"), settings) == "cuda"  # made the current device while loading
-    assert direct_placement(plan("cuda:0"), make_settings(offload="model")) is None
-    assert direct_placement(plan("cuda:0"), make_settings(offload="sequential")) is None
+    assert direct_placement(plan("cuda:0"), make_settings(offload="model").engine) is None
+    assert direct_placement(plan("cuda:0"), make_settings(offload="sequential").engine) is None
     assert direct_placement(plan("mps"), settings) is None
     assert direct_placement(plan("cpu"), settings) is None

@@ -194,14 +194,14 @@ def test_offload_modes_on_cpu(make_settings: Callable[..., Any]) -> None:
     """model offload works on the CPU but saves nothing (a warning); sequential fails in diffusers at the first
     generation, so it is refused at start-up naming FLUX_OFFLOAD."""
     cpu = select_device_dtype("cpu")
-    assert check_memory_modes(make_settings(), cpu) == []
-    warnings = check_memory_modes(make_settings(offload="model"), cpu)
+    assert check_memory_modes(make_settings().engine, cpu) == []
+    warnings = check_memory_modes(make_settings(offload="model").engine, cpu)
     assert len(warnings) == 1 and "FLUX_OFFLOAD=model" in warnings[0]
     with pytest.raises(MemoryModeError, match="FLUX_OFFLOAD=sequential"):
-        check_memory_modes(make_settings(offload="sequential"), cpu)
+        check_memory_modes(make_settings(offload="sequential").engine, cpu)
     # On CUDA (simulated plan) both offload modes pass the check.
     for mode in ("model", "sequential"):
-        assert check_memory_modes(make_settings(offload=mode), CUDA) == []
+        assert check_memory_modes(make_settings(offload=mode).engine, CUDA) == []
 
 
 @pytest.mark.parametrize(("overrides", "plan", "names"), [
@@ -213,7 +213,7 @@ def test_offload_modes_on_cpu(make_settings: Callable[..., Any]) -> None:
 def test_conflicting_memory_modes_are_refused(make_settings: Callable[..., Any], overrides: dict[str, Any],
                                               plan: DevicePlan, names: tuple[str, ...]) -> None:
     with pytest.raises(MemoryModeError) as info:
-        check_memory_modes(make_settings(**overrides), plan)
+        check_memory_modes(make_settings(**overrides).engine, plan)
     assert all(name in str(info.value) for name in names)
 
 
@@ -300,10 +300,10 @@ def test_every_memory_mode_on_cuda_generates_and_offload_frees_the_device(cache_
         base = torch.cuda.memory_allocated()
         settings = Settings(model="tiny-flux", cache_dir=cache_dir, device="cuda:0", _env_file=None,  # type: ignore[call-arg]
                             **overrides)
-        assert check_memory_modes(settings, plan) == []
-        model = load_model(BUILTIN_MODELS["tiny-flux"], plan, settings)
+        assert check_memory_modes(settings.engine, plan) == []
+        model = load_model(BUILTIN_MODELS["tiny-flux"], plan, settings.engine)
         resident = torch.cuda.memory_allocated() - base
-        engine = DeviceEngine(settings, plan)
+        engine = DeviceEngine(settings.engine, plan)
         for size, n in ((256, 1), (1024, 2)):
             p = GenerationParams("tiny-flux", size, size, 4, 0.0, 256)
             engine.generate(model, p, [ImageRequest("a", list(range(n)))])  # warm

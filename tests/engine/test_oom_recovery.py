@@ -40,7 +40,7 @@ MPS = DevicePlan("mps", "float16", "float32", "cpu")  # simulated
 @pytest.fixture(scope="module")
 def model(cache_dir: Path) -> LoadedModel:
     settings = Settings(model="tiny-flux", cache_dir=cache_dir, device="cpu", _env_file=None)  # type: ignore[call-arg]
-    return load_model(BUILTIN_MODELS["tiny-flux"], CPU, settings)
+    return load_model(BUILTIN_MODELS["tiny-flux"], CPU, settings.engine)
 
 
 @pytest.fixture
@@ -50,7 +50,7 @@ def make_engine(cache_dir: Path) -> Iterator[Any]:
         values: dict[str, Any] = {"min_size": 32, **overrides}
         settings = Settings(model="tiny-flux", cache_dir=cache_dir, device="cpu", fault_injection=True,  # type: ignore[call-arg]
                             _env_file=None, **values)
-        return DeviceEngine(settings, plan, FaultInjector(True, faults))
+        return DeviceEngine(settings.engine, plan, FaultInjector(True, faults))
 
     yield make
 
@@ -386,8 +386,8 @@ def test_real_cuda_oom_is_recovered_and_offload_is_undone(cache_dir: Path) -> No
     plan = select_device_dtype("cuda:0")
     settings = Settings(model="tiny-flux", cache_dir=cache_dir, device="cuda:0", fault_injection=True,  # type: ignore[call-arg]
                         _env_file=None)
-    model = load_model(BUILTIN_MODELS["tiny-flux"], plan, settings)
-    engine = DeviceEngine(settings, plan, FaultInjector(True))
+    model = load_model(BUILTIN_MODELS["tiny-flux"], plan, settings.engine)
+    engine = DeviceEngine(settings.engine, plan, FaultInjector(True))
     peaks = {}
     for size in (1024, 768):
         empty_cache("cuda")
@@ -408,7 +408,7 @@ def test_real_cuda_oom_is_recovered_and_offload_is_undone(cache_dir: Path) -> No
     assert engine.oom_events[0] == "cuda_oom"
 
     engine = DeviceEngine(Settings(model="tiny-flux", cache_dir=cache_dir, device="cuda:0",  # type: ignore[call-arg]
-                                   fault_injection=True, oom_policy=["offload"], _env_file=None),
+                                   fault_injection=True, oom_policy=["offload"], _env_file=None).engine,
                           plan, FaultInjector(True, "oom@denoise:1"))
     result = run(engine, model, params(256))
     assert result.fallback_reason == "cuda_oom: retried after model CPU offload"

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
 
+from fluxserve.config import EngineConfig
 from fluxserve.engine.device import BackendProbe, select_device_dtype
 from fluxserve.engine.optimize import (
     Float8RowwiseLinear,
@@ -42,8 +44,8 @@ def _run(pipe: Any, steps: int = 2) -> np.ndarray:
                     generator=torch.Generator("cpu").manual_seed(0)).images
 
 
-def _settings(tmp_path: Any, **kwargs: Any) -> Settings:
-    return Settings(cache_dir=tmp_path, **kwargs)
+def _settings(tmp_path: Any, **kwargs: Any) -> EngineConfig:
+    return Settings(cache_dir=tmp_path, **kwargs).engine
 
 
 def test_defaults_are_a_no_op(tmp_path: Any) -> None:
@@ -124,13 +126,13 @@ def test_fp8_with_offload_refused(tmp_path: Any, monkeypatch: pytest.MonkeyPatch
     monkeypatch.setattr("fluxserve.engine.optimize._cuda_capability", lambda _plan: (9, 0))
     with pytest.raises(OptimizationError, match="FLUX_OFFLOAD=model"):
         # Settings itself refuses this pair; the engine check is a second line for settings built otherwise
-        settings = _settings(tmp_path, quantize="fp8").model_copy(update={"offload": "model"})
+        settings = replace(_settings(tmp_path, quantize="fp8"), offload="model")
         validate_optimizations(settings, plan)
 
 
 def test_compile_with_sequential_offload_refused(tmp_path: Any) -> None:
     with pytest.raises(OptimizationError, match="FLUX_COMPILE=regional"):
-        settings = _settings(tmp_path, compile="regional").model_copy(update={"offload": "sequential"})
+        settings = replace(_settings(tmp_path, compile="regional"), offload="sequential")
         validate_optimizations(settings, CPU)
 
 

@@ -43,7 +43,7 @@ def engine(cache_dir: Path) -> DeviceEngine:
     from fluxserve.settings import Settings
 
     settings = Settings(cache_dir=cache_dir, device="cpu", _env_file=None)  # type: ignore[call-arg]
-    return DeviceEngine(settings, select_device_dtype("cpu"))
+    return DeviceEngine(settings.engine, select_device_dtype("cpu"))
 
 
 @pytest.mark.parametrize("key", ["tiny-flux", "tiny-qwen"])

@@ -55,8 +55,8 @@ async def test_two_cpu_worker_processes_serve_the_api(app_factory: Callable[...,
 @pytest.fixture
 def scheduler(make_settings: Callable[..., Any]) -> Iterator[Scheduler]:
     settings = make_settings(worker_processes=True, max_batch=1, warmup_enable=False)
-    engine = ProcessEngine(settings, select_device_dtype("cpu"), torch_threads=1)
-    scheduler = Scheduler(settings, [engine])
+    engine = ProcessEngine(settings.engine, select_device_dtype("cpu"), torch_threads=1)
+    scheduler = Scheduler(settings.scheduler, [engine])
     scheduler.start()
     scheduler.ensure_loaded(resolve_model("tiny-flux"), wait=True, timeout=WAIT)
     yield scheduler
@@ -111,8 +111,8 @@ def test_a_release_while_a_batch_forms_fails_no_job(make_settings: Callable[...,
     settings = make_settings(worker_processes=True, max_batch=2, batch_wait_ms=1000, warmup_enable=False)
     forming = threading.Event()
     clock = [0.0]  # the scheduler's clock: the company wait ends when the test says so
-    engine = ProcessEngine(settings, select_device_dtype("cpu"), torch_threads=1)
-    scheduler = Scheduler(settings, [engine], clock=lambda: clock[0],
+    engine = ProcessEngine(settings.engine, select_device_dtype("cpu"), torch_threads=1)
+    scheduler = Scheduler(settings.scheduler, [engine], clock=lambda: clock[0],
                           hook=lambda name, _data: forming.set() if name == "batch_waiting" else None)
     catalog = LocalCatalog(settings, [engine.plan], [engine], scheduler, Metrics(settings.metrics_window))
     scheduler.start()
@@ -153,7 +153,7 @@ def test_cancel_crosses_the_process_boundary_within_one_step(scheduler: Schedule
 
 
 def test_progress_and_previews_cross_the_boundary(make_settings: Callable[..., Any]) -> None:
-    engine = ProcessEngine(make_settings(), select_device_dtype("cpu"), torch_threads=1)
+    engine = ProcessEngine(make_settings().engine, select_device_dtype("cpu"), torch_threads=1)
     try:
         model, loaded_now = engine.load(resolve_model("tiny-flux"))
         assert loaded_now and engine.get("tiny-flux") is model
@@ -183,7 +183,7 @@ def test_engine_errors_keep_their_type_across_the_boundary() -> None:
 
 def test_injected_failures_inside_the_worker_keep_their_meaning(make_settings: Callable[..., Any]) -> None:
     settings = make_settings(fault_injection=True, faults="error@encode:1,oom@denoise:2", oom_policy=["clear_cache"])
-    engine = ProcessEngine(settings, select_device_dtype("cpu"), torch_threads=1)
+    engine = ProcessEngine(settings.engine, select_device_dtype("cpu"), torch_threads=1)
     try:
         model, _ = engine.load(resolve_model("tiny-flux"))
         params = GenerationParams("tiny-flux", 64, 64, 1, 0.0, 32)
@@ -209,10 +209,10 @@ def test_a_split_group_runs_its_ranks_in_lockstep(make_settings: Callable[..., A
     cpu = select_device_dtype("cpu")
     spec = resolve_model("tiny-flux")
     params = GenerationParams(spec.key, 64, 64, 2, 0.0, 32)
-    alone = DeviceEngine(settings, cpu)
+    alone = DeviceEngine(settings.engine, cpu)
     expected = alone.generate(alone.load(spec)[0], params, [ImageRequest("a fox", [5])])[0].images[0]
 
-    engine = ProcessEngine(settings, cpu, torch_threads=1, group=[cpu, cpu], split=ParallelPlan("mirror", 2))
+    engine = ProcessEngine(settings.engine, cpu, torch_threads=1, group=[cpu, cpu], split=ParallelPlan("mirror", 2))
     try:
         assert engine.device == "cpu+cpu"
         model, _ = engine.load(spec)

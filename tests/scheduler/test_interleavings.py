@@ -70,8 +70,8 @@ class Run:
                 engine.load_failures.add(MODELS[1].key)
         self.now = [0.0]  # the scheduler's clock: a batch waiting for company waits until the run moves it
         self.forming: list[Job] = []
-        self.scheduler = Scheduler(self.settings, self.engines, hook=self._hook, clock=lambda: self.now[0])
-        self.service = ImageService(SimpleNamespace(settings=self.settings, scheduler=self.scheduler))  # type: ignore[arg-type]
+        self.scheduler = Scheduler(self.settings.scheduler, self.engines, hook=self._hook, clock=lambda: self.now[0])
+        self.service = ImageService(SimpleNamespace(scheduler=self.scheduler), self.settings.http)  # type: ignore[arg-type]
         self.jobs: list[Job] = []
         self.seen: dict[str, list[str]] = {}
         """Job id → the event types its first listener (registered before submit) saw."""

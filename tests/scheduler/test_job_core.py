@@ -76,7 +76,7 @@ def make_scheduler() -> Iterator[Callable[..., tuple[Scheduler, FakeEngine, Hook
             for key in preload:
                 fake.models[key] = FakeModel(resolve_model(key))
         hooks = Hooks()
-        scheduler = Scheduler(settings(**overrides), fakes, hook=hooks)
+        scheduler = Scheduler(settings(**overrides).scheduler, fakes, hook=hooks)
         scheduler.start()
         made.append(scheduler)
         return scheduler, fakes[0], hooks

@@ -51,7 +51,7 @@ async def test_batching_off_with_max_batch_1(app_factory: Callable[..., Any]) ->
 
 
 def test_concurrent_loads_of_one_model_load_it_once(make_settings: Callable[..., Any]) -> None:
-    engine = DeviceEngine(make_settings(), select_device_dtype("cpu"))
+    engine = DeviceEngine(make_settings().engine, select_device_dtype("cpu"))
     spec = resolve_model("tiny-flux")
     results: list[Any] = []
     threads = [threading.Thread(target=lambda: results.append(engine.load(spec))) for _ in range(4)]
@@ -64,7 +64,7 @@ def test_concurrent_loads_of_one_model_load_it_once(make_settings: Callable[...,
 
 
 def test_model_lock_wait_times_out_clearly(make_settings: Callable[..., Any]) -> None:
-    engine = DeviceEngine(make_settings(model_lock_timeout=0.05), select_device_dtype("cpu"))
+    engine = DeviceEngine(make_settings(model_lock_timeout=0.05).engine, select_device_dtype("cpu"))
     spec = resolve_model("tiny-qwen")
     engine.load(resolve_model("tiny-flux"))  # creates the lock table
     lock = engine.store._load_locks.setdefault(spec.key, threading.Lock())

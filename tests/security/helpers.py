@@ -41,7 +41,7 @@ def serve_in_thread(settings: Any, app: Any = None) -> Iterator[tuple[int, Any]]
 
     app = app if app is not None else create_app(settings, manage_runtime=False)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_config=None, access_log=False,
-                                           lifespan="off", **http_limits(settings)))
+                                           lifespan="off", **http_limits(settings.http)))
     started = threading.Event()
     original = server.startup
 

@@ -105,7 +105,7 @@ def test_remote_code_off_unless_enabled(make_settings: Callable[..., Any], monke
     seen = _capture_from_pretrained(monkeypatch)
     settings = make_settings(**({"trust_remote_code": True} if trust else {}))
     with pytest.raises(ModelLoadError):
-        load_model(BUILTIN_MODELS["tiny-flux"], select_device_dtype("cpu", "auto", "auto"), settings)
+        load_model(BUILTIN_MODELS["tiny-flux"], select_device_dtype("cpu", "auto", "auto"), settings.engine)
     assert seen["trust_remote_code"] is trust
     assert seen.get("use_safetensors") is not False  # diffusers' default: safetensors whenever the repo has them
 

@@ -25,7 +25,7 @@ def job(job_id: str) -> NewJob:
 
 def test_the_default_store_is_one_file_under_the_state_dir(make_settings: Callable[..., Any], tmp_path: Path) -> None:
     settings = make_settings(state_dir=tmp_path / "state")
-    config = JobStoreConfig.from_settings(settings)
+    config = JobStoreConfig.from_settings(settings.storage)
     assert config.url == "sqlite" and config.limits.ttl == settings.job_ttl
     store = open_job_store(config)
     try:

@@ -100,9 +100,9 @@ def test_an_unreachable_object_store_is_reported_without_credentials(s3_bucket: 
 
 
 def test_config_comes_from_the_settings(make_settings: Callable[..., Any], tmp_path: Path) -> None:
-    local = ResultStoreConfig.from_settings(make_settings(state_dir=tmp_path))
+    local = ResultStoreConfig.from_settings(make_settings(state_dir=tmp_path).storage)
     assert local.kind == "local" and local.root == tmp_path / "results"
     s3 = ResultStoreConfig.from_settings(make_settings(result_store="s3", s3_bucket="b", s3_access_key_id="id",
-                                                       s3_secret_access_key="key", s3_presign_expiry=60))
+                                                       s3_secret_access_key="key", s3_presign_expiry=60).storage)
     assert (s3.kind, s3.bucket, s3.access_key_id, s3.secret_access_key, s3.presign_expiry) == ("s3", "b", "id",
                                                                                                 "key", 60)

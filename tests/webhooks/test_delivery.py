@@ -301,9 +301,10 @@ def test_the_backoff_doubles_up_to_its_cap() -> None:
 
 
 def test_webhooks_are_off_without_a_secret_or_allowed_hosts(make_settings: Callable[..., Any]) -> None:
-    assert WebhookConfig.from_settings(make_settings()) is None
-    assert WebhookConfig.from_settings(make_settings(webhook_secret=SECRET)) is None
-    on = WebhookConfig.from_settings(make_settings(webhook_secret=SECRET, webhook_allowed_hosts="Hooks.Example.com."))
+    assert WebhookConfig.from_settings(make_settings().webhooks) is None
+    assert WebhookConfig.from_settings(make_settings(webhook_secret=SECRET).webhooks) is None
+    on = WebhookConfig.from_settings(
+        make_settings(webhook_secret=SECRET, webhook_allowed_hosts="Hooks.Example.com.").webhooks)
     assert on is not None and on.allowed.names == frozenset({"hooks.example.com"})
     json.dumps(make_settings(webhook_secret=SECRET).redacted())  # the secret never shows
     assert make_settings(webhook_secret=SECRET).redacted()["webhook_secret"] == "***"

@@ -61,7 +61,8 @@ def create_app(settings: Settings, runtime: Runtime | None = None, *, manage_run
                     '`{"error": {"message", "type", "param", "code"}}`.',
     )
     app.state.runtime = runtime
-    app.state.images = ImageService(runtime)
+    app.state.http = runtime.settings.http  # the HTTP layer's section, as the routes and services read it
+    app.state.images = ImageService(runtime, app.state.http)
     app.state.edits = EditService(app.state.images)
     app.state.static_dir = STATIC_DIR
     install_error_handlers(app)
@@ -70,7 +71,8 @@ def create_app(settings: Settings, runtime: Runtime | None = None, *, manage_run
     app.include_router(edits.router)
     app.include_router(models.router)
     app.include_router(loras.router)
-    if settings.web_ui and STATIC_DIR.is_dir():
+    http = settings.http
+    if http.web_ui and STATIC_DIR.is_dir():
         app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
     # Outermost last: request context → CORS → header limits → body limit → upload guard (slow bodies,
@@ -79,23 +81,23 @@ def create_app(settings: Settings, runtime: Runtime | None = None, *, manage_run
     # for a key).
     edit_paths = ("/v1/images/edits", "/v1/images/edits/jobs", "/v1/images/variations")
     app.add_middleware(HeadMiddleware)
-    app.add_middleware(StrictJsonMiddleware, parse_threads=settings.json_parse_threads, parsed_paths=edit_paths,
-                       memory=BodyMemory(settings.body_memory_bytes))
-    app.add_middleware(RateLimitMiddleware, per_minute=settings.rate_limit_per_minute, burst=settings.rate_limit_burst)
-    app.add_middleware(ClientBudgetMiddleware, max_requests=settings.max_connections_per_client,
-                       max_streams=settings.max_streams_per_client)
-    app.add_middleware(ApiKeyMiddleware, keys=settings.all_api_keys(), protect_metrics=settings.metrics_require_auth,
-                       admin_keys=settings.admin_keys)
+    app.add_middleware(StrictJsonMiddleware, parse_threads=http.json_parse_threads, parsed_paths=edit_paths,
+                       memory=BodyMemory(http.body_memory_bytes))
+    app.add_middleware(RateLimitMiddleware, per_minute=http.rate_limit_per_minute, burst=http.rate_limit_burst)
+    app.add_middleware(ClientBudgetMiddleware, max_requests=http.max_connections_per_client,
+                       max_streams=http.max_streams_per_client)
+    app.add_middleware(ApiKeyMiddleware, keys=http.all_api_keys(), protect_metrics=http.metrics_require_auth,
+                       admin_keys=list(http.admin_keys))
     app.add_middleware(UploadGuardMiddleware, shutting_down=lambda: runtime.shutting_down,
-                       grace=settings.body_timeout, min_rate=settings.body_min_rate)
-    edit_limit = max(settings.max_body_bytes, settings.max_edit_body_bytes)
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes,
+                       grace=http.body_timeout, min_rate=http.body_min_rate)
+    edit_limit = max(http.max_body_bytes, http.max_edit_body_bytes)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=http.max_body_bytes,
                        path_limits=dict.fromkeys(edit_paths, edit_limit))
-    app.add_middleware(HeaderLimitMiddleware, max_count=settings.max_header_count,
-                       max_bytes=settings.max_header_bytes)
-    if settings.cors_origins:
-        allow_all = "*" in settings.cors_origins
-        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins,
+    app.add_middleware(HeaderLimitMiddleware, max_count=http.max_header_count,
+                       max_bytes=http.max_header_bytes)
+    if http.cors_origins:
+        allow_all = "*" in http.cors_origins
+        app.add_middleware(CORSMiddleware, allow_origins=http.cors_origins,
                            allow_credentials=not allow_all,  # never '*' together with credentials
                            allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
                            allow_headers=["Authorization", "Content-Type", "X-Request-ID"],

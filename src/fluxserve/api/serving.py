@@ -19,6 +19,7 @@ import numpy as np
 
 from fluxserve.api.errors import APIError, sanitize
 from fluxserve.api.protocol import ImageData, ImageGenerationRequest, ImageParams, ImagesResponse, public_model_source
+from fluxserve.config import HttpConfig
 from fluxserve.generation import MAX_RANDOM_SEED, GenerationParams, pick_seed, seeds_for
 from fluxserve.loras import LoraError, LoraLibrary, resolve_loras
 from fluxserve.models.aliases import default_response_format
@@ -57,9 +58,9 @@ class OutputOptions:
 
 
 class ImageService:
-    def __init__(self, runtime: Runtime) -> None:
+    def __init__(self, runtime: Runtime, settings: HttpConfig) -> None:
         self.runtime = runtime
-        self.settings = runtime.settings
+        self.settings = settings
         self._background: set[asyncio.Task[None]] = set()
         self.loras = LoraLibrary(self.settings.lora_library_dir)
 

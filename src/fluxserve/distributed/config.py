@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from fluxserve.config import SchedulerConfig
 from fluxserve.models.registry import resolve_model
 from fluxserve.settings import Settings
 
@@ -38,7 +39,7 @@ def model_keys(settings: Settings) -> list[str]:
     return keys
 
 
-def slots_per_replica(settings: Settings) -> int:
+def slots_per_replica(settings: SchedulerConfig) -> int:
     """Requests one replica can run at once: FLUX_MAX_CONCURRENT slots × FLUX_MAX_BATCH images."""
     return max(1, settings.max_concurrent * settings.max_batch)
 
@@ -46,7 +47,7 @@ def slots_per_replica(settings: Settings) -> int:
 def max_ongoing_requests(settings: Settings) -> int:
     """Requests Ray hands one replica at once: a full batch running and a full batch queued behind it,
     so the engine never idles waiting for the next requests to travel from the ingress."""
-    return max(2 * slots_per_replica(settings), math.ceil(settings.ray_target_ongoing_requests))
+    return max(2 * slots_per_replica(settings.scheduler), math.ceil(settings.ray_target_ongoing_requests))
 
 
 def replica_device(settings: Settings) -> str:

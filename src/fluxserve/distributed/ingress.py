@@ -237,7 +237,7 @@ def ingress_backend(clients: Mapping[str, ModelClient], status: StatusSource | N
     """The :data:`fluxserve.runtime.Backend` of the ingress: a remote queue and the catalog over it."""
 
     def build(settings: Settings, hook: Hook) -> tuple[RemoteCatalog, RemoteScheduler]:
-        queue = RemoteScheduler(settings, clients, hook=hook, max_retries=max_retries)
+        queue = RemoteScheduler(settings.scheduler, settings.distributed, clients, hook=hook, max_retries=max_retries)
         return RemoteCatalog(settings, clients, queue, status), queue
 
     return build

@@ -28,13 +28,13 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from fluxserve.config import DistributedConfig, SchedulerConfig
 from fluxserve.distributed.config import slots_per_replica
 from fluxserve.distributed.messages import FINAL_EVENTS, RemoteRequest, ReplicaInfo
 from fluxserve.scheduler.jobs import Job, JobError, JobStatus, cancelled_error, queue_full
 from fluxserve.scheduler.pacing import Pacing
 from fluxserve.scheduler.scheduler import SHUTTING_DOWN, Hook
 from fluxserve.scheduler.table import JobTable
-from fluxserve.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -78,8 +78,9 @@ class RemoteScheduler:
     with the local scheduler, so the serving layer and the routes cannot tell the difference.
     """
 
-    def __init__(self, settings: Settings, clients: Mapping[str, ModelClient], *, hook: Hook | None = None,
-                 max_retries: int = 2, retry_backoff: float = 0.2, table: JobTable | None = None) -> None:
+    def __init__(self, settings: SchedulerConfig, distributed: DistributedConfig, clients: Mapping[str, ModelClient],
+                 *, hook: Hook | None = None, max_retries: int = 2, retry_backoff: float = 0.2,
+                 table: JobTable | None = None) -> None:
         self.settings = settings
         self.table = table or JobTable(max_jobs=settings.max_jobs, ttl=settings.job_ttl,
                                        results_max_bytes=settings.results_max_bytes,
@@ -89,7 +90,7 @@ class RemoteScheduler:
         self.clients = dict(clients)
         self.max_retries = max_retries
         self.retry_backoff = retry_backoff
-        self.max_queued = settings.ray_max_queued_requests
+        self.max_queued = distributed.ray_max_queued_requests
         self.slots_per_replica = slots_per_replica(settings)
         self.running_replicas: dict[str, int] = {key: 1 for key in self.clients}
         self.replica_infos: dict[str, ReplicaInfo] = {}

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from fluxserve.config import EngineConfig
 from fluxserve.engine.families import DenoiseArgs, FamilyRunner, PromptEmbedding, preview_rgb, to_uint8
 from fluxserve.engine.faults import FaultInjector
 from fluxserve.engine.loading import LoadedModel, PipelineView
@@ -40,7 +41,6 @@ from fluxserve.loras import LoraLibrary
 from fluxserve.models.devices import DevicePlan
 from fluxserve.models.handle import ModelHandle
 from fluxserve.models.spec import ModelSpec
-from fluxserve.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ log = logging.getLogger(__name__)
 class DeviceEngine:
     """Pipelines and generation for one device."""
 
-    def __init__(self, settings: Settings, plan: DevicePlan, faults: FaultInjector | None = None) -> None:
+    def __init__(self, settings: EngineConfig, plan: DevicePlan, faults: FaultInjector | None = None) -> None:
         self.settings = settings
         self.plan = plan
         self.faults = faults or FaultInjector(False)

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from fluxserve.config import EngineConfig
 from fluxserve.engine.adapters import AdapterState, ensure_demo_lora
 from fluxserve.engine.construction import MODEL_BUILD_LOCK
 from fluxserve.engine.device import torch_device, torch_dtype, validate_generator_device
@@ -34,12 +35,11 @@ from fluxserve.models.devices import DevicePlan
 from fluxserve.models.handle import PromptCacheStats, WarmupRuns
 from fluxserve.models.registry import family_of_class
 from fluxserve.models.spec import ModelSpec
-from fluxserve.settings import Settings
 
 log = logging.getLogger(__name__)
 
 
-def tiny_model_dir(settings: Settings, spec: ModelSpec) -> Path:
+def tiny_model_dir(settings: EngineConfig, spec: ModelSpec) -> Path:
     return settings.cache_dir / "models" / spec.key
 
 
@@ -196,7 +196,7 @@ def _import_own_components(directory: Path) -> None:
             importlib.import_module(value[0])
 
 
-def _adapter_state(pipe: Any, settings: Settings) -> tuple[AdapterState | None, str | None]:
+def _adapter_state(pipe: Any, settings: EngineConfig) -> tuple[AdapterState | None, str | None]:
     """The model's adapter state, or why adapters cannot apply to it."""
     if settings.quantize == "fp8":
         # Float8RowwiseLinear is no nn.Linear: PEFT cannot wrap it, and merging into fp8 weights would lose the
@@ -208,7 +208,7 @@ def _adapter_state(pipe: Any, settings: Settings) -> tuple[AdapterState | None, 
                         slots=settings.max_loras_per_request, max_rank=settings.lora_max_rank), None
 
 
-def direct_placement(plan: DevicePlan, settings: Settings) -> str | None:
+def direct_placement(plan: DevicePlan, settings: EngineConfig) -> str | None:
     """The ``device_map`` that makes ``from_pretrained`` put the weights straight onto the GPU, or None to
     load on the CPU and move them (:func:`apply_offload`).
 
@@ -232,7 +232,7 @@ def _current_cuda_device(plan: DevicePlan) -> Iterator[None]:
         yield
 
 
-def load_model(spec: ModelSpec, plan: DevicePlan, settings: Settings, *, views: int = 1) -> LoadedModel:
+def load_model(spec: ModelSpec, plan: DevicePlan, settings: EngineConfig, *, views: int = 1) -> LoadedModel:
     """Load ``spec`` onto ``plan.device`` and prepare it (memory modes, optimizations, views)."""
     from diffusers import DiffusionPipeline
 

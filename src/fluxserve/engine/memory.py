@@ -20,6 +20,7 @@ from typing import Any
 import psutil
 import torch
 
+from fluxserve.config import EngineConfig
 from fluxserve.engine.device import DeviceSelectionError
 from fluxserve.models.devices import DevicePlan, in_use_of
 
@@ -188,7 +189,7 @@ def apply_vae_modes(pipe: Any, *, slicing: bool, tiling: bool, tile_size: int | 
     return applied
 
 
-def check_memory_modes(settings: Any, plan: DevicePlan) -> list[str]:
+def check_memory_modes(settings: EngineConfig, plan: DevicePlan) -> list[str]:
     """Refuse, at start-up, memory modes that cannot work on ``plan``'s device or with other settings.
 
     Raises :class:`MemoryModeError` naming the variable; returns warnings for modes that work but do

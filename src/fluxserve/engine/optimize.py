@@ -1,7 +1,7 @@
 """Speed optimizations applied to a loaded pipeline (FLUX_COMPILE, FLUX_QUANTIZE, ...).
 
 :func:`apply_optimizations` runs once per loaded model, after the pipeline is on its device and the
-memory modes are applied. Every optimization is driven by one field of :class:`~fluxserve.settings.Settings`
+memory modes are applied. Every optimization is driven by one field of :class:`~fluxserve.config.EngineConfig`
 and everything is off by default, so a default CPU start changes nothing. The order is fixed because the
 steps depend on each other:
 
@@ -31,10 +31,10 @@ from typing import Any
 
 import torch
 
+from fluxserve.config import EngineConfig
 from fluxserve.engine.device import torch_device
 from fluxserve.models.descriptor import FamilyDescriptor
 from fluxserve.models.devices import DevicePlan
-from fluxserve.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ def _diffusers_has_cache() -> bool:
     return True
 
 
-def validate_optimizations(settings: Settings, plan: DevicePlan, transformer: Any = None) -> StepCache:
+def validate_optimizations(settings: EngineConfig, plan: DevicePlan, transformer: Any = None) -> StepCache:
     """Check the requested optimizations against the device and the installed libraries.
 
     Raises :class:`OptimizationError` naming the variable for any combination that cannot work, before
@@ -192,7 +192,7 @@ def available_attention_backends(plan: DevicePlan) -> list[str]:
             if not member.value.endswith("_hub") and attention_backend_problem(member.value, plan) is None]
 
 
-def check_attention_backend(settings: Settings, plan: DevicePlan) -> None:
+def check_attention_backend(settings: EngineConfig, plan: DevicePlan) -> None:
     """Refuse a ``FLUX_ATTENTION_BACKEND`` that cannot run here (:class:`OptimizationError` naming it)."""
     if settings.attention_backend:
         problem = attention_backend_problem(settings.attention_backend, plan)
@@ -346,7 +346,7 @@ def _enable_fbcache(transformer: Any, threshold: float) -> None:
     transformer.enable_cache(FirstBlockCacheConfig(threshold=threshold))
 
 
-def _configure_compile_cache(settings: Settings) -> Path:
+def _configure_compile_cache(settings: EngineConfig) -> Path:
     """Keep Inductor's caches under FLUX_CACHE_DIR so a second start reuses the compiled kernels."""
     import torch._dynamo
     from torch._inductor.runtime.cache_dir_utils import default_cache_dir
@@ -389,7 +389,7 @@ def _compile_vae_decoder(vae: Any) -> bool:
     return True
 
 
-def apply_optimizations(pipe: Any, settings: Settings, plan: DevicePlan,
+def apply_optimizations(pipe: Any, settings: EngineConfig, plan: DevicePlan,
                         family: FamilyDescriptor | None = None) -> list[str]:
     """Apply the optimizations the settings ask for; return their names (shown to users).
 

@@ -17,12 +17,12 @@ from typing import Any
 
 import torch
 
+from fluxserve.config import EngineConfig
 from fluxserve.engine.families import FamilyRunner
 from fluxserve.engine.loading import LoadedModel, PipelineView
 from fluxserve.engine.memory import apply_attention_slicing, empty_cache
 from fluxserve.generation import BadOutput, GenerationParams
 from fluxserve.models.devices import DevicePlan
-from fluxserve.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +91,7 @@ def and_join(items: list[str]) -> str:
 class OomLadder:
     """The recovery steps of one device's engine."""
 
-    def __init__(self, settings: Settings, plan: DevicePlan) -> None:
+    def __init__(self, settings: EngineConfig, plan: DevicePlan) -> None:
         self.settings = settings
         self.plan = plan
         self.oom_events: deque[str] = deque(maxlen=256)

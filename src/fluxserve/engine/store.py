@@ -13,12 +13,12 @@ from __future__ import annotations
 import logging
 import threading
 
+from fluxserve.config import EngineConfig
 from fluxserve.engine.loading import LoadedModel, load_model
 from fluxserve.engine.memory import empty_cache, in_use_bytes
 from fluxserve.generation import ModelLockTimeout
 from fluxserve.models.devices import DevicePlan
 from fluxserve.models.spec import ModelSpec
-from fluxserve.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 class ModelStore:
     """Load, look up, unload and release the models of one device."""
 
-    def __init__(self, settings: Settings, plan: DevicePlan) -> None:
+    def __init__(self, settings: EngineConfig, plan: DevicePlan) -> None:
         self.settings = settings
         self.plan = plan
         self._guard = threading.Lock()

@@ -49,6 +49,7 @@ from dataclasses import dataclass, field, replace
 from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING, Any
 
+from fluxserve.config import EngineConfig
 from fluxserve.engine.parallel import ParallelPlan
 from fluxserve.generation import (
     AdapterError,
@@ -66,7 +67,6 @@ from fluxserve.models.devices import DevicePlan
 from fluxserve.models.handle import ModelHandle, PromptCacheStats, WarmupRuns
 from fluxserve.models.registry import family_descriptor
 from fluxserve.models.spec import ModelSpec
-from fluxserve.settings import Settings
 
 if TYPE_CHECKING:
     from fluxserve.engine.loading import LoadedModel
@@ -178,7 +178,7 @@ class _NoFaults:
 class ProcessEngine:
     """One device's engine in a spawned worker process, behind the scheduler's ``Engine`` protocol."""
 
-    def __init__(self, settings: Settings, plan: DevicePlan, *, torch_threads: int | None = None,
+    def __init__(self, settings: EngineConfig, plan: DevicePlan, *, torch_threads: int | None = None,
                  group: list[DevicePlan] | None = None, split: ParallelPlan | None = None) -> None:
         """``group`` and ``split``: this engine is a split group (``FLUX_PARALLEL``); ``plan`` is rank 0's."""
         self.settings = settings
@@ -634,7 +634,7 @@ def _mirror_args(verb: str, args: Any) -> Any:
     return key, params, [replace(w, reports_progress=False) for w in wire]
 
 
-def worker_main(settings: Settings, plan: DevicePlan, conn: Connection, torch_threads: int | None,
+def worker_main(settings: EngineConfig, plan: DevicePlan, conn: Connection, torch_threads: int | None,
                 group: list[DevicePlan] | None = None, split: ParallelPlan | None = None) -> None:
     """The worker process's entry point (spawned: a fresh interpreter). In a split group it is rank 0:
     it starts the other ranks, joins the process group with them, and mirrors every model call to them."""
@@ -665,10 +665,10 @@ def cpu_threads_per_worker(workers: int) -> int:
     return max(1, (cores - 1) // max(1, workers))
 
 
-def _group_settings(settings: Settings) -> Settings:
+def _group_settings(settings: EngineConfig) -> EngineConfig:
     """A split group's ranks must take the same path through every call: no OOM ladder (a retry, an
     offload or a downscale on one rank alone would leave the others in a collective)."""
-    return settings.model_copy(update={"oom_policy": []})
+    return replace(settings, oom_policy=())
 
 
 def _free_port() -> int:
@@ -679,7 +679,7 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _start_followers(settings: Settings, group: list[DevicePlan], split: ParallelPlan,
+def _start_followers(settings: EngineConfig, group: list[DevicePlan], split: ParallelPlan,
                      torch_threads: int | None) -> list[Connection]:
     """Start ranks 1..N-1, join the process group as rank 0, and watch them: a rank that dies takes
     rank 0 down too, so the server sees the group fail and restarts it whole."""
@@ -711,7 +711,7 @@ def _start_followers(settings: Settings, group: list[DevicePlan], split: Paralle
     return conns
 
 
-def follower_main(settings: Settings, plan: DevicePlan, rank: int, world: int, port: int, split: ParallelPlan,
+def follower_main(settings: EngineConfig, plan: DevicePlan, rank: int, world: int, port: int, split: ParallelPlan,
                   conn: Connection, torch_threads: int | None) -> None:
     """Rank ``rank`` of a split group: runs rank 0's model calls in order, answers ok or error."""
     from fluxserve.engine.engine import DeviceEngine

@@ -42,6 +42,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+from fluxserve.config import SchedulerConfig
 from fluxserve.generation import (
     AdapterError,
     BadOutput,
@@ -55,7 +56,6 @@ from fluxserve.scheduler.jobs import Job, JobError, JobStatus, cancelled_error, 
 from fluxserve.scheduler.pacing import Pacing
 from fluxserve.scheduler.protocols import Engine
 from fluxserve.scheduler.table import JobTable
-from fluxserve.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ class _Retirement:
 class Scheduler:
     """Queue, workers, batching, cancellation and model loading across engines."""
 
-    def __init__(self, settings: Settings, engines: Sequence[Engine], *, table: JobTable | None = None,
+    def __init__(self, settings: SchedulerConfig, engines: Sequence[Engine], *, table: JobTable | None = None,
                  hook: Hook | None = None, clock: Callable[[], float] = time.monotonic) -> None:
         self.settings = settings
         self.engines = list(engines)

@@ -41,7 +41,7 @@ from fluxserve.storage.jobstore.protocol import JobStore, JobStoreError, Webhook
 from fluxserve.webhooks.urls import AllowedHosts, Resolver, WebhookTarget, WebhookURLError, validate_webhook_url
 
 if TYPE_CHECKING:
-    from fluxserve.settings import Settings
+    from fluxserve.config import WebhooksConfig
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ class WebhookConfig:
     concurrency: int = 4
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> WebhookConfig | None:
+    def from_settings(cls, settings: WebhooksConfig) -> WebhookConfig | None:
         """None when webhooks are off (no secret, or no allowed hosts)."""
         if settings.webhook_secret is None or not settings.webhook_allowed_hosts:
             return None

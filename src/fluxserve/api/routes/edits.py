@@ -73,7 +73,7 @@ async def _run(request: Request, body: ImageEditRequest, uploads: list[Upload], 
 async def _edit_body(request: Request) -> tuple[ImageEditRequest, list[Upload], Upload | None]:
     from fluxserve.api.editing import read_body
 
-    return await read_body(request, ImageEditRequest, request.app.state.runtime.settings.max_input_bytes)
+    return await read_body(request, ImageEditRequest, request.app.state.http.max_input_bytes)
 
 
 @router.post("/v1/images/edits", response_model=ImagesResponse, response_model_exclude_none=True,
@@ -102,5 +102,5 @@ async def create_variation(request: Request) -> Any:
 
     _, edits = _services(request)
     body, uploads, _mask = await read_body(request, ImageVariationRequest,
-                                           request.app.state.runtime.settings.max_input_bytes, max_images=1)
+                                           request.app.state.http.max_input_bytes, max_images=1)
     return await _run(request, edits.variation_as_edit(body), uploads, None, variation=True)

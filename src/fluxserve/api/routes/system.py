@@ -33,7 +33,7 @@ async def root(request: Request) -> Response:
     runtime = _runtime(request)
     accept = request.headers.get("accept", "")
     index = request.app.state.static_dir / "index.html"
-    if "text/html" in accept and runtime.settings.web_ui and index.is_file():
+    if "text/html" in accept and request.app.state.http.web_ui and index.is_file():
         return FileResponse(index, media_type="text/html")
     active = runtime.resolve(None)
     return JSONResponse({"status": "ok", "message": "fluxserve: OpenAI-compatible image generation",

@@ -24,7 +24,7 @@ from fluxserve.storage.jobstore.protocol import (
 )
 
 if TYPE_CHECKING:
-    from fluxserve.settings import Settings
+    from fluxserve.config import StorageConfig
 
 __all__ = ["DuplicateRequestId", "JobRecord", "JobState", "JobStore", "JobStoreConfig", "JobStoreError",
            "JobStoreRefused", "JobStoreUnavailable", "NewJob", "ResultRef", "StoreLimits", "open_job_store"]
@@ -42,7 +42,7 @@ class JobStoreConfig:
     pool_size: int = 4
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> JobStoreConfig:
+    def from_settings(cls, settings: StorageConfig) -> JobStoreConfig:
         return cls(url=settings.job_store, state_dir=settings.state_dir, timeout=settings.job_store_timeout,
                    pool_size=settings.job_store_pool_size,
                    limits=StoreLimits(ttl=settings.job_ttl, results_max_bytes=settings.results_max_bytes,

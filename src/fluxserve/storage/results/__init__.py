@@ -12,7 +12,7 @@ from pydantic import SecretStr
 from fluxserve.storage.results.protocol import ResultMissing, ResultRef, ResultStore, ResultStoreUnavailable
 
 if TYPE_CHECKING:
-    from fluxserve.settings import Settings
+    from fluxserve.config import StorageConfig
 
 __all__ = ["ResultMissing", "ResultRef", "ResultStore", "ResultStoreConfig", "ResultStoreUnavailable",
            "open_result_store"]
@@ -35,7 +35,7 @@ class ResultStoreConfig:
     presign_expiry: int = 3600
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> ResultStoreConfig:
+    def from_settings(cls, settings: StorageConfig) -> ResultStoreConfig:
         def secret(value: SecretStr | None) -> str | None:
             return None if value is None else value.get_secret_value()
 
