@@ -48,7 +48,7 @@ def _serve_batched_model(batch_wait_s: float, max_batch: int) -> Any:
         progress events): only for comparing batching strategies."""
 
         def __init__(self, settings: Settings) -> None:
-            _configure_logging(settings)
+            _configure_logging(settings.observability)
             self.worker = ReplicaWorker(settings, _replica_id())
             self.engine = self.worker.runtime.engines[0]
 

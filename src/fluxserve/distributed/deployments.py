@@ -23,6 +23,7 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from fluxserve.config import ObservabilityConfig
 from fluxserve.distributed.ingress import Backpressure, ReplicaLost, build_ingress_app
 from fluxserve.distributed.messages import (
     FINAL_EVENTS,
@@ -43,10 +44,10 @@ def _replica_id() -> str:
     return f"{context.deployment}#{context.replica_id.unique_id}"
 
 
-def _configure_logging(settings: Settings) -> None:
+def _configure_logging(observability: ObservabilityConfig) -> None:
     from fluxserve.observability.logs import configure_logging
 
-    configure_logging(settings.log_level, settings.structured_logs)
+    configure_logging(observability.log_level, observability.structured_logs)
 
 
 @serve.deployment
@@ -59,7 +60,7 @@ class FluxModel:
     """
 
     def __init__(self, settings: Settings) -> None:
-        _configure_logging(settings)
+        _configure_logging(settings.observability)
         self.worker = ReplicaWorker(settings, _replica_id())
 
     async def generate(self, request: RemoteRequest) -> AsyncIterator[dict[str, Any]]:
@@ -182,7 +183,7 @@ class FluxIngress:
     """HTTP ingress: fluxserve's FastAPI app, built on the replica (``__serve_build_asgi_app__``)."""
 
     def __init__(self, settings: Settings, models: dict[str, DeploymentHandle]) -> None:
-        _configure_logging(settings)
+        _configure_logging(settings.observability)
         self.settings = settings
         self.models = models
 
