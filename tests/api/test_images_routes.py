@@ -131,7 +131,8 @@ async def test_a_client_that_hangs_up_cancels_its_job_at_the_next_step(tmp_path:
 
 async def test_a_streaming_client_that_hangs_up_cancels_its_job(tmp_path: Path) -> None:
     async with fake_app(tmp_path) as app:
-        client = AsgiClient(app, {**BODY, "num_inference_steps": 50, "stream": True}, hang_up_on=b'"step": 1,')
+        client = AsgiClient(app, {**BODY, "num_inference_steps": 50, "stream": True, "stream_progress": True},
+                            hang_up_on=b'"step": 1,')
         call = await app.next_call()
         job = next(iter(app.runtime.scheduler._running_jobs()))
         await app.advance(call)  # step 1's progress event goes out, and the client hangs up on it
@@ -257,19 +258,28 @@ async def _queued(scheduler: Any) -> None:
         await loop_turn()
 
 
-async def test_streamed_request_reports_progress_then_the_image(tmp_path: Path) -> None:
+async def _streamed(app: Any, body: dict[str, Any]) -> list[dict[str, Any]]:
+    client = AsgiClient(app, {**body, "stream": True})
+    call = await app.next_call()
+    await app.advance(call, 3)
+    await asyncio.wait_for(client.task, BOUND)
+    chunks = b"".join(m.get("body", b"") for m in client.sent).decode()
+    assert chunks.rstrip().endswith("data: [DONE]")
+    return [json.loads(line.removeprefix("data: ")) for line in chunks.splitlines() if line.startswith("data: {")]
+
+
+async def test_a_stream_sends_only_openai_events_by_default(tmp_path: Path) -> None:
     async with fake_app(tmp_path) as app:
-        client = AsgiClient(app, {**BODY, "stream": True})
-        call = await app.next_call()
-        await app.advance(call, 3)
-        await asyncio.wait_for(client.task, BOUND)
-        chunks = b"".join(m.get("body", b"") for m in client.sent).decode()
-        payloads = [json.loads(line.removeprefix("data: ")) for line in chunks.splitlines()
-                    if line.startswith("data: {")]
+        payloads = await _streamed(app, BODY)
+        assert [p["type"] for p in payloads] == ["image_generation.completed"] and payloads[0]["job_id"]
+
+
+async def test_a_stream_that_opts_in_reports_progress_then_the_image(tmp_path: Path) -> None:
+    async with fake_app(tmp_path) as app:
+        payloads = await _streamed(app, {**BODY, "stream_progress": True})
         assert payloads[-1]["type"] == "image_generation.completed" and payloads[-1]["job_id"]
         steps = [p["step"] for p in payloads if p["type"] == "image_generation.progress" and p["status"] == "running"]
         assert steps == [0, 1, 2, 3]
-        assert chunks.rstrip().endswith("data: [DONE]")
 
 
 async def test_an_unwritable_output_dir_never_costs_an_image(tmp_path: Path) -> None:

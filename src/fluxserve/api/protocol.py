@@ -13,6 +13,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
+from fluxserve.generation import MAX_PARTIAL_IMAGES
+
 MAX_SEED = 2**63 - 1
 REQUEST_ID_PATTERN = r"^[A-Za-z0-9._:\-]{1,128}$"
 MAX_TEXT_CHARS = 100_000
@@ -118,8 +120,9 @@ class ImageGenerationRequest(APIModel):
     quality: Literal["auto", "low", "medium", "high", "standard", "hd"] | None = Field(
         None, description="Maps to the model's step presets (standard=medium, hd=high).")
     user: str | None = Field(None, max_length=256, description="End-user id; accepted and logged.")
-    stream: bool = Field(False, description="Server-sent events: progress, partial images, then the image.")
-    partial_images: int | None = Field(None, ge=0, le=3, description="Partial previews to stream (0–3).")
+    stream: bool = Field(False, description="Server-sent events: partial images, then the image (OpenAI's events).")
+    partial_images: int | None = Field(None, ge=0, le=MAX_PARTIAL_IMAGES,
+                                       description="Partial images to stream (0–3), at the requested size.")
     style: Any = Field(None, description="Accepted and ignored (no meaning for diffusion models here).")
     background: Literal["transparent", "opaque", "auto"] | None = Field(
         None, description='opaque or auto; "transparent" is refused (no model here produces alpha).')
@@ -127,6 +130,8 @@ class ImageGenerationRequest(APIModel):
 
     # fluxserve / earlier-server extensions
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Seed of the first image; image i uses seed+i.")
+    stream_progress: bool = Field(False, description="With stream: also send <prefix>.progress events (queue "
+                                  "position, step/total) besides OpenAI's events.")
     num_inference_steps: int | None = Field(None, ge=1, description="Denoising steps (overrides quality).")
     guidance_scale: float | None = Field(None, ge=0, description="Guidance (Qwen-Image: true CFG scale).")
     true_cfg_scale: float | None = Field(None, ge=0, description="Qwen-Image's name for guidance_scale.")

@@ -47,6 +47,9 @@ class OutputOptions:
     base_url: str
     ignored: list[str]
     partial_images: int
+    stream_progress: bool
+    """Streams also carry ``<prefix>.progress`` events (the ``stream_progress`` extension; off: OpenAI's events
+    only)."""
     user: str | None
     request_started: float
     background: str | None = None
@@ -106,7 +109,9 @@ class ImageService:
         return width, height, param
 
     def build_job(self, body: ImageGenerationRequest, *, request_id: str | None = None, owner: str | None = None,
-                  want_previews: bool = False) -> Job:
+                  partial_images: int = 0) -> Job:
+        """Validate the request and build its job. ``partial_images``: how many the engine makes for it (a
+        stream's ``partial_images``; 0 where nothing would deliver them)."""
         s = self.settings
         if len(body.prompt) > s.max_prompt_chars:
             raise APIError(400, f"invalid 'prompt': must be at most {s.max_prompt_chars} characters, got "
@@ -152,7 +157,7 @@ class ImageService:
                                   loras=loras)
         check_compute_budget(body, params, n, s.max_megapixel_steps)
         return Job(spec=spec, params=params, prompt=body.prompt, seeds=seeds, negative_prompt=body.negative_prompt,
-                   request_id=request_id, owner=owner, want_previews=want_previews)
+                   request_id=request_id, owner=owner, partial_images=partial_images)
 
     def resolve_loras(self, body: ImageGenerationRequest, spec: ModelSpec) -> tuple[tuple[str, float], ...]:
         """The request's adapter set (sorted by name: part of the batching key); 404/400 naming ``loras``."""
@@ -179,7 +184,8 @@ class ImageService:
             write_metadata=body.write_metadata,
             quality=body.quality or "auto",
             base_url=(self.settings.public_url or base_url).rstrip("/"),
-            ignored=body.ignored_fields(), partial_images=body.partial_images or 0, user=body.user,
+            ignored=body.ignored_fields(), partial_images=body.partial_images or 0,
+            stream_progress=body.stream_progress, user=body.user,
             request_started=time.perf_counter(), background=None if body.background is None else "opaque",
         )
 
@@ -257,14 +263,18 @@ class ImageService:
         timing = {"queue_wait": queue_wait, "model_load": model_load, **result.timings}
         return timing
 
+    def _encode(self, pixels: np.ndarray, options: OutputOptions) -> bytes:
+        """One image in the requested format and compression."""
+        return encode_image(pixels, options.output_format,  # type: ignore[arg-type]
+                            compression=options.compression, png_level=self.settings.png_compress_level)
+
     def _finish_image(self, job: Job, index: int, pixels: np.ndarray, options: OutputOptions,
                       stages: dict[str, float]) -> ImageData:
         result = job.result
         assert result is not None
         timing = dict(stages)
         started = time.perf_counter()
-        data = encode_image(pixels, options.output_format,  # type: ignore[arg-type]
-                            compression=options.compression, png_level=self.settings.png_compress_level)
+        data = self._encode(pixels, options)
         timing["image_encode"] = time.perf_counter() - started
         p = result.params
         seed = result.seeds[index]
@@ -346,46 +356,55 @@ class ImageService:
         task.add_done_callback(self._background.discard)
 
     # --- streaming -------------------------------------------------------------------------------
-    async def stream(self, job: Job, options: OutputOptions,
-                     disconnected: Callable[[], Awaitable[None]]) -> AsyncIterator[dict[str, Any]]:
-        """Events for ``stream: true``: progress, partial images, then completed (or an error).
+    async def open_stream(self, job: Job, options: OutputOptions,
+                          disconnected: Callable[[], Awaitable[None]]) -> AsyncIterator[dict[str, Any]]:
+        """Submit ``job`` and return the events of its ``stream: true`` answer. A refusal (a full queue, a
+        duplicate label, a shutdown) raises here, before any byte is sent: the client gets a 429/409/503."""
+        events = self._stream(job, options, disconnected)
+        submitted = await anext(events)
+        assert submitted is _SUBMITTED
+        return events
 
-        The first ``anext`` submits the job (a refusal raises before any byte is sent). A client that
-        goes away cancels the job at once, whether it is waiting in the queue or running."""
+    async def _stream(self, job: Job, options: OutputOptions,
+                      disconnected: Callable[[], Awaitable[None]]) -> AsyncGenerator[dict[str, Any], None]:
+        """OpenAI's events: ``<prefix>.partial_image`` (``partial_images`` of them, at the requested size),
+        then ``<prefix>.completed`` per image, or ``error``; ``<prefix>.progress`` events (queue position,
+        step/total) only with ``stream_progress``.
+
+        The first item is :data:`_SUBMITTED`, once the job is queued. A client that goes away cancels the job
+        at once, whether it is waiting in the queue or running."""
         loop = asyncio.get_running_loop()
         size = f"{job.params.width}x{job.params.height}"
-        partial_steps = _partial_steps(job.params.steps, options.partial_images)
-        partial_total = job.params.steps
         partial_index = 0
         prefix = options.event_prefix
+        progress = options.stream_progress
         async with job.subscribe() as events:  # before submit: no event can be missed
             self.submit(job)
+            yield _SUBMITTED
             gone = asyncio.ensure_future(disconnected())
             try:
                 async with contextlib.aclosing(until_gone(events, gone)) as followed:
                     async for event in followed:
                         kind = event["type"]  # every streamed event names its job (for /v1/images/jobs/{id}/events)
-                        if kind == "queued":
+                        if kind == "queued" and progress:
                             yield {"type": f"{prefix}.progress", "status": "queued", "step": 0, "job_id": job.id,
                                    "total": job.params.steps, "queue_position": event.get("queue_position")}
-                        elif kind == "started":
+                        elif kind == "started" and progress:
                             yield {"type": f"{prefix}.progress", "status": "running", "step": 0, "job_id": job.id,
                                    "total": job.params.steps, "queue_position": 0,
                                    "batch_size": event.get("batch_size")}
                         elif kind == "progress":
-                            if event["total"] != partial_total:  # img2img/inpaint run fewer steps (strength)
-                                partial_total = event["total"]
-                                partial_steps = _partial_steps(partial_total, options.partial_images)
-                            yield {"type": f"{prefix}.progress", "status": "running", "step": event["step"],
-                                   "job_id": job.id, "total": event["total"], "queue_position": 0}
-                            preview = event.get("preview")
-                            if preview is not None and event["step"] in partial_steps:
-                                data = await loop.run_in_executor(self.runtime.encoder, encode_image, preview,
-                                                                  "png")
+                            if progress:
+                                yield {"type": f"{prefix}.progress", "status": "running", "step": event["step"],
+                                       "job_id": job.id, "total": event["total"], "queue_position": 0}
+                            partial = event.get("preview")  # the engine makes them only at the partial steps
+                            if partial is not None and partial_index < options.partial_images:
+                                data = await loop.run_in_executor(self.runtime.encoder, self._encode, partial, options)
                                 yield {"type": f"{prefix}.partial_image", "b64_json": to_base64(data),
                                        "partial_image_index": partial_index, "created_at": int(time.time()),
                                        "size": size, "quality": options.quality, "background": "opaque",
-                                       "output_format": "png", "step": event["step"]}
+                                       "output_format": options.output_format, "step": event["step"],
+                                       "job_id": job.id}
                                 partial_index += 1
                         elif kind in TERMINAL_EVENTS:
                             break
@@ -404,7 +423,7 @@ class ImageService:
                                      "input_tokens_details": {"image_tokens": 0, "text_tokens": 0}},
                            "seed": item.seed, "timing": item.timing, "params": item.params.model_dump(),
                            "request_id": item.request_id, "job_id": item.job_id, "saved_path": item.saved_path,
-                           "save_error": item.save_error}
+                           "save_error": item.save_error, "ignored_fields": response.ignored_fields}
             except Exception as exc:  # never end a stream without telling the client why
                 log.exception("stream failed", extra={"ctx": {"job_id": job.id}})
                 yield error_event(exc if isinstance(exc, JobError) else JobError(
@@ -413,6 +432,10 @@ class ImageService:
                 gone.cancel()
                 if not job.finished:
                     self.runtime.scheduler.cancel(job.id)
+
+
+_SUBMITTED: dict[str, Any] = {"type": "submitted"}
+"""The first item of :meth:`ImageService._stream`: the job is queued (never sent to the client)."""
 
 
 def error_event(error: JobError) -> dict[str, Any]:
@@ -486,14 +509,6 @@ def check_compute_budget(body: ImageGenerationRequest, params: GenerationParams,
                         f"{params.steps} steps = {cost:.1f} megapixel-steps; the budget per request is {budget:g} "
                         "(FLUX_MAX_MEGAPIXEL_STEPS): lower n, the size or num_inference_steps",
                    param=param, code="compute_budget_exceeded")
-
-
-def _partial_steps(total: int, partial_images: int) -> set[int]:
-    """Which steps emit a partial image: evenly spaced, never the last step (that is the final image)."""
-    if partial_images <= 0 or total <= 1:
-        return set()
-    count = min(partial_images, total - 1)
-    return {max(1, round(total * (i + 1) / (count + 1))) for i in range(count)}
 
 
 def _ext(fmt: str) -> str:

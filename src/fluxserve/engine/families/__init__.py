@@ -15,7 +15,6 @@ from fluxserve.engine.families.base import (
     Optimizations,
     Preset,
     PromptEmbedding,
-    preview_rgb,
     to_uint8,
 )
 from fluxserve.engine.families.flux import FluxFamily
@@ -61,5 +60,5 @@ def family_of_class(class_name: str) -> str:
 
 __all__ = [
     "ADAPTERS", "FAMILIES", "DenoiseArgs", "Family", "FamilyAdapter", "FamilyDefaults", "ModelSpec",
-    "Optimizations", "Preset", "PromptEmbedding", "family_of_class", "get_family", "preview_rgb", "to_uint8",
+    "Optimizations", "Preset", "PromptEmbedding", "family_of_class", "get_family", "to_uint8",
 ]
