@@ -14,10 +14,9 @@ from typing import Literal
 
 import numpy as np
 
-MAX_SEED = 2**63 - 1
-"""The largest seed a client may send (torch generators take 64-bit seeds)."""
-MAX_RANDOM_SEED = 2**53 - 1
-"""Random seeds stay below 2**53 so JavaScript clients (whose numbers are doubles) read them exactly."""
+MAX_SEED = 2**53 - 1
+"""The largest seed (JavaScript's ``Number.MAX_SAFE_INTEGER``): every seed a client sends or gets back is a
+number JavaScript clients, whose numbers are doubles, hold exactly."""
 MAX_PARTIAL_IMAGES = 3
 """The most partial images one streamed request may ask for (OpenAI's limit)."""
 
@@ -96,12 +95,13 @@ class ImageResult:
 
 
 def pick_seed() -> int:
-    """A fresh random seed (never a constant), within 0 ≤ seed ≤ 2**53 − 1 (exact in JavaScript)."""
-    return secrets.randbelow(MAX_RANDOM_SEED + 1)
+    """A fresh random seed (never a constant), within 0 ≤ seed ≤ :data:`MAX_SEED` (exact in JavaScript)."""
+    return secrets.randbelow(MAX_SEED + 1)
 
 
 def seeds_for(first: int, n: int) -> list[int]:
-    """Image *i* uses ``first + i`` (wrapping past :data:`MAX_SEED`), so each can be reproduced alone."""
+    """Image *i* uses ``(first + i) mod 2**53`` (past :data:`MAX_SEED` it wraps to 0), so each can be
+    reproduced alone and every seed stays exact in JavaScript."""
     return [(first + i) % (MAX_SEED + 1) for i in range(n)]
 
 

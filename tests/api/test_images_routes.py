@@ -270,8 +270,9 @@ async def _streamed(app: Any, body: dict[str, Any]) -> list[dict[str, Any]]:
 
 async def test_a_stream_sends_only_openai_events_by_default(tmp_path: Path) -> None:
     async with fake_app(tmp_path) as app:
-        payloads = await _streamed(app, BODY)
+        payloads = await _streamed(app, {**BODY, "output_compression": 80})
         assert [p["type"] for p in payloads] == ["image_generation.completed"] and payloads[0]["job_id"]
+        assert payloads[0]["ignored_fields"] == ["output_compression"]  # a PNG: nothing to compress
 
 
 async def test_a_stream_that_opts_in_reports_progress_then_the_image(tmp_path: Path) -> None:

@@ -21,7 +21,7 @@ from fluxserve.aliases import default_response_format
 from fluxserve.api.errors import APIError, sanitize
 from fluxserve.api.protocol import ImageData, ImageGenerationRequest, ImageParams, ImagesResponse, public_model_source
 from fluxserve.engine.registry import ModelNotAllowedError, ModelSpec, UnknownModelError
-from fluxserve.generation import MAX_RANDOM_SEED, GenerationParams, pick_seed, seeds_for
+from fluxserve.generation import MAX_SEED, GenerationParams, pick_seed, seeds_for
 from fluxserve.loras import LoraError, LoraLibrary, resolve_loras
 from fluxserve.scheduler.jobs import TERMINAL_EVENTS, Job, JobError, JobStatus
 from fluxserve.storage.images import MEDIA_TYPES, encode_image, to_base64
@@ -147,9 +147,9 @@ class ImageService:
         if body.negative_prompt is not None and len(body.negative_prompt) > s.max_prompt_chars:
             raise APIError(400, f"invalid 'negative_prompt': must be at most {s.max_prompt_chars} characters, got "
                                 f"{len(body.negative_prompt)}", param="negative_prompt", code="prompt_too_long")
-        # Exact seeds: a random one leaves room for seed + n - 1 below 2**53 (JavaScript reads it exactly);
-        # a client's is used as sent; image i uses seed + i (wrapping past MAX_SEED to 0, never overflowing).
-        seed = body.seed if body.seed is not None else pick_seed() % (MAX_RANDOM_SEED + 2 - n)
+        # Exact seeds, all below 2**53 (JavaScript reads them exactly): a client's is used as sent (the request
+        # refuses larger ones); image i uses (seed + i) mod 2**53; a random one leaves room for seed + n - 1.
+        seed = body.seed if body.seed is not None else pick_seed() % (MAX_SEED + 2 - n)
         seeds = seeds_for(seed, n)
         allow_fallback = s.allow_fallback if body.allow_fallback is None else body.allow_fallback
         loras = self.resolve_loras(body, spec)
@@ -179,7 +179,7 @@ class ImageService:
         return OutputOptions(
             response_format=body.response_format or default_response_format(
                 body.model, self.settings.default_response_format), output_format=fmt,
-            compression=body.output_compression,
+            compression=body.output_compression if fmt != "png" else None,  # PNG: FLUX_PNG_COMPRESS_LEVEL
             store_local=self.settings.store_local if body.store_local is None else body.store_local,
             write_metadata=body.write_metadata,
             quality=body.quality or "auto",
