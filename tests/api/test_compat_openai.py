@@ -24,7 +24,8 @@ async def client(cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> A
     from tests.conftest import running_app
 
     settings = Settings(model="tiny-flux", cache_dir=cache_dir, output_dir=tmp_path_factory.mktemp("outputs"),
-                        device="cpu", warmup_sizes=["64x64"], _env_file=None)  # type: ignore[call-arg]
+                        device="cpu", warmup_sizes=["64x64"], hub_downloads="off",
+                        _env_file=None)  # type: ignore[call-arg]
     async with running_app(settings) as c:
         yield c
 

@@ -56,7 +56,8 @@ async def client(cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> A
 
     out = tmp_path_factory.mktemp("outputs")
     settings = Settings(model="tiny-flux", cache_dir=cache_dir, output_dir=out, device="cpu",  # type: ignore[call-arg]
-                        warmup_sizes=["64x64"], preload_models=["tiny-qwen"], store_local=False, _env_file=None)
+                        warmup_sizes=["64x64"], preload_models=["tiny-qwen"], store_local=False, hub_downloads="off",
+                        _env_file=None)
     async with running_app(settings) as c:
         c.output_dir = out  # type: ignore[attr-defined]
         yield c

@@ -39,7 +39,8 @@ class FakeApp:
 @asynccontextmanager
 async def fake_app(tmp_path: Path, *, ready: bool = True, **overrides: Any) -> AsyncIterator[FakeApp]:
     values: dict[str, Any] = {"model": "tiny-flux", "device": "cpu", "warmup_enable": False, "store_local": False,
-                              "output_dir": tmp_path / "outputs", "_env_file": None, "max_batch": 1}
+                              "output_dir": tmp_path / "outputs", "_env_file": None, "max_batch": 1,
+                              "hub_downloads": "off"}
     values.update(overrides)
     settings = Settings(**values)
     engine = FakeEngine("cpu")

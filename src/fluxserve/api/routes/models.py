@@ -2,7 +2,8 @@
 
 Select, unload and memory release need an admin key when keys are configured (the middleware answers
 403 to others: :func:`fluxserve.api.middleware.needs_admin`); /v1/models shows its runtime snapshot
-(devices, memory, settings, directories) to admins only.
+(devices, memory, settings, directories) to admins only. /v1/models lists what the caller can use
+(:meth:`fluxserve.runtime.Runtime.usable_models`); ``?all=true`` (admins) the whole registry.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
 
 from fluxserve.api.editing import edit_card
@@ -55,13 +56,14 @@ def public_source(spec: ModelSpec) -> str:
     return public_model_source(spec.source)
 
 
-def model_card(runtime: Runtime, spec: ModelSpec) -> dict[str, Any]:
+def model_card(runtime: Runtime, spec: ModelSpec, *, loadable: bool) -> dict[str, Any]:
+    """``loadable``: :meth:`Runtime.loadable` (blocking: the caller asks it off the event loop)."""
     loaded = runtime.model_info(spec.key)
     return {
         "id": public_model_source(spec.key), "object": "model", "created": int(runtime.started_at),
         "owned_by": "fluxserve",
         "source": public_source(spec) if spec.tiny is None else f"built offline ({spec.key})",
-        "allowed": runtime.may_serve(spec.key),
+        "allowed": runtime.may_serve(spec.key), "loadable": loadable,
         "family": spec.family,
         "description": spec.description if not Path(spec.source).is_absolute() else "local pipeline",
         "active": spec.key == runtime.active_key,
@@ -130,22 +132,38 @@ def _aliases(runtime: Runtime) -> dict[str, str]:
     return served
 
 
-@router.get("/v1/models", summary="Models: OpenAI list plus the active model and the runtime snapshot")
-async def list_models(request: Request) -> JSONResponse:
+@router.get("/v1/models", summary="Models this caller can use: OpenAI list plus the active model and the runtime "
+                                   "snapshot")
+async def list_models(request: Request, full_registry: bool = Query(
+        False, alias="all", description="Admins: every registry model, usable here or not (each card says "
+                                        "`allowed` and `loadable`).")) -> JSONResponse:
+    """The models this caller may use and this server can load: for an admin key any registry model (an admin
+    selects one with POST /v1/models/select), for other keys those requests may name (FLUX_MODELS); each loaded,
+    built offline, in the cache, or downloadable (FLUX_HUB_DOWNLOADS)."""
     runtime = _runtime(request)
-    specs = runtime.known_models()
-    cards = [model_card(runtime, spec) for spec in specs]
+    admin = is_admin(request.state)
+    if full_registry and not admin:
+        raise APIError(403, "GET /v1/models?all=true (the whole registry) needs an admin key (FLUX_ADMIN_KEYS)",
+                       param="all", code="permission_denied")
+
+    def models() -> list[tuple[ModelSpec, bool]]:  # the hub check may wait on the network: off the event loop
+        if full_registry:
+            return [(spec, runtime.loadable(spec)) for spec in runtime.known_models()]
+        return [(spec, True) for spec in runtime.usable_models(admin=admin)]
+
+    specs = await asyncio.get_running_loop().run_in_executor(None, models)
+    cards = [model_card(runtime, spec, loadable=loadable) for spec, loadable in specs]
     active = runtime.resolve(None)
     plan = runtime.plans[0]
     listing: dict[str, Any] = {
         "object": "list", "data": cards,
         # The earlier web page builds its model picker from `available` (key → repo id, Object.entries).
-        "available": {public_model_source(spec.key): public_source(spec) for spec in specs},
+        "available": {public_model_source(spec.key): public_source(spec) for spec, _ in specs},
         "aliases": _aliases(runtime),
         "active": {"key": public_model_source(active.key), "id": public_source(active), "type": active.family},
         "active_key": public_model_source(active.key),
         "device": plan.device, "dtype": plan.dtype}  # the earlier page's device badge
-    if is_admin(request.state):  # the configuration snapshot (directories, settings): admins only
+    if admin:  # the configuration snapshot (directories, settings): admins only
         listing.update({"cache_dir": str(runtime.settings.cache_dir),
                         "revision": runtime.settings.revision, "variant": runtime.settings.variant,
                         "runtime": runtime_snapshot(runtime)})
@@ -155,9 +173,10 @@ async def list_models(request: Request) -> JSONResponse:
 @router.get("/v1/models/{model_id:path}", summary="One model")
 async def get_model(model_id: str, request: Request) -> JSONResponse:
     runtime = _runtime(request)
-    # Any registry model can be looked at (the list shows them all, with "allowed"); using one is what
-    # FLUX_MODELS restricts.
-    return JSONResponse(model_card(runtime, _spec(runtime, model_id, operator=True)))
+    # Any registry model can be looked at (with "allowed" and "loadable"); using one is what FLUX_MODELS restricts.
+    spec = _spec(runtime, model_id, operator=True)
+    loadable = await asyncio.get_running_loop().run_in_executor(None, runtime.loadable, spec)
+    return JSONResponse(model_card(runtime, spec, loadable=loadable))
 
 
 @router.post("/v1/models/select", summary="Load (if needed) and make a model the default")
