@@ -276,6 +276,24 @@ async def test_a_stream_sends_only_openai_events_by_default(tmp_path: Path) -> N
         assert payloads[0]["ignored_fields"] == ["output_compression"]  # a PNG: nothing to compress
 
 
+async def test_a_stream_whose_answer_never_starts_cancels_its_job(tmp_path: Path) -> None:
+    """OpenAI's events may come late (no progress by default): a stream opened (its job queued) and closed before
+    anything was sent still cancels its job."""
+    from fluxserve.api.protocol import ImageGenerationRequest
+
+    async with fake_app(tmp_path) as app:
+        service = app.client.app.state.images  # type: ignore[attr-defined]
+        body = ImageGenerationRequest(**{**BODY, "stream": True})
+        job = service.build_job(body)
+        events = await service.open_stream(job, service.output_options(body, "http://test"), asyncio.Event().wait)
+        call = await app.next_call()  # the job runs
+        await events.aclose()
+        assert job.cancel_requested
+        await app.advance(call)  # the engine sees the cancel at its next step
+        await asyncio.wait_for(job.done(), BOUND)
+        assert job.status.value == "cancelled"
+
+
 async def test_a_stream_that_opts_in_reports_progress_then_the_image(tmp_path: Path) -> None:
     async with fake_app(tmp_path) as app:
         payloads = await _streamed(app, {**BODY, "stream_progress": True})

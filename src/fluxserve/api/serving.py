@@ -380,9 +380,10 @@ class ImageService:
         progress = options.stream_progress
         async with job.subscribe() as events:  # before submit: no event can be missed
             self.submit(job)
-            yield _SUBMITTED
-            gone = asyncio.ensure_future(disconnected())
+            gone: asyncio.Future[None] | None = None
             try:
+                yield _SUBMITTED  # closed here (the answer never started): the finally below cancels the job
+                gone = asyncio.ensure_future(disconnected())
                 async with contextlib.aclosing(until_gone(events, gone)) as followed:
                     async for event in followed:
                         kind = event["type"]  # every streamed event names its job (for /v1/images/jobs/{id}/events)
@@ -429,7 +430,8 @@ class ImageService:
                 yield error_event(exc if isinstance(exc, JobError) else JobError(
                     f"the stream failed ({type(exc).__name__})", code="internal_error", status=500))
             finally:
-                gone.cancel()
+                if gone is not None:
+                    gone.cancel()
                 if not job.finished:
                     self.runtime.scheduler.cancel(job.id)
 
