@@ -1,7 +1,7 @@
 """Attention kernels for FLUX's shapes on one GPU: each installed diffusers backend vs bf16 native.
 
-Run on the device machine from the repo root (after installing the kernels to compare, e.g. the
-``flash-attn-4`` / ``sageattention`` wheels, see bench/NOTES.md):
+Run on a GPU machine from the repo root (after installing the kernels to compare, e.g. the
+``flash-attn-4`` / ``sageattention`` wheels):
     PYTHONPATH=src python bench/attention_gpu.py --out attention.jsonl [--sizes 1024,2048] [--repeat 20]
 
 Two measurements per backend that ``fluxserve.engine.optimize.available_attention_backends`` accepts
@@ -9,7 +9,7 @@ on this GPU (the same check start-up applies to FLUX_ATTENTION_BACKEND):
 1. the kernel alone on FLUX's attention shape (batch 1, 24 heads × 128, 4096 image + 512 text tokens at
    1024², 16384 + 512 at 2048²), through diffusers' ``dispatch_attention_fn``; PSNR of its output vs
    bf16 ``native``;
-2. one full-size FLUX.1 transformer forward (random weights, GPU.md) with the backend set on the
+2. one full-size FLUX.1 transformer forward (random weights, the published config) with the backend set on the
    model; PSNR of the forward's output vs the forward with ``native``.
 A row is written per measurement as soon as it is taken (JSON lines), so a run cut short keeps them.
 The fastest backend with PSNR >= 35 dB is the candidate for FLUX_ATTENTION_BACKEND.

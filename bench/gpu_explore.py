@@ -1,6 +1,6 @@
 """Which optimizations pay for full-size FLUX.1 on this GPU? One process, many variants.
 
-Usage (device machine): python bench/gpu_explore.py --phase lossless|fp8 --out $OUT
+Usage (on a CUDA GPU): python bench/gpu_explore.py --phase lossless|fp8 --out DIR
 Writes one JSON object per measurement to <out>/explore_<phase>.jsonl as it goes and prints a table.
 """
 
@@ -13,6 +13,7 @@ import math
 import os
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,8 @@ from fluxbench.serving import build_fullsize_flux, transformer_inputs
 T0 = time.perf_counter()
 ROWS: list[dict[str, Any]] = []
 OUT: Path = Path(".")
+SCRATCH = Path(tempfile.gettempdir())
+"""Where the saved random checkpoint and the compile cache go."""
 PHASE = ""
 BUDGET_S = 520.0
 
@@ -217,9 +220,9 @@ def main() -> int:
             record("opt_pipe_512_4", **timeit(lambda: gen_image(pipe, 512, 4), 3, warmup=1))
         if left() > 90:
             t = time.perf_counter()
-            pipe.save_pretrained("/tmp/flux-random", safe_serialization=True)
+            pipe.save_pretrained(SCRATCH / "flux-random", safe_serialization=True)
             record("save_pretrained", seconds=round(time.perf_counter() - t, 1))
-            du = sum(f.stat().st_size for f in Path("/tmp/flux-random").rglob("*") if f.is_file())
+            du = sum(f.stat().st_size for f in (SCRATCH / "flux-random").rglob("*") if f.is_file())
             record("saved_size", gb=round(du / 1e9, 2))
 
     elif PHASE == "profile":
@@ -253,7 +256,7 @@ def main() -> int:
 
         img_ref = gen_image(pipe, 1024, 4)
         arr_ref = np.asarray(img_ref)
-        settings = Settings(quantize="fp8", fuse_qkv=True, compile="regional", cache_dir="/tmp/fluxcache")
+        settings = Settings(quantize="fp8", fuse_qkv=True, compile="regional", cache_dir=SCRATCH / "fluxcache")
         t = time.perf_counter()
         names = apply_optimizations(pipe, settings, select_device_dtype("cuda"))
         record("fp8own_apply", seconds=round(time.perf_counter() - t, 1), names=names)

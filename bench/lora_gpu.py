@@ -13,7 +13,7 @@ Measures, with random rank-16 and rank-64 adapters (all attention projections of
     python bench/lora_gpu.py --tiny       # on the CPU: tiny config, ranks 4/8, checks the script itself
 
 It prints a table and writes ``lora_gpu.json`` to ``$OUT`` (or ``--out``) as it goes, so a run cut short
-still leaves what it measured. Targets (the issue): switch ≤ 50 ms, 0 recompiles, rank-16 overhead ≤ 5 %.
+still leaves what it measured. Targets: switch ≤ 50 ms, 0 recompiles, rank-16 overhead ≤ 5 %.
 """
 
 from __future__ import annotations

@@ -33,7 +33,7 @@ def setup(name: str) -> tuple[Any, Any, float]:
     from fluxserve.engine.device import select_device_dtype
     from fluxserve.engine.engine import DeviceEngine
     from fluxserve.engine.memory import check_memory_modes
-    from fluxserve.engine.registry import BUILTIN_MODELS
+    from fluxserve.models.registry import BUILTIN_MODELS
     from fluxserve.settings import Settings
 
     settings = Settings(model="tiny-flux", cache_dir=CACHE, device="cpu", _env_file=None,  # type: ignore[call-arg]

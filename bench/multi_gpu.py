@@ -1,6 +1,6 @@
 """Throughput of one worker vs one worker per GPU (FLUX_DEVICES), full-size FLUX.1-schnell random weights.
 
-Run on a 2-GPU machine from the repo root (wheels as in bench/NOTES.md):
+Run on a machine with two CUDA GPUs from the repo root:
     PYTHONPATH=src python bench/multi_gpu.py --out results.json
 Each configuration starts a real `fluxserve serve`, waits for /ready and drives it with
 `fluxserve.loadtest.run_load` (concurrent HTTP clients on loopback). Batching is off (FLUX_MAX_BATCH=1)
@@ -16,6 +16,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -47,7 +48,7 @@ def main() -> int:
     results: dict[str, object] = {"worker_processes": args.worker_processes}
     results["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
     results["torch"] = torch.__version__
-    path = Path("/tmp/flux-schnell-random")
+    path = Path(tempfile.gettempdir()) / "flux-schnell-random"
     started = time.perf_counter()
     pipe = build_fullsize_flux(device="cuda:0")
     if path.exists():

@@ -1,10 +1,10 @@
 """One request over two GPUs: diffusers' context parallelism (Ulysses / ring) vs one GPU, full-size FLUX.1.
 
-Run on a 2-GPU device machine (``nvidia-h200-x2``) from the repo root; no torchrun, it spawns its ranks:
+Run on a machine with two CUDA GPUs from the repo root; no torchrun, it spawns its ranks:
     PYTHONPATH=src python bench/parallel_gpu.py --out parallel.jsonl [--kind ulysses] [--sizes 1024,2048]
         [--steps 28] [--compile] [--attention _native_cudnn] [--skip-pipeline]
 
-Full-size FLUX.1 architecture with random weights (GPU.md), built on rank 0's GPU and broadcast, so both
+Full-size FLUX.1 architecture with random weights (the published config), built on rank 0's GPU and broadcast, so both
 ranks hold the same weights. For each size:
 1. one GPU (rank 0 alone, before parallelism is enabled): one transformer forward (median of --repeat)
    and, unless --skip-pipeline, one pipeline call (--steps steps, latents out, no VAE/PNG) — the reference

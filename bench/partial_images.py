@@ -26,8 +26,8 @@ import torch
 
 from fluxserve.engine.device import select_device_dtype
 from fluxserve.engine.engine import DeviceEngine
-from fluxserve.engine.registry import resolve_model
 from fluxserve.generation import GenerationParams, ImageRequest
+from fluxserve.models.registry import resolve_model
 from fluxserve.settings import load_settings
 from fluxserve.storage.images import encode_image, to_base64
 
@@ -113,7 +113,7 @@ def main() -> None:
                 _sync(args.device)
                 started = time.perf_counter()
                 with torch.inference_mode():
-                    model.adapter.decode(pipe, latents, side, side).float().cpu()
+                    model.runner.decode(pipe, latents, side, side).float().cpu()
                 _sync(args.device)
                 decode.append(time.perf_counter() - started)
             decode = decode[args.warmups:]

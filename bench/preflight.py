@@ -1,11 +1,11 @@
-"""Fail fast, before a device call spends minutes on a build: import everything ``fluxserve serve``,
+"""Fail fast, before a GPU benchmark spends minutes building a model: import everything ``fluxserve serve``,
 ``fluxserve bench`` and the official ``openai`` client need, the way their subprocesses will, and print
 the versions found. A missing package is named with the import that needs it; exit status 1.
 
-    PYTHONPATH=/tmp/site:$PWD/src python3 bench/preflight.py
+    PYTHONPATH=src python3 bench/preflight.py
 
-(Two device calls of 2026-12-01 lost their HTTP rows to packages the device image lacks — FastAPI's
-``opentelemetry-api``, the openai client's ``httpx2`` — found only after the model build; bench/NOTES.md.)
+(Two GPU runs of 2026-12-01 lost their HTTP rows to packages missing from the machine's environment —
+FastAPI's ``opentelemetry-api``, the openai client's ``httpx2`` — found only after the model build.)
 """
 
 from __future__ import annotations
@@ -18,6 +18,9 @@ PACKAGES = ("torch", "diffusers", "transformers", "accelerate", "peft", "safeten
             "isal", "PIL", "numpy", "openai")
 CHAINS = ("fluxserve.server", "fluxserve.api.app", "fluxserve.engine.engine", "fluxbench.serving")
 """What ``fluxserve serve`` and ``fluxserve bench`` import, with everything those import in turn."""
+OPTIONAL = ("torchao", "cache_dit", "flash_attn_interface")
+"""What the bench's peer paths use where installed (recipe-fp8, cache-dit, FlashAttention-3); without them
+those rows are skipped with the reason, so their absence is reported, not an error."""
 
 
 def main() -> int:
@@ -36,6 +39,14 @@ def main() -> int:
 
         openai.OpenAI(base_url="http://127.0.0.1:9/v1", api_key="preflight", max_retries=0)  # builds its HTTP stack
     print(" ".join(f"{k}={v}" for k, v in versions.items()))
+    optional = []
+    for name in OPTIONAL:
+        try:
+            module = importlib.import_module(name)
+            optional.append(f"{name}={getattr(module, '__version__', '?')}")
+        except Exception as exc:  # reported, not fatal: the bench skips the rows that need it
+            optional.append(f"{name}=missing ({type(exc).__name__})")
+    print("optional, for the bench's peer rows:", " ".join(optional))
     for problem in problems:
         print(problem, file=sys.stderr)
     return 1 if problems else 0

@@ -1,6 +1,6 @@
-"""Regenerate .env.example and the settings table in README.md from fluxserve.settings.Settings.
+"""Regenerate .env.example and the settings table in docs/settings.md from fluxserve.settings.Settings.
 
-Run: .venv/bin/python scripts/gen_settings_docs.py  (tests check both are up to date)
+Run: ./run python scripts/gen_settings_docs.py  (tests/test_settings.py checks both are up to date)
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from typing import Any
 from fluxserve.settings import Settings, env_var_name
 
 ROOT = Path(__file__).resolve().parent.parent
+SETTINGS_DOC = ROOT / "docs" / "settings.md"
 BEGIN, END = "<!-- settings-table:begin -->", "<!-- settings-table:end -->"
 
 
@@ -21,6 +22,8 @@ def _default(name: str) -> str:
     value: Any = Settings(_env_file=None).model_dump(mode="json")[name]  # type: ignore[call-arg]
     if name == "cache_dir":
         return "~/.cache/fluxserve"
+    if name == "state_dir":
+        return "~/.local/state/fluxserve"
     if value is None:
         return ""
     if isinstance(value, bool):
@@ -56,11 +59,10 @@ def table() -> str:
 
 def main() -> int:
     (ROOT / ".env.example").write_text(env_example())
-    readme = ROOT / "README.md"
-    text = readme.read_text()
+    text = SETTINGS_DOC.read_text()
     pattern = re.compile(re.escape(BEGIN) + ".*?" + re.escape(END), re.S)
-    text = pattern.sub(BEGIN + "\n" + table() + "\n" + END, text)
-    readme.write_text(text)
+    text = pattern.sub(lambda _: BEGIN + "\n" + table() + "\n" + END, text)
+    SETTINGS_DOC.write_text(text)
     print(json.dumps({"settings": len(Settings.model_fields)}))
     return 0
 

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+HEAVY_LIBRARIES = ("torch", "diffusers", "transformers", "fastapi", "uvicorn", "starlette")
+
 
 def run_cli(args: list[str], env: dict[str, str], cwd: Path, timeout: float = 180) -> subprocess.CompletedProcess[str]:
     full = {k: v for k, v in os.environ.items() if not k.startswith("FLUX_")}
@@ -70,3 +72,40 @@ def test_make_tiny_model(tmp_path: Path) -> None:
     done = run_cli(["generate", "hi", "--model", str(tmp_path / "tq"), "--size", "64x64", "--steps", "1", "-o",
                     "p.png"], {"FLUX_ALLOW_ANY_MODEL": "1"}, tmp_path)
     assert done.returncode == 0, done.stderr
+
+
+def imported_modules(importtime_stderr: str) -> set[str]:
+    """Top-level names of every module that ``python -X importtime`` reports as imported."""
+    names = set()
+    for line in importtime_stderr.splitlines():
+        if line.startswith("import time:") and "|" in line:
+            names.add(line.rsplit("|", 1)[1].strip().split(".")[0])
+    return names
+
+
+@pytest.mark.parametrize("args", [["--help"], ["serve", "--help"], ["generate", "--help"]])
+def test_help_is_plain_text_and_imports_no_model_or_web_library(args: list[str], tmp_path: Path) -> None:
+    full = {k: v for k, v in os.environ.items() if not k.startswith("FLUX_")}
+    done = subprocess.run([sys.executable, "-X", "importtime", "-m", "fluxserve", *args], env=full, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    modules = imported_modules(done.stderr)
+    assert "fluxserve" in modules and "argparse" in modules  # the parse really saw the imports
+    assert not modules & set(HEAVY_LIBRARIES), sorted(modules & set(HEAVY_LIBRARIES))
+    assert "``" not in done.stdout and ":class:" not in done.stdout  # plain text, not reStructuredText
+    assert "docs/settings.md" in done.stdout
+
+
+def test_serve_help_lists_the_models_and_warns_about_the_default_download(tmp_path: Path) -> None:
+    from fluxserve.models.registry import BUILTIN_MODELS
+
+    done = run_cli(["serve", "--help"], {}, tmp_path, timeout=120)
+    assert done.returncode == 0, done.stderr
+    text = done.stdout
+    assert text.index("Start the HTTP server") < text.index("options:")  # a description first
+    listed = {line.split()[0]: line for line in text.splitlines() if line.startswith("  ") and line.split()
+              and line.split()[0] in BUILTIN_MODELS}
+    assert set(listed) == set(BUILTIN_MODELS)
+    assert all(("offline" in line) == key.startswith("tiny-") for key, line in listed.items())
+    assert "default schnell" in text and "large download" in text
+    assert "FLUX_*" in text and "docs/settings.md" in text

@@ -90,15 +90,16 @@ def test_env_example_lists_every_setting_with_its_default() -> None:
         assert env_var_name(name) in listed, f"{env_var_name(name)} missing from .env.example"
 
 
-def test_readme_settings_table_is_current() -> None:
+def test_the_settings_table_in_docs_is_current() -> None:
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("gen", ROOT / "scripts" / "gen_settings_docs.py")
     assert spec is not None and spec.loader is not None
     gen = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(gen)
-    assert gen.table() in (ROOT / "README.md").read_text()
+    assert f"{gen.BEGIN}\n{gen.table()}\n{gen.END}" in (ROOT / "docs" / "settings.md").read_text()
     assert gen.env_example() == (ROOT / ".env.example").read_text()
+    assert gen.BEGIN not in (ROOT / "README.md").read_text()  # the README links to the table instead
 
 
 def test_start_up_refuses_combinations_that_cannot_work() -> None:
@@ -126,3 +127,22 @@ def test_an_aliased_setting_is_named_once(monkeypatch: pytest.MonkeyPatch) -> No
     with pytest.raises(SettingsError) as bad:
         load_settings(_env_file=None)
     assert "FLUX_PORT=" in str(bad.value) and "FLUX_FLUX_PORT" not in str(bad.value)
+
+
+def test_durable_settings_are_checked_and_their_secrets_never_shown() -> None:
+    from fluxserve.settings import SettingsError, load_settings, redact_dsn
+
+    settings = load_settings(job_store="postgresql://flux:hunter2@db:5432/jobs", s3_access_key_id="AKIA1",
+                             s3_secret_access_key="s3cr3t", result_store="s3", s3_bucket="images",
+                             webhook_secret="whsec_" + "A" * 32, _env_file=None)
+    shown = str(settings.redacted())
+    assert "hunter2" not in shown and "s3cr3t" not in shown and "AKIA1" not in shown and "AAAA" not in shown
+    assert settings.redacted()["job_store"] == "postgresql://flux:***@db:5432/jobs"
+    assert redact_dsn("postgresql://db/jobs") == "postgresql://db/jobs"
+    with pytest.raises(SettingsError, match="FLUX_JOB_STORE") as bad:
+        load_settings(job_store="mysql://root:topsecret@db/x", _env_file=None)
+    assert "topsecret" not in str(bad.value)
+    with pytest.raises(SettingsError, match="FLUX_S3_BUCKET"):
+        load_settings(result_store="s3", _env_file=None)
+    with pytest.raises(SettingsError, match="FLUX_WEBHOOK_SECRET: must carry at least 16 random bytes"):
+        load_settings(webhook_secret="whsec_c2hvcnQ=", _env_file=None)

@@ -18,11 +18,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fluxserve.aliases import parse_model_aliases
-from fluxserve.engine.device import DevicePlan
-from fluxserve.engine.memory import in_use_bytes
-from fluxserve.engine.registry import BUILTIN_MODELS, ModelNotAllowedError, ModelSpec, UnknownModelError, resolve_model
 from fluxserve.generation import GenerationParams, ImageRequest, OutOfMemory
+from fluxserve.models.aliases import parse_model_aliases
+from fluxserve.models.devices import DevicePlan, in_use_of
+from fluxserve.models.handle import ModelHandle
+from fluxserve.models.registry import BUILTIN_MODELS, ModelNotAllowedError, UnknownModelError, resolve_model
+from fluxserve.models.spec import ModelSpec
 from fluxserve.observability.metrics import Metrics
 from fluxserve.scheduler.jobs import JobError
 from fluxserve.scheduler.scheduler import Scheduler
@@ -212,7 +213,7 @@ class LocalCatalog:
         self.names.activate(spec)
         return spec
 
-    def model_info(self, key: str) -> dict[str, Any]:
+    def model_info(self, key: str) -> dict[str, ModelHandle]:
         loaded = {engine.device: engine.get(key) for engine in self.engines}
         return {device: model for device, model in loaded.items() if model is not None}
 
@@ -239,8 +240,9 @@ class LocalCatalog:
         return dropped, max(0, before - self._in_use())
 
     def _in_use(self) -> int:
-        """Bytes in use, counted once per device (``cpu,cpu`` workers share one process RSS)."""
-        return sum(in_use_bytes(device) for device in {engine.device for engine in self.engines})
+        """Bytes in use, counted once per device (``cpu,cpu`` engines share one process RSS)."""
+        first = {engine.device: engine for engine in reversed(self.engines)}
+        return sum(in_use_of(engine.memory()) for engine in first.values())
 
 
 _PATHS = re.compile(r"(?:[A-Za-z]:)?(?:[/\\][\w.\-~]+){2,}[/\\]?")

@@ -1,4 +1,8 @@
-"""The ``fluxserve`` command: serve, generate, make-tiny-model, bench, loadtest."""
+"""The fluxserve command: serve, generate, make-tiny-model, bench, loadtest.
+
+``--help`` must stay fast: this module imports only the standard library at the top, the torch-free model
+registry to list model keys, and everything else (settings, the server, the engine) once a command runs.
+"""
 
 from __future__ import annotations
 
@@ -9,9 +13,23 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fluxserve.settings import SettingsError, load_settings
-
 log = logging.getLogger("fluxserve")
+
+DESCRIPTION = """\
+fluxserve: a self-hosted, OpenAI-compatible image-generation server on Hugging Face diffusers.
+
+Start with `fluxserve serve --model tiny-flux` (offline, seconds) and open http://127.0.0.1:8000/.
+Every setting is a FLUX_* environment variable (or a line in .env): docs/settings.md lists them all.
+"""
+
+SERVE_DESCRIPTION = """\
+Start the HTTP server: OpenAI's images API under /v1, the web studio at /, /health, /ready and
+/metrics. It listens on http://127.0.0.1:8000/ unless --host/--port (FLUX_HOST, FLUX_PORT) say
+otherwise, and logs "ready — open http://127.0.0.1:8000/" once its models are loaded and warmed up.
+"""
+
+DEFAULT_MODEL_DOWNLOAD = "about 34 GB"
+"""What the default model (FLUX.1-schnell in diffusers format: transformer, T5-XXL, CLIP, VAE) downloads."""
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -22,36 +40,68 @@ def _size(text: str) -> tuple[int, int]:
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", help="registry key, hub repo id or local directory (FLUX_MODEL)")
+    parser.add_argument("--model", help="registry key (listed below), hub repo id or local directory (FLUX_MODEL)")
     parser.add_argument("--device", help="auto|cuda|cuda:N|mps|cpu (FLUX_DEVICE)")
     parser.add_argument("--dtype", help="auto|bfloat16|float16|float32 (FLUX_DTYPE)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fluxserve", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+def models_epilog() -> str:
+    """The model keys ``--model`` takes, tiny offline ones marked, and the warning about the default's size."""
+    from fluxserve.models.registry import BUILTIN_MODELS  # torch-free
 
-    serve = sub.add_parser("serve", help="start the HTTP server")
+    width = max(len(key) for key in BUILTIN_MODELS) + 2
+    lines = ["models (--model or FLUX_MODEL; default schnell):"]
+    for key, spec in BUILTIN_MODELS.items():
+        if spec.tiny is not None:
+            what = f"offline: tiny random-weight {spec.family} pipeline, built on first use (images are noise)"
+        else:
+            what = spec.source + (" (gated: needs HF_TOKEN)" if spec.gated else "")
+        lines.append(f"  {key:<{width}}{what}")
+    lines += [
+        "  any hub repo id or local diffusers directory also works (requests may name one only with",
+        "  FLUX_ALLOW_ANY_MODEL=1).",
+        "",
+        f"The default model, schnell, is a large download ({DEFAULT_MODEL_DOWNLOAD} from the Hugging Face hub into",
+        "FLUX_CACHE_DIR on first start). To try fluxserve offline first: fluxserve serve --model tiny-flux.",
+        "",
+        "Every option here is also a FLUX_* environment variable, and there are many more (limits, API keys,",
+        "CORS, queue, memory modes, compilation): all are listed in docs/settings.md and .env.example.",
+    ]
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    raw = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(prog="fluxserve", description=DESCRIPTION, formatter_class=raw)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = sub.add_parser("serve", help="start the HTTP server (OpenAI images API and web studio)",
+                           description=SERVE_DESCRIPTION, epilog=models_epilog(), formatter_class=raw)
     _common(serve)
     serve.add_argument("--host", help="bind address (FLUX_HOST, default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port (FLUX_PORT, default 8000)")
     serve.add_argument("--ray", action="store_true", help="serve on a Ray cluster (pip install 'fluxserve[ray]')")
 
-    gen = sub.add_parser("generate", help="write one image without a server")
+    gen = sub.add_parser("generate", help="write one image without a server",
+                         description="Load a model in this process, write one image to a file and exit.",
+                         epilog=models_epilog(), formatter_class=raw)
     gen.add_argument("prompt")
     _common(gen)
-    gen.add_argument("--seed", type=int)
-    gen.add_argument("--size", type=_size, help="WIDTHxHEIGHT")
-    gen.add_argument("--steps", type=int)
-    gen.add_argument("--guidance", type=float)
+    gen.add_argument("--seed", type=int, help="random seed (default: a fresh one, printed)")
+    gen.add_argument("--size", type=_size, help="WIDTHxHEIGHT (default: the model's)")
+    gen.add_argument("--steps", type=int, help="denoising steps (default: the model's)")
+    gen.add_argument("--guidance", type=float, help="guidance scale (default: the model's)")
     gen.add_argument("--negative-prompt")
     gen.add_argument("-o", "--output", default="image.png", help="output file (.png, .jpg or .webp)")
 
-    tiny = sub.add_parser("make-tiny-model", help="write a tiny random-weight pipeline (diffusers format)")
+    tiny = sub.add_parser("make-tiny-model", help="write a tiny random-weight pipeline (diffusers format)",
+                          description="Write a tiny random-weight pipeline of one family in diffusers format "
+                                      "(offline; serve it with --model DIRECTORY).")
     tiny.add_argument("directory", type=Path)
-    from fluxserve.engine.families import FAMILIES  # torch-free
+    from fluxserve.models.registry import BUILTIN_MODELS, tiny_families  # torch-free
 
-    tiny.add_argument("--family", choices=[n for n, f in FAMILIES.items() if f.has_tiny], default="flux")
+    first_tiny = next(spec.tiny for spec in BUILTIN_MODELS.values() if spec.tiny is not None)
+    tiny.add_argument("--family", choices=tiny_families(), default=first_tiny)
 
     sub.add_parser("bench", help="benchmark against plain diffusers (see BENCHMARKS.md)", add_help=False)
     sub.add_parser("loadtest", help="drive concurrent clients against a running server", add_help=False)
@@ -59,6 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _settings(args: argparse.Namespace, **extra: Any):  # type: ignore[no-untyped-def]
+    from fluxserve.settings import load_settings
+
     overrides = {k: getattr(args, k, None) for k in ("model", "device", "dtype", "host", "port")}
     overrides.update(extra)
     return load_settings(**overrides)
@@ -84,8 +136,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     configure_logging("WARNING", settings.structured_logs)
     from fluxserve.engine.engine import DeviceEngine
-    from fluxserve.engine.registry import resolve_model
     from fluxserve.generation import GenerationParams, ImageRequest, pick_seed
+    from fluxserve.models.registry import resolve_model
     from fluxserve.runtime import Runtime
     from fluxserve.storage.images import encode_image
 
@@ -136,7 +188,9 @@ def main(argv: list[str] | None = None) -> int:
         from fluxserve.loadtest import main as loadtest_main
 
         return loadtest_main(argv[1:])
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(argv)  # --help exits here, before any settings or engine import
+    from fluxserve.settings import SettingsError
+
     try:
         if args.command == "serve":
             return cmd_serve(args)
@@ -148,8 +202,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except Exception as exc:
         from fluxserve.engine.device import DeviceSelectionError
-        from fluxserve.engine.registry import UnknownModelError
         from fluxserve.generation import ModelLoadError
+        from fluxserve.models.registry import UnknownModelError
 
         if isinstance(exc, DeviceSelectionError | ModelLoadError | UnknownModelError):
             print(f"fluxserve: {exc}", file=sys.stderr)

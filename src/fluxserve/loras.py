@@ -8,7 +8,8 @@ diffusers' ``load_lora_weights``, which converts kohya and the other trainers' f
 Layout of ``FLUX_LORA_DIR`` (default ``FLUX_CACHE_DIR/loras``)::
 
     loras/
-      my-style.safetensors          # family read from the file (metadata, or the tensor names)
+      my-style.safetensors          # family read from the file (metadata, or the tensor names: each
+                                    # family's descriptor declares its LoRA key signatures)
       flux/tiny-flux-demo.safetensors  # a family subfolder says the family
       qwen/other.safetensors
 
@@ -28,6 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fluxserve.models.registry import FAMILIES, family_of_lora_keys
+
 log = logging.getLogger(__name__)
 
 FAMILY_KEY = "fluxserve.family"
@@ -39,7 +42,6 @@ MAX_HEADER_BYTES = 64 * 1024 * 1024
 MAX_FILES = 4096
 """Most adapter files the library lists (a budget: listing reads every header)."""
 
-_KNOWN_FAMILIES = ("flux", "qwen", "klein", "zimage", "flux2", "kontext", "qwen_edit")
 _LAYER = re.compile(r"^(?:transformer\.|unet\.|text_encoder(?:_2)?\.|lora_unet_|lora_te\d?_|diffusion_model\.)?")
 
 
@@ -107,7 +109,7 @@ def describe(path: Path, name: str, folder_family: str | None) -> LoraInfo:
     rank = max(int(v["shape"][0]) for v in down.values())
     targets = sorted({_leaf(k) for k in down})
     text_encoder = any(k.startswith(("text_encoder", "lora_te")) for k in down)
-    family = folder_family or metadata.get(FAMILY_KEY) or _guess_family(list(down))
+    family = folder_family or metadata.get(FAMILY_KEY) or family_of_lora_keys(down)
     return LoraInfo(name=name, path=path, family=family, rank=rank, target_modules=tuple(targets),
                     size_bytes=path.stat().st_size, format="kohya" if kohya else "peft", text_encoder=text_encoder,
                     base_model=metadata.get(BASE_MODEL_KEY), mtime=path.stat().st_mtime)
@@ -126,16 +128,6 @@ def _leaf(key: str) -> str:
     return parts[-1]
 
 
-def _guess_family(keys: list[str]) -> str | None:
-    """Tensor names that only one family's transformer has."""
-    text = " ".join(keys)
-    if "double_blocks" in text or "single_blocks" in text or "single_transformer_blocks" in text:
-        return "flux"
-    if "img_mlp" in text or "txt_mlp" in text or "img_mod" in text:
-        return "qwen"
-    return None
-
-
 class LoraLibrary:
     """The adapter files under one directory; re-read when a file changes (headers only), thread-safe."""
 
@@ -149,7 +141,7 @@ class LoraLibrary:
             return []
         found: list[tuple[Path, str | None]] = [(p, None) for p in sorted(self.directory.glob("*.safetensors"))]
         for folder in sorted(p for p in self.directory.iterdir() if p.is_dir() and not p.name.startswith(".")):
-            family = folder.name if folder.name in _KNOWN_FAMILIES else None
+            family = folder.name if folder.name in FAMILIES else None
             found += [(p, family) for p in sorted(folder.glob("*.safetensors"))]
         return found[:MAX_FILES]
 

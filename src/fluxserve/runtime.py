@@ -19,9 +19,10 @@ from typing import Any
 
 from fluxserve import __version__
 from fluxserve.catalog import LocalCatalog
-from fluxserve.engine.device import BackendProbe, DevicePlan, select_device_dtype
-from fluxserve.engine.registry import ModelSpec
-from fluxserve.model_sources import ModelSources
+from fluxserve.models.devices import BackendProbe, DevicePlan
+from fluxserve.models.handle import ModelHandle
+from fluxserve.models.sources import ModelSources
+from fluxserve.models.spec import ModelSpec
 from fluxserve.observability.events import job_ended
 from fluxserve.observability.logs import register_secrets
 from fluxserve.observability.metrics import Metrics
@@ -57,7 +58,8 @@ class Runtime:
         self.outputs = OutputStore(settings.output_dir, settings.output_max_bytes)
         self.files = FileRegistry(settings.file_ttl)
         self.encoder = ThreadPoolExecutor(settings.encode_threads, thread_name_prefix="encode")
-        self.sources = ModelSources(settings)
+        self.sources = ModelSources(cache_dir=settings.cache_dir, revision=settings.revision,
+                                    hub_downloads=settings.hub_downloads, hub_token=settings.hf_token_value())
         self.started_at = time.time()
         self.shutting_down = False
 
@@ -175,7 +177,7 @@ class Runtime:
     def release(self, keep: set[str]) -> tuple[list[str], int]:
         return self.models.release(keep)
 
-    def model_info(self, key: str) -> dict[str, Any]:
+    def model_info(self, key: str) -> dict[str, ModelHandle]:
         return self.models.model_info(key)
 
     def replicas(self, key: str) -> list[dict[str, Any]] | None:
@@ -211,6 +213,7 @@ class Runtime:
 def _local_backend(settings: Settings, probe: BackendProbe | None, engines: Sequence[Engine] | None, hook: Hook,
                    metrics: Metrics) -> tuple[LocalCatalog, Scheduler]:
     """This process's devices: a plan and an engine each, one scheduler in front of them."""
+    from fluxserve.engine.device import select_device_dtype
     from fluxserve.engine.engine import DeviceEngine
     from fluxserve.engine.faults import FaultInjector
     from fluxserve.engine.memory import check_memory_modes

@@ -260,6 +260,15 @@ def notify_service_manager(address: str | None, message: str) -> None:
         log.warning("could not notify the service manager at %s: %s", address, exc)
 
 
+def browser_url(host: str, port: int, public_url: str | None = None) -> str:
+    """The URL to open for a server bound to ``host:port``: FLUX_PUBLIC_URL when set; a wildcard bind
+    (``0.0.0.0``, ``::``) is reached on loopback; IPv6 addresses go in brackets."""
+    if public_url:
+        return public_url.rstrip("/") + "/"
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+    return f"http://[{host}]:{port}/" if ":" in host else f"http://{host}:{port}/"
+
+
 class GracefulServer(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, runtime: Runtime) -> None:
         super().__init__(config)
@@ -270,15 +279,31 @@ class GracefulServer(uvicorn.Server):
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         """uvicorn's start-up (the lifespan has started the runtime, the sockets listen), then, off the event
-        loop, ``READY=1`` for a service manager once the models are loaded and warmed up."""
+        loop, once the models are loaded and warmed up: one log line saying where to open the server (or why
+        it is not ready) and ``READY=1`` for a service manager."""
         await super().startup(sockets)
-        if self.started and self.runtime.settings.notify_socket:
-            threading.Thread(target=self._announce_ready, name="notify-ready", daemon=True).start()
+        if self.started:
+            url = self.open_url()
+            threading.Thread(target=self._announce_ready, args=(url,), name="announce-ready", daemon=True).start()
 
-    def _announce_ready(self) -> None:
+    def open_url(self) -> str:
+        """Where a browser reaches this server: the address uvicorn really bound (its first TCP socket)."""
+        settings = self.runtime.settings
+        addresses = [sock.getsockname() for server in self.servers for sock in server.sockets]
+        host, port = next(((a[0], a[1]) for a in addresses if isinstance(a, tuple)), (settings.host, settings.port))
+        return browser_url(host, port, settings.public_url)
+
+    def _announce_ready(self, url: str) -> None:
+        """The moment ``/ready`` first answers 200 (or start-up ended without it): uvicorn's own "running on"
+        line comes seconds earlier, while the model is still loading."""
         self.runtime.wait_started()
         ready, reasons = self.runtime.readiness()
-        status = "ready" if ready else "not ready: " + "; ".join(reasons)
+        if ready:
+            log.info("ready — open %s", url)
+            status = "ready"
+        else:
+            status = "not ready: " + "; ".join(reasons)
+            log.warning("start-up finished %s (GET /ready says why)", status)
         notify_service_manager(self.runtime.settings.notify_socket, f"READY=1\nSTATUS={status}")
 
     @contextlib.contextmanager

@@ -9,6 +9,8 @@ the two never drift apart.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -16,7 +18,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from fluxserve.aliases import OPENAI_IMAGE_MODELS, parse_model_aliases
+from fluxserve.models.aliases import OPENAI_IMAGE_MODELS, parse_model_aliases
 
 ENV_PREFIX = "FLUX_"
 
@@ -31,6 +33,25 @@ def _split_csv(value: Any) -> Any:
     if isinstance(value, str):
         return [part.strip() for part in value.split(",") if part.strip()]
     return value
+
+
+def _default_state_dir() -> Path:
+    """Where the job store and local results live unless ``FLUX_STATE_DIR`` says otherwise: the XDG state
+    directory (``$XDG_STATE_HOME/fluxserve``, by default ``~/.local/state/fluxserve``). State, not cache: deleting
+    it loses jobs that clients were promised."""
+    xdg = os.environ.get("XDG_STATE_HOME")  # read once here, at import; settings stays the only reader
+    return (Path(xdg) if xdg else Path.home() / ".local" / "state") / "fluxserve"
+
+
+def redact_dsn(dsn: str) -> str:
+    """A database URL with its password replaced by ``***`` (for logs, error messages and /v1/models)."""
+    scheme, sep, rest = dsn.partition("://")
+    if not sep:
+        return dsn
+    userinfo, at, host = rest.rpartition("@")
+    if not at or ":" not in userinfo:
+        return dsn
+    return f"{scheme}://{userinfo.partition(':')[0]}:***@{host}"
 
 
 CsvList = Annotated[list[str], NoDecode]
@@ -254,6 +275,70 @@ class Settings(BaseSettings):
     stall_timeout: float = Field(600.0, gt=0)
     """A worker busy this many seconds without finishing a denoising step makes /ready answer 503."""
 
+    # --- durable jobs, results and webhooks ------------------------------------------------------
+    state_dir: Path = Field(default_factory=_default_state_dir)
+    """Where fluxserve keeps what must outlive the process: the SQLite job store (``jobs.sqlite3``) and, with
+    FLUX_RESULT_STORE=local, finished jobs' images (``results/``). Default: ``$XDG_STATE_HOME/fluxserve``, i.e.
+    ``~/.local/state/fluxserve``. See docs/durability.md."""
+    job_store: str = "sqlite"
+    """Where async jobs are kept: ``sqlite`` (one file under FLUX_STATE_DIR, for one server process),
+    ``sqlite:///absolute/path.sqlite3``, or a PostgreSQL URL ``postgresql://user:password@host:5432/db`` (several
+    processes or ingress replicas share it; needs ``fluxserve[postgres]``). The password is never logged."""
+    job_store_timeout: float = Field(5.0, gt=0)
+    """Seconds a job store operation waits for the database (connecting, or a pooled connection) before it
+    fails with 503 ``job_store_unavailable``."""
+    job_store_pool_size: int = Field(4, ge=1, le=64)
+    """Most connections each process opens to a PostgreSQL job store."""
+    job_max_attempts: int = Field(3, ge=1, le=100)
+    """Times a job may start before a crash stops it for good: a job that was running when its process died
+    runs again from the start with the same seeds until it has started this many times, then ends ``failed``
+    with code ``interrupted``."""
+    job_lease: float = Field(60.0, ge=1)
+    """Seconds a running job stays claimed by its process without a heartbeat (heartbeats come every third
+    of it). With a shared PostgreSQL store, another process re-queues a job whose lease ran out (its process
+    died)."""
+    result_store: Literal["local", "s3"] = "local"
+    """Where finished async jobs' images are kept: ``local`` (FLUX_STATE_DIR/results) or ``s3`` (any
+    S3-compatible object store: AWS S3, MinIO, Cloudflare R2, Google Cloud Storage; needs ``fluxserve[s3]``).
+    With ``s3``, ``url`` answers are presigned URLs of the object store."""
+    s3_bucket: str | None = None
+    """Bucket of the S3 result store (must exist; fluxserve does not create buckets)."""
+    s3_prefix: str = "fluxserve/"
+    """Key prefix of every object fluxserve writes to the bucket."""
+    s3_endpoint_url: str | None = None
+    """S3 API endpoint for non-AWS stores (e.g. ``http://minio:9000``, ``https://<account>.r2.cloudflarestorage.com``,
+    ``https://storage.googleapis.com``); empty: AWS S3."""
+    s3_region: str | None = None
+    """Region of the bucket (R2: ``auto``); empty: boto3's default chain."""
+    s3_access_key_id: SecretStr | None = Field(None, repr=False)
+    """Access key id; empty: boto3's default chain (AWS_* variables, instance roles, ~/.aws). Never logged."""
+    s3_secret_access_key: SecretStr | None = Field(None, repr=False)
+    """Secret access key that goes with FLUX_S3_ACCESS_KEY_ID. Never logged."""
+    s3_path_style: bool = False
+    """Address buckets as ``endpoint/bucket/key`` instead of ``bucket.endpoint/key`` (MinIO and most
+    self-hosted stores need it)."""
+    s3_presign_expiry: int = Field(3600, ge=1, le=7 * 24 * 3600)
+    """Seconds a presigned URL handed out for an image stays valid (S3 allows at most 7 days)."""
+    webhook_secret: SecretStr | None = Field(None, repr=False)
+    """Signing secret of webhooks (Standard Webhooks: ``whsec_`` followed by base64 of 24 to 64 random bytes).
+    Without it, requests naming ``webhook_url`` are refused. Never logged."""
+    webhook_allowed_hosts: CsvList = Field(default_factory=list)
+    """Hosts that ``webhook_url`` may name: host names (``hooks.example.com``), ``*.example.com`` for its
+    subdomains, IP addresses or networks (``10.1.2.0/24``). Empty: webhooks are off. Every address a host resolves
+    to must be public unless an IP address or network entry here names it (loopback, private and link-local
+    addresses are otherwise refused: no server-side request forgery)."""
+    webhook_max_attempts: int = Field(8, ge=1, le=100)
+    """Delivery attempts per webhook before it is given up (recorded on the job as ``webhook.state=failed``)."""
+    webhook_retry_base: float = Field(2.0, gt=0)
+    """Seconds before the first retry of a failed delivery; each later retry waits twice as long (up to
+    FLUX_WEBHOOK_RETRY_MAX), with up to 10% random jitter."""
+    webhook_retry_max: float = Field(600.0, gt=0)
+    """Longest wait between two delivery attempts, in seconds."""
+    webhook_timeout: float = Field(10.0, gt=0)
+    """Seconds one delivery attempt may take (connect, send, answer) before it counts as failed."""
+    webhook_concurrency: int = Field(4, ge=1, le=64)
+    """Deliveries sent at once (threads apart from generation: a slow receiver never delays images)."""
+
     # --- memory --------------------------------------------------------------------------------
     offload: Literal["none", "model", "sequential"] = "none"
     """CPU offload: model = enable_model_cpu_offload, sequential = enable_sequential_cpu_offload."""
@@ -332,7 +417,7 @@ class Settings(BaseSettings):
 
     # --- validators ----------------------------------------------------------------------------
     @field_validator("preload_models", "devices", "api_keys", "cors_origins", "oom_policy", "warmup_sizes",
-                     "model_aliases", "models", "admin_keys", mode="before")
+                     "model_aliases", "models", "admin_keys", "webhook_allowed_hosts", mode="before")
     @classmethod
     def _csv(cls, value: Any) -> Any:
         return _split_csv(value)
@@ -407,6 +492,35 @@ class Settings(BaseSettings):
                 raise ValueError(f"sizes look like 1024x1024, got {size!r}")
         return [s.lower() for s in value]
 
+    @field_validator("job_store")
+    @classmethod
+    def _job_store(cls, value: str) -> str:
+        value = value.strip()
+        if value == "sqlite" or value.startswith(("postgresql://", "postgres://")):
+            return value
+        if value.startswith("sqlite:///") and len(value) > len("sqlite:///"):
+            return value
+        raise ValueError(f"must be sqlite, sqlite:///absolute/path or postgresql://..., got {redact_dsn(value)!r}")
+
+    @field_validator("webhook_secret")
+    @classmethod
+    def _webhook_secret(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None or not value.get_secret_value():
+            return None
+        raw = value.get_secret_value().removeprefix("whsec_").rstrip("=")
+        try:
+            key = base64.b64decode(raw + "=" * (-len(raw) % 4), validate=True)
+        except (ValueError, binascii.Error):
+            raise ValueError("must be whsec_ followed by base64 (Standard Webhooks secret format)") from None
+        if len(key) < 16:
+            raise ValueError(f"must carry at least 16 random bytes, got {len(key)}")
+        return value
+
+    @field_validator("webhook_allowed_hosts")
+    @classmethod
+    def _webhook_hosts(cls, value: list[str]) -> list[str]:
+        return [host.lower().rstrip(".") for host in value]
+
     @model_validator(mode="after")
     def _consistent(self) -> Settings:
         if self.max_size < self.min_size:
@@ -425,6 +539,10 @@ class Settings(BaseSettings):
                              "float32 outputs with a bias")
         if self.ray_min_replicas > self.ray_max_replicas:
             raise ValueError("FLUX_RAY_MIN_REPLICAS must be ≤ FLUX_RAY_MAX_REPLICAS")
+        if self.result_store == "s3" and not self.s3_bucket:
+            raise ValueError("FLUX_RESULT_STORE=s3 needs FLUX_S3_BUCKET")
+        if (self.s3_access_key_id is None) != (self.s3_secret_access_key is None):
+            raise ValueError("FLUX_S3_ACCESS_KEY_ID and FLUX_S3_SECRET_ACCESS_KEY go together")
         return self
 
     # --- helpers -------------------------------------------------------------------------------
@@ -442,6 +560,9 @@ class Settings(BaseSettings):
         data["hf_token"] = "***" if self.hf_token else None
         data["api_keys"] = ["***"] * len(self.api_keys)
         data["admin_keys"] = ["***"] * len(self.admin_keys)
+        data["job_store"] = redact_dsn(self.job_store)
+        for secret in ("s3_access_key_id", "s3_secret_access_key", "webhook_secret"):
+            data[secret] = "***" if getattr(self, secret) else None
         return data
 
     @property
@@ -486,7 +607,8 @@ def load_settings(**overrides: Any) -> Settings:
             loc = [str(part) for part in err["loc"]]
             name = env_var_name(loc[0]) if loc else "settings"
             value = err.get("input")
-            secret = bool(loc) and loc[0] in {"hf_token", "api_keys", "admin_keys"}
+            secret = bool(loc) and loc[0] in {"hf_token", "api_keys", "admin_keys", "job_store", "webhook_secret",
+                                              "s3_access_key_id", "s3_secret_access_key"}
             shown = "" if isinstance(value, dict) or secret else f"={value!r}"
             message = err["msg"].removeprefix("Value error, ")
             lines.append(f"{name}{shown}: {message}")

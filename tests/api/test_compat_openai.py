@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from fluxserve.aliases import OPENAI_IMAGE_MODELS, default_response_format, parse_model_aliases
+from fluxserve.models.aliases import OPENAI_IMAGE_MODELS, default_response_format, parse_model_aliases
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from fluxserve.engine.registry import BUILTIN_MODELS
+from fluxserve.models.registry import BUILTIN_MODELS
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 

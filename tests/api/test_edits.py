@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fluxserve.engine.registry import BUILTIN_MODELS
+from fluxserve.models.registry import BUILTIN_MODELS
 
 TINY_KEYS = [key for key, spec in BUILTIN_MODELS.items() if spec.tiny is not None]
 """Requests may name every tiny model here (FLUX_MODELS)."""
@@ -110,7 +110,8 @@ async def test_strength_moves_the_result_away_from_the_input(client: Any) -> Non
 
 @pytest.fixture(scope="module")
 def tiny_vae_round_trip_error(cache_dir: Path) -> float:
-    """How far the tiny FLUX VAE's encode → decode moves the test image (the bound the issue asks about)."""
+    """How far the tiny FLUX VAE's encode → decode moves the test image: what a kept area would drift by
+    without the copy-back."""
     import torch
     from diffusers import FluxPipeline
 
@@ -276,7 +277,7 @@ async def test_every_tiny_family_edits_and_keeps_the_unmasked_area(client: Any, 
     """Each tiny model through HTTP: the family's task without a mask, its masked task with the area outside
     the mask kept, and a 400 naming ``image`` past its image count."""
     from fluxserve.api.editing import edit_modes
-    from fluxserve.engine.registry import resolve_model
+    from fluxserve.models.registry import resolve_model
 
     modes = edit_modes(resolve_model(model))
     assert modes is not None, f"{model} cannot edit"

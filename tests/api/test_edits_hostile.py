@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fluxserve.engine.registry import BUILTIN_MODELS
+from fluxserve.models.registry import BUILTIN_MODELS
 from tests.security.helpers import assert_openai_error
 
 TINY_KEYS = [key for key, spec in BUILTIN_MODELS.items() if spec.tiny is not None]

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from fluxserve.engine.registry import BUILTIN_MODELS
+from fluxserve.models.registry import BUILTIN_MODELS
 from tests.security.helpers import assert_openai_error
 
 TINY = {key for key, spec in BUILTIN_MODELS.items() if spec.tiny is not None}

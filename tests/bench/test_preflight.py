@@ -23,6 +23,6 @@ def test_preflight_passes_here(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_preflight_names_a_missing_package(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
-    monkeypatch.setitem(sys.modules, "openai", None)  # "import openai" now raises ImportError, as on the device
+    monkeypatch.setitem(sys.modules, "openai", None)  # "import openai" now raises ImportError, as where it is missing
     assert _preflight()() == 1
     assert "import openai" in capsys.readouterr().err

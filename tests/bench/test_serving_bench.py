@@ -24,17 +24,17 @@ def test_an_fp8_checkpoint_loads_back_with_exactly_the_in_memory_weights(tmp_pat
     import torch
 
     from fluxbench.serving import save_pipeline
-    from fluxserve.engine.families import FAMILIES
-    from fluxserve.engine.registry import BUILTIN_MODELS
+    from fluxserve.engine.families import runner_for
+    from fluxserve.models.registry import BUILTIN_MODELS
 
-    family = FAMILIES[BUILTIN_MODELS[key].family]
-    pipe = family.tiny_pipeline()
+    runner = runner_for(BUILTIN_MODELS[key].family)
+    pipe = runner.tiny_pipeline()
     before = {n: p.clone() for n, p in pipe.transformer.named_parameters()}
     save_pipeline(pipe, tmp_path / "model", "float8_e4m3fn")
     weights = "diffusion_pytorch_model.safetensors"
     assert _safetensors_dtypes(tmp_path / "model" / "transformer" / weights) == {"F8_E4M3"}
     assert "F8_E4M3" not in _safetensors_dtypes(tmp_path / "model" / "vae" / weights)
-    loaded = getattr(diffusers, family.pipeline_classes["generate"]).from_pretrained(
+    loaded = getattr(diffusers, runner.descriptor.pipeline_classes["generate"]).from_pretrained(
         tmp_path / "model", torch_dtype=torch.float32)
     for name in ("transformer", "text_encoder"):
         ours, theirs = dict(getattr(pipe, name).named_parameters()), dict(getattr(loaded, name).named_parameters())

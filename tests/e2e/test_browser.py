@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib.util
+import json
 import os
 import re
 import shutil
@@ -151,7 +152,10 @@ def test_generate_from_a_preset(studio_server: ServerProcess, studio_outputs: Pa
     expect(page.get_by_label("Store locally")).not_to_be_checked()  # follows FLUX_STORE_LOCAL (default off)
     page.get_by_label("Store locally").check()
     page.get_by_label("Save metadata").check()
-    page.get_by_label("Prompt", exact=True).press("Control+Enter")
+    with page.expect_request(re.compile(r".*/v1/images/generations$")) as sent:
+        page.get_by_label("Prompt", exact=True).press("Control+Enter")
+    body = json.loads(sent.value.post_data or "{}")
+    assert body["stream"] is True and body["stream_progress"] is True  # progress events: an extension, asked for
     reply = latest_reply(page)
     expect(reply).to_have_attribute("data-state", "done", timeout=GENERATION_TIMEOUT_MS)
     expect(page.locator(".turn").last).to_have_attribute("data-previews", "1")  # streamed partial image

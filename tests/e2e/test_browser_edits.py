@@ -88,6 +88,7 @@ def test_upload_paint_a_mask_and_edit(edit_server: ServerProcess, page: Page) ->
     sent = json.loads(answer.value.request.post_data or "{}")
     assert sent["size"] == "auto" and len(sent["image"]) == 1 and sent["mask"].startswith("data:image/png;base64,")
     assert sent["strength"] == 0.8 and sent["stream"] is True and "width" not in sent
+    assert sent["stream_progress"] is True  # progress events are an extension the page asks for
     expect(page.locator(".bubble-reply[data-state=done]")).to_have_count(1, timeout=GENERATION_TIMEOUT_MS)
     expect(page.locator(".turn").first).to_have_attribute("data-previews", re.compile(r"^[1-9]"))  # live previews
     stream = answer.value.text()

@@ -12,8 +12,8 @@ import openai
 import pytest
 from PIL import Image
 
-from fluxserve.engine.families import FAMILIES
-from fluxserve.engine.registry import BUILTIN_MODELS
+from fluxserve.engine.families import runner_for
+from fluxserve.models.registry import BUILTIN_MODELS
 from tests.conftest import ServerProcess
 
 pytestmark = pytest.mark.e2e
@@ -68,7 +68,7 @@ def test_every_family_generates_over_http(live: ServerProcess, key: str) -> None
     # Seed 22 alone is the second image of the batch, up to float rounding of a different batch size.
     diff = np.abs(_pixels(base64.b64decode(alone.data[0].b64_json or "")) - _pixels(second))
     assert diff.max() <= 2
-    assert FAMILIES[spec.family].has_tiny
+    assert runner_for(spec.family).has_tiny
 
 
 def _pixels(png: bytes) -> np.ndarray:

@@ -13,12 +13,12 @@ import torch
 from safetensors.torch import save_file
 
 from fluxserve.engine.adapters import build_tiny_lora, ensure_demo_lora
-from fluxserve.engine.device import DevicePlan
 from fluxserve.engine.engine import DeviceEngine
 from fluxserve.engine.loading import LoadedModel, load_model
-from fluxserve.engine.registry import BUILTIN_MODELS
 from fluxserve.generation import AdapterError, GenerationParams, ImageRequest
 from fluxserve.loras import LoraLibrary
+from fluxserve.models.devices import DevicePlan
+from fluxserve.models.registry import BUILTIN_MODELS, FAMILIES
 from fluxserve.settings import Settings
 
 CPU = DevicePlan("cpu", "float32", "float32", "cpu")
@@ -223,12 +223,13 @@ def test_same_set_batches_share_the_model_at_once(engine: DeviceEngine, flux: Lo
 
 
 def test_serving_tiny_flux_writes_its_demo_adapter(cache_dir: Path, tmp_path: Path) -> None:
-    path = ensure_demo_lora(tmp_path, "tiny-flux", cache_dir / "models" / "tiny-flux")
+    flux = FAMILIES["flux"]
+    path = ensure_demo_lora(tmp_path, BUILTIN_MODELS["tiny-flux"], flux, cache_dir / "models" / "tiny-flux")
     assert path is not None and path.is_file()
     info = LoraLibrary(tmp_path).get("tiny-flux-demo")
     assert info is not None and info.family == "flux" and info.base_model == "tiny-flux" and info.rank == 4
     assert set(info.target_modules) == {"to_q", "to_k", "to_v", "to_out.0"}
-    assert ensure_demo_lora(tmp_path, "schnell", cache_dir / "models" / "tiny-flux") is None
+    assert ensure_demo_lora(tmp_path, BUILTIN_MODELS["schnell"], flux, cache_dir / "models" / "tiny-flux") is None
 
 
 def test_fp8_models_take_no_adapters(cache_dir: Path, lora_dir: Path) -> None:

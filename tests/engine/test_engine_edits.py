@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fluxserve.engine.device import DevicePlan
 from fluxserve.engine.engine import DeviceEngine, denoising_steps
-from fluxserve.engine.families import FAMILIES
+from fluxserve.engine.families import runner_for
 from fluxserve.engine.faults import FaultInjector
 from fluxserve.engine.loading import LoadedModel, load_model
-from fluxserve.engine.registry import BUILTIN_MODELS
 from fluxserve.generation import GenerationCancelled, GenerationParams, ImageRequest
+from fluxserve.models.devices import DevicePlan
+from fluxserve.models.registry import BUILTIN_MODELS, FAMILIES, tiny_families
 from fluxserve.settings import Settings
 
 CPU = DevicePlan("cpu", "float32", "float32", "cpu")
@@ -70,8 +70,8 @@ def test_identical_inputs_batch_into_one_call(cache_dir: Path, model: LoadedMode
     alone = eng.generate(model, edit_params(), [ImageRequest("a lighthouse", [4], images=[image])])[0]
     assert np.abs(alone.images[0].astype(int) - second.images[0].astype(int)).max() <= 2  # batched = alone
     with model.view() as view:  # the edit pipeline was made once for this view, on the same modules
-        edit = model.adapter.edit_pipeline(view.pipeline, "img2img")
-        assert edit is model.adapter.edit_pipeline(view.pipeline, "img2img")
+        edit = model.runner.edit_pipeline(view.pipeline, "img2img")
+        assert edit is model.runner.edit_pipeline(view.pipeline, "img2img")
         assert edit.transformer is view.pipeline.transformer and edit.vae is view.pipeline.vae
 
 
@@ -105,8 +105,7 @@ def test_oom_downscale_shrinks_the_inputs_and_keeps_the_unmasked_area(cache_dir:
     assert np.abs(out[:, :22].astype(int) - small[:, :22]).mean() > 5
 
 
-EDIT_PIPELINES = [(family.name, task) for family in FAMILIES.values() if family.has_tiny
-                  for task in family.tasks if task != "generate"]
+EDIT_PIPELINES = [(name, task) for name in tiny_families() for task in FAMILIES[name].tasks if task != "generate"]
 
 
 @pytest.mark.parametrize(("family_name", "task"), EDIT_PIPELINES)
@@ -116,15 +115,15 @@ def test_an_edit_pipeline_shares_the_loaded_modules_and_keeps_their_dtypes(famil
     edit. The edit pipeline holds the very same modules, each in the dtype the engine gave it."""
     import torch
 
-    family = FAMILIES[family_name]
-    pipe = family.tiny_pipeline()
+    runner = runner_for(family_name)
+    pipe = runner.tiny_pipeline()
     pipe.transformer.to(torch.bfloat16)  # what a CUDA load gives; the VAE stays float32 (MPS does this)
     text_encoder = getattr(pipe, "text_encoder", None)
     if text_encoder is not None:
         text_encoder.to(torch.bfloat16)
     before = {name: {p.dtype for p in m.parameters()} for name, m in pipe.components.items()
               if isinstance(m, torch.nn.Module)}
-    edit = family.edit_pipeline(pipe, task)  # type: ignore[arg-type]
+    edit = runner.edit_pipeline(pipe, task)  # type: ignore[arg-type]
     for name, module in pipe.components.items():
         if isinstance(module, torch.nn.Module) and name in edit.components:
             assert edit.components[name] is module, name

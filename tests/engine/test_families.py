@@ -1,4 +1,4 @@
-"""Every registered family behind one contract, walked through generate on its tiny model via the engine."""
+"""Every registered family: its descriptor and its runner, walked through generate on its tiny model via the engine."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ import pytest
 
 from fluxserve.engine.device import select_device_dtype
 from fluxserve.engine.engine import DeviceEngine
-from fluxserve.engine.families import FAMILIES, family_of_class
-from fluxserve.engine.registry import BUILTIN_MODELS, resolve_model
+from fluxserve.engine.families import runner_for
 from fluxserve.generation import GenerationParams, ImageRequest
+from fluxserve.models.registry import BUILTIN_MODELS, FAMILIES, family_of_class, resolve_model
 
 TINY_KEYS = [key for key, spec in BUILTIN_MODELS.items() if spec.tiny is not None]
 FAMILY_KEYS = list({BUILTIN_MODELS[key].tiny: key for key in reversed(TINY_KEYS)}.values())[::-1]
@@ -25,7 +25,7 @@ tests/e2e/test_families_http.py serves every key)."""
 
 def test_registry_and_families_import_without_torch() -> None:
     """The HTTP layer reads the registry: building it must not load torch or diffusers."""
-    code = ("import sys, json; import fluxserve.engine.registry as r; "
+    code = ("import sys, json; import fluxserve.models.registry as r; "
             "print(json.dumps([len(r.BUILTIN_MODELS), 'torch' in sys.modules, 'diffusers' in sys.modules]))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).resolve().parents[2])
@@ -36,7 +36,8 @@ def test_registry_and_families_import_without_torch() -> None:
 @pytest.mark.parametrize("name", sorted(FAMILIES))
 def test_every_family_declares_the_contract(name: str) -> None:
     family = FAMILIES[name]
-    assert family.name == name
+    runner = runner_for(name)
+    assert family.name == name and runner.descriptor is family
     assert "generate" in family.pipeline_classes
     assert set(family.pipeline_classes) <= {"generate", "img2img", "inpaint", "edit"}
     assert ("edit" in family.pipeline_classes) == (family.max_input_images > 0)
@@ -45,8 +46,8 @@ def test_every_family_declares_the_contract(name: str) -> None:
         assert spec.family == name and BUILTIN_MODELS[spec.key] is spec
         assert spec.licence, f"{spec.key} has no licence"
         if spec.tiny is not None:
-            assert spec.key.startswith("tiny-") and spec.tiny == name and family.has_tiny
-    if name != "generic":
+            assert spec.key.startswith("tiny-") and spec.tiny == name and runner.has_tiny
+    if not family.serves_any_pipeline:
         assert family_of_class(family.pipeline_classes["generate"]) == name
         assert any(spec.tiny is None for spec in family.models), "a family serves at least one real checkpoint"
         assert any(spec.tiny is not None for spec in family.models), "and has a tiny offline version"
@@ -73,7 +74,7 @@ def test_every_tiny_model_generates_reproducibly_in_a_mixed_batch(engine: Device
     spec = resolve_model(key)
     family = FAMILIES[spec.family]
     model, _ = engine.load(spec)
-    assert model.adapter is family
+    assert model.descriptor is family and model.runner is runner_for(family)
     assert model.pipeline_class == family.pipeline_classes["generate"]
     side = 2 * spec.size_multiple * 2
     params = GenerationParams(key, side, side, 2, spec.guidance, min(spec.max_sequence_length, 64))
@@ -120,7 +121,7 @@ def test_guidance_with_a_negative_prompt_runs_in_a_batch(engine: DeviceEngine, k
     spec = resolve_model(key)
     model, _ = engine.load(spec)
     params = GenerationParams(key, 64, 64, 2, 3.0, min(spec.max_sequence_length, 64))
-    assert model.adapter.wants_negative(3.0)
+    assert model.descriptor.wants_negative(3.0)
     one, two = engine.generate(model, params, [ImageRequest("a red fox", [7], negative_prompt="blurry"),
                                                ImageRequest("a cat", [8], negative_prompt="low quality, text")])
     assert one.images[0].shape == (64, 64, 3)
@@ -141,7 +142,7 @@ def _edit(engine: DeviceEngine, key: str, task: str, side: int, seed: int) -> tu
 
     spec = resolve_model(key)
     model, _ = engine.load(spec)
-    family = model.adapter
+    family, runner = model.descriptor, model.runner
     rng = np.random.default_rng(0)
     source = rng.integers(0, 256, (side, side, 3), dtype=np.uint8)
     mask = np.zeros((side, side), dtype=np.uint8)
@@ -149,19 +150,19 @@ def _edit(engine: DeviceEngine, key: str, task: str, side: int, seed: int) -> tu
     images = [source] * (min(2, family.max_input_images) if task == "edit" else 1)
     with model.view() as view, torch.inference_mode():
         pipe = view.pipeline
-        edit = family.edit_pipeline(pipe, task)  # type: ignore[arg-type]
-        assert family.edit_pipeline(pipe, task) is edit  # type: ignore[arg-type]  # made once per view
+        edit = runner.edit_pipeline(pipe, task)  # type: ignore[arg-type]
+        assert runner.edit_pipeline(pipe, task) is edit  # type: ignore[arg-type]  # made once per view
         assert type(edit).__name__ == family.pipeline_classes[task]  # type: ignore[index]
         assert edit.transformer is pipe.transformer and edit.vae is pipe.vae  # shared weights, no copy
-        positive = family.encode(pipe, "a red fox", 32)
-        negatives = [family.encode(pipe, " ", 32)] if family.wants_negative(spec.guidance) else None
-        kwargs = family.edit_call_kwargs(task, images, mask if task == "inpaint" else None,  # type: ignore[arg-type]
+        positive = runner.encode(pipe, "a red fox", 32)
+        negatives = [runner.encode(pipe, " ", 32)] if family.wants_negative(spec.guidance) else None
+        kwargs = runner.edit_call_kwargs(task, images, mask if task == "inpaint" else None,  # type: ignore[arg-type]
                                          0.6 if task != "edit" else None, side, side)
         args = DenoiseArgs(width=side, height=side, steps=2, guidance=spec.guidance,
                            generators=view.seeded_generators([seed]), callback=lambda *a: {},
                            max_sequence_length=32, call_kwargs=kwargs)
-        latents = family.denoise(edit, [positive], negatives, args)
-        pixels = to_uint8(family.decode(pipe, latents, side, side))[0]
+        latents = runner.denoise(edit, [positive], negatives, args)
+        pixels = to_uint8(runner.decode(pipe, latents, side, side))[0]
     return pixels, source, edit
 
 
@@ -193,9 +194,9 @@ def test_full_size_architectures_have_the_published_parameter_counts(name: str, 
     import diffusers
     import torch
 
-    family = FAMILIES[name]
-    components = family.full_size_components("meta", torch.bfloat16, variant)
-    cls = getattr(diffusers, family.pipeline_classes["generate"])
+    runner = runner_for(name)
+    components = runner.full_size_components("meta", torch.bfloat16, variant)
+    cls = getattr(diffusers, runner.descriptor.pipeline_classes["generate"])
     assert set(components) <= set(inspect.signature(cls.__init__).parameters)  # a valid pipeline signature
     for fam, var, component, billions in FULL_SIZE:
         if (fam, var) == (name, variant):
@@ -233,7 +234,7 @@ def test_declared_optimizations_match_the_transformer(engine: DeviceEngine, key:
 
     spec = resolve_model(key)
     model, _ = engine.load(spec)
-    family, pipe = model.adapter, model.primary
+    family, pipe = model.descriptor, model.primary
     assert family.optimizations.compile_blocks == tuple(pipe.transformer._repeated_blocks)
     args, kwargs = captured_transformer_inputs(pipe, _call_kwargs(Case("c", 64, 64, 1, variant=key), pipe), 64, 64)
     transformer = copy.deepcopy(pipe.transformer)
@@ -254,7 +255,7 @@ def test_fuse_qkv_is_not_reported_where_the_family_cannot_fuse(make_settings: An
     plan = select_device_dtype("cpu")
     for key in ("tiny-qwen", "tiny-klein"):
         spec = resolve_model(key)
-        pipe = FAMILIES[spec.family].tiny_pipeline()
+        pipe = runner_for(spec.family).tiny_pipeline()
         applied = apply_optimizations(pipe, make_settings(fuse_qkv=True), plan, FAMILIES[spec.family])
         assert ("fuse_qkv" in applied) == FAMILIES[spec.family].optimizations.fused_qkv
 
@@ -276,7 +277,7 @@ def test_the_stage_split_matches_one_plain_pipeline_call(engine: DeviceEngine, k
         kwargs["negative_prompt"] = spec.negative_prompt
     kwargs["max_sequence_length"] = params.max_sequence_length
     with torch.inference_mode():
-        plain = model.adapter.text_to_image(pipe)(prompt="a red fox", width=64, height=64, num_inference_steps=2,
+        plain = model.runner.text_to_image(pipe)(prompt="a red fox", width=64, height=64, num_inference_steps=2,
                      generator=torch.Generator("cpu").manual_seed(5), output_type="np", **kwargs).images[0]
     theirs = (np.clip(plain, 0, 1) * 255).round().astype(np.int16)
     assert np.abs(ours.astype(np.int16) - theirs).max() <= 2

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from fluxserve.engine.loading import _explain_load_failure
-from fluxserve.engine.registry import BUILTIN_MODELS, UnknownModelError, resolve_model
+from fluxserve.models.registry import BUILTIN_MODELS, UnknownModelError, resolve_model
 
 
 def _error(name: str, text: str = "") -> Exception:
@@ -62,8 +62,8 @@ def test_presets_fit_the_size_multiple() -> None:
 def test_weights_load_straight_onto_the_gpu_only_when_the_whole_pipeline_lives_there(make_settings: Any) -> None:
     """``device_map="cuda"`` (no full host-memory copy on the way) for CUDA without offload; CPU, MPS and the
     offload modes load on the CPU first, as diffusers needs for them."""
-    from fluxserve.engine.device import DevicePlan
     from fluxserve.engine.loading import direct_placement
+    from fluxserve.models.devices import DevicePlan
 
     def plan(device: str) -> DevicePlan:
         return DevicePlan(device, "bfloat16", "bfloat16", "cpu")

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from fluxserve.engine import memory
-from fluxserve.engine.device import DevicePlan, select_device_dtype
+from fluxserve.engine.device import select_device_dtype
 from fluxserve.engine.faults import FaultInjector, InjectedFault, oom_error, parse_faults
 from fluxserve.engine.memory import (
     MemoryModeError,
@@ -28,6 +28,7 @@ from fluxserve.engine.memory import (
     memory_snapshot,
     oom_kind,
 )
+from fluxserve.models.devices import DevicePlan
 from fluxserve.settings import SettingsError
 
 CPU = DevicePlan("cpu", "float32", "float32", "cpu")
@@ -284,8 +285,8 @@ def test_every_memory_mode_on_cuda_generates_and_offload_frees_the_device(cache_
 
     from fluxserve.engine.engine import DeviceEngine
     from fluxserve.engine.loading import load_model
-    from fluxserve.engine.registry import BUILTIN_MODELS
     from fluxserve.generation import GenerationParams, ImageRequest
+    from fluxserve.models.registry import BUILTIN_MODELS
     from fluxserve.settings import Settings
 
     plan = select_device_dtype("cuda:0")

@@ -24,12 +24,12 @@ from hypothesis import given, settings
 
 from fluxserve.engine import engine as engine_module
 from fluxserve.engine import recovery as recovery_module
-from fluxserve.engine.device import DevicePlan
 from fluxserve.engine.engine import DeviceEngine
 from fluxserve.engine.faults import FaultInjector, InjectedFault, oom_error
 from fluxserve.engine.loading import LoadedModel, load_model
-from fluxserve.engine.registry import BUILTIN_MODELS
 from fluxserve.generation import BadOutput, GenerationCancelled, GenerationParams, ImageRequest, OutOfMemory
+from fluxserve.models.devices import DevicePlan
+from fluxserve.models.registry import BUILTIN_MODELS
 from fluxserve.settings import Settings
 
 CPU = DevicePlan("cpu", "float32", "float32", "cpu")
@@ -171,12 +171,12 @@ class StepSpy:
 
 
 def with_adapter(model: LoadedModel, adapter: Any) -> LoadedModel:
-    """The same loaded model (same pipeline views) seen through a wrapped family adapter."""
-    return dataclasses.replace(model, adapter=adapter)
+    """The same loaded model (same pipeline views) driven through a wrapped family runner."""
+    return dataclasses.replace(model, runner=adapter)
 
 
 def test_schnell_fallback_keeps_four_steps_on_every_attempt(make_engine: Any, model: LoadedModel) -> None:
-    spy = StepSpy(model.adapter)
+    spy = StepSpy(model.runner)
     schnell_like = dataclasses.replace(with_adapter(model, spy), spec=BUILTIN_MODELS["schnell"])
     engine = make_engine(faults="oom@decode:4")
     result = run(engine, schnell_like, GenerationParams("schnell", 64, 64, 4, 0.0, 64))
@@ -206,7 +206,7 @@ def test_downscaled_params_never_change_steps_and_keep_shape(width: int, height:
 # --- what counts as OOM, and what the recovery frees -------------------------------------------------------
 def test_real_cpu_allocator_failure_is_recovered(make_engine: Any, model: LoadedModel,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    real = model.adapter
+    real = model.runner
     calls = []
 
     class Greedy(StepSpy):
@@ -226,7 +226,7 @@ def test_failed_attempt_is_freed_before_the_cache_is_emptied(make_engine: Any, m
     """The OOM's traceback pins the failed attempt's tensors; the cache must be emptied after it is gone."""
     pinned: list[weakref.ref[torch.Tensor]] = []
     seen: list[tuple[bool, bool]] = []
-    real = model.adapter
+    real = model.runner
 
     class Hog(StepSpy):
         def denoise(self, pipe: Any, positives: Any, negatives: Any, args: Any) -> torch.Tensor:
@@ -361,7 +361,7 @@ def test_nan_latents_on_cpu_fail_clearly(make_engine: Any, model: LoadedModel) -
 
 
 def test_black_image_counts_as_bad_output(make_engine: Any, model: LoadedModel) -> None:
-    real = model.adapter
+    real = model.runner
     decodes = []
 
     class Black(StepSpy):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from fluxserve.engine.device import BackendProbe, DevicePlan, select_device_dtype
+from fluxserve.engine.device import BackendProbe, select_device_dtype
 from fluxserve.engine.optimize import (
     Float8RowwiseLinear,
     OptimizationError,
@@ -20,6 +20,7 @@ from fluxserve.engine.optimize import (
     validate_optimizations,
 )
 from fluxserve.engine.tiny import build_tiny_pipeline
+from fluxserve.models.devices import DevicePlan
 from fluxserve.settings import Settings
 
 CPU = select_device_dtype("cpu")
@@ -236,8 +237,8 @@ def test_fp8_keeps_the_linears_a_family_declares() -> None:
     """Z-Image's timestep embedder reads ``mlp[0].weight.dtype``: its linears stay in the model's dtype."""
     import torch
 
-    from fluxserve.engine.families import FAMILIES
     from fluxserve.engine.optimize import Float8RowwiseLinear, _quantize_fp8
+    from fluxserve.models.registry import FAMILIES
 
     model = torch.nn.Module()
     model.t_embedder = torch.nn.Module()

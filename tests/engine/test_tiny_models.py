@@ -12,10 +12,9 @@ from safetensors.torch import load_file
 
 from fluxserve.engine.device import select_device_dtype
 from fluxserve.engine.engine import DeviceEngine
-from fluxserve.engine.families import FAMILIES
-from fluxserve.engine.registry import resolve_model
 from fluxserve.engine.tiny import is_tiny_model_dir, write_tiny_model
 from fluxserve.generation import GenerationParams, ImageRequest
+from fluxserve.models.registry import FAMILIES, fallback_family, resolve_model, tiny_families
 
 
 def _weights_digest(path: Path) -> str:
@@ -27,7 +26,7 @@ def _weights_digest(path: Path) -> str:
     return digest.hexdigest()
 
 
-@pytest.mark.parametrize("family", [name for name, f in FAMILIES.items() if f.has_tiny])
+@pytest.mark.parametrize("family", tiny_families())
 def test_written_in_diffusers_format_with_the_same_weights_every_time(tmp_path: Path, family: str) -> None:
     a = write_tiny_model(tmp_path / "a", family)
     b = write_tiny_model(tmp_path / "b", family)
@@ -67,23 +66,23 @@ def test_progress_bars_disabled_and_on_the_resolved_device(engine: DeviceEngine)
     assert str(model.primary.transformer.device) == "cpu"
 
 
-def test_generic_adapter_runs_any_pipeline_in_one_call(engine: DeviceEngine) -> None:
+def test_generic_runner_runs_any_pipeline_in_one_call(engine: DeviceEngine) -> None:
     """Pipelines of other families go through one plain pipeline call; seeds and batching still hold."""
-    from fluxserve.engine.families import ADAPTERS
+    from fluxserve.engine.families import runner_for
 
     spec = resolve_model("tiny-flux")
     model, _ = engine.load(spec)
-    staged = model.adapter
+    staged = model.runner
     params = GenerationParams("tiny-flux", 64, 64, 2, 0.0, 64)
     expected = engine.generate(model, params, [ImageRequest("a red fox", [7])])[0].images[0]
-    model.adapter = ADAPTERS["generic"]
+    model.runner = runner_for(fallback_family())
     try:
         steps: list[int] = []
         one, two = engine.generate(model, params, [
             ImageRequest("a red fox", [7], on_progress=lambda s, t, p: steps.append(s), partial_images=1),
             ImageRequest("a cat", [8])])
     finally:
-        model.adapter = staged
+        model.runner = staged
     assert steps == [1, 2]
     diff = np.abs(one.images[0].astype(int) - expected.astype(int))
     assert diff.max() <= 2

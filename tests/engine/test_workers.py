@@ -17,11 +17,12 @@ import pytest
 from PIL import Image
 
 from fluxserve.engine.device import select_device_dtype
-from fluxserve.engine.registry import resolve_model
 from fluxserve.engine.workers import ProcessEngine, WorkerCrashed, WorkerError, _rebuild_error
 from fluxserve.generation import BadOutput, GenerationCancelled, GenerationParams, ImageRequest, OutOfMemory
+from fluxserve.models.registry import resolve_model
 from fluxserve.scheduler.jobs import Job, JobStatus
 from fluxserve.scheduler.scheduler import Scheduler
+from tests.conftest import assert_same_image_within_rounding
 
 GEN = "/v1/images/generations"
 WAIT = 300  # seconds: only a bound against a hang, never a threshold a test asserts
@@ -183,7 +184,8 @@ def test_a_split_group_runs_its_ranks_in_lockstep(make_settings: Callable[..., A
         model, _ = engine.load(spec)
         assert len(engine.rank_pids) == 1
         result = engine.generate(model, params, [ImageRequest("a fox", [5])])[0]
-        assert np.array_equal(result.images[0], expected)
+        # one torch thread in the rank against this process's threads: the same image within rounding
+        assert_same_image_within_rounding(result.images[0], expected)
 
         stop = threading.Event()
         steps: list[int] = []
@@ -203,7 +205,7 @@ def test_a_split_group_runs_its_ranks_in_lockstep(make_settings: Callable[..., A
         assert engine.wait_restarted(1, timeout=WAIT)
         model, _ = engine.load(spec)
         again = engine.generate(model, params, [ImageRequest("a fox", [5])])[0]
-        assert np.array_equal(again.images[0], expected)
+        assert np.array_equal(again.images[0], result.images[0])  # the restarted group computes as before
     finally:
         engine.close()
 

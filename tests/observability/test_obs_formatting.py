@@ -166,8 +166,8 @@ def test_empty_summary() -> None:
 ])
 def test_job_ended_logs_and_counts(caplog: pytest.LogCaptureFixture, status: str, code: str,
                                    fallback: str | None) -> None:
-    from fluxserve.engine.registry import BUILTIN_MODELS
     from fluxserve.generation import GenerationParams
+    from fluxserve.models.registry import BUILTIN_MODELS
     from fluxserve.observability.events import job_ended
     from fluxserve.scheduler.jobs import Job, JobError, JobStatus
 

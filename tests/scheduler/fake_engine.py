@@ -17,7 +17,6 @@ from typing import Any
 
 import numpy as np
 
-from fluxserve.engine.registry import ModelSpec
 from fluxserve.generation import (
     GenerationCancelled,
     GenerationParams,
@@ -25,6 +24,7 @@ from fluxserve.generation import (
     ImageResult,
     ModelLoadError,
 )
+from fluxserve.models.spec import ModelSpec
 
 BOUND = 20.0
 

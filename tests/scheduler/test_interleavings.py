@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 
 from fluxserve.api.serving import ImageService
-from fluxserve.engine.registry import resolve_model
 from fluxserve.generation import GenerationParams
+from fluxserve.models.registry import resolve_model
 from fluxserve.scheduler.jobs import FINISHED, TERMINAL_EVENTS, Job, JobError
 from fluxserve.scheduler.scheduler import Scheduler
 from fluxserve.settings import Settings

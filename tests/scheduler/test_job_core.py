@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from fluxserve.engine.registry import resolve_model
 from fluxserve.generation import GenerationParams
+from fluxserve.models.registry import resolve_model
 from fluxserve.scheduler.jobs import FINISHED, IllegalTransition, Job, JobError, JobStatus
 from fluxserve.scheduler.scheduler import Scheduler
 from fluxserve.settings import Settings

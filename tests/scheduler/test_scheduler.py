@@ -16,8 +16,8 @@ from PIL import Image
 
 from fluxserve.engine.device import select_device_dtype
 from fluxserve.engine.engine import DeviceEngine
-from fluxserve.engine.registry import resolve_model
 from fluxserve.generation import ModelLockTimeout
+from fluxserve.models.registry import resolve_model
 
 GEN = "/v1/images/generations"
 

@@ -99,8 +99,8 @@ def test_remote_code_off_unless_enabled(make_settings: Callable[..., Any], monke
                                         trust: bool) -> None:
     from fluxserve.engine.device import select_device_dtype
     from fluxserve.engine.loading import load_model
-    from fluxserve.engine.registry import BUILTIN_MODELS
     from fluxserve.generation import ModelLoadError
+    from fluxserve.models.registry import BUILTIN_MODELS
 
     seen = _capture_from_pretrained(monkeypatch)
     settings = make_settings(**({"trust_remote_code": True} if trust else {}))

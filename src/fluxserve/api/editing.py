@@ -25,9 +25,10 @@ from starlette.requests import Request
 from fluxserve.api.errors import APIError, validation_message
 from fluxserve.api.protocol import ImageEditRequest, ImageVariationRequest
 from fluxserve.api.serving import ImageService
-from fluxserve.engine.families import get_family
-from fluxserve.engine.registry import ModelSpec
 from fluxserve.generation import Task
+from fluxserve.models.descriptor import EditModes
+from fluxserve.models.registry import BUILTIN_MODELS, FAMILIES
+from fluxserve.models.spec import ModelSpec
 from fluxserve.scheduler.jobs import Job
 from fluxserve.storage.inputs import (
     DecodedImage,
@@ -45,34 +46,14 @@ MAX_IMAGE_FIELDS = 16
 STRENGTH_FOR_FIDELITY = {"high": 0.6, "low": 0.85}
 """img2img/inpaint strength when only ``input_fidelity`` is given (0.6 is diffusers' default too)."""
 DEFAULT_STRENGTH = 0.6
+"""img2img/inpaint strength when a request gives none and its family declares no ``default_strength``."""
 VARIATION_STRENGTH = 0.75
 
 
-@dataclass(frozen=True)
-class EditModes:
-    """What a model does with input images, read from its family's contract (torch-free)."""
-
-    without_mask: Task | None
-    with_mask: Task | None
-    max_images: int
-    masked_by_compositing: bool = False
-    """True where the family has no inpainting pipeline and edits by instruction: the area outside the mask
-    is then kept by copying the input's pixels back after decoding (Qwen-Image-Edit)."""
-
-
 def edit_modes(spec: ModelSpec) -> EditModes | None:
-    """img2img and inpaint take one image; an instruction edit up to the family's ``max_input_images``."""
-    try:
-        family = get_family(spec.family)
-    except ValueError:
-        return None
-    tasks = family.pipeline_classes
-    without: Task | None = "edit" if "edit" in tasks else "img2img" if "img2img" in tasks else None
-    with_mask: Task | None = "inpaint" if "inpaint" in tasks else "edit" if "edit" in tasks else None
-    if without is None and with_mask is None:
-        return None
-    max_images = max(1, family.max_input_images) if without == "edit" else 1
-    return EditModes(without, with_mask, max_images, masked_by_compositing=with_mask == "edit")
+    """What ``spec``'s family does with input images (None: it does not edit, or the family is unknown here)."""
+    family = FAMILIES.get(spec.family)
+    return family.edit_modes if family is not None else None
 
 
 def edit_card(spec: ModelSpec) -> dict[str, Any] | None:
@@ -318,7 +299,9 @@ class EditService:
             return float(body.strength)
         if body.input_fidelity is not None:
             return STRENGTH_FOR_FIDELITY[body.input_fidelity]
-        return 1.0 if spec.family == "kontext" else DEFAULT_STRENGTH
+        family = FAMILIES.get(spec.family)
+        strength = family.default_strength if family is not None else None
+        return strength if strength is not None else DEFAULT_STRENGTH
 
     def variation_as_edit(self, body: ImageVariationRequest) -> ImageEditRequest:
         """A variation is an img2img edit with an empty prompt (strength 0.75 unless given)."""
@@ -328,6 +311,4 @@ class EditService:
 
 
 def _edit_models() -> list[str]:
-    from fluxserve.engine.registry import BUILTIN_MODELS
-
     return [key for key, spec in BUILTIN_MODELS.items() if edit_modes(spec) is not None]

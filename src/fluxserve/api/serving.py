@@ -17,12 +17,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from fluxserve.aliases import default_response_format
 from fluxserve.api.errors import APIError, sanitize
 from fluxserve.api.protocol import ImageData, ImageGenerationRequest, ImageParams, ImagesResponse, public_model_source
-from fluxserve.engine.registry import ModelNotAllowedError, ModelSpec, UnknownModelError
 from fluxserve.generation import MAX_SEED, GenerationParams, pick_seed, seeds_for
 from fluxserve.loras import LoraError, LoraLibrary, resolve_loras
+from fluxserve.models.aliases import default_response_format
+from fluxserve.models.registry import ModelNotAllowedError, UnknownModelError
+from fluxserve.models.spec import ModelSpec
 from fluxserve.scheduler.jobs import TERMINAL_EVENTS, Job, JobError, JobStatus
 from fluxserve.storage.images import MEDIA_TYPES, encode_image, to_base64
 from fluxserve.storage.outputs import save_error_code

@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from fluxserve.engine.registry import resolve_model
+from fluxserve.models.registry import resolve_model
 from fluxserve.settings import Settings
 
 INGRESS_MAX_ONGOING_REQUESTS = 1000

@@ -22,8 +22,11 @@ from fluxserve import __version__
 from fluxserve.catalog import ModelNames
 from fluxserve.distributed.messages import RemoteRequest, ReplicaInfo, ReplicaStatus, deployment_name
 from fluxserve.distributed.remote_queue import Backpressure, ModelClient, RemoteScheduler, ReplicaLost
-from fluxserve.engine.device import DevicePlan
-from fluxserve.engine.registry import ModelSpec, UnknownModelError
+from fluxserve.models.descriptor import FamilyDescriptor
+from fluxserve.models.devices import BackendProbe, DevicePlan, resolve_plan
+from fluxserve.models.handle import ModelHandle, WarmupRuns
+from fluxserve.models.registry import UnknownModelError, family_descriptor
+from fluxserve.models.spec import ModelSpec
 from fluxserve.runtime import Runtime
 from fluxserve.scheduler.scheduler import Hook
 from fluxserve.settings import Settings
@@ -40,15 +43,36 @@ StatusSource = Callable[[], Awaitable[dict[str, list[ReplicaStatus]]]]
 """Returns Ray's replica table: model key → replicas (with state)."""
 
 
+RAY_LORAS_UNAVAILABLE = ("adapters load on the Ray Serve replicas with the first request that names them in "
+                         "'loras'; /v1/loras/load and /v1/loras/unload are not available on Ray Serve")
+
+
 @dataclass
 class RemoteModel:
-    """What ``Runtime.model_info`` gives the routes for a model served by a replica (duck-types the
-    fields of :class:`~fluxserve.engine.loading.LoadedModel` that the routes read)."""
+    """A model on one Ray Serve replica, as the routes see it: the Ray
+    :class:`~fluxserve.models.handle.ModelHandle`. Token counts ask a replica of the model (Ray picks which);
+    prompt-cache figures and adapters stay on the replicas."""
 
     spec: ModelSpec
     info: ReplicaInfo
     client: ModelClient
     loaded_at: float = 0.0
+
+    @property
+    def warmup(self) -> WarmupRuns:
+        return self.info.warmup
+
+    @property
+    def descriptor(self) -> FamilyDescriptor:
+        return family_descriptor(self.spec.family)
+
+    @property
+    def plan(self) -> DevicePlan:
+        return self.info.plan
+
+    @property
+    def devices(self) -> tuple[str, ...]:
+        return (self.info.plan.device,)
 
     @property
     def modes(self) -> list[str]:
@@ -58,20 +82,19 @@ class RemoteModel:
     def load_seconds(self) -> float:
         return self.info.load_seconds
 
-    @property
-    def warmup(self) -> dict[str, Any]:
-        return self.info.warmup
-
-    @property
-    def adapter(self) -> RemoteModel:
-        return self  # ``model.adapter.token_count(model.primary, prompt)`` in /v1/tokenize
-
-    @property
-    def primary(self) -> None:
+    def prompt_cache_stats(self) -> None:
         return None
 
-    def token_count(self, _primary: None, prompt: str) -> dict[str, int]:
+    def token_count(self, prompt: str) -> dict[str, int]:
         return self.client.token_count(prompt)
+
+    @property
+    def loras(self) -> None:
+        return None
+
+    @property
+    def loras_unavailable(self) -> str:
+        return RAY_LORAS_UNAVAILABLE
 
 
 class RemoteCatalog:
@@ -80,14 +103,13 @@ class RemoteCatalog:
 
     def __init__(self, settings: Settings, clients: Mapping[str, ModelClient], queue: RemoteScheduler,
                  status: StatusSource | None = None) -> None:
-        from fluxserve.engine.device import select_device_dtype
-
         self.settings = settings
         self.clients = dict(clients)
         self.queue = queue
         self.names = ModelNames(settings)
-        self.plans: list[DevicePlan] = [select_device_dtype(settings.device, settings.dtype,
-                                                            settings.generator_device)]
+        # The ingress's own plan until a replica answers with the one it resolved: the ingress computes on the CPU
+        # only (image encoding), so it resolves a CPU plan without asking torch what the machine has.
+        self.plans: list[DevicePlan] = [resolve_plan("cpu", "auto", "cpu", BackendProbe())]
         self.status_source = status
         self.replica_table: dict[str, list[ReplicaStatus]] = {}
         self.status_error: str | None = None
@@ -185,7 +207,7 @@ class RemoteCatalog:
     def release(self, keep: set[str]) -> tuple[list[str], int]:
         return [], 0
 
-    def model_info(self, key: str) -> dict[str, Any]:
+    def model_info(self, key: str) -> dict[str, ModelHandle]:
         """Replica id → :class:`RemoteModel` for the replicas of ``key`` that answered at least once."""
         client = self.clients.get(key)
         if client is None:

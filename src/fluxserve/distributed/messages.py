@@ -17,9 +17,9 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from fluxserve.engine.device import DevicePlan
-from fluxserve.engine.registry import ModelSpec
 from fluxserve.generation import GenerationParams
+from fluxserve.models.devices import DevicePlan
+from fluxserve.models.spec import ModelSpec
 
 FINAL_EVENTS = frozenset({"succeeded", "failed", "cancelled", "expired"})
 DEPLOYMENT_PREFIX = "FluxModel-"

@@ -77,8 +77,7 @@ class ReplicaWorker:
         model = next(iter(self.runtime.model_info(self.key).values()), None)
         if model is None:
             raise JobError(f"model {self.key!r} is not loaded", code="model_not_loaded", status=409)
-        counts: dict[str, int] = model.adapter.token_count(model.primary, prompt)
-        return counts
+        return model.token_count(prompt)
 
     # --- generation ------------------------------------------------------------------------------
     async def run(self, request: RemoteRequest) -> AsyncIterator[dict[str, Any]]:

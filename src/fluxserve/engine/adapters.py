@@ -37,6 +37,8 @@ import torch
 from fluxserve.engine.construction import MODEL_BUILD_LOCK
 from fluxserve.generation import AdapterError
 from fluxserve.loras import BASE_MODEL_KEY, FAMILY_KEY, LoraInfo
+from fluxserve.models.descriptor import FamilyDescriptor
+from fluxserve.models.spec import ModelSpec
 
 log = logging.getLogger(__name__)
 
@@ -351,19 +353,15 @@ def build_tiny_lora(model_dir: Path, path: Path, *, family: str, base_model: str
     return path
 
 
-DEMO_LORAS = {"tiny-flux": ("flux", "tiny-flux-demo", 7)}
-"""Registry key → (family subfolder, adapter name, seed) of the demo adapter serving that model puts into
-the library on first use."""
-
-
-def ensure_demo_lora(library_dir: Path, model_key: str, model_dir: Path) -> Path | None:
-    """Serving a tiny model with a demo adapter writes it into the library once (like the model itself)."""
-    demo = DEMO_LORAS.get(model_key)
+def ensure_demo_lora(library_dir: Path, spec: ModelSpec, family: FamilyDescriptor, model_dir: Path) -> Path | None:
+    """Serving a tiny model with a demo adapter (``FamilyDescriptor.demo_adapters``) writes it into the library
+    once, under the family's folder (like the model itself)."""
+    demo = family.demo_adapter(spec.key)
     if demo is None:
         return None
-    family, name, seed = demo
-    path = Path(library_dir) / family / f"{name}.safetensors"
+    path = Path(library_dir) / family.name / f"{demo.name}.safetensors"
     if not path.is_file():
-        build_tiny_lora(model_dir, path, family=family, base_model=model_key, seed=seed, std=0.5)  # visibly strong
-        log.info("wrote the demo LoRA %s for %s", name, model_key)
+        build_tiny_lora(model_dir, path, family=family.name, base_model=spec.key, seed=demo.seed,
+                        std=0.5)  # visibly strong
+        log.info("wrote the demo LoRA %s for %s", demo.name, spec.key)
     return path

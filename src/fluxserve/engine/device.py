@@ -1,40 +1,36 @@
 """Device and dtype resolution (``select_device_dtype``).
 
-One function decides where and in which precision a model runs, from the settings and from what the
-machine has. Every decision carries its reason so start-up can log one line that explains itself.
-The machine is described by a :class:`BackendProbe`; tests build probes by hand to cover CUDA, MPS and
-CPU on any machine (MPS paths are tested by simulation only, never on Apple hardware here).
+One function decides where and in which precision a model runs, from the settings and from what the machine
+has: a :class:`~fluxserve.models.devices.DevicePlan`, plain data the other layers read without torch. Every
+decision carries its reason so start-up can log one line that explains itself. The decision itself is torch-free
+(:func:`~fluxserve.models.devices.resolve_plan`); this module asks torch what the machine has
+(:func:`probe_backends`). Tests build probes by hand to cover CUDA, MPS and CPU on any machine (MPS paths are
+tested by simulation only, never on Apple hardware here).
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
-from typing import Literal
 
 import torch
 
+from fluxserve.models.devices import BackendProbe, DevicePlan, DeviceSelectionError, DtypeName, resolve_plan
+
+__all__ = [
+    "DTYPES",
+    "BackendProbe",
+    "DevicePlan",
+    "DeviceSelectionError",
+    "probe_backends",
+    "select_device_dtype",
+    "torch_device",
+    "torch_dtype",
+    "validate_generator_device",
+]
+
 log = logging.getLogger(__name__)
 
-DtypeName = Literal["bfloat16", "float16", "float32"]
 DTYPES: dict[str, torch.dtype] = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-
-
-class DeviceSelectionError(ValueError):
-    """The requested device or dtype cannot be used on this machine; the message names the setting."""
-
-
-@dataclass(frozen=True)
-class BackendProbe:
-    """What the machine offers. Built from torch by :func:`probe_backends`, or by hand in tests."""
-
-    cuda_device_count: int = 0
-    cuda_bf16: tuple[bool, ...] = ()
-    """bf16 support per CUDA device index."""
-    cuda_names: tuple[str, ...] = ()
-    mps_available: bool = False
-    mps_bf16: bool = False
-    """Whether bf16 tensors really work on this MPS device (checked by running one op)."""
 
 
 def _mps_bf16_works() -> bool:
@@ -64,109 +60,13 @@ def probe_backends() -> BackendProbe:
     )
 
 
-@dataclass(frozen=True)
-class DevicePlan:
-    """Where and how a model runs. ``reasons`` explains each choice for the start-up log."""
-
-    device: str
-    dtype: DtypeName
-    vae_dtype: DtypeName
-    generator_device: str
-    reasons: tuple[str, ...] = field(default=())
-
-    @property
-    def torch_device(self) -> torch.device:
-        return torch.device(self.device)
-
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype]
-
-    @property
-    def torch_vae_dtype(self) -> torch.dtype:
-        return DTYPES[self.vae_dtype]
-
-    @property
-    def backend(self) -> str:
-        """cuda, mps or cpu."""
-        return self.device.split(":", 1)[0]
-
-    def describe(self) -> str:
-        return (
-            f"device={self.device} dtype={self.dtype} vae_dtype={self.vae_dtype} "
-            f"generator={self.generator_device} ({'; '.join(self.reasons)})"
-        )
+def torch_dtype(name: DtypeName) -> torch.dtype:
+    """The torch dtype of a plan's dtype name (``plan.dtype``, ``plan.vae_dtype``)."""
+    return DTYPES[name]
 
 
-def _resolve_device(requested: str, probe: BackendProbe, reasons: list[str]) -> str:
-    if requested == "auto":
-        if probe.cuda_device_count:
-            reasons.append("auto: CUDA available")
-            return "cuda:0"
-        if probe.mps_available:
-            reasons.append("auto: no CUDA, MPS available")
-            return "mps"
-        reasons.append("auto: no CUDA or MPS, using CPU")
-        return "cpu"
-    kind, _, index_text = requested.partition(":")
-    if kind == "cuda":
-        if not probe.cuda_device_count:
-            raise DeviceSelectionError(
-                f"FLUX_DEVICE={requested}: CUDA is not available on this machine (no CUDA GPU or a CPU-only "
-                "torch build); use FLUX_DEVICE=auto or cpu"
-            )
-        index = int(index_text) if index_text else 0
-        if index >= probe.cuda_device_count:
-            raise DeviceSelectionError(
-                f"FLUX_DEVICE={requested}: this machine has {probe.cuda_device_count} CUDA device(s) "
-                f"(cuda:0..cuda:{probe.cuda_device_count - 1})"
-            )
-        reasons.append(f"{requested} requested")
-        return f"cuda:{index}"
-    if kind == "mps":
-        if not probe.mps_available:
-            raise DeviceSelectionError(
-                f"FLUX_DEVICE={requested}: MPS is not available (needs Apple silicon and a torch build with MPS)"
-            )
-        reasons.append("mps requested")
-        return "mps"
-    reasons.append("cpu requested")
-    return "cpu"
-
-
-def _resolve_dtype(requested: str, device: str, probe: BackendProbe, reasons: list[str]) -> DtypeName:
-    backend = device.split(":", 1)[0]
-    if backend == "cuda":
-        index = int(device.split(":", 1)[1]) if ":" in device else 0
-        bf16_ok = probe.cuda_bf16[index] if index < len(probe.cuda_bf16) else False
-        if requested in ("auto", "bfloat16"):
-            if bf16_ok:
-                reasons.append("bfloat16: GPU supports it" if requested == "auto" else "bfloat16 requested")
-                return "bfloat16"
-            reasons.append(f"{'auto' if requested == 'auto' else 'bfloat16 requested'}: GPU lacks bf16, using float16")
-            return "float16"
-        reasons.append(f"{requested} requested")
-        return requested  # type: ignore[return-value]
-    if backend == "mps":
-        if requested in ("auto", "bfloat16"):
-            if probe.mps_bf16:
-                reasons.append("bfloat16: verified working on this MPS device")
-                return "bfloat16"
-            reasons.append("bfloat16 does not work on this MPS device/macOS, using float16")
-            return "float16"
-        reasons.append(f"{requested} requested")
-        return requested  # type: ignore[return-value]
-    # CPU
-    if requested == "float16":
-        raise DeviceSelectionError(
-            "FLUX_DTYPE=float16 is not supported on the CPU (half-precision kernels are missing or very slow); "
-            "use FLUX_DTYPE=float32 (default) or bfloat16"
-        )
-    if requested == "bfloat16":
-        reasons.append("bfloat16 requested on CPU")
-        return "bfloat16"
-    reasons.append("float32 on CPU" + (" (auto)" if requested == "auto" else ""))
-    return "float32"
+def torch_device(plan: DevicePlan) -> torch.device:
+    return torch.device(plan.device)
 
 
 def select_device_dtype(
@@ -175,29 +75,12 @@ def select_device_dtype(
     generator_device: str = "auto",
     probe: BackendProbe | None = None,
 ) -> DevicePlan:
-    """Resolve the device, compute dtype, VAE dtype and generator device, each with a reason.
+    """:func:`~fluxserve.models.devices.resolve_plan` on this machine (``probe``: a machine described by hand).
 
     Raises :class:`DeviceSelectionError` (naming ``FLUX_DEVICE`` or ``FLUX_DTYPE``) when the request
     cannot be met on this machine.
     """
-    probe = probe if probe is not None else probe_backends()
-    reasons: list[str] = []
-    resolved_device = _resolve_device(device, probe, reasons)
-    resolved_dtype = _resolve_dtype(dtype, resolved_device, probe, reasons)
-
-    vae_dtype: DtypeName = resolved_dtype
-    if resolved_device == "mps" and resolved_dtype != "float32":
-        vae_dtype = "float32"
-        reasons.append("VAE kept in float32 on MPS (half-precision VAE gives black images there)")
-
-    if generator_device in ("auto", "cpu"):
-        gen = "cpu"
-        reasons.append("generator on cpu" + (" (auto: same seed, same image on any device)"
-                                             if generator_device == "auto" else ""))
-    else:
-        gen = resolved_device
-        reasons.append(f"generator on {gen}")
-    return DevicePlan(resolved_device, resolved_dtype, vae_dtype, gen, tuple(reasons))
+    return resolve_plan(device, dtype, generator_device, probe if probe is not None else probe_backends())
 
 
 def validate_generator_device(plan: DevicePlan, pipeline_device: torch.device) -> None:

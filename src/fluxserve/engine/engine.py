@@ -17,8 +17,7 @@ from typing import Any
 
 import torch
 
-from fluxserve.engine.device import DevicePlan
-from fluxserve.engine.families import DenoiseArgs, PromptEmbedding, to_uint8
+from fluxserve.engine.families import DenoiseArgs, FamilyRunner, PromptEmbedding, to_uint8
 from fluxserve.engine.faults import FaultInjector
 from fluxserve.engine.loading import LoadedModel, PipelineView
 from fluxserve.engine.memory import (
@@ -28,7 +27,6 @@ from fluxserve.engine.memory import (
     oom_kind,
 )
 from fluxserve.engine.recovery import Attempt, OomLadder, RetryInFloat32, bad_output, undo_vae_modes
-from fluxserve.engine.registry import ModelSpec
 from fluxserve.engine.store import ModelStore
 from fluxserve.generation import (
     AdapterError,
@@ -40,6 +38,9 @@ from fluxserve.generation import (
     partial_image_steps,
 )
 from fluxserve.loras import LoraLibrary
+from fluxserve.models.devices import DevicePlan
+from fluxserve.models.handle import ModelHandle
+from fluxserve.models.spec import ModelSpec
 from fluxserve.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -89,8 +90,8 @@ class DeviceEngine:
         return memory_snapshot(self.device)
 
     # --- generation ------------------------------------------------------------------------------
-    def generate(self, model: LoadedModel, params: GenerationParams, requests: list[ImageRequest]) -> list[ImageResult]:
-        """Run one batch, recovering from out-of-memory per FLUX_OOM_POLICY.
+    def generate(self, model: ModelHandle, params: GenerationParams, requests: list[ImageRequest]) -> list[ImageResult]:
+        """Run one batch on ``model`` (one of this engine's), recovering from out-of-memory per FLUX_OOM_POLICY.
 
         The ladder's rungs run in the configured order, each at most once (downscale up to
         :data:`MAX_DOWNSCALES` times): ``clear_cache`` retries as asked after the cache is emptied,
@@ -100,6 +101,8 @@ class DeviceEngine:
 
         Raises :class:`OutOfMemory` (ladder exhausted), :class:`BadOutput`, :class:`GenerationCancelled`.
         """
+        if not isinstance(model, LoadedModel):
+            raise TypeError(f"{model.spec.key} is not a model of this engine ({type(model).__name__})")
         attempt = Attempt(params)
         rungs = list(self.settings.oom_policy)
         with model.view() as view, self._adapters(model, params):
@@ -147,14 +150,14 @@ class DeviceEngine:
 
     def _encode(self, model: LoadedModel, pipe: Any, prompt: str, max_len: int, *,
                 cache: bool = True, loras: tuple[tuple[str, float], ...] = ()) -> PromptEmbedding:
-        key: tuple[Any, ...] = model.adapter.cache_key(prompt, max_len)
+        key: tuple[Any, ...] = model.runner.cache_key(prompt, max_len)
         if loras and model.loras is not None and model.loras.text_encoder_set(loras):
             key = (*key, loras)  # a text-encoder adapter changes the embeddings
         cached = model.prompt_cache.get(key) if cache else None
         if cached is not None:
             return cached
         with torch.inference_mode():
-            embedding = model.adapter.encode(pipe, prompt, max_len)
+            embedding = model.runner.encode(pipe, prompt, max_len)
         if cache:
             model.prompt_cache.put(key, embedding)
         return embedding
@@ -165,9 +168,9 @@ class DeviceEngine:
         pipe = view.pipeline
         edit = None
         if params.task != "generate":  # edits: see the section at the end of this module
-            edit = _plan_edit(model.adapter, view, params, requests)
+            edit = _plan_edit(model.runner, view, params, requests)
             pipe, requests = edit.pipe, edit.requests
-        adapter = model.adapter
+        runner, family = model.runner, model.descriptor
         backend = self.plan.backend
         sync = _synchronizer(backend, self.device)
         timings: dict[str, float] = {}
@@ -177,7 +180,7 @@ class DeviceEngine:
         self.faults.raise_if_armed("encode", backend)
         positives: list[PromptEmbedding] = []
         negatives: list[PromptEmbedding] = []
-        use_negative = adapter.wants_negative(params.guidance)
+        use_negative = family.wants_negative(params.guidance)
         cache = not attempt.in_float32  # cached embeddings are in the half-precision dtype
         for request in requests:
             pos = self._encode(model, pipe, request.prompt, params.max_sequence_length, cache=cache,
@@ -203,7 +206,7 @@ class DeviceEngine:
         total = denoising_steps(params)
         # Partial images: the first image of each request that streams them, at its own steps.
         partial_steps = [partial_image_steps(total, r.partial_images) if r.on_progress is not None and
-                         adapter.supports_previews else frozenset() for r in requests]
+                         family.supports_previews else frozenset() for r in requests]
         before_partial = {step - 1 for steps in partial_steps for step in steps}
         previous: list[torch.Tensor | None] = [None]  # the latents one step before a partial image
 
@@ -233,7 +236,7 @@ class DeviceEngine:
         started = time.perf_counter()
         nan_latents = self.faults.raise_if_armed("denoise", backend)
         with torch.inference_mode():
-            latents = adapter.denoise(pipe, positives, negatives if use_negative else None, DenoiseArgs(
+            latents = runner.denoise(pipe, positives, negatives if use_negative else None, DenoiseArgs(
                 width=params.width, height=params.height, steps=params.steps, guidance=params.guidance,
                 generators=generators, callback=on_step,
                 max_sequence_length=params.max_sequence_length, call_kwargs=edit.call_kwargs if edit else {}))
@@ -251,11 +254,11 @@ class DeviceEngine:
             applied = apply_vae_modes(pipe, slicing="vae_slicing" in attempt.vae_modes,
                                       tiling="vae_tiling" in attempt.vae_modes, tile_size=self.settings.vae_tile_size)
             try:
-                decoded = adapter.decode(pipe, latents, params.width, params.height)
+                decoded = runner.decode(pipe, latents, params.width, params.height)
                 if make_nan:
                     decoded = torch.full_like(decoded, float("nan"))
                 if bad_output(decoded):
-                    decoded = self.ladder.recover_bad_output(pipe, adapter, latents, params, attempt)
+                    decoded = self.ladder.recover_bad_output(pipe, runner, latents, params, attempt)
                 pixels = to_uint8(decoded)
             finally:
                 undo_vae_modes(pipe, applied)
@@ -286,7 +289,7 @@ class DeviceEngine:
             applied = apply_vae_modes(pipe, slicing="vae_slicing" in attempt.vae_modes,
                                       tiling="vae_tiling" in attempt.vae_modes, tile_size=self.settings.vae_tile_size)
             try:
-                return to_uint8(model.adapter.decode(pipe, estimate, params.width, params.height))
+                return to_uint8(model.runner.decode(pipe, estimate, params.width, params.height))
             except Exception as exc:
                 if not is_oom(exc):
                     raise
@@ -333,10 +336,10 @@ def _synchronizer(backend: str, device: str) -> Callable[[], None]:
 
 
 # --- edits: img2img, inpainting, instruction edits ---------------------------------------------------
-# Edits run through ``_run`` above like generations (prompt cache, batching, progress, cancel, previews,
-# OOM ladder, NaN checks), with four hooks taken from the model's family contract: the task's pipeline
-# (``Family.edit_pipeline``: made by ``sharing_modules``, so the weights are shared with their dtypes, and
-# cached per pipeline view), the call's image arguments (``Family.edit_call_kwargs``), the number of steps
+# Edits run through ``_run`` above like generations (prompt cache, batching, progress, cancel, partial images,
+# OOM ladder, NaN checks), with four hooks taken from the model's family runner: the task's pipeline
+# (``FamilyRunner.edit_pipeline``: made by ``sharing_modules``, so the weights are shared with their dtypes, and
+# cached per pipeline view), the call's image arguments (``FamilyRunner.edit_call_kwargs``), the number of steps
 # that really run, and — with a mask — the input's own pixels kept outside it. The scheduler batches edit
 # jobs only when their inputs are byte-identical (the ``inputs`` digest is part of GenerationParams), so
 # the first request's images stand for the whole batch.
@@ -349,15 +352,15 @@ class _EditPlan:
     requests: list[ImageRequest]
 
 
-def _plan_edit(family: Any, view: PipelineView, params: GenerationParams,
+def _plan_edit(runner: FamilyRunner, view: PipelineView, params: GenerationParams,
                requests: list[ImageRequest]) -> _EditPlan:
     if any(not r.images for r in requests):
         raise ValueError(f"a {params.task} request needs its input images")
     requests = [_at_size(r, params.width, params.height) for r in requests]  # an OOM fallback may shrink the size
     first = requests[0]
-    pipe = family.edit_pipeline(view.pipeline, params.task)
+    pipe = runner.edit_pipeline(view.pipeline, params.task)
     mask = first.mask if params.task == "inpaint" else None
-    kwargs = family.edit_call_kwargs(params.task, first.images, mask, params.strength, params.width, params.height)
+    kwargs = runner.edit_call_kwargs(params.task, first.images, mask, params.strength, params.width, params.height)
     # One copy of a single input per output image: the pipelines encode the image with the batch's generators
     # but, for one image, with the first generator only, which would make image i depend on the others' seeds.
     count = sum(len(r.seeds) for r in requests)

@@ -24,12 +24,16 @@ import torch
 
 from fluxserve.engine.adapters import AdapterState, ensure_demo_lora
 from fluxserve.engine.construction import MODEL_BUILD_LOCK
-from fluxserve.engine.device import DevicePlan, validate_generator_device
-from fluxserve.engine.families import FAMILIES, Family, PromptEmbedding, family_of_class
+from fluxserve.engine.device import torch_device, torch_dtype, validate_generator_device
+from fluxserve.engine.families import FamilyRunner, PromptEmbedding, runner_for
 from fluxserve.engine.memory import apply_attention_slicing, apply_offload, apply_vae_modes
-from fluxserve.engine.registry import ModelSpec
 from fluxserve.engine.tiny import ensure_tiny_model
 from fluxserve.generation import ModelLoadError
+from fluxserve.models.descriptor import FamilyDescriptor
+from fluxserve.models.devices import DevicePlan
+from fluxserve.models.handle import PromptCacheStats, WarmupRuns
+from fluxserve.models.registry import family_of_class
+from fluxserve.models.spec import ModelSpec
 from fluxserve.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -81,7 +85,7 @@ class PipelineView:
 
 
 class PromptCache:
-    """LRU of prompt embeddings keyed by the family's :meth:`~Family.cache_key`; thread-safe."""
+    """LRU of prompt embeddings keyed by the runner's :meth:`~FamilyRunner.cache_key`; thread-safe."""
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
@@ -115,22 +119,26 @@ class PromptCache:
         with self._lock:
             self._items.clear()
 
+    def stats(self) -> PromptCacheStats:
+        return PromptCacheStats(hits=self.hits, misses=self.misses, capacity=self.capacity)
+
 
 @dataclass
 class LoadedModel:
-    """A model resident on one device, ready for the engine."""
+    """A model resident on one device, ready for the engine: the in-process
+    :class:`~fluxserve.models.handle.ModelHandle`."""
 
     spec: ModelSpec
     plan: DevicePlan
-    adapter: Family
-    """The model's family (the engine drives its stage API)."""
+    runner: FamilyRunner
+    """The model's family runner (the engine drives its stage API)."""
     pipeline_class: str
     load_seconds: float
     modes: list[str]
     prompt_cache: PromptCache
     _views: queue.Queue[PipelineView] = field(default_factory=queue.Queue)
     primary: Any = None
-    warmup: dict[str, Any] = field(default_factory=dict)
+    warmup: WarmupRuns = field(default_factory=dict)
     loaded_at: float = field(default_factory=time.monotonic)
     """Monotonic time the load finished (tells whether a request waited for it)."""
     loras: AdapterState | None = None
@@ -140,6 +148,20 @@ class LoadedModel:
     shared_lock: threading.Lock = field(default_factory=threading.Lock)
     """Serializes what touches modules every view shares outside denoising: the VAE decode, and the OOM
     ladder's temporary VAE modes and float32 re-decode, so one view never changes the VAE under another."""
+
+    @property
+    def descriptor(self) -> FamilyDescriptor:
+        return self.runner.descriptor
+
+    @property
+    def devices(self) -> tuple[str, ...]:
+        return (self.plan.device,)
+
+    def prompt_cache_stats(self) -> PromptCacheStats:
+        return self.prompt_cache.stats()
+
+    def token_count(self, prompt: str) -> dict[str, int]:
+        return self.runner.token_count(self.primary, prompt)
 
     @contextmanager
     def view(self) -> Iterator[PipelineView]:
@@ -206,7 +228,7 @@ def _current_cuda_device(plan: DevicePlan) -> Iterator[None]:
     if plan.backend != "cuda":
         yield
         return
-    with torch.cuda.device(plan.torch_device):
+    with torch.cuda.device(torch_device(plan)):
         yield
 
 
@@ -216,7 +238,7 @@ def load_model(spec: ModelSpec, plan: DevicePlan, settings: Settings, *, views: 
 
     started = time.perf_counter()
     source: str | Path = spec.source
-    kwargs: dict[str, Any] = {"torch_dtype": plan.torch_dtype, "trust_remote_code": settings.trust_remote_code}
+    kwargs: dict[str, Any] = {"torch_dtype": torch_dtype(plan.dtype), "trust_remote_code": settings.trust_remote_code}
     if spec.tiny is None:
         kwargs.update(cache_dir=str(settings.cache_dir / "hub"), revision=settings.revision,
                       variant=settings.variant, token=settings.hf_token_value())
@@ -241,15 +263,16 @@ def load_model(spec: ModelSpec, plan: DevicePlan, settings: Settings, *, views: 
         raise ModelLoadError(reason) from exc
 
     pipeline_class = type(pipe).__name__
-    family = family_of_class(pipeline_class)
+    family = family_of_class(pipeline_class, preferred=spec.family)
     if spec.family != family:
         spec = spec.with_family(family)
+    runner = runner_for(family)
     pipe.set_progress_bar_config(disable=True)
 
     modes: list[str] = []
     vae = getattr(pipe, "vae", None)
     if vae is not None and plan.vae_dtype != plan.dtype:
-        vae.to(plan.torch_vae_dtype)
+        vae.to(torch_dtype(plan.vae_dtype))
         modes.append(f"vae_{plan.vae_dtype}")
     apply_offload(pipe, settings.offload, plan.device)
     if settings.offload != "none":
@@ -266,17 +289,17 @@ def load_model(spec: ModelSpec, plan: DevicePlan, settings: Settings, *, views: 
         modes.append(f"lora_hotswap_rank{settings.lora_max_rank}")
     if spec.tiny is not None:
         try:
-            ensure_demo_lora(settings.lora_library_dir, spec.key, Path(source))
+            ensure_demo_lora(settings.lora_library_dir, spec, runner.descriptor, Path(source))
         except Exception as exc:  # the demo adapter is a convenience: the model still serves without it
             log.warning("could not write the demo LoRA for %s: %s: %s", spec.key, type(exc).__name__, exc)
 
     from fluxserve.engine.optimize import apply_optimizations
 
-    modes += apply_optimizations(pipe, settings, plan, FAMILIES[family])
-    validate_generator_device(plan, pipe._execution_device if settings.offload == "none" else plan.torch_device)
+    modes += apply_optimizations(pipe, settings, plan, runner.descriptor)
+    validate_generator_device(plan, pipe._execution_device if settings.offload == "none" else torch_device(plan))
 
     model = LoadedModel(
-        spec=spec, plan=plan, adapter=FAMILIES[family], pipeline_class=pipeline_class,
+        spec=spec, plan=plan, runner=runner, pipeline_class=pipeline_class,
         load_seconds=0.0, modes=modes, prompt_cache=PromptCache(settings.prompt_cache_size), primary=pipe,
         loras=loras, loras_unavailable=loras_unavailable,
     )

@@ -20,7 +20,8 @@ from typing import Any
 import psutil
 import torch
 
-from fluxserve.engine.device import DevicePlan, DeviceSelectionError
+from fluxserve.engine.device import DeviceSelectionError
+from fluxserve.models.devices import DevicePlan, in_use_of
 
 log = logging.getLogger(__name__)
 
@@ -123,11 +124,7 @@ def memory_snapshot(device: str) -> dict[str, Any]:
 
 
 def in_use_bytes(device: str) -> int:
-    snap = memory_snapshot(device)
-    for key in ("allocated_bytes", "current_allocated_bytes", "process_rss_bytes"):
-        if key in snap:
-            return int(snap[key])
-    return 0
+    return in_use_of(memory_snapshot(device))
 
 
 def attention_slicing_supported(pipe: Any) -> bool:

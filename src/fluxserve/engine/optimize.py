@@ -31,8 +31,9 @@ from typing import Any
 
 import torch
 
-from fluxserve.engine.device import DevicePlan
-from fluxserve.engine.families.base import Family
+from fluxserve.engine.device import torch_device
+from fluxserve.models.descriptor import FamilyDescriptor
+from fluxserve.models.devices import DevicePlan
 from fluxserve.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -80,7 +81,7 @@ def parse_step_cache(value: str) -> StepCache:
 def _cuda_capability(plan: DevicePlan) -> tuple[int, int] | None:
     if plan.backend != "cuda" or not torch.cuda.is_available():
         return None
-    return torch.cuda.get_device_capability(plan.torch_device)
+    return torch.cuda.get_device_capability(torch_device(plan))
 
 
 def _diffusers_has_cache() -> bool:
@@ -388,10 +389,11 @@ def _compile_vae_decoder(vae: Any) -> bool:
     return True
 
 
-def apply_optimizations(pipe: Any, settings: Settings, plan: DevicePlan, family: Family | None = None) -> list[str]:
+def apply_optimizations(pipe: Any, settings: Settings, plan: DevicePlan,
+                        family: FamilyDescriptor | None = None) -> list[str]:
     """Apply the optimizations the settings ask for; return their names (shown to users).
 
-    ``family`` (the model's :class:`~fluxserve.engine.families.base.Family`) says which optimizations its
+    ``family`` (the model's :class:`~fluxserve.models.descriptor.FamilyDescriptor`) says which optimizations its
     transformer can take: fused QKV is skipped where its attention has no fused path (diffusers' generic
     ``fuse_qkv_projections`` would silently fuse nothing there), fp8 where its linears must stay as they are.
 

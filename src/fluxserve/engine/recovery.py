@@ -17,10 +17,11 @@ from typing import Any
 
 import torch
 
-from fluxserve.engine.device import DevicePlan
+from fluxserve.engine.families import FamilyRunner
 from fluxserve.engine.loading import LoadedModel, PipelineView
 from fluxserve.engine.memory import apply_attention_slicing, empty_cache
 from fluxserve.generation import BadOutput, GenerationParams
+from fluxserve.models.devices import DevicePlan
 from fluxserve.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -205,7 +206,7 @@ class OomLadder:
                 except Exception:
                     log.exception("could not re-enable model CPU offload")
 
-    def recover_bad_output(self, pipe: Any, adapter: Any, latents: torch.Tensor, params: GenerationParams,
+    def recover_bad_output(self, pipe: Any, runner: FamilyRunner, latents: torch.Tensor, params: GenerationParams,
                             attempt: Attempt) -> torch.Tensor:
         """NaN/black pixels: re-decode with a float32 VAE where the latents are sound; if that does not help
         (or the latents themselves are NaN), retry the whole generation in float32 where half precision is
@@ -214,7 +215,7 @@ class OomLadder:
         latents_ok = bool(torch.isfinite(latents).all())
         if latents_ok:
             attempt.notes.append("re-decoded the VAE in float32 after NaN/black output")
-            decoded = self._decode_float32(pipe, adapter, latents, params)
+            decoded = self._decode_float32(pipe, runner, latents, params)
             if not bad_output(decoded):
                 return decoded
         if (self.plan.backend == "mps" and self.plan.dtype != "float32" and not attempt.in_float32
@@ -224,14 +225,15 @@ class OomLadder:
         hint = " and in float32" if attempt.in_float32 else ""
         raise BadOutput(f"the model produced NaN or black images {where}{hint}")
 
-    def _decode_float32(self, pipe: Any, adapter: Any, latents: torch.Tensor, params: GenerationParams) -> torch.Tensor:
+    def _decode_float32(self, pipe: Any, runner: FamilyRunner, latents: torch.Tensor,
+                        params: GenerationParams) -> torch.Tensor:
         vae = pipe.vae
         original = vae.dtype
         if original == torch.float32:  # already float32 (CPU, MPS): decode again, no conversion round trip
-            return adapter.decode(pipe, latents.float(), params.width, params.height)
+            return runner.decode(pipe, latents.float(), params.width, params.height)
         try:
             vae.to(torch.float32)
-            return adapter.decode(pipe, latents.float(), params.width, params.height)
+            return runner.decode(pipe, latents.float(), params.width, params.height)
         finally:
             vae.to(original)
 

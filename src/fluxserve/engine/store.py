@@ -13,11 +13,11 @@ from __future__ import annotations
 import logging
 import threading
 
-from fluxserve.engine.device import DevicePlan
 from fluxserve.engine.loading import LoadedModel, load_model
 from fluxserve.engine.memory import empty_cache, in_use_bytes
-from fluxserve.engine.registry import ModelSpec
 from fluxserve.generation import ModelLockTimeout
+from fluxserve.models.devices import DevicePlan
+from fluxserve.models.spec import ModelSpec
 from fluxserve.settings import Settings
 
 log = logging.getLogger(__name__)

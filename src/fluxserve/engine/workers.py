@@ -6,9 +6,11 @@ same :class:`~fluxserve.scheduler.protocols.Engine` protocol and forwards each c
 
 The wire, one :func:`multiprocessing.Pipe` per worker (everything pickled):
 
-* parent → worker: ``(call_id, verb, args)`` for ``load``, ``unload``, ``release``, ``memory`` and
-  ``generate``; ``(call_id, "ack", (seq, [cancelled per request]))`` answers progress event ``seq``;
-  ``(call_id, "flags", [...])`` carries the flags when they change between progress events (the poll).
+* parent → worker: ``(call_id, verb, args)`` for ``load``, ``unload``, ``release``, ``memory``,
+  ``generate``, and what the routes ask of a loaded model (``token_count``, ``prompt_cache``,
+  ``lora_names``, ``lora_load``, ``lora_unload``); ``(call_id, "ack", (seq, [cancelled per request]))``
+  answers progress event ``seq``; ``(call_id, "flags", [...])`` carries the flags when they change between
+  progress events (the poll).
 * worker → parent: ``(call_id, "progress", (seq, request, step, total, preview))`` — the worker then
   waits for the ack, so a job cancelled while step *k* is reported stops at step *k + 1*: cancellation
   crosses the boundary within one step, deterministically; ``(call_id, "ok", value)`` or
@@ -38,12 +40,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from multiprocessing.connection import Connection
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from fluxserve.engine.device import DevicePlan
 from fluxserve.engine.parallel import ParallelPlan
-from fluxserve.engine.registry import ModelSpec
 from fluxserve.generation import (
+    AdapterError,
     BadOutput,
     GenerationCancelled,
     GenerationParams,
@@ -53,7 +54,16 @@ from fluxserve.generation import (
     ModelLockTimeout,
     OutOfMemory,
 )
+from fluxserve.models.descriptor import FamilyDescriptor
+from fluxserve.models.devices import DevicePlan
+from fluxserve.models.handle import ModelHandle, PromptCacheStats, WarmupRuns
+from fluxserve.models.registry import family_descriptor
+from fluxserve.models.spec import ModelSpec
 from fluxserve.settings import Settings
+
+if TYPE_CHECKING:
+    from fluxserve.engine.loading import LoadedModel
+    from fluxserve.loras import LoraInfo
 
 log = logging.getLogger(__name__)
 
@@ -76,16 +86,65 @@ class WorkerCrashed(RuntimeError):
 
 @dataclass
 class RemoteModel:
-    """The parent's view of a model loaded in a worker: what the scheduler, catalog and routes read."""
+    """The parent's view of a model loaded in a worker: the worker-process
+    :class:`~fluxserve.models.handle.ModelHandle`. What the worker keeps (prompt cache, token counts, LoRA
+    adapters) is asked for over the pipe."""
 
     spec: ModelSpec
+    engine: ProcessEngine = field(repr=False)
     load_seconds: float
     modes: list[str]
     pipeline_class: str
     loaded_at: float = field(default_factory=time.monotonic)
-    warmup: dict[str, Any] = field(default_factory=dict)
+    warmup: WarmupRuns = field(default_factory=dict)
     generation: int = 0
     """Which incarnation of the worker holds it (a restart makes older ones stale)."""
+    takes_loras: bool = True
+    loras_unavailable: str | None = None
+    """Why the worker's model takes no adapters (FLUX_QUANTIZE=fp8, a pipeline without LoRA support)."""
+
+    @property
+    def descriptor(self) -> FamilyDescriptor:
+        return family_descriptor(self.spec.family)
+
+    @property
+    def plan(self) -> DevicePlan:
+        return self.engine.plan
+
+    @property
+    def devices(self) -> tuple[str, ...]:
+        return tuple(p.device for p in self.engine.group) if self.engine.group else (self.engine.plan.device,)
+
+    def prompt_cache_stats(self) -> PromptCacheStats:
+        hits, misses, capacity = self.engine._call("prompt_cache", (self.spec.key, None))
+        return PromptCacheStats(hits=hits, misses=misses, capacity=capacity)
+
+    def token_count(self, prompt: str) -> dict[str, int]:
+        counts: dict[str, int] = self.engine._call("token_count", (self.spec.key, prompt))
+        return counts
+
+    @property
+    def loras(self) -> WorkerLoras | None:
+        return WorkerLoras(self.engine, self.spec.key) if self.takes_loras else None
+
+
+@dataclass(frozen=True)
+class WorkerLoras:
+    """The adapters of a model in a worker process (:class:`~fluxserve.models.handle.LoraControl`)."""
+
+    engine: ProcessEngine
+    key: str
+
+    def loaded_names(self) -> list[str]:
+        names: list[str] = self.engine._call("lora_names", (self.key, None))
+        return names
+
+    def preload(self, info: LoraInfo) -> float:
+        seconds: float = self.engine._call("lora_load", (self.key, info))
+        return seconds
+
+    def unload(self, name: str) -> bool:
+        return bool(self.engine._call("lora_unload", (self.key, name)))
 
 
 @dataclass
@@ -311,8 +370,9 @@ class ProcessEngine:
         with self._state:
             generation = self._generation
         info, loaded_now = self._call("load", spec)
-        model = RemoteModel(spec, info["load_seconds"], info["modes"], info["pipeline_class"],
-                            generation=generation)
+        model = RemoteModel(info["spec"], self, info["load_seconds"], info["modes"], info["pipeline_class"],
+                            generation=generation, takes_loras=info["loras"],
+                            loras_unavailable=info["loras_unavailable"])
         with self._state:
             self._wanted[spec.key] = spec
             current = self._models.get(spec.key)
@@ -344,7 +404,7 @@ class ProcessEngine:
         snapshot["worker_pid"] = self.pid
         return snapshot
 
-    def generate(self, model: RemoteModel, params: GenerationParams,
+    def generate(self, model: ModelHandle, params: GenerationParams,
                  requests: list[ImageRequest]) -> list[ImageResult]:
         wire = [_WireRequest(r.prompt, list(r.seeds), r.negative_prompt, r.partial_images, r.on_progress is not None,
                              list(r.images), r.mask) for r in requests]
@@ -359,7 +419,8 @@ class ProcessEngine:
 
 _ERRORS: dict[str, type[Exception]] = {
     "GenerationCancelled": GenerationCancelled, "BadOutput": BadOutput, "ModelLoadError": ModelLoadError,
-    "ModelLockTimeout": ModelLockTimeout, "KeyError": KeyError, "ValueError": ValueError,
+    "ModelLockTimeout": ModelLockTimeout, "AdapterError": AdapterError, "KeyError": KeyError,
+    "ValueError": ValueError,
 }
 
 
@@ -455,8 +516,9 @@ class _Worker:
         engine = self.engine
         if verb == "load":
             model, loaded_now = engine.load(args)
-            return {"load_seconds": model.load_seconds, "modes": list(model.modes),
-                    "pipeline_class": model.pipeline_class}, loaded_now
+            return {"spec": model.spec, "load_seconds": model.load_seconds, "modes": list(model.modes),
+                    "pipeline_class": model.pipeline_class, "loras": model.loras is not None,
+                    "loras_unavailable": model.loras_unavailable}, loaded_now
         if verb == "unload":
             return engine.unload(args)
         if verb == "release":
@@ -465,11 +527,17 @@ class _Worker:
             return engine.memory()
         if verb == "generate":
             key, params, wire = args
-            present = engine.get(key)
-            if present is None:
-                raise ModelLoadError(f"{key} is not loaded in the worker process of {engine.device}")
-            return engine.generate(present, params, self.requests(call_id, wire))
+            return engine.generate(self.model(key), params, self.requests(call_id, wire))
+        if verb in _MODEL_CALLS:
+            key, argument = args
+            return _model_call(self.model(key), verb, argument)
         raise ValueError(f"unknown worker call {verb!r}")
+
+    def model(self, key: str) -> LoadedModel:
+        present = self.engine.get(key)
+        if present is None:
+            raise ModelLoadError(f"{key} is not loaded in the worker process of {self.engine.device}")
+        return present
 
     def requests(self, call_id: int, wire: list[_WireRequest]) -> list[ImageRequest]:
         ack: queue.Queue[int] = queue.Queue()
@@ -499,8 +567,26 @@ class _Worker:
         return out
 
 
-_MIRRORED = ("load", "unload", "release", "generate")
+_MIRRORED = ("load", "unload", "release", "generate", "lora_load", "lora_unload")
+_MODEL_CALLS = ("token_count", "prompt_cache", "lora_names", "lora_load", "lora_unload")
+"""What the routes ask of one loaded model (args ``(model key, argument)``): :func:`_model_call`."""
 _follower_pids: list[int] = []
+
+
+def _model_call(model: LoadedModel, verb: str, argument: Any) -> Any:
+    """One of :data:`_MODEL_CALLS` on a model of this process (the worker's side of :class:`RemoteModel`)."""
+    if verb == "token_count":
+        return model.token_count(argument)
+    if verb == "prompt_cache":
+        stats = model.prompt_cache_stats()
+        return stats.hits, stats.misses, stats.capacity
+    if model.loras is None:
+        raise AdapterError(model.loras_unavailable or "this model takes no LoRA adapters")
+    if verb == "lora_names":
+        return model.loras.loaded_names()
+    if verb == "lora_load":
+        return model.loras.preload(argument)
+    return model.loras.unload(argument)
 
 
 def _mirror_args(verb: str, args: Any) -> Any:
@@ -617,6 +703,12 @@ def follower_main(settings: Settings, plan: DevicePlan, rank: int, world: int, p
                 value = engine.unload(args)
             elif verb == "release":
                 value = engine.release(args)
+            elif verb in ("lora_load", "lora_unload"):
+                key, argument = args
+                model = engine.get(key)
+                if model is None:
+                    raise ModelLoadError(f"{key} is not loaded on rank {rank}")
+                value = _model_call(model, verb, argument)
             else:
                 key, params, wire = args
                 model = engine.get(key)

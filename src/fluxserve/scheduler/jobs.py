@@ -31,8 +31,8 @@ from enum import StrEnum
 from types import TracebackType
 from typing import Any
 
-from fluxserve.engine.registry import ModelSpec
 from fluxserve.generation import GenerationParams, ImageRequest, ImageResult
+from fluxserve.models.spec import ModelSpec
 
 
 class JobStatus(StrEnum):

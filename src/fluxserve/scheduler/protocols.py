@@ -12,11 +12,13 @@ Scale-out plugs in by providing another ``JobQueue``/``ModelCatalog``, never by 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
-from fluxserve.engine.registry import ModelSpec
 from fluxserve.generation import GenerationParams, ImageRequest, ImageResult
+from fluxserve.models.devices import DevicePlan
+from fluxserve.models.handle import ModelHandle
+from fluxserve.models.spec import ModelSpec
 from fluxserve.scheduler.jobs import Job
 from fluxserve.scheduler.table import JobTable
 
@@ -28,17 +30,18 @@ class Engine(Protocol):
     @property
     def consecutive_oom_failures(self) -> int: ...
 
-    def get(self, key: str) -> Any | None: ...
+    def get(self, key: str) -> ModelHandle | None: ...
 
-    def loaded(self) -> dict[str, Any]: ...
+    def loaded(self) -> Mapping[str, ModelHandle]: ...
 
-    def load(self, spec: ModelSpec) -> tuple[Any, bool]:
+    def load(self, spec: ModelSpec) -> tuple[ModelHandle, bool]:
         """Load unless loaded; (model, loaded_now). Raises ModelLoadError / ModelLockTimeout."""
         ...
 
     def unload(self, key: str) -> bool: ...
 
-    def generate(self, model: Any, params: GenerationParams, requests: list[ImageRequest]) -> list[ImageResult]:
+    def generate(self, model: ModelHandle, params: GenerationParams,
+                 requests: list[ImageRequest]) -> list[ImageResult]:
         """One batch. Raises GenerationCancelled, OutOfMemory, BadOutput, or anything else (a bug)."""
         ...
 
@@ -82,7 +85,7 @@ class ModelCatalog(Protocol):
     """A :class:`fluxserve.catalog.ModelNames` (the default, configured and active models)."""
 
     @property
-    def plans(self) -> Sequence[Any]:
+    def plans(self) -> Sequence[DevicePlan]:
         """The device plans of the devices (or replicas) serving."""
         ...
 
@@ -100,8 +103,8 @@ class ModelCatalog(Protocol):
 
     def select(self, name: str) -> ModelSpec: ...
 
-    def model_info(self, key: str) -> dict[str, Any]:
-        """Where ``key`` is loaded: device or replica → loaded-model info."""
+    def model_info(self, key: str) -> dict[str, ModelHandle]:
+        """Where ``key`` is loaded: device or replica → the loaded model."""
         ...
 
     def replicas(self, key: str) -> list[dict[str, Any]] | None: ...

@@ -32,7 +32,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from fluxserve.engine.registry import ModelSpec
 from fluxserve.generation import (
     AdapterError,
     BadOutput,
@@ -41,6 +40,7 @@ from fluxserve.generation import (
     ModelLockTimeout,
     OutOfMemory,
 )
+from fluxserve.models.spec import ModelSpec
 from fluxserve.scheduler.jobs import Job, JobError, JobStatus, cancelled_error, queue_full
 from fluxserve.scheduler.pacing import Pacing
 from fluxserve.scheduler.protocols import Engine

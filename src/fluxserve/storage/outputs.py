@@ -110,22 +110,10 @@ class OutputStore:
         return f"{prefix}-{stamp}-{secrets.token_hex(6)}"
 
     def _atomic_write(self, target: Path, data: bytes) -> None:
-        """Write to a temp file in the same directory, fsync, then rename: readers never see half a file."""
         target = target.resolve()
         if self.root not in target.parents:
             raise ValueError("refusing to write outside the output directory")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=target.parent)
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        _fsync_dir(target.parent)  # the rename itself survives a power cut once the directory is synced
+        write_atomically(target, data)
 
     def save_image(self, data: bytes, ext: str, metadata: dict[str, Any] | None = None) -> tuple[Path, Path | None]:
         """Save image bytes (and optionally a JSON sidecar); returns their (absolute) paths.
@@ -158,6 +146,23 @@ class OutputStore:
                 tmp.unlink(missing_ok=True)
                 removed += 1
         return removed
+
+
+def write_atomically(target: Path, data: bytes) -> None:
+    """Write to a temp file in the same directory, fsync, then rename: readers never see half a file,
+    and the file survives a power cut once the call returns."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(target.parent)  # the rename itself survives a power cut once the directory is synced
 
 
 def _tree_bytes(root: Path) -> int:

@@ -2,14 +2,15 @@
 
 ``GET /v1/loras`` is open to every key; ``POST /v1/loras/load`` and ``/unload`` change what a model holds
 for everyone, so with keys configured they need an admin key (``/v1/loras`` is in the middleware's
-``ADMIN_PREFIXES``). Loading runs off the event loop.
+``ADMIN_PREFIXES``). They act on every copy of the model (each device, or each worker process) through its
+:class:`~fluxserve.models.handle.LoraControl`, off the event loop.
 """
 
 from __future__ import annotations
 
 import asyncio
 import re
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
@@ -17,9 +18,11 @@ from fastapi.responses import JSONResponse
 from fluxserve.api.errors import APIError
 from fluxserve.api.protocol import ERROR_RESPONSES, ErrorResponse, LoraLoadRequest
 from fluxserve.api.serving import ImageService
-from fluxserve.engine.registry import ModelNotAllowedError, UnknownModelError
 from fluxserve.generation import AdapterError
 from fluxserve.loras import LoraError, LoraInfo, resolve_loras
+from fluxserve.models.handle import LoraControl, ModelHandle
+from fluxserve.models.registry import ModelNotAllowedError, UnknownModelError
+from fluxserve.models.spec import ModelSpec
 
 if TYPE_CHECKING:
     from fluxserve.runtime import Runtime
@@ -37,25 +40,29 @@ def _service(request: Request) -> ImageService:
     return service
 
 
-def _loaded_models(runtime: Runtime) -> list[tuple[str, str, Any]]:
-    """(model key, device, LoadedModel) of every model loaded in this process that takes adapters."""
-    found = []
-    for engine in runtime.engines:
-        for key, model in engine.loaded().items():
-            if getattr(model, "loras", None) is not None:
-                found.append((key, engine.device, model))
-    return found
+def _loaded_models(runtime: Runtime, key: str | None = None) -> list[tuple[str, str, ModelHandle]]:
+    """(model key, device or replica, model) of every loaded model, or of ``key``'s copies."""
+    keys = [key] if key is not None else [spec.key for spec in runtime.known_models()]
+    return [(k, where, model) for k in keys for where, model in runtime.model_info(k).items()]
+
+
+def _where_loaded(runtime: Runtime) -> dict[str, list[str]]:
+    """Adapter name → ``model@device`` where it is loaded (blocking: worker processes are asked)."""
+    where: dict[str, list[str]] = {}
+    for key, device, model in _loaded_models(runtime):
+        loras = model.loras
+        for name in loras.loaded_names() if loras is not None else ():
+            where.setdefault(name, []).append(f"{key}@{device}")
+    return where
 
 
 @router.get("/v1/loras", summary="The LoRA library: name, family, rank, target modules, size, where loaded")
 async def list_loras(request: Request) -> JSONResponse:
     service = _service(request)
     runtime = service.runtime
-    adapters = await asyncio.get_running_loop().run_in_executor(None, service.loras.scan)
-    where: dict[str, list[str]] = {}
-    for key, device, model in _loaded_models(runtime):
-        for name in model.loras.loaded_names():
-            where.setdefault(name, []).append(f"{key}@{device}")
+    loop = asyncio.get_running_loop()
+    adapters = await loop.run_in_executor(None, service.loras.scan)
+    where = await loop.run_in_executor(None, _where_loaded, runtime)
     s = service.settings
     return JSONResponse({
         "object": "list", "data": [info.card(where.get(name, ())) for name, info in sorted(adapters.items())],
@@ -65,7 +72,9 @@ async def list_loras(request: Request) -> JSONResponse:
     })
 
 
-def _target(request: Request, body: LoraLoadRequest) -> tuple[Any, list[tuple[str, Any]]]:
+def _target(request: Request, body: LoraLoadRequest) -> tuple[ModelSpec, list[tuple[str, LoraControl]]]:
+    """The model the body names and its adapters on each device: 409 where it is not loaded, 400
+    ``loras_unavailable`` where it takes no adapters from here (FLUX_QUANTIZE=fp8; Ray Serve replicas)."""
     service = _service(request)
     runtime = service.runtime
     try:  # an operator may name any registry model, as with /v1/models/select
@@ -74,11 +83,15 @@ def _target(request: Request, body: LoraLoadRequest) -> tuple[Any, list[tuple[st
         raise APIError(403, str(exc), param="model", code="model_not_allowed") from None
     except UnknownModelError as exc:
         raise APIError(404, str(exc), param="model", code="model_not_found") from None
-    models = [(device, model) for key, device, model in _loaded_models(runtime) if key == spec.key]
-    if not models:
-        raise APIError(409, f"model {spec.key!r} is not loaded (or takes no adapters): select it first",
-                       param="model", code="model_not_loaded")
-    return spec, models
+    loaded = _loaded_models(runtime, spec.key)
+    if not loaded:
+        raise APIError(409, f"model {spec.key!r} is not loaded: select it first", param="model",
+                       code="model_not_loaded")
+    targets = [(device, loras) for _, device, model in loaded if (loras := model.loras) is not None]
+    if not targets:
+        reason = next(m.loras_unavailable for _, _, m in loaded) or f"{spec.key} takes no LoRA adapters"
+        raise APIError(400, f"invalid 'model': {reason}", param="model", code="loras_unavailable")
+    return spec, targets
 
 
 def _library_info(request: Request, name: str) -> LoraInfo:
@@ -110,7 +123,7 @@ async def load_lora(body: LoraLoadRequest, request: Request) -> JSONResponse:
         raise APIError(exc.status, exc.message.replace("'loras'", "'name'"), param="name", code=exc.code) from None
 
     def load() -> dict[str, float]:
-        return {device: round(model.loras.preload(info), 3) for device, model in models}
+        return {device: round(loras.preload(info), 3) for device, loras in models}
 
     try:
         seconds = await asyncio.get_running_loop().run_in_executor(None, load)
@@ -124,7 +137,7 @@ async def unload_lora(body: LoraLoadRequest, request: Request) -> JSONResponse:
     spec, models = _target(request, body)
 
     def unload() -> list[str]:
-        return [device for device, model in models if model.loras.unload(body.name)]
+        return [device for device, loras in models if loras.unload(body.name)]
 
     devices = await asyncio.get_running_loop().run_in_executor(None, unload)
     if not devices:

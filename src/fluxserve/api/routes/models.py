@@ -27,7 +27,8 @@ from fluxserve.api.protocol import (
     UnloadModelRequest,
     public_model_source,
 )
-from fluxserve.engine.registry import ModelNotAllowedError, ModelSpec, UnknownModelError
+from fluxserve.models.registry import ModelNotAllowedError, UnknownModelError, family_descriptor
+from fluxserve.models.spec import ModelSpec
 from fluxserve.scheduler.jobs import JobError
 
 if TYPE_CHECKING:
@@ -57,8 +58,10 @@ def public_source(spec: ModelSpec) -> str:
 
 
 def model_card(runtime: Runtime, spec: ModelSpec, *, loadable: bool) -> dict[str, Any]:
-    """``loadable``: :meth:`Runtime.loadable` (blocking: the caller asks it off the event loop)."""
+    """One model as ``/v1/models`` shows it; ``loadable`` is :meth:`Runtime.loadable`. Blocking (a worker process
+    or replica may be asked): call it off the event loop."""
     loaded = runtime.model_info(spec.key)
+    caches = {device: model.prompt_cache_stats() for device, model in loaded.items()}
     return {
         "id": public_model_source(spec.key), "object": "model", "created": int(runtime.started_at),
         "owned_by": "fluxserve",
@@ -74,27 +77,33 @@ def model_card(runtime: Runtime, spec: ModelSpec, *, loadable: bool) -> dict[str
                      "size": f"{spec.width}x{spec.height}", "size_multiple": spec.size_multiple,
                      "max_sequence_length_limit": spec.max_sequence_length_limit,
                      "negative_prompt": spec.negative_prompt},
-        "guidance_parameter": "true_cfg_scale" if spec.family == "qwen" else "guidance_scale",
+        "guidance_parameter": family_descriptor(spec.family).guidance_parameter,
         "presets": {name: {"width": p.width, "height": p.height, "num_inference_steps": p.steps,
                            "size": f"{p.width}x{p.height}"} for name, p in spec.presets.items()},
         "quality_steps": spec.quality_steps,
         "modes": sorted({m for model in loaded.values() for m in model.modes}),
         "load_seconds": {d: round(m.load_seconds, 3) for d, m in loaded.items()},
         "warmup": {d: m.warmup for d, m in loaded.items()},
-        "prompt_cache": {d: {"hits": m.prompt_cache.hits, "misses": m.prompt_cache.misses,
-                             "capacity": m.prompt_cache.capacity}
-                         for d, m in loaded.items() if hasattr(m, "prompt_cache")},  # Ray: remote replicas
+        "prompt_cache": {d: {"hits": c.hits, "misses": c.misses, "capacity": c.capacity}
+                         for d, c in caches.items() if c is not None},  # None: a Ray replica keeps its own
         "replicas": runtime.replicas(spec.key),
         "edits": edit_card(spec),
     }
 
 
+def _version(package: str) -> str | None:
+    """An installed package's version, read from its metadata (importing torch here would load it into the HTTP
+    layer: the Ray ingress has no use for it)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
+
+
 def runtime_snapshot(runtime: Runtime) -> dict[str, Any]:
     import platform
-
-    import diffusers
-    import torch
-    import transformers
 
     from fluxserve import __version__
 
@@ -115,8 +124,8 @@ def runtime_snapshot(runtime: Runtime) -> dict[str, Any]:
         "cache_dir": str(s.cache_dir), "revision": s.revision, "variant": s.variant,
         "output_dir": str(s.output_dir), "store_local": s.store_local,
         "auth_required": bool(s.all_api_keys()),
-        "versions": {"fluxserve": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
-                     "transformers": transformers.__version__, "python": platform.python_version()},
+        "versions": {"fluxserve": __version__, "torch": _version("torch"), "diffusers": _version("diffusers"),
+                     "transformers": _version("transformers"), "python": platform.python_version()},
     }
 
 
@@ -145,13 +154,14 @@ async def list_models(request: Request, full_registry: bool = Query(
     if full_registry and not admin:
         raise APIError(403, "GET /v1/models?all=true (the whole registry) needs an admin key (FLUX_ADMIN_KEYS)",
                        param="all", code="permission_denied")
+    # The hub check may wait on the network and loaded models may be asked: off the event loop.
+    return JSONResponse(await asyncio.get_running_loop().run_in_executor(None, _listing, runtime, admin,
+                                                                          full_registry))
 
-    def models() -> list[tuple[ModelSpec, bool]]:  # the hub check may wait on the network: off the event loop
-        if full_registry:
-            return [(spec, runtime.loadable(spec)) for spec in runtime.known_models()]
-        return [(spec, True) for spec in runtime.usable_models(admin=admin)]
 
-    specs = await asyncio.get_running_loop().run_in_executor(None, models)
+def _listing(runtime: Runtime, admin: bool, full_registry: bool) -> dict[str, Any]:
+    specs = ([(spec, runtime.loadable(spec)) for spec in runtime.known_models()] if full_registry
+             else [(spec, True) for spec in runtime.usable_models(admin=admin)])
     cards = [model_card(runtime, spec, loadable=loadable) for spec, loadable in specs]
     active = runtime.resolve(None)
     plan = runtime.plans[0]
@@ -167,7 +177,7 @@ async def list_models(request: Request, full_registry: bool = Query(
         listing.update({"cache_dir": str(runtime.settings.cache_dir),
                         "revision": runtime.settings.revision, "variant": runtime.settings.variant,
                         "runtime": runtime_snapshot(runtime)})
-    return JSONResponse(listing)
+    return listing
 
 
 @router.get("/v1/models/{model_id:path}", summary="One model")
@@ -175,8 +185,11 @@ async def get_model(model_id: str, request: Request) -> JSONResponse:
     runtime = _runtime(request)
     # Any registry model can be looked at (with "allowed" and "loadable"); using one is what FLUX_MODELS restricts.
     spec = _spec(runtime, model_id, operator=True)
-    loadable = await asyncio.get_running_loop().run_in_executor(None, runtime.loadable, spec)
-    return JSONResponse(model_card(runtime, spec, loadable=loadable))
+
+    def card() -> dict[str, Any]:
+        return model_card(runtime, spec, loadable=runtime.loadable(spec))
+
+    return JSONResponse(await asyncio.get_running_loop().run_in_executor(None, card))
 
 
 @router.post("/v1/models/select", summary="Load (if needed) and make a model the default")
@@ -229,9 +242,6 @@ async def tokenize(body: TokenizeRequest, request: Request) -> JSONResponse:
     if not loaded:
         raise APIError(409, f"model {spec.key!r} is not loaded yet", param="model", code="model_not_loaded")
     model = next(iter(loaded.values()))
-    counts = await asyncio.get_running_loop().run_in_executor(
-        None, model.adapter.token_count, model.primary, body.prompt)
-    limits = {"tokenizer": 77, "tokenizer_2": spec.max_sequence_length}
-    if spec.family != "flux":  # one tokenizer (Qwen-Image, FLUX.2, Z-Image, ...)
-        limits = {"tokenizer": spec.max_sequence_length}
+    counts = await asyncio.get_running_loop().run_in_executor(None, model.token_count, body.prompt)
+    limits = {name: limit for name, limit in model.descriptor.token_limits(model.spec).items() if name in counts}
     return JSONResponse({"model": public_model_source(spec.key), "counts": counts, "limits": limits})

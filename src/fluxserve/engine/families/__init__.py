@@ -1,64 +1,44 @@
-"""Model families: one module each, behind the contract in :mod:`fluxserve.engine.families.base`.
+"""Family runners: one module per family, behind the contract in :mod:`fluxserve.engine.families.base`.
 
-``FAMILIES`` is the registry of families; the model registry (:mod:`fluxserve.engine.registry`) is built
-from the ``models`` each family declares. Adding a family is one module plus one line here (see
-``docs/families.md``). Nothing here imports torch or diffusers at import time.
+A family is declared in the model layer (:mod:`fluxserve.models.families`, registered in
+:mod:`fluxserve.models.registry`); its descriptor names its runner here by import path, and
+:func:`runner_for` imports it on first use. So this package imports no family module at import time, and the
+model layer never imports the engine. Adding a family is a descriptor, a runner and one registry line (see
+``docs/families.md``).
 """
 
 from __future__ import annotations
 
+import importlib
+import threading
+
 from fluxserve.engine.families.base import (
     DenoiseArgs,
-    Family,
-    FamilyDefaults,
-    ModelSpec,
-    Optimizations,
-    Preset,
+    FamilyRunner,
     PromptEmbedding,
     to_uint8,
 )
-from fluxserve.engine.families.flux import FluxFamily
-from fluxserve.engine.families.flux2 import Flux2DevFamily
-from fluxserve.engine.families.generic import GenericFamily
-from fluxserve.engine.families.klein import KleinFamily
-from fluxserve.engine.families.kontext import KontextFamily
-from fluxserve.engine.families.qwen_edit import QwenImageEditFamily
-from fluxserve.engine.families.qwen_image import QwenImageFamily
-from fluxserve.engine.families.zimage import ZImageFamily
+from fluxserve.models.descriptor import FamilyDescriptor
+from fluxserve.models.registry import family_descriptor
 
-FAMILIES: dict[str, Family] = {family.name: family for family in (
-    FluxFamily(),
-    QwenImageFamily(),
-    KleinFamily(),
-    ZImageFamily(),
-    Flux2DevFamily(),
-    KontextFamily(),
-    QwenImageEditFamily(),
-    GenericFamily(),
-)}
-"""Every family by name. ``generic`` serves pipelines no other family claims."""
-
-ADAPTERS = FAMILIES
-"""The name the engine's first versions used for :data:`FAMILIES` (kept for callers and tests)."""
-FamilyAdapter = Family
+_runners: dict[str, FamilyRunner] = {}
+_lock = threading.Lock()
 
 
-def get_family(name: str) -> Family:
-    try:
-        return FAMILIES[name]
-    except KeyError:
-        raise ValueError(f"unknown model family {name!r}; known: {', '.join(FAMILIES)}") from None
+def runner_for(family: str | FamilyDescriptor) -> FamilyRunner:
+    """The runner of ``family`` (a name or a descriptor), one instance per family: it caches the edit pipelines
+    it makes per loaded pipeline. Raises ``UnknownFamilyError`` for a family that is not registered."""
+    descriptor = family if isinstance(family, FamilyDescriptor) else family_descriptor(family)
+    with _lock:
+        runner = _runners.get(descriptor.name)
+        if runner is None or runner.descriptor is not descriptor:
+            module_name, _, class_name = descriptor.runner.partition(":")
+            runner_class = getattr(importlib.import_module(module_name), class_name)
+            runner = runner_class()
+            if not isinstance(runner, FamilyRunner) or runner.descriptor is not descriptor:
+                raise TypeError(f"{descriptor.runner} is not the runner of the {descriptor.name} family")
+            _runners[descriptor.name] = runner
+    return runner
 
 
-def family_of_class(class_name: str) -> str:
-    """The family whose text-to-image pipeline class is ``class_name`` (``generic`` if none)."""
-    for family in FAMILIES.values():
-        if family.name != "generic" and family.pipeline_classes.get("generate") == class_name:
-            return family.name
-    return "generic"
-
-
-__all__ = [
-    "ADAPTERS", "FAMILIES", "DenoiseArgs", "Family", "FamilyAdapter", "FamilyDefaults", "ModelSpec",
-    "Optimizations", "Preset", "PromptEmbedding", "family_of_class", "get_family", "to_uint8",
-]
+__all__ = ["DenoiseArgs", "FamilyRunner", "PromptEmbedding", "runner_for", "to_uint8"]

@@ -1,23 +1,19 @@
-"""The family contract: everything fluxserve needs to know to serve one kind of diffusers pipeline.
+"""The family runner contract: how fluxserve drives one kind of diffusers pipeline.
 
-A *family* is one module in this package with one subclass of :class:`Family`. It declares
+A family is declared in the model layer (:class:`fluxserve.models.descriptor.FamilyDescriptor`: its tasks,
+defaults, registry entries, tokenizers, guidance parameter, optimizations, ...) and run here: one module in this
+package with one subclass of :class:`FamilyRunner` whose ``descriptor`` is that declaration. A runner implements
 
-- ``name`` and the diffusers pipeline classes per task (``pipeline_classes``; ``"generate"`` is
-  required, ``"img2img"``, ``"inpaint"`` and ``"edit"`` optional — edit pipelines are made from the loaded
-  one by :func:`sharing_modules`, so they share its weights and keep their dtypes);
-- its defaults (:class:`FamilyDefaults`, with the source of each value) and the registry entries it
-  serves (``models``: one :class:`ModelSpec` per key, licence and gated state included);
-- how to encode prompts and what keys the prompt cache, how prompts batch, and the stage API the engine
-  drives (:meth:`Family.encode`, :meth:`Family.denoise`, :meth:`Family.decode`,
-  :meth:`Family.spatial_latents`, :meth:`Family.token_count`);
-- the keyword arguments of its edit pipelines (:meth:`Family.edit_call_kwargs`);
-- its tiny offline version built from config classes (:meth:`Family.tiny_pipeline`, saved by
-  :meth:`Family.build_tiny`) and its full-size random-weight architecture for GPU benches
-  (:meth:`Family.full_size_components`);
-- which optimizations apply (:class:`Optimizations`).
+- how to encode prompts and what keys the prompt cache, and the stage API the engine drives
+  (:meth:`FamilyRunner.encode`, :meth:`FamilyRunner.denoise`, :meth:`FamilyRunner.decode`,
+  :meth:`FamilyRunner.spatial_latents`, :meth:`FamilyRunner.token_count`);
+- the pipelines and keyword arguments of its edit tasks (:meth:`FamilyRunner.edit_pipeline`, made by
+  :func:`sharing_modules` so they share the loaded weights and keep their dtypes;
+  :meth:`FamilyRunner.edit_call_kwargs`);
+- its tiny offline version built from config classes (:meth:`FamilyRunner.tiny_pipeline`) and its full-size
+  random-weight architecture for GPU benches (:meth:`FamilyRunner.full_size_components`).
 
-Family modules import neither torch nor diffusers at import time (the registry, which the HTTP layer
-reads, is built from them; a test proves it): both are imported inside the methods that need them.
+Runner modules import torch and diffusers only inside the methods that need them.
 
 Splitting the pipeline call into stages lets the engine time each stage, cache prompt embeddings, batch
 jobs with different prompts into one call, decode partial images mid-way, and cancel between steps, all through
@@ -28,121 +24,17 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from fluxserve.generation import Task
+from fluxserve.models.descriptor import FamilyDescriptor
 
 if TYPE_CHECKING:
     import numpy as np
     import torch
 
 StepCallback = Callable[[Any, int, Any, dict[str, Any]], dict[str, Any]]
-
-
-# --- registry entries (torch-free: the HTTP layer reads them) ---------------------------------------
-@dataclass(frozen=True)
-class Preset:
-    """A named size/steps combination offered to clients (the web page's preset buttons)."""
-
-    width: int
-    height: int
-    steps: int
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """Everything fluxserve knows about a model before loading it."""
-
-    key: str
-    """Registry key, or the repo id / path itself for models outside the registry."""
-    source: str
-    """Hub repo id or local directory passed to ``from_pretrained``."""
-    family: str
-    """Name of the :class:`Family` that serves it (``flux``, ``qwen``, ``klein``, ``generic``, ...)."""
-    description: str = ""
-    tiny: str | None = None
-    """Set for the tiny offline models: the family whose :meth:`Family.tiny_pipeline` builds it on first use
-    into the cache directory."""
-    steps: int = 28
-    guidance: float = 3.5
-    """Default guidance (the family's ``guidance_parameter``: ``guidance_scale`` or ``true_cfg_scale``)."""
-    max_sequence_length: int = 512
-    max_sequence_length_limit: int = 512
-    width: int = 1024
-    height: int = 1024
-    size_multiple: int = 16
-    negative_prompt: str | None = None
-    """Default negative prompt (Qwen-Image needs one, even " ", to enable CFG)."""
-    gated: bool = False
-    """The hub repo needs an accepted licence and a token (HF_TOKEN)."""
-    licence: str = ""
-    """The weights' licence as the model card names it (``Apache-2.0``, ``FLUX.1 [dev] Non-Commercial``)."""
-    commercial_use: bool = True
-    """False where the licence forbids commercial use of the weights or outputs."""
-    alpha: bool = False
-    """Can produce transparent images (``background: "transparent"``); no family here can yet."""
-    presets: dict[str, Preset] = field(default_factory=dict)
-
-    @property
-    def quality_steps(self) -> dict[str, int]:
-        """OpenAI's ``quality`` mapped to step counts from the presets."""
-        return {q: self.presets[q].steps for q in ("low", "medium", "high") if q in self.presets}
-
-    def with_family(self, family: str) -> ModelSpec:
-        return replace(self, family=family)
-
-
-TINY_PRESETS = {"low": Preset(64, 64, 2), "medium": Preset(128, 128, 4), "high": Preset(256, 256, 8),
-                "wide": Preset(256, 144, 4)}
-"""Presets of every tiny offline model (small sizes: the tiny models exist for tests and demos)."""
-
-
-@dataclass(frozen=True)
-class FamilyDefaults:
-    """A family's defaults for models outside the registry (a local directory or hub repo of that family),
-    with where each value comes from (``sources``: field name → model card / pipeline docstring)."""
-
-    steps: int
-    guidance: float
-    width: int = 1024
-    height: int = 1024
-    size_multiple: int = 16
-    max_sequence_length: int = 512
-    max_sequence_length_limit: int = 512
-    negative_prompt: str | None = None
-    presets: dict[str, Preset] = field(default_factory=dict)
-    sources: dict[str, str] = field(default_factory=dict)
-
-    def spec(self, key: str, source: str, family: str, **overrides: Any) -> ModelSpec:
-        """A :class:`ModelSpec` with these defaults (``overrides`` win)."""
-        values: dict[str, Any] = {
-            "steps": self.steps, "guidance": self.guidance, "width": self.width, "height": self.height,
-            "size_multiple": self.size_multiple, "max_sequence_length": self.max_sequence_length,
-            "max_sequence_length_limit": self.max_sequence_length_limit,
-            "negative_prompt": self.negative_prompt, "presets": self.presets,
-        }
-        values.update(overrides)
-        return ModelSpec(key=key, source=source, family=family, **values)
-
-
-@dataclass(frozen=True)
-class Optimizations:
-    """Which of fluxserve's optimizations a family's transformer can take (see ``engine/optimize.py``)."""
-
-    compile_blocks: tuple[str, ...] = ()
-    """Class names of the repeated transformer blocks that regional compilation compiles once each
-    (diffusers' ``_repeated_blocks``)."""
-    fused_qkv: bool = False
-    """The attention processors support ``fuse_qkv_projections`` (one matmul for Q, K and V)."""
-    fp8_linears: bool = True
-    """The transformer's large linear layers may become float8 row-wise (FLUX_QUANTIZE=fp8)."""
-    fp8_keep: tuple[str, ...] = ()
-    """Module-name prefixes whose linears stay in the model's dtype under fp8 (code that reads their
-    ``.weight``, e.g. to pick a dtype; small layers where fp8 gains nothing)."""
-    notes: str = ""
-    """Why an optimization does not apply, for the docs and the bench table."""
 
 
 # --- the stage API ----------------------------------------------------------------------------------
@@ -165,50 +57,22 @@ class DenoiseArgs:
     callback: StepCallback
     max_sequence_length: int | None = None
     call_kwargs: dict[str, Any] = field(default_factory=dict)
-    """Extra keyword arguments for the pipeline call: an edit mode's :meth:`Family.edit_call_kwargs`."""
+    """Extra keyword arguments for the pipeline call: an edit mode's :meth:`FamilyRunner.edit_call_kwargs`."""
 
 
-class Family:
-    """Base of every family: one stage-split interface over a kind of diffusers pipeline."""
+class FamilyRunner:
+    """Base of every runner: one stage-split interface over a kind of diffusers pipeline."""
 
-    name: ClassVar[str] = "base"
-    title: ClassVar[str] = ""
-    """Human name (docs, ``/v1/models`` descriptions)."""
-    pipeline_classes: ClassVar[dict[Task, str]] = {}
-    """diffusers class names per task; ``"generate"`` is required. Edit tasks are built with
-    :func:`sharing_modules`."""
-    max_input_images: ClassVar[int] = 0
-    """How many reference images the ``"edit"`` task takes (0: no edit task)."""
-    defaults: ClassVar[FamilyDefaults]
-    models: ClassVar[tuple[ModelSpec, ...]] = ()
-    """The registry entries this family serves (real checkpoints and their ``tiny-<key>`` versions)."""
-    full_size_variants: ClassVar[dict[str, str | None]] = {}
-    """Registry key → the ``variant`` argument of :meth:`full_size_components` that builds its architecture."""
-    optimizations: ClassVar[Optimizations] = Optimizations()
-    guidance_parameter: ClassVar[str] = "guidance_scale"
-    """The pipeline argument the request's ``guidance_scale`` becomes."""
-    uses_negative_prompt: ClassVar[bool] = False
-    """The engine encodes a negative prompt (true CFG) when guidance > 1."""
-    supports_previews: ClassVar[bool] = True
-    """Streams partial images: the step callback's latents decode with :meth:`decode` (the engine decodes
-    the clean latents the model predicts at that step)."""
-    batches_prompts: ClassVar[bool] = True
-    """Requests with different prompts (same size/steps/guidance) can share one pipeline call: the
-    embeddings are stacked (and padded where lengths differ) by :meth:`denoise`."""
-    tokenizers: ClassVar[tuple[str, ...]] = ("tokenizer", "tokenizer_2")
-    """Pipeline attributes of the tokenizers :meth:`token_count` reports."""
+    descriptor: ClassVar[FamilyDescriptor]
+    """The family this runner runs (its ``runner`` names this class)."""
 
     def __init__(self) -> None:
         self._edit_pipes: weakref.WeakKeyDictionary[Any, dict[str, Any]] = weakref.WeakKeyDictionary()
 
     # prompts ------------------------------------------------------------------------------------------
-    def wants_negative(self, guidance: float) -> bool:
-        """Whether a call at this guidance runs true CFG, so the engine encodes a negative prompt."""
-        return self.uses_negative_prompt and guidance > 1
-
     def cache_key(self, prompt: str, max_sequence_length: int) -> tuple[str, str, int]:
         """Key of the prompt cache: embeddings depend on the family, the text and the padded length."""
-        return (self.name, prompt, max_sequence_length)
+        return (self.descriptor.name, prompt, max_sequence_length)
 
     def encode(self, pipe: Any, prompt: str, max_sequence_length: int) -> PromptEmbedding:
         raise NotImplementedError
@@ -216,10 +80,10 @@ class Family:
     def token_count(self, pipe: Any, prompt: str) -> dict[str, int]:
         """Tokens the prompt takes in each tokenizer (for the web page's counter)."""
         counts = {}
-        for name in self.tokenizers:
-            tok = getattr(pipe, name, None)
+        for tokenizer in self.descriptor.tokenizers:
+            tok = getattr(pipe, tokenizer.attribute, None)
             if tok is not None:
-                counts[name] = len(tok(prompt, add_special_tokens=True)["input_ids"])
+                counts[tokenizer.attribute] = len(tok(prompt, add_special_tokens=True)["input_ids"])
         return counts
 
     # stages -------------------------------------------------------------------------------------------
@@ -247,16 +111,13 @@ class Family:
         return {}
 
     # edits --------------------------------------------------------------------------------------------
-    @property
-    def tasks(self) -> tuple[Task, ...]:
-        return tuple(self.pipeline_classes)
-
     def edit_pipeline(self, pipe: Any, task: Task) -> Any:
         """The pipeline for ``task``, made from ``pipe`` by :func:`sharing_modules` (same modules, no second copy
         of the weights, dtypes untouched) and cached per pipeline object, so each engine view gets its own."""
-        class_name = self.pipeline_classes.get(task)
+        family = self.descriptor
+        class_name = family.pipeline_classes.get(task)
         if class_name is None:
-            raise ValueError(f"{self.name} models cannot {task}; they can: {', '.join(self.tasks)}")
+            raise ValueError(f"{family.name} models cannot {task}; they can: {', '.join(family.tasks)}")
         if type(pipe).__name__ == class_name:
             return pipe
         made = self._edit_pipes.setdefault(pipe, {})
@@ -282,15 +143,16 @@ class Family:
         """
         from PIL import Image
 
-        if task not in self.pipeline_classes or task == "generate":
-            raise ValueError(f"{self.name} models cannot {task}; they can: {', '.join(self.tasks)}")
+        family = self.descriptor
+        if task not in family.pipeline_classes or task == "generate":
+            raise ValueError(f"{family.name} models cannot {task}; they can: {', '.join(family.tasks)}")
         if not images:
             raise ValueError(f"{task} needs an input image")
         pictures = [Image.fromarray(image) for image in images]
         kwargs: dict[str, Any] = {}
         if task == "edit":
-            if len(pictures) > self.max_input_images:
-                raise ValueError(f"{self.name} takes at most {self.max_input_images} reference images")
+            if len(pictures) > family.max_input_images:
+                raise ValueError(f"{family.name} takes at most {family.max_input_images} reference images")
             kwargs["image"] = pictures
             return kwargs
         if len(pictures) != 1:
@@ -307,25 +169,19 @@ class Family:
     # models -------------------------------------------------------------------------------------------
     def tiny_pipeline(self) -> Any:
         """Build (in memory) this family's tiny pipeline from config classes with fixed-seed float32 weights."""
-        raise NotImplementedError(f"{self.name} has no tiny offline version")
+        raise NotImplementedError(f"{self.descriptor.name} has no tiny offline version")
 
     @property
     def has_tiny(self) -> bool:
-        """The family builds a tiny offline version (it overrides :meth:`tiny_pipeline`)."""
-        return type(self).tiny_pipeline is not Family.tiny_pipeline
-
-    def build_tiny(self, directory: Path) -> Path:
-        """Build the tiny pipeline and save it to ``directory`` with ``save_pretrained`` (atomically), so it
-        loads back through ``from_pretrained`` exactly like a real model."""
-        from fluxserve.engine.tiny import write_tiny_model
-
-        return write_tiny_model(Path(directory), self.name)
+        """The family builds a tiny offline version (it overrides :meth:`tiny_pipeline`); ``engine/tiny.py``
+        saves it with ``save_pretrained`` so it loads back through ``from_pretrained`` like a real model."""
+        return type(self).tiny_pipeline is not FamilyRunner.tiny_pipeline
 
     def full_size_components(self, device: str, dtype: torch.dtype, variant: str | None = None) -> dict[str, Any]:
         """The published full-size architecture with random weights, built directly on ``device`` in
         ``dtype``: pipeline components by name, ready for ``getattr(diffusers, pipeline_classes["generate"])
         (**components)``. Use ``device="meta"`` to count parameters without allocating them."""
-        raise NotImplementedError(f"{self.name} has no full-size builder")
+        raise NotImplementedError(f"{self.descriptor.name} has no full-size builder")
 
 
 # --- helpers shared by families ---------------------------------------------------------------------

@@ -3,66 +3,24 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any
 
 from fluxserve.engine.families.base import (
-    TINY_PRESETS,
     DenoiseArgs,
-    Family,
-    FamilyDefaults,
-    ModelSpec,
-    Optimizations,
-    Preset,
+    FamilyRunner,
     PromptEmbedding,
     build_on,
     init_like_checkpoint,
     stack,
 )
-from fluxserve.generation import Task
+from fluxserve.models.families.flux import FLUX
 
 if TYPE_CHECKING:
     import torch
 
-_DEV_PRESETS = {"low": Preset(768, 768, 24), "medium": Preset(1024, 1024, 28), "high": Preset(1344, 1344, 40),
-                "wide": Preset(1344, 768, 28)}
 
-
-class FluxFamily(Family):
-    name = "flux"
-    title = "FLUX.1"
-    pipeline_classes: ClassVar[dict[Task, str]] = {
-        "generate": "FluxPipeline", "img2img": "FluxImg2ImgPipeline", "inpaint": "FluxInpaintPipeline"}
-    full_size_variants: ClassVar[dict[str, str | None]] = {"schnell": None, "dev": "dev"}
-    defaults = FamilyDefaults(
-        steps=28, guidance=3.5, max_sequence_length=512, presets=_DEV_PRESETS,
-        sources={"steps": "FLUX.1-dev model card / FluxPipeline docstring example (28 steps, guidance 3.5)",
-                 "max_sequence_length": "T5 limit of FluxPipeline (512)"},
-    )
-    optimizations = Optimizations(
-        compile_blocks=("FluxTransformerBlock", "FluxSingleTransformerBlock"), fused_qkv=True, fp8_linears=True)
-    models = (
-        ModelSpec(
-            key="schnell", source="black-forest-labs/FLUX.1-schnell", family="flux",
-            description="FLUX.1 [schnell]: 4-step distilled, Apache-2.0", licence="Apache-2.0",
-            steps=4, guidance=0.0, max_sequence_length=256, max_sequence_length_limit=256,
-            width=512, height=512,
-            presets={"low": Preset(512, 512, 2), "medium": Preset(768, 768, 4), "high": Preset(1024, 1024, 4),
-                     "wide": Preset(1024, 576, 4)},
-        ),
-        ModelSpec(
-            key="dev", source="black-forest-labs/FLUX.1-dev", family="flux", gated=True,
-            description="FLUX.1 [dev]: guidance-distilled, non-commercial licence, gated (needs HF_TOKEN)",
-            licence="FLUX.1 [dev] Non-Commercial License", commercial_use=False,
-            steps=28, guidance=3.5, max_sequence_length=512, width=1024, height=1024,
-            presets=_DEV_PRESETS,
-        ),
-        ModelSpec(
-            key="tiny-flux", source="tiny-flux", family="flux", tiny="flux",
-            description="Tiny random-weight FLUX pipeline built offline (demo and tests; images are noise)",
-            licence="Apache-2.0", steps=4, guidance=0.0, max_sequence_length=256, max_sequence_length_limit=512,
-            width=128, height=128, presets=TINY_PRESETS,
-        ),
-    )
+class FluxRunner(FamilyRunner):
+    descriptor = FLUX
 
     def encode(self, pipe: Any, prompt: str, max_sequence_length: int) -> PromptEmbedding:
         prompt_embeds, pooled, _text_ids = pipe.encode_prompt(
@@ -96,7 +54,7 @@ class FluxFamily(Family):
         from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
         from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
-        from fluxserve.engine.tiny import clip_tokenizer, t5_tokenizer
+        from fluxserve.engine.families.tokenizers import clip_tokenizer, t5_tokenizer
 
         clip_tok = clip_tokenizer()
         t5_tok = t5_tokenizer()
@@ -131,11 +89,11 @@ class FluxFamily(Family):
                             tokenizer_2=t5_tok, transformer=transformer)
 
     def full_size_components(self, device: str, dtype: torch.dtype, variant: str | None = None) -> dict[str, Any]:
-        """FLUX.1 as published (see GPU.md): ``variant="dev"`` has the guidance embedding, schnell not."""
+        """FLUX.1 as published (the repos' configs): ``variant="dev"`` has the guidance embedding, schnell not."""
         from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
         from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
-        from fluxserve.engine.tiny import clip_tokenizer, t5_tokenizer
+        from fluxserve.engine.families.tokenizers import clip_tokenizer, t5_tokenizer
 
         dev = variant == "dev"
 

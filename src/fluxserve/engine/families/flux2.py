@@ -13,58 +13,18 @@ needs ``pip install torchvision`` for its processor.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any
 
-from fluxserve.engine.families.base import TINY_PRESETS as _TINY
-from fluxserve.engine.families.base import (
-    DenoiseArgs,
-    FamilyDefaults,
-    ModelSpec,
-    Preset,
-    PromptEmbedding,
-    build_on,
-    init_like_checkpoint,
-    stack,
-)
+from fluxserve.engine.families.base import DenoiseArgs, PromptEmbedding, build_on, init_like_checkpoint, stack
 from fluxserve.engine.families.klein import Flux2Staged
-from fluxserve.generation import Task
+from fluxserve.models.families.flux2 import FLUX2_DEV
 
 if TYPE_CHECKING:
     import torch
 
-DEV_PRESETS = {"low": Preset(768, 768, 28), "medium": Preset(1024, 1024, 50), "high": Preset(1440, 1440, 50),
-               "wide": Preset(1344, 768, 50)}
 
-
-class Flux2DevFamily(Flux2Staged):
-    name = "flux2"
-    title = "FLUX.2 [dev]"
-    pipeline_classes: ClassVar[dict[Task, str]] = {"generate": "Flux2Pipeline", "edit": "Flux2Pipeline"}
-    max_input_images = 6
-    """Flux2Pipeline sets no limit; 6 is fluxserve's memory budget (BFL advertise up to 10 references for the
-    API — unverified here)."""
-    defaults = FamilyDefaults(
-        steps=50, guidance=4.0, max_sequence_length=512, presets=DEV_PRESETS,
-        sources={"steps": "Flux2Pipeline docstring example (num_inference_steps=50)",
-                 "guidance": "Flux2Pipeline's default guidance_scale (4.0); its docstring example uses 2.5",
-                 "max_sequence_length": "Flux2Pipeline default (512)"},
-    )
-    tokenizers = ("tokenizer",)
-    models = (
-        ModelSpec(
-            key="flux2-dev", source="black-forest-labs/FLUX.2-dev", family="flux2", gated=True,
-            licence="FLUX.2 [dev] Non-Commercial License", commercial_use=False,
-            description="FLUX.2 [dev]: 32B, multi-reference edits; non-commercial licence, gated (needs HF_TOKEN; "
-                        "its processor needs torchvision)",
-            steps=50, guidance=4.0, presets=DEV_PRESETS,  # Flux2Pipeline docstring / call defaults
-        ),
-        ModelSpec(
-            key="tiny-flux2-dev", source="tiny-flux2-dev", family="flux2", tiny="flux2", licence="Apache-2.0",
-            description="Tiny random-weight FLUX.2 [dev] pipeline built offline (a tokenizer stands in for the "
-                        "Pixtral processor)",
-            steps=4, guidance=4.0, max_sequence_length=256, width=128, height=128, presets=_TINY,
-        ),
-    )
+class Flux2DevRunner(Flux2Staged):
+    descriptor = FLUX2_DEV
 
     def denoise(self, pipe: Any, positives: Sequence[PromptEmbedding], negatives: Sequence[PromptEmbedding] | None,
                 args: DenoiseArgs) -> torch.Tensor:
@@ -110,7 +70,7 @@ class Flux2DevFamily(Flux2Staged):
         )
         from transformers import Mistral3ForConditionalGeneration
 
-        from fluxserve.engine.tiny import mistral_tokenizer
+        from fluxserve.engine.families.tokenizers import mistral_tokenizer
 
         tok = mistral_tokenizer()
         torch.manual_seed(0)
@@ -138,7 +98,7 @@ class Flux2DevFamily(Flux2Staged):
         from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Transformer2DModel
         from transformers import Mistral3ForConditionalGeneration
 
-        from fluxserve.engine.tiny import mistral_tokenizer
+        from fluxserve.engine.families.tokenizers import mistral_tokenizer
 
         tok = mistral_tokenizer()
         config = self._mistral3_config(tok, full=True)

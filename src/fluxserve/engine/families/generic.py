@@ -8,22 +8,17 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any
 
-from fluxserve.engine.families.base import DenoiseArgs, Family, FamilyDefaults, PromptEmbedding
-from fluxserve.generation import Task
+from fluxserve.engine.families.base import DenoiseArgs, FamilyRunner, PromptEmbedding
+from fluxserve.models.families.generic import GENERIC
 
 if TYPE_CHECKING:
     import torch
 
 
-class GenericFamily(Family):
-    name = "generic"
-    title = "any diffusers pipeline"
-    pipeline_classes: ClassVar[dict[Task, str]] = {"generate": "DiffusionPipeline"}
-    defaults = FamilyDefaults(steps=28, guidance=3.5, sources={"steps": "FLUX.1 [dev]'s defaults (an assumption)"})
-    supports_previews = False
-    uses_negative_prompt = True
+class GenericRunner(FamilyRunner):
+    descriptor = GENERIC
 
     def encode(self, pipe: Any, prompt: str, max_sequence_length: int) -> PromptEmbedding:
         return PromptEmbedding({}, text=prompt)

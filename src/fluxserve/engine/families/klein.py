@@ -8,45 +8,25 @@ Multi-reference editing is the same pipeline with ``image=[...]``; inpainting is
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any
 
 from fluxserve.engine.families.base import (
-    TINY_PRESETS,
     DenoiseArgs,
-    Family,
-    FamilyDefaults,
-    ModelSpec,
-    Optimizations,
-    Preset,
+    FamilyRunner,
     PromptEmbedding,
     build_on,
     init_like_checkpoint,
     stack,
 )
-from fluxserve.generation import Task
+from fluxserve.models.families.klein import KLEIN
 
 if TYPE_CHECKING:
     import torch
 
-KLEIN_PRESETS = {"low": Preset(768, 768, 4), "medium": Preset(1024, 1024, 4), "high": Preset(1024, 1024, 8),
-                 "wide": Preset(1344, 768, 4)}
-KLEIN_SOURCES = {
-    "steps": "4: the distilled klein checkpoints' step count as fluxserve's issue states it; diffusers' docstring "
-             "example is for the undistilled base-9B (50 steps, guidance 4) — unverified against the model card",
-    "guidance": "Flux2KleinPipeline ignores guidance when is_distilled (do_classifier_free_guidance); 1.0 is "
-                "the neutral value — unverified against the model card",
-    "max_sequence_length": "Flux2KleinPipeline default (512)",
-    "size_multiple": "vae_scale_factor 8 × 2×2 patches (Flux2KleinPipeline.check_inputs)",
-}
 
-
-class Flux2Staged(Family):
+class Flux2Staged(FamilyRunner):
     """The stage API shared by the FLUX.2 pipelines (klein and dev): packed latents with position ids, the
     VAE's batch-norm statistics applied by the pipeline before it returns ``output_type="latent"``."""
-
-    optimizations = Optimizations(
-        compile_blocks=("Flux2TransformerBlock", "Flux2SingleTransformerBlock"), fused_qkv=True, fp8_linears=True,
-        notes="Flux2SingleTransformerBlock already fuses QKV and the MLP input in one projection")
 
     def encode(self, pipe: Any, prompt: str, max_sequence_length: int) -> PromptEmbedding:
         embeds, _text_ids = pipe.encode_prompt(prompt=prompt, device=pipe._execution_device,
@@ -74,43 +54,8 @@ class Flux2Staged(Family):
         return vae.decode(latents.to(vae.dtype), return_dict=False)[0]
 
 
-class KleinFamily(Flux2Staged):
-    name = "klein"
-    title = "FLUX.2 [klein]"
-    pipeline_classes: ClassVar[dict[Task, str]] = {
-        "generate": "Flux2KleinPipeline", "edit": "Flux2KleinPipeline", "inpaint": "Flux2KleinInpaintPipeline"}
-    max_input_images = 4
-    """Flux2KleinPipeline sets no limit (each reference adds its tokens to every step); 4 is fluxserve's
-    budget, unverified against the model card."""
-    full_size_variants: ClassVar[dict[str, str | None]] = {"klein": None, "klein-9b": "9b"}
-    defaults = FamilyDefaults(steps=4, guidance=1.0, max_sequence_length=512, presets=KLEIN_PRESETS,
-                              sources=KLEIN_SOURCES)
-    uses_negative_prompt = True
-    """Only the undistilled ("base") klein checkpoints use CFG; for the distilled ones no negative is passed."""
-    tokenizers = ("tokenizer",)
-    models = (
-        ModelSpec(
-            key="klein", source="black-forest-labs/FLUX.2-klein-4B", family="klein", licence="Apache-2.0",
-            description="FLUX.2 [klein] 4B: 4-step distilled, multi-reference edits and inpainting, Apache-2.0",
-            steps=4, guidance=1.0, presets=KLEIN_PRESETS,  # sources: KLEIN_SOURCES above
-        ),
-        ModelSpec(
-            key="klein-9b", source="black-forest-labs/FLUX.2-klein-9B", family="klein",
-            licence="FLUX Non-Commercial License", commercial_use=False,
-            description="FLUX.2 [klein] 9B: 4-step distilled; non-commercial licence (no commercial use)",
-            steps=4, guidance=1.0, presets=KLEIN_PRESETS,  # licence as the issue states it; unverified
-        ),
-        ModelSpec(
-            key="tiny-klein", source="tiny-klein", family="klein", tiny="klein", licence="Apache-2.0",
-            description="Tiny random-weight FLUX.2 [klein] pipeline built offline (demo and tests)",
-            steps=4, guidance=1.0, max_sequence_length=64, width=128, height=128, presets=TINY_PRESETS,
-        ),
-        ModelSpec(
-            key="tiny-klein-9b", source="tiny-klein-9b", family="klein", tiny="klein", licence="Apache-2.0",
-            description="Tiny random-weight stand-in for FLUX.2 [klein] 9B (the same tiny architecture)",
-            steps=4, guidance=1.0, max_sequence_length=64, width=128, height=128, presets=TINY_PRESETS,
-        ),
-    )
+class KleinRunner(Flux2Staged):
+    descriptor = KLEIN
 
     def denoise(self, pipe: Any, positives: Sequence[PromptEmbedding], negatives: Sequence[PromptEmbedding] | None,
                 args: DenoiseArgs) -> torch.Tensor:
@@ -136,7 +81,7 @@ class KleinFamily(Flux2Staged):
         )
         from transformers import Qwen3Config, Qwen3ForCausalLM
 
-        from fluxserve.engine.tiny import qwen3_tokenizer
+        from fluxserve.engine.families.tokenizers import qwen3_tokenizer
 
         tok = qwen3_tokenizer()
         torch.manual_seed(0)
@@ -178,7 +123,7 @@ class KleinFamily(Flux2Staged):
         from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Transformer2DModel
         from transformers import Qwen3Config, Qwen3ForCausalLM
 
-        from fluxserve.engine.tiny import qwen3_tokenizer
+        from fluxserve.engine.families.tokenizers import qwen3_tokenizer
 
         big = variant == "9b"
         hidden = 4096 if big else 2560

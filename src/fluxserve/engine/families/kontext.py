@@ -9,57 +9,20 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any
 
-from fluxserve.engine.families.base import (
-    TINY_PRESETS,
-    DenoiseArgs,
-    FamilyDefaults,
-    ModelSpec,
-    Optimizations,
-    Preset,
-    PromptEmbedding,
-)
-from fluxserve.engine.families.flux import FluxFamily
+from fluxserve.engine.families.base import DenoiseArgs, PromptEmbedding
+from fluxserve.engine.families.flux import FluxRunner
 from fluxserve.generation import Task
+from fluxserve.models.families.kontext import KONTEXT
 
 if TYPE_CHECKING:
     import numpy as np
     import torch
 
-_PRESETS = {"low": Preset(768, 768, 20), "medium": Preset(1024, 1024, 28), "high": Preset(1024, 1024, 40),
-            "wide": Preset(1392, 752, 28)}
 
-
-class KontextFamily(FluxFamily):
-    name = "kontext"
-    title = "FLUX.1 Kontext"
-    pipeline_classes: ClassVar[dict[Task, str]] = {
-        "generate": "FluxKontextPipeline", "edit": "FluxKontextPipeline", "inpaint": "FluxKontextInpaintPipeline"}
-    max_input_images = 1
-    defaults = FamilyDefaults(
-        steps=28, guidance=2.5, max_sequence_length=512, presets=_PRESETS,
-        sources={"guidance": "FluxKontextPipeline's docstring example (guidance_scale=2.5)",
-                 "steps": "FluxKontextPipeline.__call__ default (28)",
-                 "licence": "FLUX.1 [dev] Non-Commercial, gated, as FLUX.1 dev (from memory: unverified here)",
-                 "presets": "wide: one of PREFERRED_KONTEXT_RESOLUTIONS in pipeline_flux_kontext.py"},
-    )
-    optimizations = Optimizations(
-        compile_blocks=("FluxTransformerBlock", "FluxSingleTransformerBlock"), fused_qkv=True, fp8_linears=True)
-    models = (  # type: ignore[assignment]  # the base family declares its own fixed-length tuple
-        ModelSpec(
-            key="kontext", source="black-forest-labs/FLUX.1-Kontext-dev", family="kontext", gated=True,
-            description="FLUX.1 Kontext [dev]: instruction edits of one image, inpainting; non-commercial, gated",
-            licence="FLUX.1 [dev] Non-Commercial License", commercial_use=False,
-            steps=28, guidance=2.5, max_sequence_length=512, width=1024, height=1024, presets=_PRESETS,
-        ),
-        ModelSpec(
-            key="tiny-kontext", source="tiny-kontext", family="kontext", tiny="kontext", licence="Apache-2.0",
-            description="Tiny random-weight FLUX.1 Kontext pipeline built offline (demo and tests)",
-            steps=4, guidance=2.5, max_sequence_length=256, max_sequence_length_limit=512,
-            width=128, height=128, presets=TINY_PRESETS,
-        ),
-    )
+class KontextRunner(FluxRunner):
+    descriptor = KONTEXT
 
     def denoise(self, pipe: Any, positives: Sequence[PromptEmbedding], negatives: Sequence[PromptEmbedding] | None,
                 args: DenoiseArgs) -> torch.Tensor:
@@ -85,7 +48,7 @@ class KontextFamily(FluxFamily):
         import torch
         from diffusers import FluxKontextPipeline, FluxTransformer2DModel
 
-        flux = FluxFamily().tiny_pipeline()  # tiny-flux's text encoders, tokenizers, VAE and scheduler
+        flux = FluxRunner().tiny_pipeline()  # tiny-flux's text encoders, tokenizers, VAE and scheduler
         torch.manual_seed(10)
         transformer = FluxTransformer2DModel(  # Kontext [dev] is guidance-distilled: it has the guidance embedding
             patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,

@@ -11,61 +11,22 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any
 
-from fluxserve.engine.families.base import (
-    TINY_PRESETS,
-    DenoiseArgs,
-    FamilyDefaults,
-    ModelSpec,
-    Preset,
-    PromptEmbedding,
-    sharing_modules,
-)
-from fluxserve.engine.families.qwen_image import QwenImageFamily
+from fluxserve.engine.families.base import DenoiseArgs, PromptEmbedding, sharing_modules
+from fluxserve.engine.families.qwen_image import QwenImageRunner
 from fluxserve.generation import Task
+from fluxserve.models.families.qwen_edit import QWEN_IMAGE_EDIT
 
 if TYPE_CHECKING:
     import numpy as np
     import torch
 
-_PRESETS = {"low": Preset(768, 768, 20), "medium": Preset(1024, 1024, 40), "high": Preset(1328, 1328, 50),
-            "wide": Preset(1664, 928, 40)}
 _PROCESSOR = ("fluxserve.engine.families.qwen_edit_processor", "ImageOnlyQwen2VLProcessor")
 
 
-class QwenImageEditFamily(QwenImageFamily):
-    name = "qwen_edit"
-    title = "Qwen-Image-Edit"
-    pipeline_classes: ClassVar[dict[Task, str]] = {
-        "generate": "QwenImageEditPlusPipeline", "edit": "QwenImageEditPlusPipeline"}
-    max_input_images = 3
-    batches_prompts = False
-    defaults = FamilyDefaults(
-        steps=40, guidance=4.0, max_sequence_length=512, max_sequence_length_limit=1024, negative_prompt=" ",
-        presets=_PRESETS,
-        sources={"steps": "Qwen-Image-Edit-2509 model card example, 40 (from memory: unverified here; "
-                          "QwenImageEditPlusPipeline's docstring example uses 50)",
-                 "guidance": "QwenImageEditPlusPipeline.__call__ default true_cfg_scale=4.0; negative ' '",
-                 "max_input_images": "the issue (up to 3 references; the 2509 card says 1 to 3 work best)",
-                 "licence": "Apache-2.0 (from memory: unverified here)"},
-    )
-    # optimizations: Qwen-Image's (the same transformer)
-    models = (  # type: ignore[assignment]  # the base family declares its own fixed-length tuple
-        ModelSpec(
-            key="qwen-edit", source="Qwen/Qwen-Image-Edit-2509", family="qwen_edit", licence="Apache-2.0",
-            description="Qwen-Image-Edit-2509: instruction edits with up to 3 reference images (needs torchvision)",
-            steps=40, guidance=4.0, max_sequence_length=512, max_sequence_length_limit=1024,
-            width=1024, height=1024, negative_prompt=" ", presets=_PRESETS,
-        ),
-        ModelSpec(
-            key="tiny-qwen-edit", source="tiny-qwen-edit", family="qwen_edit", tiny="qwen_edit",
-            licence="Apache-2.0", description="Tiny random-weight Qwen-Image-Edit-2509 pipeline built offline "
-                                              "(demo and tests)",
-            steps=2, guidance=1.0, max_sequence_length=128, max_sequence_length_limit=1024,
-            width=128, height=128, negative_prompt=" ", presets=TINY_PRESETS,
-        ),
-    )
+class QwenImageEditRunner(QwenImageRunner):
+    descriptor = QWEN_IMAGE_EDIT
 
     def __init__(self) -> None:
         super().__init__()
@@ -129,7 +90,7 @@ class QwenImageEditFamily(QwenImageFamily):
         from diffusers import AutoencoderKLQwenImage, QwenImageEditPlusPipeline
         from transformers import Qwen2VLImageProcessorPil
 
-        qwen = QwenImageFamily().tiny_pipeline()  # tiny-qwen's transformer, Qwen2.5-VL encoder, tokenizer, scheduler
+        qwen = QwenImageRunner().tiny_pipeline()  # tiny-qwen's transformer, Qwen2.5-VL encoder, tokenizer, scheduler
         torch.manual_seed(11)
         # Downsampling by 8 like the real VAE (tiny-qwen's downsamples by 4): the pipeline encodes each reference
         # at ~1 megapixel, and at 4 the tiny transformer would attend over 16k tokens per reference.

@@ -7,78 +7,24 @@ batch by zero-padding embeddings and masks.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any
 
 from fluxserve.engine.families.base import (
-    TINY_PRESETS,
     DenoiseArgs,
-    Family,
-    FamilyDefaults,
-    ModelSpec,
-    Optimizations,
-    Preset,
+    FamilyRunner,
     PromptEmbedding,
     build_on,
     init_like_checkpoint,
     padded,
 )
-from fluxserve.generation import Task
+from fluxserve.models.families.qwen_image import QWEN_IMAGE
 
 if TYPE_CHECKING:
     import torch
 
-_QWEN_PRESETS = {"low": Preset(768, 768, 20), "medium": Preset(1024, 1024, 30),
-                 "high": Preset(1328, 1328, 50), "wide": Preset(1664, 928, 30)}
 
-
-class QwenImageFamily(Family):
-    name = "qwen"
-    title = "Qwen-Image"
-    pipeline_classes: ClassVar[dict[Task, str]] = {
-        "generate": "QwenImagePipeline", "img2img": "QwenImageImg2ImgPipeline",
-        "inpaint": "QwenImageInpaintPipeline"}
-    defaults = FamilyDefaults(
-        steps=30, guidance=4.0, max_sequence_length=512, max_sequence_length_limit=1024, negative_prompt=" ",
-        presets=_QWEN_PRESETS,
-        sources={"steps": "fluxserve's Qwen-Image default since the first release; QwenImagePipeline's docstring "
-                          "example uses 50 — unverified against the model card (no hub access here)",
-                 "guidance": "QwenImagePipeline.__call__ default true_cfg_scale=4.0",
-                 "negative_prompt": "QwenImagePipeline: CFG needs a negative prompt (\" \" if none)",
-                 "max_sequence_length_limit": "QwenImagePipeline.check_inputs (1024)"},
-    )
-    optimizations = Optimizations(
-        compile_blocks=("QwenImageTransformerBlock",), fused_qkv=False, fp8_linears=True,
-        notes="QwenDoubleStreamAttnProcessor2_0 has no fused-QKV path (Q, K, V stay separate)")
-    guidance_parameter = "true_cfg_scale"
-    uses_negative_prompt = True
-    tokenizers = ("tokenizer",)
-    models = (
-        ModelSpec(
-            key="qwen", source="Qwen/Qwen-Image", family="qwen", licence="Apache-2.0",
-            description="Qwen-Image: strong text rendering; true CFG with a negative prompt",
-            steps=30, guidance=4.0, max_sequence_length=512, max_sequence_length_limit=1024,
-            width=1024, height=1024, negative_prompt=" ", presets=_QWEN_PRESETS,
-        ),
-        ModelSpec(
-            key="qwen-2512", source="Qwen/Qwen-Image-2512", family="qwen", licence="Apache-2.0",
-            description="Qwen-Image-2512: newer Qwen-Image weights (same pipeline and defaults)",
-            # Same architecture and defaults as Qwen-Image (the issue: "as Qwen-Image"); unverified here.
-            steps=30, guidance=4.0, max_sequence_length=512, max_sequence_length_limit=1024,
-            width=1024, height=1024, negative_prompt=" ", presets=_QWEN_PRESETS,
-        ),
-        ModelSpec(
-            key="tiny-qwen", source="tiny-qwen", family="qwen", tiny="qwen", licence="Apache-2.0",
-            description="Tiny random-weight Qwen-Image pipeline built offline (demo and tests)",
-            steps=4, guidance=4.0, max_sequence_length=128, max_sequence_length_limit=1024,
-            width=128, height=128, negative_prompt=" ", presets=TINY_PRESETS,
-        ),
-        ModelSpec(
-            key="tiny-qwen-2512", source="tiny-qwen-2512", family="qwen", tiny="qwen", licence="Apache-2.0",
-            description="Tiny random-weight Qwen-Image-2512 stand-in (the same architecture as tiny-qwen)",
-            steps=4, guidance=4.0, max_sequence_length=128, max_sequence_length_limit=1024,
-            width=128, height=128, negative_prompt=" ", presets=TINY_PRESETS,
-        ),
-    )
+class QwenImageRunner(FamilyRunner):
+    descriptor = QWEN_IMAGE
 
     def encode(self, pipe: Any, prompt: str, max_sequence_length: int) -> PromptEmbedding:
         import torch
@@ -128,7 +74,7 @@ class QwenImageFamily(Family):
         )
         from transformers import Qwen2_5_VLForConditionalGeneration
 
-        from fluxserve.engine.tiny import qwen_tokenizer, tiny_qwen25vl_config
+        from fluxserve.engine.families.tokenizers import qwen_tokenizer, tiny_qwen25vl_config
 
         tok = qwen_tokenizer()
         torch.manual_seed(0)
@@ -158,7 +104,7 @@ class QwenImageFamily(Family):
         from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageTransformer2DModel
         from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-        from fluxserve.engine.tiny import qwen_tokenizer
+        from fluxserve.engine.families.tokenizers import qwen_tokenizer
 
         tok = qwen_tokenizer()
         ids = tok.convert_tokens_to_ids

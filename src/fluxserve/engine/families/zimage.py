@@ -8,63 +8,23 @@ prompts of any length batch. CFG is on whenever ``guidance_scale > 0`` (not > 1 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any
 
 from fluxserve.engine.families.base import (
-    TINY_PRESETS,
     DenoiseArgs,
-    Family,
-    FamilyDefaults,
-    ModelSpec,
-    Optimizations,
-    Preset,
+    FamilyRunner,
     PromptEmbedding,
     build_on,
     init_like_checkpoint,
 )
-from fluxserve.generation import Task
+from fluxserve.models.families.zimage import ZIMAGE
 
 if TYPE_CHECKING:
     import torch
 
-ZIMAGE_PRESETS = {"low": Preset(768, 768, 8), "medium": Preset(1024, 1024, 8), "high": Preset(1280, 1280, 8),
-                  "wide": Preset(1344, 768, 8)}
 
-
-class ZImageFamily(Family):
-    name = "zimage"
-    title = "Z-Image"
-    pipeline_classes: ClassVar[dict[Task, str]] = {
-        "generate": "ZImagePipeline", "img2img": "ZImageImg2ImgPipeline", "inpaint": "ZImageInpaintPipeline"}
-    defaults = FamilyDefaults(
-        steps=8, guidance=0.0, max_sequence_length=512, presets=ZIMAGE_PRESETS,
-        sources={"steps": "ZImagePipeline docstring example for Z-Image-Turbo: num_inference_steps=8",
-                 "guidance": "ZImagePipeline docstring example: guidance_scale=0.0 (Turbo is guidance-distilled)",
-                 "max_sequence_length": "ZImagePipeline default (512)",
-                 "size_multiple": "vae_scale_factor 8 × patch 2 (ZImagePipeline raises otherwise)"},
-    )
-    optimizations = Optimizations(
-        compile_blocks=("ZImageTransformerBlock",), fused_qkv=False, fp8_linears=True,
-        # The timestep embedder reads mlp[0].weight.dtype to cast its input (seen on the H200: AttributeError).
-        fp8_keep=("t_embedder.",),
-        notes="ZImage's attention processor has no fused-QKV path; its timestep embedder stays bf16 under fp8")
-    uses_negative_prompt = True
-    tokenizers = ("tokenizer",)
-    models = (
-        ModelSpec(
-            key="zimage", source="Tongyi-MAI/Z-Image-Turbo", family="zimage", licence="Apache-2.0",
-            description="Z-Image-Turbo: 8 steps, no guidance, bilingual text rendering; img2img and inpainting",
-            steps=8, guidance=0.0, presets=ZIMAGE_PRESETS,  # ZImagePipeline docstring example (see defaults)
-        ),
-        ModelSpec(
-            key="tiny-zimage", source="tiny-zimage", family="zimage", tiny="zimage", licence="Apache-2.0",
-            description="Tiny random-weight Z-Image pipeline built offline (demo and tests)",
-            steps=4, guidance=0.0, max_sequence_length=64, width=128, height=128, presets=TINY_PRESETS,
-        ),
-    )
-
-    def wants_negative(self, guidance: float) -> bool:
-        return guidance > 0  # ZImagePipeline.do_classifier_free_guidance
+class ZImageRunner(FamilyRunner):
+    descriptor = ZIMAGE
 
     def encode(self, pipe: Any, prompt: str, max_sequence_length: int) -> PromptEmbedding:
         embeds = pipe._encode_prompt(prompt=[prompt], device=pipe._execution_device,
@@ -97,7 +57,7 @@ class ZImageFamily(Family):
         from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
         from transformers import Qwen3Config, Qwen3Model
 
-        from fluxserve.engine.tiny import qwen3_tokenizer
+        from fluxserve.engine.families.tokenizers import qwen3_tokenizer
 
         tok = qwen3_tokenizer()
         torch.manual_seed(0)
@@ -129,7 +89,7 @@ class ZImageFamily(Family):
         from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImageTransformer2DModel
         from transformers import Qwen3Config, Qwen3Model
 
-        from fluxserve.engine.tiny import qwen3_tokenizer
+        from fluxserve.engine.families.tokenizers import qwen3_tokenizer
 
         tok = qwen3_tokenizer()
         text_config = Qwen3Config(

@@ -115,7 +115,7 @@ export class ApiClient {
   }
 
   /**
-   * POST a streamed generation and call onEvent(type, data) for each server-sent event.
+   * POST a streamed generation (with progress events) and call onEvent(type, data) for each server-sent event.
    * Resolves when the stream ends; rejects with ApiError for HTTP errors (before the stream starts).
    */
   async generate(body, { signal, onEvent }) {
@@ -128,8 +128,10 @@ export class ApiClient {
   }
 
   async streamed(path, body, { signal, onEvent }) {
+    // Only OpenAI's partial_image / completed / error events stream by default; the page also shows the queue
+    // position and the step, so it asks for the progress events too.
     const response = await this.fetch(path, {
-      method: "POST", body, signal, accept: "text/event-stream",
+      method: "POST", body: { ...body, stream: true, stream_progress: true }, signal, accept: "text/event-stream",
     });
     const type = response.headers.get("content-type") || "";
     if (!type.includes("text/event-stream")) {

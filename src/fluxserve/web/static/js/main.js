@@ -287,7 +287,7 @@ async function run(request) {
   state.inflight.set(request.request_id, { turn, controller });
   updateButtons();
   try {
-    await (request.image ? api.edit.bind(api) : api.generate.bind(api))({ ...request, stream: true, partial_images: 2 }, {
+    await (request.image ? api.edit.bind(api) : api.generate.bind(api))({ ...request, partial_images: 2 }, {
       signal: controller.signal,
       onEvent: (type, data) => onStreamEvent(turn, type, data),
     });

@@ -2,7 +2,8 @@
 snapshot already in the hub cache, or a download from the hub while downloads are allowed
 (FLUX_HUB_DOWNLOADS, HF_HUB_OFFLINE) and the hub answers. Gated repos download only with a token (HF_TOKEN).
 
-Torch-free: ``GET /v1/models`` asks it (off the event loop: the hub check is a network round trip).
+Torch-free, and given only the settings it reads: ``GET /v1/models`` asks it (off the event loop: the hub check
+is a network round trip).
 """
 
 from __future__ import annotations
@@ -13,9 +14,9 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
+from typing import Literal
 
-from fluxserve.engine.registry import ModelSpec
-from fluxserve.settings import Settings
+from fluxserve.models.spec import ModelSpec
 
 HUB_CHECK_SECONDS = 60.0
 """How long an answer of :func:`hub_answers` is trusted."""
@@ -33,11 +34,18 @@ def hub_answers(endpoint: str, timeout: float = 3.0) -> bool:
 
 
 class ModelSources:
-    """Answers :meth:`loadable` for one server's settings; the hub check is cached (thread-safe)."""
+    """Answers :meth:`loadable` for one server; the hub check is cached (thread-safe).
 
-    def __init__(self, settings: Settings, *, probe: Callable[[str], bool] = hub_answers,
+    ``cache_dir``, ``revision``, ``hub_downloads`` and ``hub_token`` are FLUX_CACHE_DIR, FLUX_REVISION,
+    FLUX_HUB_DOWNLOADS and HF_TOKEN."""
+
+    def __init__(self, *, cache_dir: Path, revision: str | None, hub_downloads: Literal["auto", "on", "off"],
+                 hub_token: str | None, probe: Callable[[str], bool] = hub_answers,
                  clock: Callable[[], float] = time.monotonic) -> None:
-        self.settings = settings
+        self.cache_dir = cache_dir
+        self.revision = revision
+        self.hub_downloads = hub_downloads
+        self.hub_token = hub_token
         self._probe = probe
         self._clock = clock
         self._lock = threading.Lock()
@@ -52,7 +60,7 @@ class ModelSources:
             return (Path(spec.source) / "model_index.json").is_file()
         if self.cached(spec):
             return True
-        if spec.gated and not self.settings.hf_token_value():
+        if spec.gated and not self.hub_token:
             return False
         return self.downloads()
 
@@ -61,8 +69,8 @@ class ModelSources:
         from huggingface_hub import try_to_load_from_cache
 
         try:
-            found = try_to_load_from_cache(spec.source, "model_index.json", cache_dir=self.settings.cache_dir / "hub",
-                                           revision=self.settings.revision)
+            found = try_to_load_from_cache(spec.source, "model_index.json", cache_dir=self.cache_dir / "hub",
+                                           revision=self.revision)
         except ValueError:  # not a repo id
             return False
         return isinstance(found, str)
@@ -72,7 +80,7 @@ class ModelSources:
         the hub answered its last check."""
         from huggingface_hub import constants
 
-        mode = self.settings.hub_downloads
+        mode = self.hub_downloads
         if mode == "off" or constants.HF_HUB_OFFLINE:
             return False
         if mode == "on":

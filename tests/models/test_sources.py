@@ -5,13 +5,14 @@ from __future__ import annotations
 import http.server
 import socket
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from fluxserve.engine.registry import BUILTIN_MODELS
-from fluxserve.model_sources import HUB_CHECK_SECONDS, ModelSources, hub_answers
+from fluxserve.models.registry import BUILTIN_MODELS, resolve_model
+from fluxserve.models.sources import HUB_CHECK_SECONDS, ModelSources, hub_answers
 
 
 class _Hub(http.server.BaseHTTPRequestHandler):
@@ -33,6 +34,11 @@ def hub() -> Iterator[str]:
     server.server_close()
 
 
+def sources_in(cache_dir: Path, hub_downloads: Any = "auto", **kwargs: Any) -> ModelSources:
+    """Sources over an empty cache: a hub model is loadable only by download."""
+    return ModelSources(cache_dir=cache_dir, revision=None, hub_downloads=hub_downloads, hub_token=None, **kwargs)
+
+
 @pytest.fixture
 def closed() -> str:
     """An address where nothing listens (the port was free a moment ago)."""
@@ -47,7 +53,7 @@ def test_any_http_answer_means_the_hub_is_reachable(hub: str, closed: str) -> No
     assert not hub_answers("not a url")
 
 
-def test_auto_asks_the_hub_at_most_once_a_minute(make_settings: Callable[..., Any], hub: str, closed: str) -> None:
+def test_auto_asks_the_hub_at_most_once_a_minute(tmp_path: Path, hub: str, closed: str) -> None:
     from huggingface_hub import constants
 
     if constants.HF_HUB_OFFLINE:
@@ -58,7 +64,7 @@ def test_auto_asks_the_hub_at_most_once_a_minute(make_settings: Callable[..., An
         asked.append(endpoint)
         return hub_answers(target[0])
 
-    sources = ModelSources(make_settings(hub_downloads="auto"), probe=probe, clock=lambda: now[0])
+    sources = sources_in(tmp_path, "auto", probe=probe, clock=lambda: now[0])
     schnell, dev = BUILTIN_MODELS["schnell"], BUILTIN_MODELS["dev"]
     assert sources.loadable(schnell) and sources.downloads()
     assert not sources.loadable(dev)  # gated: no download without a token
@@ -71,24 +77,22 @@ def test_auto_asks_the_hub_at_most_once_a_minute(make_settings: Callable[..., An
     assert sources.loadable(BUILTIN_MODELS["tiny-flux"])  # built offline: never asks
 
 
-def test_off_and_on_never_ask(make_settings: Callable[..., Any]) -> None:
+def test_off_and_on_never_ask(tmp_path: Path) -> None:
     def probe(endpoint: str) -> bool:
         raise AssertionError("the hub was asked")
 
     schnell = BUILTIN_MODELS["schnell"]
-    assert not ModelSources(make_settings(hub_downloads="off"), probe=probe).loadable(schnell)
+    assert not sources_in(tmp_path, "off", probe=probe).loadable(schnell)
     from huggingface_hub import constants
 
-    on = ModelSources(make_settings(hub_downloads="on"), probe=probe)
+    on = sources_in(tmp_path, "on", probe=probe)
     assert on.loadable(schnell) is not constants.HF_HUB_OFFLINE
 
 
-def test_a_local_directory_loads_when_it_holds_a_pipeline(make_settings: Callable[..., Any], tmp_path: Any) -> None:
-    from fluxserve.engine.registry import resolve_model
-
+def test_a_local_directory_loads_when_it_holds_a_pipeline(tmp_path: Path) -> None:
     (tmp_path / "model_index.json").write_text('{"_class_name": "FluxPipeline"}')
     spec = resolve_model(str(tmp_path))
-    sources = ModelSources(make_settings())
+    sources = sources_in(tmp_path / "cache", "off")
     assert sources.loadable(spec)
     (tmp_path / "model_index.json").unlink()
     assert not sources.loadable(spec)
