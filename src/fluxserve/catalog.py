@@ -155,21 +155,21 @@ class LocalCatalog:
                 close()
 
     def readiness_problems(self) -> list[str]:
+        """Start-up gates readiness (load and warm-up). Afterwards a model that is not resident is no reason:
+        an admin who unloads or releases the served model asked for its memory back, and the next request
+        that needs it loads it, so a ready-only load balancer never strands the server (docs/reliability.md)."""
         if self.startup_error:
             return [f"start-up failed: {without_paths(self.startup_error)}"]
         if not self._startup_done.is_set():
             return ["loading and warming up the default model"]
-        if not self.scheduler.is_loaded(self.names.active_key):
-            return [f"model {self.names.active_key} is not loaded"]
         return []
 
     def warmup(self, spec: ModelSpec) -> None:
-        """One 1-step generation per engine and warmup size; logs duration and outcome."""
+        """One 1-step generation per engine and warmup size; logs duration and outcome. Each engine's model
+        is held as a batch holds it: an unload waits for its warm-up."""
         sizes = self.settings.warmup_sizes or [f"{spec.width}x{spec.height}"]
-        for engine in self.engines:
-            model = engine.get(spec.key)
-            if model is None:
-                continue
+        for index, model in self.scheduler.holding(spec.key):
+            engine = self.engines[index]
             for size in sizes:
                 width, height = (int(x) for x in size.split("x"))
                 # The default text length, so a compiled transformer meets the shape real requests use.
@@ -225,19 +225,20 @@ class LocalCatalog:
         return [engine.memory() for engine in self.engines]
 
     def unload(self, key: str) -> tuple[list[str], int]:
-        """Drop ``key`` everywhere (blocking: call off the event loop). (devices, bytes freed).
-        Queued jobs for it load it again."""
-        before = self._in_use()
-        devices = self.scheduler.unload(key)
-        return devices, max(0, before - self._in_use())
+        """Drop ``key`` everywhere once no batch uses it (blocking: call off the event loop). (devices, bytes
+        freed, counted after the batches that used it ended). Queued jobs for it load it again."""
+        with self.scheduler.retiring(key=key):
+            before = self._in_use()
+            devices = [engine.device for engine in self.engines if engine.unload(key)]
+            return devices, max(0, before - self._in_use())
 
     def release(self, keep: set[str]) -> tuple[list[str], int]:
-        """Drop every model not in ``keep`` and free caches (blocking). (models dropped, bytes freed).
-        Queued jobs for a dropped model load it again."""
-        before = self._in_use()
-        dropped = sorted({key for engine in self.engines for key in engine.release(keep)})
-        self.scheduler.unload_done()
-        return dropped, max(0, before - self._in_use())
+        """Drop every model not in ``keep`` once no batch uses it, and free caches (blocking). (models
+        dropped, bytes freed). Queued jobs for a dropped model load it again."""
+        with self.scheduler.retiring(keep=keep):
+            before = self._in_use()
+            dropped = sorted({key for engine in self.engines for key in engine.release(keep)})
+            return dropped, max(0, before - self._in_use())
 
     def _in_use(self) -> int:
         """Bytes in use, counted once per device (``cpu,cpu`` engines share one process RSS)."""

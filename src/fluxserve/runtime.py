@@ -95,6 +95,12 @@ class Runtime:
             reasons.append(f"{failures} requests in a row failed out of memory")
         return not reasons, reasons
 
+    def readiness_warnings(self) -> list[str]:
+        """What /ready reports without answering 503: a full output directory (with FLUX_STORE_LOCAL=1), which
+        refuses saves (answered as ``save_error``) while generation goes on."""
+        warning = self.outputs.space_warning() if self.settings.store_local else None
+        return [warning] if warning else []
+
     def begin_shutdown(self) -> None:
         self.shutting_down = True
         self.scheduler.stop_accepting()

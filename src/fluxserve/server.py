@@ -13,7 +13,7 @@ On SIGTERM/SIGINT:
    workers stop, logs are flushed, and the process exits 0.
 
 A client still uploading its body when the signal comes gets the JSON 503 ``shutting_down`` at once
-(:class:`fluxserve.api.middleware.ShutdownUploadMiddleware`).
+(:class:`fluxserve.api.middleware.UploadGuardMiddleware`).
 
 Connections are bounded before any request exists (:class:`GuardedH11Protocol`, uvicorn's h11 protocol
 with limits; httptools has no limit on header size, so it is never used):
@@ -22,8 +22,11 @@ with limits; httptools has no limit on header size, so it is never used):
 - a head not complete FLUX_HEADER_TIMEOUT seconds after connecting (or after the previous response)
   gets 408 and is closed; idle keep-alive connections close after FLUX_KEEP_ALIVE_TIMEOUT;
 - at most FLUX_MAX_CONNECTIONS connections are open: a new one closes the oldest connection that has
-  not sent a complete head (idle or slow), or, when every connection is busy with a request, gets 503
-  ``too_many_connections`` and is closed;
+  not sent a complete head (idle or slow), or, when every connection is busy with a request, is let in
+  as one of ``PROBE_RESERVE`` connections that may only ask for ``/health`` or ``/ready`` (anything else
+  gets 503 ``too_many_connections``), or, with those taken too, gets that 503 at once and is closed. So
+  probes are answered while every data-plane connection is busy (one client's share of those is bounded
+  further up, per API key: :class:`fluxserve.api.middleware.ClientBudgetMiddleware`);
 - when a response closes the connection while the client is still sending (a 413, a 431), the server
   half-closes and discards at most ``LINGER_BYTES`` more for at most ``LINGER_SECONDS`` ("lingering
   close": the client gets to read the answer instead of a reset), then closes: it never reads the
@@ -47,11 +50,13 @@ from typing import Any
 
 import h11
 import uvicorn
+from starlette.types import ASGIApp, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import STATUS_PHRASES, H11Protocol
 from uvicorn.server import HANDLED_SIGNALS
 
 from fluxserve.api.app import create_app
-from fluxserve.api.errors import error_body
+from fluxserve.api.errors import error_body, error_message_parts
+from fluxserve.api.middleware import PROBE_PATHS
 from fluxserve.runtime import Runtime
 from fluxserve.settings import Settings, SettingsError
 
@@ -63,6 +68,8 @@ RESPONSE_GRACE = 5
 
 LINGER_SECONDS = 2.0
 """Most seconds a connection closed mid-body keeps discarding what the client still sends."""
+PROBE_RESERVE = 4
+"""Connections past FLUX_MAX_CONNECTIONS that may still be opened, for liveness and readiness probes only."""
 LINGER_BYTES = 16 * 1024 * 1024
 """Most bytes it discards then (or FLUX_MAX_BODY_BYTES, if larger): enough for a client that sends a
 body somewhat over the limit before reading the answer to finish and read its 413; a flood is cut off."""
@@ -89,6 +96,23 @@ def _raw_error(status: int, message: str, code: str, extra: list[tuple[bytes, by
             b"content-length: %d" % len(body), b"connection: close"]
     head += [name + b": " + value for name, value in extra or []]
     return b"\r\n".join(head) + b"\r\n\r\n" + body
+
+
+def _probes_only(app: ASGIApp, max_connections: int) -> ASGIApp:
+    """``app`` for a connection let in past FLUX_MAX_CONNECTIONS: probes go through, anything else gets the
+    503 a connection over the limit gets (and the connection is closed)."""
+
+    async def guarded(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or (scope.get("method") in ("GET", "HEAD") and scope.get("path") in PROBE_PATHS):
+            await app(scope, receive, send)
+            return
+        headers, body = error_message_parts(503, f"too many open connections (FLUX_MAX_CONNECTIONS={max_connections}); "
+                                            "retry later", code="too_many_connections")
+        await send({"type": "http.response.start", "status": 503,
+                    "headers": [*headers, (b"connection", b"close"), (b"retry-after", b"1")]})
+        await send({"type": "http.response.body", "body": body})
+
+    return guarded
 
 
 class _GuardedTransport:
@@ -134,6 +158,7 @@ class GuardedH11Protocol(H11Protocol):
         self._in_head = True
         self._head_bytes = 0
         self._discarded = 0
+        self.probes_only = False
         super().connection_made(_GuardedTransport(transport, self))  # type: ignore[arg-type]
         self._arm_head_timer()
         if len(self.connections) > self.limits.max_connections:
@@ -145,13 +170,18 @@ class GuardedH11Protocol(H11Protocol):
         return self._in_head and self._head_bytes > 0
 
     def _make_room(self) -> None:
-        """Over FLUX_MAX_CONNECTIONS: close the oldest connection that is not busy with a request, or
-        refuse this one."""
-        waiting = [c for c in self.connections if isinstance(c, GuardedH11Protocol) and c is not self
-                   and not c.raw_transport.is_closing() and (c.lingering or c._in_head)]
+        """Over FLUX_MAX_CONNECTIONS: close the oldest connection that is not busy with a request, or let
+        this one in for probes only (``PROBE_RESERVE``), or refuse it."""
+        others = [c for c in self.connections if isinstance(c, GuardedH11Protocol) and c is not self
+                  and not c.raw_transport.is_closing()]
+        waiting = [c for c in others if c.lingering or c._in_head]
         if waiting:
             oldest = min(waiting, key=lambda c: (not c.lingering, c.opened_at))
             oldest.raw_transport.abort()
+            return
+        if sum(1 for c in others if c.probes_only) < PROBE_RESERVE:
+            self.probes_only = True
+            self.app = _probes_only(self.app, self.limits.max_connections)
             return
         log.warning("connection refused: %d open connections (FLUX_MAX_CONNECTIONS)", len(self.connections))
         self.raw_transport.write(_raw_error(

@@ -185,7 +185,34 @@ class Settings(BaseSettings):
     max_connections: int = Field(256, ge=2)
     """Open client connections at most. At the limit a new connection closes the oldest one that has
     not sent a complete request head yet (idle or slow); when every connection is busy with a request
-    the new one gets 503 ``too_many_connections`` with Retry-After and is closed."""
+    the new one gets 503 ``too_many_connections`` with Retry-After and is closed. A few connections past
+    the limit are kept for ``GET /health`` and ``GET /ready`` only, so probes are answered even then."""
+    max_connections_per_client: int = Field(64, ge=1)
+    """Requests one client may have in progress at once (each holds a connection: sending its body, waiting
+    for its images or streaming events), per API key, or per client address when no keys are configured.
+    Must be below FLUX_MAX_CONNECTIONS, so that one client meets its own limit while the server has room for
+    the others. Past it: 429 ``connection_limit_exceeded`` with Retry-After, before the body is read, and the
+    connection is closed. /health and /ready are not counted."""
+    max_streams_per_client: int = Field(16, ge=1)
+    """Event streams (``stream: true`` answers, ``/v1/images/jobs/{id}/events``) one client may hold open at
+    once, counted like FLUX_MAX_CONNECTIONS_PER_CLIENT and at most that. Past it: 429 ``stream_limit_exceeded``
+    instead of the stream (a generation it would have streamed is cancelled)."""
+    body_timeout: float = Field(10.0, gt=0)
+    """Grace period, in seconds, of a request body: past it the body must keep arriving at FLUX_BODY_MIN_RATE
+    on average (only time spent waiting for body bytes counts). A slower body gets 408 ``body_timeout`` and
+    the connection is closed (slow-body floods)."""
+    body_min_rate: float = Field(4096.0, gt=0)
+    """Bytes per second a request body must average once FLUX_BODY_TIMEOUT has passed: a body of B bytes may
+    keep the server waiting FLUX_BODY_TIMEOUT + B / FLUX_BODY_MIN_RATE seconds in all."""
+    json_parse_threads: int = Field(2, ge=1, le=64)
+    """Threads that parse JSON request bodies over 64 KiB (edits with data URLs), off the event loop: at most
+    this many large bodies are parsed at once, the others wait their turn."""
+    body_memory_bytes: int = Field(512 * 1024 * 1024, ge=1024 * 1024)
+    """Memory that JSON request bodies over 64 KiB may hold at once, all together: each reserves twice its size
+    (its bytes and what parsing makes of them) from its Content-Length, before a byte is read, until it is
+    parsed. A body that does not fit gets 503 ``server_busy`` with Retry-After; one client may hold at most
+    half (429 ``body_memory_limit_exceeded``). At least 4 × the largest body limit, so that any allowed body
+    can be received."""
     shutdown_timeout: float = Field(30.0, ge=0)
     """On SIGTERM/SIGINT, seconds to finish in-flight and queued jobs before cancelling the rest."""
     notify_socket: str | None = Field(None, validation_alias=AliasChoices("NOTIFY_SOCKET", "notify_socket"))
@@ -543,6 +570,17 @@ class Settings(BaseSettings):
             raise ValueError("FLUX_RESULT_STORE=s3 needs FLUX_S3_BUCKET")
         if (self.s3_access_key_id is None) != (self.s3_secret_access_key is None):
             raise ValueError("FLUX_S3_ACCESS_KEY_ID and FLUX_S3_SECRET_ACCESS_KEY go together")
+        if self.max_connections_per_client >= self.max_connections:
+            raise ValueError(f"FLUX_MAX_CONNECTIONS_PER_CLIENT ({self.max_connections_per_client}) must be below "
+                             f"FLUX_MAX_CONNECTIONS ({self.max_connections}): one client must meet its own limit "
+                             "before the server's")
+        largest_body = max(self.max_body_bytes, self.max_edit_body_bytes)
+        if self.body_memory_bytes < 4 * largest_body:
+            raise ValueError(f"FLUX_BODY_MEMORY_BYTES ({self.body_memory_bytes}) must be at least 4 × the largest body "
+                             f"limit ({largest_body}, FLUX_MAX_BODY_BYTES / FLUX_MAX_EDIT_BODY_BYTES): one client may "
+                             "hold half of it, and a body reserves twice its size")
+        if self.max_streams_per_client > self.max_connections_per_client:
+            raise ValueError("FLUX_MAX_STREAMS_PER_CLIENT must be ≤ FLUX_MAX_CONNECTIONS_PER_CLIENT")
         return self
 
     # --- helpers -------------------------------------------------------------------------------

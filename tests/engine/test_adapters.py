@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from fluxserve.engine.adapters import build_tiny_lora, ensure_demo_lora
+from fluxserve.engine.adapters import AdapterGate, build_tiny_lora, ensure_demo_lora
 from fluxserve.engine.engine import DeviceEngine
 from fluxserve.engine.loading import LoadedModel, load_model
 from fluxserve.generation import AdapterError, GenerationParams, ImageRequest
@@ -293,3 +293,72 @@ def test_under_regional_compile_switching_never_recompiles(cache_dir: Path, lora
     with pytest.raises(AdapterError, match="slots"):
         image(engine, model, (("a", 1.0), ("b", 1.0)))
     engine.unload("tiny-flux")
+
+
+# --- the gate alone (no model): who waits for whom --------------------------------------------------------
+BOUND = 20.0
+
+
+def in_thread(target: Any) -> threading.Thread:
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_the_gate_is_not_locked_while_a_set_is_switched_in() -> None:
+    """The switch reads adapters from disk and loads them under the process-wide build lock (behind any
+    model load). The gate's condition used to stay locked meanwhile: nobody could even ask it anything."""
+    gate = AdapterGate()
+    switching, finish = threading.Event(), threading.Event()
+
+    def switch(_wanted: Any) -> None:
+        switching.set()
+        assert finish.wait(BOUND)
+
+    def batch(loras: Any) -> None:
+        with gate.use(loras, switch):
+            pass
+
+    first = in_thread(lambda: batch((("a", 1.0),)))
+    assert switching.wait(BOUND)
+    answers: list[Any] = []
+    asked = in_thread(lambda: answers.extend([gate.users, gate.active]))
+    asked.join(BOUND)
+    assert answers == [0, ()], "the gate's lock was held during the switch"
+    second = in_thread(lambda: batch((("b", 1.0),)))  # another set queues behind the switch
+    assert gate.wait_for_waiters(1, timeout=BOUND)
+    finish.set()
+    first.join(BOUND)
+    second.join(BOUND)
+    assert not first.is_alive() and not second.is_alive() and gate.active == (("b", 1.0),)
+
+
+def test_loading_an_adapter_outside_a_batch_waits_for_the_batches_in_and_newcomers_wait_for_it() -> None:
+    gate = AdapterGate()
+    order: list[str] = []
+    inside, leave = threading.Event(), threading.Event()
+
+    def running() -> None:
+        with gate.use((), lambda _wanted: None):
+            inside.set()
+            assert leave.wait(BOUND)
+            order.append("batch")
+
+    def newcomer() -> None:
+        with gate.use((), lambda _wanted: None):
+            order.append("newcomer")
+
+    def preload() -> None:
+        with gate.alone():
+            order.append("alone")
+
+    threads = [in_thread(running)]
+    assert inside.wait(BOUND)
+    threads.append(in_thread(preload))
+    assert gate.wait_for_waiters(1, timeout=BOUND)
+    threads.append(in_thread(newcomer))  # same set as the batch inside, but behind the waiting preload
+    assert gate.wait_for_waiters(2, timeout=BOUND)
+    leave.set()
+    for thread in threads:
+        thread.join(BOUND)
+    assert order == ["batch", "alone", "newcomer"]

@@ -23,6 +23,7 @@ from fluxserve.models.registry import resolve_model
 from fluxserve.scheduler.jobs import Job, JobStatus
 from fluxserve.scheduler.scheduler import Scheduler
 from tests.conftest import assert_same_image_within_rounding
+from tests.engine.fake_worker import GatedEngine, Parent, params, wire
 
 GEN = "/v1/images/generations"
 WAIT = 300  # seconds: only a bound against a hang, never a threshold a test asserts
@@ -97,6 +98,41 @@ def test_killed_worker_fails_its_job_and_the_next_job_runs_after_restart(schedul
     assert after.status == JobStatus.SUCCEEDED, after.error
     assert after.result is not None and after.result.images[0].shape == (64, 64, 3)
     assert engine.pid not in (None, first_pid) and engine.restarts == 1
+
+
+def test_a_release_while_a_batch_forms_fails_no_job(make_settings: Callable[..., Any]) -> None:
+    """A release racing with jobs failed them with 500 "not loaded": the scheduler handed the model it had
+    taken before the release to the batch, and the worker (which looks the model up by key) no longer had
+    it. Here a batch is forming (waiting for company) when the release comes, and its wait ends before the
+    queued jobs' reload is done: the batch must wait for the model instead of running without it."""
+    from fluxserve.catalog import LocalCatalog
+    from fluxserve.observability.metrics import Metrics
+
+    settings = make_settings(worker_processes=True, max_batch=2, batch_wait_ms=1000, warmup_enable=False)
+    forming = threading.Event()
+    clock = [0.0]  # the scheduler's clock: the company wait ends when the test says so
+    engine = ProcessEngine(settings, select_device_dtype("cpu"), torch_threads=1)
+    scheduler = Scheduler(settings, [engine], clock=lambda: clock[0],
+                          hook=lambda name, _data: forming.set() if name == "batch_waiting" else None)
+    catalog = LocalCatalog(settings, [engine.plan], [engine], scheduler, Metrics(settings.metrics_window))
+    scheduler.start()
+    try:
+        scheduler.ensure_loaded(resolve_model("tiny-flux"), wait=True, timeout=WAIT)
+        for round_ in range(2):
+            forming.clear()
+            first = scheduler.submit(_job(steps=1, seed=10 * round_))
+            assert forming.wait(WAIT)
+            dropped, _freed = catalog.release(set())
+            assert dropped == ["tiny-flux"]
+            clock[0] += 10  # the company wait is over; the submit below wakes the forming batch
+            second = scheduler.submit(_job(steps=1, seed=10 * round_ + 1))
+            for job in (first, second):
+                assert job.wait(WAIT)
+                assert job.status is JobStatus.SUCCEEDED, job.error
+        assert engine.get("tiny-flux") is not None  # loaded again by the queued jobs
+    finally:
+        scheduler.shutdown()
+        engine.close()
 
 
 def test_cancel_crosses_the_process_boundary_within_one_step(scheduler: Scheduler) -> None:
@@ -225,3 +261,99 @@ def test_real_server_with_worker_processes_serves_and_leaves_no_workers(server_f
     assert len(set(pids)) == 2 and all(psutil.pid_exists(pid) for pid in pids)
     assert server.stop() == 0
     assert not any(psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE for pid in pids)
+
+
+# --- cancel flags inside the worker: the test plays the parent over a real pipe ---------------------------
+def test_a_cancel_that_arrives_before_the_call_thread_runs_is_kept() -> None:
+    """``requests()`` reset the call's flags when the call thread got there, overwriting a cancel that the
+    receive loop had stored first: the call then ran until a progress acknowledgement carried the flag."""
+    engine = GatedEngine()
+    engine.lookup.close()  # the call's thread waits before it builds its requests
+    parent = Parent(engine)
+    parent.send((1, "generate", ("m", params(5), [wire("a")])))
+    parent.send((1, "flags", [True]))
+    parent.start()
+    parent.round_trip()  # the worker has stored the cancel
+    engine.lookup.open()
+    kind, payload = parent.recv(1)
+    assert (kind, payload[0]) == ("error", "GenerationCancelled"), (kind, payload)
+    assert engine.steps_run.get("a", 0) == 0
+    parent.close()
+
+
+def test_a_cancel_during_text_encoding_stops_the_call_before_its_first_step() -> None:
+    engine = GatedEngine()
+    engine.encode.close()
+    parent = Parent(engine)
+    parent.start()
+    parent.send((1, "generate", ("m", params(5), [wire("a")])))
+    assert engine.encode.reached.wait(20)
+    parent.send((1, "flags", [True]))
+    parent.round_trip()
+    engine.encode.open()
+    kind, payload = parent.recv(1)
+    assert (kind, payload[0]) == ("error", "GenerationCancelled") and engine.steps_run["a"] == 0
+    parent.close()
+
+
+def test_a_cancel_during_a_split_groups_lock_wait_stops_the_call_before_any_rank_runs_it() -> None:
+    engine = GatedEngine()
+    parent = Parent(engine, followers=1)
+    parent.start()
+    parent.worker.group_lock.acquire()  # another mirrored call holds the group
+    parent.send((1, "generate", ("m", params(5), [wire("a")])))
+    parent.send((1, "flags", [True]))
+    parent.round_trip()  # memory is not mirrored: it answers while the group is busy
+    parent.worker.group_lock.release()
+    kind, payload = parent.recv(1)
+    assert (kind, payload[0]) == ("error", "GenerationCancelled"), (kind, payload)
+    assert parent.mirrored == [] and "a" not in engine.steps_run  # no rank started it
+    parent.close()
+
+
+def test_a_cancel_between_steps_stops_the_call_at_the_next_step() -> None:
+    engine = GatedEngine()
+    parent = Parent(engine)
+    parent.start()
+    parent.send((1, "generate", ("m", params(5), [wire("a")])))
+    kind, payload = parent.recv(1)
+    assert kind == "progress" and payload[2] == 1
+    parent.send((1, "flags", [True]))  # the poll, between progress events
+    parent.send((1, "ack", (payload[0], [True])))
+    kind, payload = parent.recv(1)
+    assert (kind, payload[0]) == ("error", "GenerationCancelled") and engine.steps_run["a"] == 1
+    parent.close()
+
+
+def test_messages_for_a_call_that_ended_leave_nothing_behind() -> None:
+    """A flags message that arrived after a call's cleanup re-created an entry nobody removed."""
+    engine = GatedEngine()
+    parent = Parent(engine)
+    parent.start()
+    parent.send((1, "generate", ("m", params(1), [wire("a")])))
+    kind, payload = parent.recv(1)
+    assert kind == "progress"
+    parent.send((1, "ack", (payload[0], [False])))
+    assert parent.recv(1)[0] == "ok"
+    parent.send((1, "flags", [True]))  # late: the parent polled just before the answer reached it
+    parent.send((1, "ack", (0, [True])))
+    parent.round_trip()
+    assert 1 not in parent.worker.calls
+    parent.close()
+
+
+def test_a_cancelled_call_in_a_split_group_leaves_no_answer_of_the_other_ranks_behind() -> None:
+    """Rank 0 read the other ranks' answers only after a call that succeeded: after a cancelled generation
+    each rank's answer stayed in its pipe, and the next call took it for its own."""
+    engine = GatedEngine()
+    parent = Parent(engine, followers=1)
+    parent.start()
+    parent.send((1, "generate", ("m", params(5), [wire("a")])))
+    kind, payload = parent.recv(1)
+    assert kind == "progress"
+    parent.send((1, "ack", (payload[0], [True])))
+    kind, payload = parent.recv(1)
+    assert (kind, payload[0]) == ("error", "GenerationCancelled")
+    assert parent.answered.acquire(timeout=20)  # the other rank has answered the mirrored call
+    assert parent.mirrored == ["generate"] and not parent.unread_follower_answers()
+    parent.close()

@@ -1,5 +1,6 @@
-"""/health is liveness only; /ready reflects: model loaded, warm-up done, not shutting down, not in
-repeated out-of-memory."""
+"""/health is liveness only; /ready reflects: start-up (model loaded, warm-up done), not shutting down,
+not in repeated out-of-memory. After start-up an admin unload or release of the served model keeps the
+server ready: the next request that needs the model loads it (docs/reliability.md)."""
 
 from __future__ import annotations
 
@@ -51,14 +52,39 @@ async def test_not_ready_until_warmup_is_done(app_factory: Callable[..., Any], m
         assert runtime.warmups and runtime.warmups[0].outcome == "ok"
 
 
-async def test_not_ready_while_the_default_model_is_unloaded(app_factory: Callable[..., Any]) -> None:
+async def test_an_admin_unload_of_the_served_model_keeps_the_server_ready(app_factory: Callable[..., Any]) -> None:
     async with app_factory() as client:
+        runtime = client.app.state.runtime  # type: ignore[attr-defined]
         assert (await client.post("/v1/models/unload", json={"model": "tiny-flux"})).status_code == 200
-        reasons = await _reasons(client)
-        assert any("not loaded" in r for r in reasons), reasons
-        assert (await client.get("/health")).status_code == 200
-        assert (await client.post(GEN, json=OK)).status_code == 200  # a request loads it again
+        assert not runtime.scheduler.is_loaded("tiny-flux")
+        assert await _reasons(client) == []  # it can still serve: the next request pays the load
+        released = await client.post("/v1/memory/release", json={"all": True})
+        assert released.status_code == 200
         assert await _reasons(client) == []
+        assert (await client.post(GEN, json=OK)).status_code == 200  # a request loads it again
+        assert runtime.scheduler.is_loaded("tiny-flux") and await _reasons(client) == []
+
+
+def test_behind_a_ready_only_router_an_unloaded_server_is_never_stuck(server_factory: Callable[..., Any]) -> None:
+    """A load balancer that routes only to ready servers sends nothing to an unready one. After an admin
+    unload or release of the served model the real server must be ready again without any generation
+    request, or it would never get one."""
+    import httpx
+
+    server = server_factory(name="ready-only")
+    with httpx.Client(base_url=server.base_url, timeout=60) as http:
+        assert http.get("/ready").status_code == 200
+        unloaded = http.post("/v1/models/unload", json={"model": "tiny-flux"})
+        assert unloaded.status_code == 200 and unloaded.json()["devices"] == ["cpu"]
+        ready = http.get("/ready")
+        assert ready.status_code == 200, ready.text
+        assert http.get("/v1/models/tiny-flux").json()["loaded"] is False  # ready, and honest about the model
+        assert http.post("/v1/memory/release", json={"all": True}).status_code == 200
+        assert http.get("/ready").status_code == 200
+        image = http.post(GEN, json=OK)  # the first request after it loads the model again
+        assert image.status_code == 200 and image.json()["data"][0]["b64_json"]
+        assert http.get("/ready").status_code == 200
+    assert server.stop() == 0
 
 
 async def test_repeated_oom_makes_it_unready_until_a_success(app_factory: Callable[..., Any]) -> None:

@@ -4,6 +4,11 @@ Each ``generate`` call becomes a :class:`Call` that stops at a gate before every
 test moves it on with :meth:`Call.advance` (or lets it run with :meth:`Call.run_free`). Loads can be
 held at a gate too. Every wait here is bounded (``BOUND`` seconds) and raises if the bound passes:
 a bound only turns a deadlock into a failure, it never decides a result.
+
+Like a real device, it counts copies of a model: a model stays resident from its load until it is
+unloaded *and* no call uses it any more (a call's reference keeps the weights alive).
+:attr:`FakeEngine.most_resident` is the most copies of one model ever resident at once. Like a worker
+process, it refuses to start a call on a model that is not loaded any more.
 """
 
 from __future__ import annotations
@@ -33,11 +38,13 @@ class Stuck(AssertionError):
     """The engine or the scheduler did not get where the test expected within :data:`BOUND`."""
 
 
-@dataclass
+@dataclass(eq=False)
 class FakeModel:
     spec: ModelSpec
     load_seconds: float = 0.0
     loaded_at: float = field(default_factory=time.monotonic)
+    calls: int = 0
+    """Calls running on this copy."""
 
 
 class Call:
@@ -124,6 +131,9 @@ class FakeEngine:
         self.loads: list[str] = []
         self.load_failures: set[str] = set()
         self.hold_loads = hold_loads
+        self.most_resident: dict[str, int] = {}
+        self._in_use: list[FakeModel] = []
+        """Copies that calls still use (unloaded ones among them are still resident)."""
         self._load_gate = threading.Semaphore(0)
         self._lock = threading.Lock()
 
@@ -147,6 +157,19 @@ class FakeEngine:
         for _ in range(count):
             self._load_gate.release()
 
+    def resident(self, key: str) -> int:
+        """Copies of ``key`` holding memory now: the loaded one and unloaded ones that calls still use."""
+        with self._lock:
+            return self._resident_locked(key)
+
+    def _resident_locked(self, key: str) -> int:
+        copies = {id(m) for m in self._in_use if m.spec.key == key}
+        if key in self.models:
+            copies.add(id(self.models[key]))
+        count = len(copies)
+        self.most_resident[key] = max(self.most_resident.get(key, 0), count)
+        return count
+
     def load(self, spec: ModelSpec) -> tuple[FakeModel, bool]:
         with self._lock:
             if spec.key in self.models:
@@ -158,6 +181,7 @@ class FakeEngine:
             if spec.key in self.load_failures:
                 raise ModelLoadError(f"{spec.key} cannot be loaded here")
             model = self.models.setdefault(spec.key, FakeModel(spec))
+            self._resident_locked(spec.key)
         return model, True
 
     def unload(self, key: str) -> bool:
@@ -179,6 +203,12 @@ class FakeEngine:
             raise Stuck("no batch reached the engine") from None
 
     def generate(self, model: Any, params: GenerationParams, requests: list[ImageRequest]) -> list[ImageResult]:
+        with self._lock:
+            if self.models.get(model.spec.key) is not model:  # what a worker process answers, too
+                raise ModelLoadError(f"{model.spec.key} is not loaded on {self._device}")
+            model.calls += 1
+            self._in_use.append(model)
+            self._resident_locked(model.spec.key)
         call = Call(params, requests)
         self.all_calls.append(call)
         self.calls.put(call)
@@ -200,6 +230,9 @@ class FakeEngine:
                                 seeds=list(r.seeds), params=params, timings={"denoise": 0.0}, batch_size=size)
                     for r in requests]
         finally:
+            with self._lock:
+                model.calls -= 1
+                self._in_use.remove(model)
             call._end()
 
 

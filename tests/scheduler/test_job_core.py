@@ -12,7 +12,7 @@ import pytest
 
 from fluxserve.generation import GenerationParams
 from fluxserve.models.registry import resolve_model
-from fluxserve.scheduler.jobs import FINISHED, IllegalTransition, Job, JobError, JobStatus
+from fluxserve.scheduler.jobs import FINISHED, TERMINAL_EVENTS, IllegalTransition, Job, JobError, JobStatus
 from fluxserve.scheduler.scheduler import Scheduler
 from fluxserve.settings import Settings
 from tests.scheduler.fake_engine import BOUND, FakeEngine, FakeModel, Stuck, loop_turn
@@ -190,18 +190,92 @@ def test_cancel_of_a_running_job_ends_it_within_one_step(make_scheduler: Any) ->
     assert j.cancel_step is not None and j.step - j.cancel_step <= 1
 
 
-def test_unload_while_jobs_are_queued_reloads_the_model(make_scheduler: Any) -> None:
-    """Failure 5: queued jobs waited for a model nobody reloaded, until they expired with 504."""
-    scheduler, engine, _ = make_scheduler()
+class InThread:
+    """Runs a blocking scheduler call (an unload, a release) in a thread; :meth:`result` joins it."""
+
+    def __init__(self, target: Callable[[], Any]) -> None:
+        self._value: list[Any] = []
+        self._thread = threading.Thread(target=lambda: self._value.append(target()), daemon=True)
+        self._thread.start()
+
+    def result(self) -> Any:
+        self._thread.join(BOUND)
+        if self._thread.is_alive():
+            raise Stuck("the call never returned")
+        return self._value[0]
+
+
+def test_unload_waits_for_the_running_batch_and_queued_jobs_reload_the_model_once(make_scheduler: Any) -> None:
+    """Failure 5: queued jobs waited for a model nobody reloaded, until they expired with 504. And the unload
+    did not wait for the batch running on the model: the queued job's reload made a second copy resident
+    while the first was still in use."""
+    scheduler, engine, hooks = make_scheduler()
     running = scheduler.submit(job(steps=2, width=64))
     call = engine.next_call()
     queued = scheduler.submit(job(steps=1, width=128))
-    assert scheduler.unload(SPEC.key) == ["fake:0"]
+    model = engine.get(SPEC.key)
+    unload = InThread(lambda: scheduler.unload(SPEC.key))
+    hooks.wait("unload_waiting")  # it waits for the running batch, which keeps its model
+    assert engine.get(SPEC.key) is model and queued.status is JobStatus.QUEUED
     call.run_free()
-    assert ended(running) is JobStatus.SUCCEEDED  # the running batch keeps its model
+    assert ended(running) is JobStatus.SUCCEEDED
+    assert unload.result() == ["fake:0"]
     engine.next_call().run_free()
     assert ended(queued) is JobStatus.SUCCEEDED
-    assert engine.loads == [SPEC.key]  # loaded again for the queued job
+    assert engine.loads == [SPEC.key]  # loaded again for the queued job, once
+    assert engine.most_resident[SPEC.key] == 1
+
+
+def test_unload_while_a_batch_forms_never_runs_the_batch_on_the_unloaded_model(make_scheduler: Any) -> None:
+    """``_next_batch`` took the model, waited for company with the lock released and ran the batch on the old
+    object after an unload: a worker process answers "not loaded" (500), an in-process engine holds two copies
+    while the queued jobs' reload finishes. The batch must go back to the queue and run on the reload."""
+    clock = [0.0]
+    scheduler, engine, hooks = make_scheduler(hold_loads=True, batch_wait_ms=1000, max_batch=2)
+    scheduler._clock = lambda: clock[0]
+    first = scheduler.submit(job(steps=1))
+    hooks.wait("batch_waiting")
+    assert InThread(lambda: scheduler.unload(SPEC.key)).result() == ["fake:0"]
+    clock[0] = 10.0  # the company wait is over; the submit below wakes the slot
+    second = scheduler.submit(job(steps=1))
+    engine.release_load()
+    call = engine.next_call()
+    call.run_free()
+    assert ended(first) is ended(second) is JobStatus.SUCCEEDED, (first.error, second.error)
+    assert call.size == 2 and engine.loads == [SPEC.key] and engine.most_resident[SPEC.key] == 1
+
+
+def test_release_waits_for_running_batches_and_keeps_what_it_is_told_to(make_scheduler: Any) -> None:
+    scheduler, engine, hooks = make_scheduler(preload=(SPEC.key, OTHER.key), max_concurrent=2)
+    running = scheduler.submit(job(steps=2, spec=OTHER))
+    call = engine.next_call()
+    release = InThread(lambda: scheduler.release({SPEC.key}))
+    hooks.wait("unload_waiting")
+    assert engine.get(OTHER.key) is not None  # still in use
+    kept = scheduler.submit(job(steps=1))  # a model the release keeps serves on meanwhile
+    other = engine.next_call()
+    other.run_free()
+    assert ended(kept) is JobStatus.SUCCEEDED
+    call.run_free()
+    assert release.result() == [OTHER.key]
+    assert ended(running) is JobStatus.SUCCEEDED
+    assert sorted(engine.loaded()) == [SPEC.key] and engine.most_resident[OTHER.key] == 1
+
+
+def test_a_slot_keeps_no_reference_to_the_model_of_its_last_batch(make_scheduler: Any) -> None:
+    """The slot loop kept its last model in a local variable while it waited for the next batch: after an
+    unload the weights stayed in memory (and freed_bytes said so) until another batch came."""
+    import gc
+    import weakref
+
+    scheduler, engine, _ = make_scheduler()
+    j = scheduler.submit(job(steps=1))
+    engine.next_call().run_free()
+    assert ended(j) is JobStatus.SUCCEEDED
+    model = weakref.ref(engine.models[SPEC.key])
+    assert scheduler.unload(SPEC.key) == ["fake:0"]
+    gc.collect()
+    assert model() is None
 
 
 def test_a_model_that_cannot_load_fails_its_queued_jobs_fast(make_scheduler: Any) -> None:
@@ -312,7 +386,7 @@ def test_finished_jobs_without_results_leave_the_table_at_once(make_scheduler: A
         scheduler.cancel(j.id)
     running.run_free()  # the running one stops at its next step
     for j in jobs:
-        assert ended(j) in FINISHED
+        assert ended(j) in FINISHED and j.wait_delivered(BOUND)  # the table hears of the end right after it
     assert len(scheduler.table) == 0
     stone = scheduler.table.tombstone(jobs[-1].id, None)
     assert stone is not None and stone.summary["status"] == "cancelled" and "prompt" not in stone.summary
@@ -397,3 +471,107 @@ def test_jobs_batch_only_with_the_same_adapter_set_and_scales(make_scheduler: An
         call.run_free()
     assert sorted(calls) == [((), 1), ((("a", 0.5),), 1), ((("a", 1.0),), 2)]
     assert all(ended(j) is JobStatus.SUCCEEDED for j in [blocker, *same, weaker, plain])
+
+
+# --- ordered, total events -----------------------------------------------------------------------------
+class Recorder:
+    """A thread-side listener that records each event type, in the order it was called."""
+
+    def __init__(self) -> None:
+        self.kinds: list[str] = []
+        self.started = threading.Event()
+        self.ended = threading.Event()
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        self.kinds.append(event["type"])
+        if event["type"] == "started":
+            self.started.set()
+        if event["type"] in TERMINAL_EVENTS:
+            self.ended.set()
+
+    def wait_ended(self) -> list[str]:
+        """The events up to the terminal one (a job is done before its listeners hear of it)."""
+        if not self.ended.wait(BOUND):
+            raise Stuck(f"no terminal event after {self.kinds}")
+        return self.kinds
+
+
+def test_queued_reaches_listeners_before_started(make_scheduler: Any) -> None:
+    """``submit`` emitted ``queued`` after releasing the scheduler's lock: an idle slot could start the job
+    first, and a stream showed ``queued`` after ``started``. The hook below holds the submitting thread right
+    after the lock until the job runs: the ``queued`` event must already be out by then."""
+    scheduler, engine, hooks = make_scheduler()
+    recorder = Recorder()
+    hooks.on["job_queued"] = lambda _data: recorder.started.wait(BOUND)
+    j = job(steps=1)
+    j.add_listener(recorder)
+    scheduler.submit(j)
+    engine.next_call().run_free()
+    assert ended(j) is JobStatus.SUCCEEDED
+    kinds = recorder.wait_ended()
+    assert kinds[:2] == ["queued", "started"] and kinds[-1] == "succeeded" and kinds.count("succeeded") == 1, kinds
+
+
+def test_a_raising_listener_is_logged_and_cannot_change_the_jobs_fate(make_scheduler: Any,
+                                                                     caplog: pytest.LogCaptureFixture) -> None:
+    """A listener that raised on ``started`` escaped from ``_next_batch`` after the job was marked running but
+    before it was recorded on its slot: the job stayed ``running`` in no structure, ``wait`` never returned."""
+    scheduler, engine, _ = make_scheduler()
+    later = Recorder()
+
+    def broken(event: dict[str, Any]) -> None:
+        raise RuntimeError(f"a broken listener ({event['type']})")
+
+    j = job(steps=2)
+    j.add_listener(broken)
+    j.add_listener(later)  # registered after the broken one: still called, in order
+    scheduler.submit(j)
+    engine.next_call().run_free()
+    assert ended(j) is JobStatus.SUCCEEDED
+    assert later.wait_ended() == ["queued", "started", "progress", "progress", "succeeded"]
+    assert "a broken listener" in caplog.text and scheduler.readiness_problems() == []
+    assert all(slot.crashes == 0 for slot in scheduler._slots)
+
+
+def test_a_job_is_where_drain_finds_it_before_it_is_marked_running(make_scheduler: Any) -> None:
+    """Drain (and cancel) find a running job through its slot. A listener of ``started`` looks for the job
+    there; and when a listener raises, drain still cancels the job instead of leaving it running."""
+    scheduler, engine, _ = make_scheduler()
+    found: list[bool] = []
+
+    def look(event: dict[str, Any]) -> None:
+        if event["type"] == "started":
+            found.append(any(j in slot.batch for slot in scheduler._slots))
+            raise RuntimeError("a broken listener")
+
+    j = job(steps=5)
+    j.add_listener(look)
+    scheduler.submit(j)
+    engine.next_call()  # parked before its first step
+    assert found == [True]
+    assert scheduler.drain(0) == 1
+    assert ended(j) is JobStatus.CANCELLED and j.error is not None and j.error.code == "shutting_down"
+
+
+def test_events_from_two_threads_reach_every_listener_in_one_order() -> None:
+    """A progress event and the terminal event of one job can be emitted by two threads at once (a slot, and
+    drain). Each listener must see them in the order the job changed: nothing after the terminal event."""
+    j = job()
+    j.transition(JobStatus.RUNNING)
+    recorder = Recorder()
+    in_progress, terminal_emitted = threading.Event(), threading.Event()
+
+    def slow(event: dict[str, Any]) -> None:  # holds the slot thread inside its progress delivery
+        if event["type"] == "progress" and not in_progress.is_set():
+            in_progress.set()
+            assert terminal_emitted.wait(BOUND)
+
+    j.add_listener(slow)
+    j.add_listener(recorder)
+    slot = threading.Thread(target=lambda: [j.emit({"type": "progress", "step": s}) for s in (1, 2)])
+    slot.start()
+    assert in_progress.wait(BOUND)
+    j.transition(JobStatus.CANCELLED, error=JobError("x", code="cancelled", status=409))  # "drain", elsewhere
+    terminal_emitted.set()
+    slot.join(BOUND)
+    assert recorder.kinds == ["progress", "cancelled"], recorder.kinds

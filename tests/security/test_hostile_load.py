@@ -1,26 +1,34 @@
 """Hostile load against a real ``fluxserve serve`` on loopback with small budgets, while legitimate
 clients use the server alongside.
 
-Floods (each bounded in count; the whole test in seconds on tiny-flux): oversized headers, half-open
-connections (three times FLUX_MAX_CONNECTIONS), bodies over FLUX_MAX_BODY_BYTES, made-up and disabled
-model names, and one key past its rate limit. Asserted:
+Floods (each bounded in count; the whole test in well under a minute on tiny-flux), all at once: oversized
+headers, half-open connections (three times FLUX_MAX_CONNECTIONS), bodies over FLUX_MAX_BODY_BYTES,
+made-up and disabled model names and one key past its rate limit; from a second key, slow bodies on three
+times FLUX_MAX_CONNECTIONS connections (one byte at a time, at the attacker's own pace); and from a third,
+held event streams, 16777216×1 PNGs, ``loras`` nested a thousand deep and multi-megabyte JSON edits.
+Asserted:
 
 - legitimate clients (their own key, fresh connections) get ≥ 99 % successful answers, and every
   async job they start ends ``succeeded`` (followed on its event stream);
-- no answer to anyone is a 5xx but the documented 503s (``too_many_connections``, ``shutting_down``);
+- /health, probed every 50 ms throughout, answers 200 each time in under a second;
+- no answer to anyone is a 5xx but the documented 503s (``too_many_connections``, ``shutting_down``,
+  ``server_busy``);
 - the server's RSS grows by less than ``RSS_MARGIN`` over its warmed-up size (the floods would add
   hundreds of MiB if headers or bodies were buffered);
 - /ready is still 200 afterwards, and /metrics has no label for a made-up model.
 
-Nothing here waits on the clock: threads finish their bounded work, sockets are read until the server
-answers or closes them.
+Nothing here waits on the clock to synchronize: threads finish their bounded work, sockets are read until
+the server answers or closes them; only the attackers pace their own bytes.
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import io
 import json
 import re
+import select
 import signal
 import socket
 import threading
@@ -30,24 +38,34 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
+import numpy as np
 import psutil
 import pytest
+from PIL import Image
+
+from .helpers import HealthProbe
 
 pytestmark = pytest.mark.e2e
 
 LEGIT = "sk-legit-0123456789abcdefghij"
 ATTACKER = "sk-attacker-0123456789abcdefgh"
+ATTACKER2 = "sk-attacker2-0123456789abcdefg"
+SLOW = "sk-slow-bodies-0123456789abcde"
 MAX_CONNECTIONS = 48
+PER_CLIENT = 12
 MAX_BODY = 64 * 1024
 MAX_HEADER = 8 * 1024
 RSS_MARGIN = 200 * 1024 * 1024
 """How much the server's RSS may grow while under attack (the floods send well over 1 GiB)."""
-ENV = {"FLUX_API_KEYS": f"{LEGIT},{ATTACKER}", "FLUX_MAX_CONNECTIONS": str(MAX_CONNECTIONS),
+ENV = {"FLUX_API_KEYS": f"{LEGIT},{ATTACKER},{ATTACKER2},{SLOW}", "FLUX_MAX_CONNECTIONS": str(MAX_CONNECTIONS),
+       "FLUX_MAX_CONNECTIONS_PER_CLIENT": str(PER_CLIENT), "FLUX_MAX_STREAMS_PER_CLIENT": "6",
+       "FLUX_BODY_TIMEOUT": "2", "FLUX_BODY_MIN_RATE": "1000", "FLUX_BODY_MEMORY_BYTES": str(256 * 1024 * 1024),
        "FLUX_MAX_BODY_BYTES": str(MAX_BODY), "FLUX_MAX_HEADER_BYTES": str(MAX_HEADER), "FLUX_HEADER_TIMEOUT": "30",
        "FLUX_RATE_LIMIT_PER_MINUTE": "6", "FLUX_RATE_LIMIT_BURST": "80", "FLUX_STORE_LOCAL": "0",
        "FLUX_MAX_BATCH": "4", "FLUX_LOG_LEVEL": "WARNING"}
-DOCUMENTED_503 = {"too_many_connections", "shutting_down"}
+DOCUMENTED_503 = {"too_many_connections", "shutting_down", "server_busy"}
 GEN = "/v1/images/generations"
+EDIT = "/v1/images/edits"
 SMALL = {"prompt": "a lighthouse", "size": "64x64", "num_inference_steps": 1}
 
 
@@ -129,6 +147,77 @@ def _flood_model_names_and_rate(base: str, tally: Tally) -> None:
             tally.answer("hostile", response.status_code, code)
 
 
+def _slow_bodies(port: int, tally: Tally) -> None:
+    """Three times the server's connections from one key, each sending a body one byte at a time at the
+    attacker's own pace: the key meets its own connection budget, and the body rate ends the rest."""
+    head = (b"POST /v1/tokenize HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nAuthorization: Bearer "
+            + SLOW.encode() + b"\r\nContent-Length: 1000\r\n\r\n")
+    socks = []
+    for _ in range(3 * MAX_CONNECTIONS):
+        sock = socket.create_connection(("127.0.0.1", port), timeout=60)
+        with contextlib.suppress(OSError):
+            sock.sendall(head)
+        socks.append(sock)
+    pending = list(socks)
+    try:
+        while pending:
+            readable, _, _ = select.select(pending, [], [], 0.3)
+            for sock in pending:
+                if sock in readable:
+                    if (answer := _status(_read_until_closed(sock))) is not None:
+                        tally.answer("hostile", *answer)
+                else:
+                    with contextlib.suppress(OSError):
+                        sock.sendall(b" ")
+            pending = [sock for sock in pending if sock not in readable]
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+def _payloads() -> dict[str, Any]:
+    """What the second hostile key sends, made before the floods start (the test's own CPU stays out of them)."""
+    strip = io.BytesIO()
+    Image.new("RGB", (16_777_216, 1)).save(strip, format="PNG", compress_level=9)
+    noise = io.BytesIO()
+    Image.fromarray(np.random.default_rng(3).integers(0, 256, (900, 1200, 3), dtype=np.uint8)).save(
+        noise, format="PNG", compress_level=1)
+    return {"strip": strip.getvalue(), "noise": noise.getvalue(), "big": {
+        "prompt": "a storm", "image": "data:image/png;base64," + base64.b64encode(noise.getvalue()).decode(),
+        "size": "64x64", "num_inference_steps": 2, "strength": 1.0}}
+
+
+def _hostile_requests(base: str, tally: Tally, payloads: dict[str, Any]) -> None:
+    """Held event streams, 16777216×1 PNGs, loras nested a thousand deep, and multi-megabyte JSON edits, all
+    from one key at once."""
+    headers = {"Authorization": f"Bearer {ATTACKER2}"}
+    deep = "[" * 1000 + "]" * 1000
+
+    def stream() -> None:
+        with httpx.stream("POST", base + GEN, json={**SMALL, "size": "128x128", "num_inference_steps": 20,
+                                                    "stream": True}, headers=headers, timeout=120) as response:
+            code = None if response.status_code == 200 else json.loads(response.read())["error"]["code"]
+            for _ in response.iter_lines():
+                pass
+        tally.answer("hostile", response.status_code, code)
+
+    def post(path: str, **kwargs: Any) -> None:
+        response = httpx.post(base + path, headers=headers, timeout=120, **kwargs)
+        code = response.json()["error"]["code"] if response.status_code >= 400 else None
+        tally.answer("hostile", response.status_code, code)
+
+    with ThreadPoolExecutor(12) as pool:
+        futures = [pool.submit(stream) for _ in range(12)]
+        futures += [pool.submit(post, EDIT, data={"prompt": "wider", "size": "auto"},
+                                files={"image": ("strip.png", payloads["strip"], "image/png")}) for _ in range(2)]
+        futures += [pool.submit(post, GEN, json={**SMALL, "loras": deep}) for _ in range(4)]
+        futures += [pool.submit(post, EDIT, data={"prompt": "x", "loras": deep},
+                                files={"image": ("n.png", payloads["noise"], "image/png")}) for _ in range(2)]
+        futures += [pool.submit(post, EDIT, json=payloads["big"]) for _ in range(4)]
+        for future in futures:
+            future.result(timeout=600)
+
+
 def _job_outcome(base: str, headers: dict[str, str], job_id: str) -> str:
     """Follow a job's event stream to its terminal event (no polling)."""
     with httpx.stream("GET", f"{base}/v1/images/jobs/{job_id}/events", headers=headers, timeout=120) as events:
@@ -151,7 +240,8 @@ def _legit(base: str, tally: Tally, index: int) -> None:
             "models": ("GET", "/v1/models", None)}[kind]
         try:  # a fresh connection each time, as a client behind a proxy would
             response = httpx.request(request[0], base + request[1], json=request[2], headers=headers, timeout=120)
-            outcome = _job_outcome(base, headers, response.json()["id"]) if kind == "job" else None
+            outcome = (_job_outcome(base, headers, response.json()["id"])
+                       if kind == "job" and response.status_code == 202 else None)
         except httpx.TransportError as exc:
             with tally.lock:
                 tally.legit_failures.append(f"{request[1]}: {type(exc).__name__}")
@@ -178,6 +268,7 @@ def test_hostile_load_leaves_legitimate_clients_served(server_factory: Callable[
     process = psutil.Process(server.proc.pid)
     baseline = process.memory_info().rss
     tally = Tally()
+    payloads = _payloads()
 
     half_open = []
     for _ in range(MAX_CONNECTIONS * 3):  # slowloris: half a request line, then silence, held to the end
@@ -185,15 +276,18 @@ def test_hostile_load_leaves_legitimate_clients_served(server_factory: Callable[
         with contextlib.suppress(BrokenPipeError, ConnectionResetError):
             sock.sendall(b"POST /v1/images/gen")
         half_open.append(sock)
+    probe = HealthProbe(base)
     try:
-        with ThreadPoolExecutor(8) as pool:
+        with ThreadPoolExecutor(10) as pool:
             futures = [pool.submit(_flood_big_headers, port, tally), pool.submit(_flood_oversized_bodies, port, tally),
-                       pool.submit(_flood_model_names_and_rate, base, tally)]
+                       pool.submit(_flood_model_names_and_rate, base, tally), pool.submit(_slow_bodies, port, tally),
+                       pool.submit(_hostile_requests, base, tally, payloads)]
             futures += [pool.submit(_legit, base, tally, i) for i in range(4)]
             for future in futures:
                 future.result(timeout=600)
         peak = process.memory_info().rss
     finally:
+        probe.stop()
         for sock in half_open:
             sock.close()
 
@@ -206,12 +300,16 @@ def test_hostile_load_leaves_legitimate_clients_served(server_factory: Callable[
     assert hostile["404 model_not_found"] and hostile["403 model_not_allowed"], hostile
     assert hostile["429 rate_limit_exceeded"], hostile  # the attacker's key ran out; the legit key did not
     assert hostile["413 request_too_large"] and hostile["431 headers_too_large"], hostile
+    assert hostile["429 connection_limit_exceeded"] and hostile["408 body_timeout"], hostile  # slow bodies
+    assert hostile["400 unsupported_aspect_ratio"] == 2 and hostile["400 invalid_value"] >= 6, hostile
+    assert not probe.failures and probe.latencies and probe.worst < 1.0, (probe.failures, probe.worst)
     assert peak - baseline < RSS_MARGIN, f"RSS grew by {(peak - baseline) / 2**20:.0f} MiB under attack"
     assert httpx.get(base + "/ready", timeout=30).status_code == 200
     metrics = httpx.get(base + "/metrics", timeout=30).text
     assert "made-up-model" not in metrics and 'model="qwen"' not in metrics
     print(f"\nhostile load: legit {dict(tally.legit)} failures {tally.legit_failures}; hostile {dict(hostile)}; "
-          f"RSS {baseline / 2**20:.0f} → {peak / 2**20:.0f} MiB")
+          f"RSS {baseline / 2**20:.0f} → {peak / 2**20:.0f} MiB; /health median {probe.median * 1000:.0f} ms, "
+          f"worst {probe.worst * 1000:.0f} ms over {len(probe.latencies)} probes")
     assert server.stop() == 0
     assert "Traceback" not in server.log_path.read_text(errors="replace")
 

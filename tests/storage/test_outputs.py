@@ -1,5 +1,5 @@
-"""The output store: a byte quota that refuses new saves (never deletes old ones), a health check
-for /ready that names no path, and the relative names clients see."""
+"""The output store: a byte quota that refuses new saves (never deletes old ones), the checks /ready
+reports (naming no path), and the relative names clients see."""
 
 from __future__ import annotations
 
@@ -19,9 +19,10 @@ def test_saves_past_the_quota_are_refused_and_old_images_are_kept(tmp_path: Path
     assert save_error_code(refused.value) == "output_dir_full" and str(tmp_path) not in str(refused.value)
     assert first.read_bytes() == b"a" * 6000  # nothing was deleted to make room
     assert [p for p in (tmp_path / "out").rglob("*") if p.is_file()] == [first]
-    assert store.problem() is None  # 6000 of 10000 used: /ready stays ready
+    assert store.space_warning() is None  # 6000 of 10000 used
     store.save_image(b"c" * 4000, "png")  # exactly up to the quota is fine
-    assert "FLUX_OUTPUT_MAX_BYTES" in (store.problem() or "")
+    assert "FLUX_OUTPUT_MAX_BYTES" in (store.space_warning() or "")
+    assert store.problem() is None  # full is a warning on /ready, not a reason to be unready
 
 
 def test_files_removed_by_the_operator_free_the_quota(tmp_path: Path) -> None:
@@ -42,7 +43,7 @@ def test_no_quota_when_zero(tmp_path: Path) -> None:
     store = OutputStore(tmp_path / "out", max_bytes=0)
     for _ in range(3):
         store.save_image(b"x" * 100_000, "png")
-    assert store.problem() is None
+    assert store.problem() is None and store.space_warning() is None
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories")

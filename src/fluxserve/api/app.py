@@ -19,12 +19,14 @@ from fluxserve.api.errors import install_error_handlers
 from fluxserve.api.middleware import (
     ApiKeyMiddleware,
     BodyLimitMiddleware,
+    BodyMemory,
+    ClientBudgetMiddleware,
     HeaderLimitMiddleware,
     HeadMiddleware,
     RateLimitMiddleware,
     RequestContextMiddleware,
-    ShutdownUploadMiddleware,
     StrictJsonMiddleware,
+    UploadGuardMiddleware,
 )
 from fluxserve.api.routes import edits, images, loras, models, system
 from fluxserve.api.serving import ImageService
@@ -71,18 +73,24 @@ def create_app(settings: Settings, runtime: Runtime | None = None, *, manage_run
     if settings.web_ui and STATIC_DIR.is_dir():
         app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
-    # Outermost last: request context → CORS → header limits → body limit → shutdown of uploads → auth and
-    # roles → rate limit → strict JSON → HEAD → app. CORS wraps the limits and auth so that their
-    # 401/403/413/431/429 reach pages on allowed origins (the web page asks for a key).
+    # Outermost last: request context → CORS → header limits → body limit → upload guard (slow bodies,
+    # shutdown) → auth and roles → per-client budget → rate limit → strict JSON → HEAD → app. CORS wraps the
+    # limits and auth so that their 401/403/408/413/431/429 reach pages on allowed origins (the web page asks
+    # for a key).
+    edit_paths = ("/v1/images/edits", "/v1/images/edits/jobs", "/v1/images/variations")
     app.add_middleware(HeadMiddleware)
-    app.add_middleware(StrictJsonMiddleware)
+    app.add_middleware(StrictJsonMiddleware, parse_threads=settings.json_parse_threads, parsed_paths=edit_paths,
+                       memory=BodyMemory(settings.body_memory_bytes))
     app.add_middleware(RateLimitMiddleware, per_minute=settings.rate_limit_per_minute, burst=settings.rate_limit_burst)
+    app.add_middleware(ClientBudgetMiddleware, max_requests=settings.max_connections_per_client,
+                       max_streams=settings.max_streams_per_client)
     app.add_middleware(ApiKeyMiddleware, keys=settings.all_api_keys(), protect_metrics=settings.metrics_require_auth,
                        admin_keys=settings.admin_keys)
-    app.add_middleware(ShutdownUploadMiddleware, shutting_down=lambda: runtime.shutting_down)
+    app.add_middleware(UploadGuardMiddleware, shutting_down=lambda: runtime.shutting_down,
+                       grace=settings.body_timeout, min_rate=settings.body_min_rate)
     edit_limit = max(settings.max_body_bytes, settings.max_edit_body_bytes)
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, path_limits={
-        path: edit_limit for path in ("/v1/images/edits", "/v1/images/edits/jobs", "/v1/images/variations")})
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes,
+                       path_limits=dict.fromkeys(edit_paths, edit_limit))
     app.add_middleware(HeaderLimitMiddleware, max_count=settings.max_header_count,
                        max_bytes=settings.max_header_bytes)
     if settings.cors_origins:

@@ -13,17 +13,20 @@ size); it never batches with a text-to-image job.
 
 from __future__ import annotations
 
-import json
+import asyncio
+import math
 from dataclasses import dataclass, replace
 from typing import Any
 
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException
 from starlette.requests import Request
 
 from fluxserve.api.errors import APIError, validation_message
-from fluxserve.api.protocol import ImageEditRequest, ImageVariationRequest
+from fluxserve.api.jsontext import JsonRefused, loads_strict
+from fluxserve.api.protocol import APIModel, ImageEditRequest, ImageVariationRequest
 from fluxserve.api.serving import ImageService
 from fluxserve.generation import Task
 from fluxserve.models.descriptor import EditModes
@@ -63,6 +66,34 @@ def edit_card(spec: ModelSpec) -> dict[str, Any] | None:
         return None
     return {"without_mask": modes.without_mask, "with_mask": modes.with_mask, "max_images": modes.max_images,
             "masked_by_compositing": modes.masked_by_compositing}
+
+
+def auto_size(width: int, height: int, *, multiple: int, min_size: int, max_size: int,
+              max_pixels: int) -> tuple[int, int]:
+    """The output size for an input of ``width`` × ``height`` (``size`` auto): on ``multiple``, scaled with its
+    aspect ratio kept to at most ``max_size`` a side and ``max_pixels`` in all, scaled up only as far as
+    ``min_size`` needs. Closed form: the same few operations whatever the dimensions (it used to shorten
+    the long side one multiple at a time: millions of steps for a 16777216×1 image)."""
+    m = multiple
+    lo = -(-min_size // m) * m  # the smallest and largest sides on the multiple
+    hi = max(lo, max_size // m * m)
+    # 1. One scale for both sides: down to the limits, up only to min_size.
+    scale = min(1.0, max_size / max(width, height), math.sqrt(max_pixels / (width * height)))
+    if min(width, height) * scale < min_size:
+        scale = min_size / min(width, height)
+    w = min(hi, max(lo, int(width * scale / m + 0.5) * m))
+    h = min(hi, max(lo, int(height * scale / m + 0.5) * m))
+    if w * h <= max_pixels:
+        return w, h
+    # 2. Rounding went over max_pixels: shorten the long side to fit; where even a square is too large, the
+    #    largest square (or square and one multiple) that fits.
+    long, short = max(w, h), min(w, h)
+    long = max(short, max_pixels // short // m * m)
+    if long * short <= max_pixels:
+        return (long, short) if w >= h else (short, long)
+    k = min(short, math.isqrt(max_pixels) // m * m)
+    w, h = (k, k + m) if k + m <= short and k * (k + m) <= max_pixels else (k, k)
+    return max(w, lo), max(h, lo)
 
 
 @dataclass
@@ -106,15 +137,26 @@ async def _read_upload(upload: UploadFile, param: str, max_bytes: int) -> Upload
     return Upload(param, data)
 
 
-async def read_body(request: Request, model: type[BaseModel], max_input_bytes: int, *,
+def _no_mask() -> APIError:
+    return APIError(400, "variations take no mask (nor do OpenAI's); to change only part of an image, send it "
+                         "with its mask to the edits endpoint", param="mask", code="unsupported_value")
+
+
+async def read_body(request: Request, model: type[APIModel], max_input_bytes: int, *,
                     max_images: int = MAX_IMAGE_FIELDS) -> tuple[Any, list[Upload], Upload | None]:
-    """Fields, image uploads and mask upload from a multipart/form-data or JSON body."""
+    """Fields, image uploads and mask upload from a multipart/form-data or JSON body. A mask is refused
+    where ``model`` has no ``mask`` field (variations)."""
     media = _media_type(request)
+    takes_mask = "mask" in model.model_fields
     if media == "multipart/form-data":
         try:
             form = await request.form(max_files=max_images + 2, max_fields=64, max_part_size=64 * 1024)
-        except MultiPartException as exc:
-            raise APIError(400, f"invalid multipart body: {exc.message}", code="invalid_multipart") from None
+        except (MultiPartException, StarletteHTTPException) as exc:
+            # Starlette turns its parser's errors into a bare HTTPException(400) inside an app
+            if isinstance(exc, StarletteHTTPException) and exc.status_code != 400:
+                raise
+            detail = exc.message if isinstance(exc, MultiPartException) else str(exc.detail)
+            raise APIError(400, f"invalid multipart body: {detail}", code="invalid_multipart") from None
         fields: dict[str, Any] = {}
         images: list[Upload] = []
         mask: Upload | None = None
@@ -127,6 +169,8 @@ async def read_body(request: Request, model: type[BaseModel], max_input_bytes: i
                                            code="too_many_images")
                         param = "image" if not images else f"image[{len(images)}]"
                         images.append(await _read_upload(value, param, max_input_bytes))
+                    elif key == "mask" and not takes_mask:
+                        raise _no_mask()
                     elif key == "mask" and mask is None:
                         mask = await _read_upload(value, "mask", max_input_bytes)
                     else:
@@ -146,18 +190,27 @@ async def read_body(request: Request, model: type[BaseModel], max_input_bytes: i
         except ValidationError as exc:
             raise _invalid(exc) from None
     if media == "application/json":
-        raw = await request.body()
-        try:
-            obj = json.loads(raw) if raw else None
-        except ValueError:  # the strict JSON middleware answers first; this is a safety net
-            raise APIError(400, "the request body is not valid JSON", code="invalid_json") from None
+        state = request.scope.get("state") or {}
+        if "json_body" in state:  # parsed once, off the event loop, by the strict JSON middleware
+            obj = state.pop("json_body")
+        else:
+            raw = await request.body()
+            try:
+                obj = loads_strict(raw) if raw else None
+            except JsonRefused as exc:
+                raise APIError(400, exc.message, param=exc.param, code=exc.code) from None
         if not isinstance(obj, dict):
             raise APIError(400, "the request body must be a JSON object", code="invalid_json")
+        if "mask" in obj and not takes_mask:
+            raise _no_mask()
         try:
             body = model.model_validate(obj)
         except ValidationError as exc:
             raise _invalid(exc) from None
-        return body, *_json_images(body, max_input_bytes, max_images)
+        del obj
+        uploads, mask = await asyncio.to_thread(_json_images, body, max_input_bytes, max_images)  # base64: CPU work
+        # The data URLs are decoded: drop their text (up to FLUX_MAX_EDIT_BODY_BYTES) for the rest of the request.
+        return body.model_copy(update=dict.fromkeys(model.DATA_URL_FIELDS)), uploads, mask
     raise APIError(400, "send multipart/form-data (as OpenAI's SDKs do) or application/json with images as "
                         f"base64 data URLs, not {media[:60] or 'no Content-Type'}", code="unsupported_media_type")
 
@@ -206,22 +259,17 @@ class EditService:
     def _decode(self, upload: Upload) -> DecodedImage:
         s = self.settings
         try:
-            return decode_image(upload.data, upload.param, max_bytes=s.max_input_bytes, max_pixels=s.max_input_pixels)
+            return decode_image(upload.data, upload.param, max_bytes=s.max_input_bytes, max_pixels=s.max_input_pixels,
+                                max_aspect=s.max_size / s.min_size)
         except InputError as exc:
             raise APIError(400, exc.message, param=exc.param, code=exc.code) from None
 
     def _auto_size(self, spec: ModelSpec, width: int, height: int) -> str:
-        """The first image's size on the model's multiple, scaled down (aspect kept) to fit the limits."""
+        """The first image's size as the output size, within the limits (:func:`auto_size`)."""
         s = self.settings
-        m = spec.size_multiple
-        scale = min(1.0, s.max_size / max(width, height), (s.max_pixels / (width * height)) ** 0.5)
-        scale = max(scale, s.min_size / min(width, height)) if min(width, height) * scale < s.min_size else scale
-        w = max(m, int(width * scale / m + 0.5) * m)
-        h = max(m, int(height * scale / m + 0.5) * m)
-        while w * h > s.max_pixels or w > s.max_size or h > s.max_size:
-            w, h = (w - m, h) if w >= h else (w, h - m)
-        lo = -(-s.min_size // m) * m
-        return f"{max(w, lo)}x{max(h, lo)}"
+        w, h = auto_size(width, height, multiple=spec.size_multiple, min_size=s.min_size, max_size=s.max_size,
+                         max_pixels=s.max_pixels)
+        return f"{w}x{h}"
 
     def build_job(self, body: ImageEditRequest, uploads: list[Upload], mask_upload: Upload | None,
                   request_id: str | None, *, partial_images: int = 0, variation: bool = False,

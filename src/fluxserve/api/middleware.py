@@ -1,5 +1,6 @@
-"""ASGI middleware: request ids, header and body limits, API-key auth and roles, rate limits, strict
-JSON, answering uploads cut short by a shutdown, and per-request metrics.
+"""ASGI middleware: request ids, header and body limits, API-key auth and roles, rate limits, each client's
+share of connections and event streams, strict and bounded JSON (parsed once, large bodies within a memory
+budget), bodies cut short when too slow or by a shutdown, and per-request metrics.
 
 Written as plain ASGI (not BaseHTTPMiddleware) so that streaming responses and client-disconnect
 detection keep working. Limits that must hold before a request exists at all (header bytes, header
@@ -12,7 +13,6 @@ import asyncio
 import contextlib
 import hashlib
 import hmac
-import json
 import logging
 import math
 import re
@@ -21,11 +21,13 @@ import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from fluxserve.api.errors import error_message_parts
+from fluxserve.api.jsontext import JsonRefused, loads_strict
 from fluxserve.api.protocol import REQUEST_ID_PATTERN
 from fluxserve.observability.metrics import Metrics
 
@@ -52,6 +54,17 @@ def endpoint_name(path: str) -> str:
         if path.startswith(prefix):
             return name
     return "root" if path == "/" else "other"
+
+
+PROBE_PATHS = ("/health", "/ready")
+"""Liveness and readiness: answered whatever a client's (or the server's) connection budget says."""
+
+
+def client_key(scope: Scope) -> str:
+    """Whom a request counts against: its API key (as :class:`ApiKeyMiddleware` recorded it), else its
+    address."""
+    state = scope.get("state") or {}
+    return str(state.get("client_id") or "addr:" + str((scope.get("client") or ("local",))[0]))
 
 
 async def _send_error(send: Send, status: int, message: str, code: str, headers: list[tuple[bytes, bytes]]
@@ -222,51 +235,6 @@ class _BodyTooLarge(Exception):
     pass
 
 
-class _InvalidJson(ValueError):
-    def __init__(self, message: str, param: str | None = None) -> None:
-        super().__init__(message)
-        self.message = message
-        self.param = param
-
-
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    obj: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in obj:
-            raise _InvalidJson(f"the request body is not valid JSON: duplicate key {key[:40]!r}", key[:40])
-        obj[key] = value
-    return obj
-
-
-def _no_constants(name: str) -> Any:
-    raise _InvalidJson(f"the request body is not valid JSON: {name} is not a JSON value (send a finite number)")
-
-
-def strict_json_error(body: bytes) -> tuple[str, str | None] | None:
-    """Why ``body`` is not strict JSON, as (message, param); None when it is.
-
-    Stricter than Python's ``json``: duplicate keys (which ``json`` resolves silently, last one wins),
-    ``NaN``/``Infinity`` (not JSON at all), bytes that are not UTF-8, nesting too deep to parse and
-    integers too long to convert are all refused.
-    """
-    if b"\x00" in body:  # never in JSON text; every other byte of ASCII text in UTF-16 or UTF-32
-        return "the request body is not valid JSON: it is not UTF-8 text (UTF-16 or UTF-32?)", None
-    try:
-        # Decoded here, strictly: json.loads(bytes) would also take UTF-16 and UTF-32 bodies.
-        json.loads(body.decode("utf-8"), object_pairs_hook=_unique_keys, parse_constant=_no_constants)
-    except _InvalidJson as exc:
-        return exc.message, exc.param
-    except json.JSONDecodeError as exc:
-        return f"the request body is not valid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})", None
-    except UnicodeDecodeError:
-        return "the request body is not valid JSON: it is not UTF-8 text", None
-    except RecursionError:
-        return "the request body is not valid JSON: nested too deeply", None
-    except ValueError as exc:  # e.g. an integer with more digits than Python converts
-        return f"the request body is not valid JSON: {str(exc)[:120]}", None
-    return None
-
-
 def content_type_error(raw_headers: list[tuple[bytes, bytes]]) -> str | None:
     """Why the Content-Type headers cannot be trusted, or None: more than one of them (each layer might
     read a different one: the JSON check the first, the app the last), or a charset other than UTF-8
@@ -283,23 +251,128 @@ def content_type_error(raw_headers: list[tuple[bytes, bytes]]) -> str | None:
     return None
 
 
-class StrictJsonMiddleware:
-    """Reads JSON request bodies before the app does and answers 400 for anything but strict JSON.
+PARSE_INLINE_BYTES = 64 * 1024
+"""JSON bodies up to this size are parsed on the event loop (well under a millisecond); larger ones in one of
+the FLUX_JSON_PARSE_THREADS threads, and they count against FLUX_BODY_MEMORY_BYTES while read and parsed."""
+_RESERVE_STEP = 1024 * 1024
 
-    Python's parser (and so FastAPI's) accepts ``NaN``/``Infinity``, UTF-16 and UTF-32 bodies, and
-    silently keeps the last of duplicate keys; all are refused here with the OpenAI error shape, and so
-    are requests with two Content-Type headers or a charset other than UTF-8. The body is then
-    replayed to the app unchanged; later ``receive`` calls (disconnect detection) go to the server as
-    before. Runs inside the body limit, so what it reads is bounded by FLUX_MAX_BODY_BYTES.
+
+class BodyMemory:
+    """Bytes that large JSON bodies may hold in memory at once: ``limit`` for all requests together, half of
+    it for any one client. Each body reserves twice its size (its bytes, then what parsing makes of them)
+    while it is read and parsed. The counts live on the event loop: no lock."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self._by_client: dict[str, int] = {}
+
+    def take(self, client: str, amount: int) -> int | None:
+        """Reserve ``amount`` bytes for ``client``: None when granted, else the status of the refusal (503 when
+        the server's budget is spent, 429 when this client's half is)."""
+        if self.used + amount > self.limit:
+            return 503
+        if self._by_client.get(client, 0) + amount > self.limit // 2:
+            return 429
+        self.used += amount
+        self._by_client[client] = self._by_client.get(client, 0) + amount
+        return None
+
+    def give_back(self, client: str, amount: int) -> None:
+        if not amount:
+            return
+        self.used -= amount
+        left = self._by_client[client] - amount
+        if left:
+            self._by_client[client] = left
+        else:
+            del self._by_client[client]
+
+
+class _Refused(Exception):
+    def __init__(self, status: int, message: str, code: str, param: str | None = None,
+                 headers: list[tuple[bytes, bytes]] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.code, self.param, self.headers = status, message, code, param, headers
+
+
+class StrictJsonMiddleware:
+    """Reads JSON request bodies before the app does, parses them once, and answers 400 for anything but
+    strict, bounded JSON (:mod:`fluxserve.api.jsontext`).
+
+    Python's parser (and so FastAPI's) accepts ``NaN``/``Infinity``, UTF-16 and UTF-32 bodies, silently
+    keeps the last of duplicate keys and recurses once per nesting level; all of that is refused here with
+    the OpenAI error shape, and so are requests with two Content-Type headers or a charset other than
+    UTF-8.
+
+    Large bodies (over ``PARSE_INLINE_BYTES``) have a memory budget: each reserves twice its size from
+    ``memory`` (FLUX_BODY_MEMORY_BYTES: its Content-Length before a byte is read, a chunked body as it
+    grows) until it is parsed; one that does not fit is answered 503 ``server_busy`` (429
+    ``body_memory_limit_exceeded`` when its client already holds half the budget) without reading the rest.
+    They are parsed in a small thread pool (``parse_threads`` at once), so a large body never stalls the
+    event loop.
+
+    Routes in ``parsed_paths`` (the edit routes, whose bodies may reach FLUX_MAX_EDIT_BODY_BYTES) take the
+    parsed object from the scope's state (``json_body``) and get an empty body: the raw bytes are released
+    as soon as they are parsed, and nothing is parsed twice. Other routes get the body replayed unchanged.
+    Later ``receive`` calls (disconnect detection) go to the server as before. Runs inside the body limit,
+    so what it reads is bounded by FLUX_MAX_BODY_BYTES (FLUX_MAX_EDIT_BODY_BYTES on the edit routes).
     """
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, parse_threads: int = 2, parsed_paths: tuple[str, ...] = (),
+                 memory: BodyMemory | None = None) -> None:
         self.app = app
+        self.parsed_paths = frozenset(parsed_paths)
+        self.memory = memory if memory is not None else BodyMemory(512 * 1024 * 1024)
+        self._parser = ThreadPoolExecutor(parse_threads, thread_name_prefix="json-parse")
 
     @staticmethod
     def _is_json(headers: dict[bytes, bytes]) -> bool:
         media = headers.get(b"content-type", b"").split(b";", 1)[0].strip().lower()
         return media == b"application/json" or (media.startswith(b"application/") and media.endswith(b"+json"))
+
+    def _reserve(self, client: str, amount: int) -> None:
+        refusal = self.memory.take(client, amount)
+        if refusal == 503:
+            raise _Refused(503, "too many large request bodies are being received at once (FLUX_BODY_MEMORY_BYTES="
+                           f"{self.memory.limit}); retry shortly", "server_busy",
+                           headers=[CLOSE, (b"retry-after", b"1")])
+        if refusal == 429:
+            raise _Refused(429, "this client's large request bodies already hold half of FLUX_BODY_MEMORY_BYTES="
+                           f"{self.memory.limit}; send it when one of them is done", "body_memory_limit_exceeded",
+                           headers=[CLOSE, (b"retry-after", b"1")])
+
+    async def _read_and_parse(self, scope: Scope, receive: Receive) -> tuple[bytearray, Any] | None:
+        """(body, parsed object) within the memory budget, None when the client left; raises :class:`_Refused`."""
+        client = client_key(scope)
+        declared = int(dict(scope.get("headers") or []).get(b"content-length", b"0") or 0)
+        held = 0
+        try:
+            if declared > PARSE_INLINE_BYTES:
+                self._reserve(client, 2 * declared)
+                held = 2 * declared
+            buffer = bytearray()
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    return None
+                buffer += message.get("body", b"")
+                if len(buffer) > PARSE_INLINE_BYTES and 2 * len(buffer) > held:  # chunked, or past its length
+                    more = 2 * len(buffer) - held + _RESERVE_STEP
+                    self._reserve(client, more)
+                    held += more
+                if not message.get("more_body", False):
+                    break
+            if not buffer:
+                return buffer, None
+            try:
+                if len(buffer) <= PARSE_INLINE_BYTES:
+                    return buffer, loads_strict(buffer)
+                return buffer, await asyncio.get_running_loop().run_in_executor(self._parser, loads_strict, buffer)
+            except JsonRefused as exc:
+                raise _Refused(400, exc.message, exc.code, exc.param) from None
+        finally:
+            self.memory.give_back(client, held)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope.get("method") not in ("POST", "PUT", "PATCH"):
@@ -310,31 +383,33 @@ class StrictJsonMiddleware:
         if header_problem is not None:
             await _send_error(send, 400, header_problem, "invalid_content_type", param="Content-Type")
             return
-        headers = dict(raw_headers)
-        if not self._is_json(headers):
+        if not self._is_json(dict(raw_headers)):
             await self.app(scope, receive, send)
             return
-        chunks: list[bytes] = []
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            chunks.append(message.get("body", b""))
-            if not message.get("more_body", False):
-                break
-        body = b"".join(chunks)
-        if body:
-            problem = strict_json_error(body)
-            if problem is not None:
-                await _send_error(send, 400, problem[0], "invalid_json", param=problem[1])
-                return
+        try:
+            read = await self._read_and_parse(scope, receive)
+        except _Refused as refused:
+            await _send_error(send, refused.status, refused.message, refused.code, refused.headers, refused.param)
+            return
+        if read is None:
+            return  # the client left while sending
+        buffer, parsed = read
+        del read
+        if buffer and scope.get("path", "") in self.parsed_paths:
+            scope.setdefault("state", {})["json_body"] = parsed
+            body = b""
+        else:
+            body = bytes(buffer)
+        del buffer, parsed
         replayed = False
 
         async def replay() -> Message:
-            nonlocal replayed
+            nonlocal replayed, body
             if not replayed:
                 replayed = True
-                return {"type": "http.request", "body": body, "more_body": False}
+                message = {"type": "http.request", "body": body, "more_body": False}
+                body = b""
+                return message
             return await receive()
 
         await self.app(scope, replay, send)
@@ -522,21 +597,36 @@ class _UploadCutShort(Exception):
     pass
 
 
-class ShutdownUploadMiddleware:
-    """A client still sending its body when a shutdown begins gets the JSON 503 ``shutting_down`` at
-    once (and the connection is closed), instead of waiting for the server's grace period to run out
-    and its request task to be cancelled (which uvicorn answers with a plain-text 500).
+class UploadGuardMiddleware:
+    """Request bodies that arrive too slowly, or while a shutdown begins, are cut short with a JSON
+    answer and the connection is closed.
 
-    ``shutting_down`` is polled every 0.1 s, and only while the app waits for body bytes that have
-    not arrived."""
+    Too slow: after a grace period of ``grace`` seconds (FLUX_BODY_TIMEOUT) a body must keep arriving at
+    ``min_rate`` bytes a second on average (FLUX_BODY_MIN_RATE): the body may keep the server waiting
+    ``grace + received / min_rate`` seconds in all, and only the time the app spends waiting for body
+    bytes counts. A slower body gets 408 ``body_timeout`` (a few bytes every few seconds would otherwise
+    hold a connection, and its request, for as long as the client likes).
+
+    Shutdown: a client still sending its body when a shutdown begins gets the JSON 503 ``shutting_down``
+    at once, instead of waiting for the server's grace period to run out and its request task to be
+    cancelled (which uvicorn answers with a plain-text 500). ``shutting_down`` is polled every 0.1 s, and
+    only while the app waits for body bytes that have not arrived."""
 
     POLL = 0.1
 
-    def __init__(self, app: ASGIApp, shutting_down: Callable[[], bool]) -> None:
+    def __init__(self, app: ASGIApp, shutting_down: Callable[[], bool], grace: float = 10.0,
+                 min_rate: float = 4096.0) -> None:
         self.app = app
         self.shutting_down = shutting_down
+        self.grace = grace
+        self.min_rate = min_rate
 
-    async def _answer(self, send: Send) -> None:
+    async def _answer(self, send: Send, reason: str) -> None:
+        if reason == "slow":
+            await _send_error(send, 408, f"the request body arrived too slowly: after {self.grace:g} s it must "
+                              f"average at least {self.min_rate:g} bytes/s (FLUX_BODY_TIMEOUT, FLUX_BODY_MIN_RATE)",
+                              "body_timeout", [CLOSE])
+            return
         await _send_error(send, 503, "the server is shutting down; send the request again to another instance "
                           "or after the restart", "shutting_down", [CLOSE, (b"retry-after", b"1")])
 
@@ -548,35 +638,47 @@ class ShutdownUploadMiddleware:
         if not headers.get(b"content-length", b"0").strip(b"0 ") and b"transfer-encoding" not in headers:
             await self.app(scope, receive, send)  # no body to wait for
             return
-        body_done = cut_short = response_started = False
+        loop = asyncio.get_running_loop()
+        body_done = response_started = False
+        cut_short: str | None = None
+        received = 0
+        waited = 0.0
 
         async def guarded_receive() -> Message:
-            nonlocal body_done, cut_short
+            nonlocal body_done, cut_short, received, waited
             if cut_short:
                 raise _UploadCutShort
             if body_done:
                 return await receive()
+            allowed = self.grace + received / self.min_rate - waited
             pending = asyncio.ensure_future(receive())
+            began = loop.time()
             try:
                 while not pending.done():
-                    await asyncio.wait({pending}, timeout=self.POLL)
+                    left = allowed - (loop.time() - began)
+                    if left <= 0:
+                        cut_short = "slow"
+                        raise _UploadCutShort
+                    await asyncio.wait({pending}, timeout=min(self.POLL, left))
                     if not pending.done() and self.shutting_down():
-                        cut_short = True
+                        cut_short = "shutdown"
                         raise _UploadCutShort
             finally:
+                waited += loop.time() - began
                 if not pending.done():
                     pending.cancel()
             message = pending.result()
             if message["type"] != "http.request" or not message.get("more_body", False):
                 body_done = True
+            received += len(message.get("body", b""))
             return message
 
         async def tracking_send(message: Message) -> None:
             nonlocal response_started
-            if cut_short:  # the app answered the aborted read its own way: answer 503 instead
+            if cut_short:  # the app answered the aborted read its own way: answer 408 or 503 instead
                 if not response_started and message["type"] == "http.response.start":
                     response_started = True
-                    await self._answer(send)
+                    await self._answer(send, cut_short)
                 return
             if message["type"] == "http.response.start":
                 response_started = True
@@ -586,4 +688,77 @@ class ShutdownUploadMiddleware:
             await self.app(scope, guarded_receive, tracking_send)
         if cut_short and not response_started:
             response_started = True
-            await self._answer(send)
+            await self._answer(send, cut_short)
+
+
+def _is_event_stream(message: Message) -> bool:
+    return any(name.lower() == b"content-type" and value.split(b";", 1)[0].strip().lower() == b"text/event-stream"
+               for name, value in message.get("headers") or [])
+
+
+class ClientBudgetMiddleware:
+    """One client's share of the server's connections: at most ``max_requests`` requests in progress
+    (FLUX_MAX_CONNECTIONS_PER_CLIENT) and ``max_streams`` event streams open (FLUX_MAX_STREAMS_PER_CLIENT),
+    per API key, or per address without keys. Both are below the server-wide FLUX_MAX_CONNECTIONS, so a
+    client that holds many connections (slow bodies, long streams) meets its own limit while the server
+    still has room for everyone else.
+
+    A request over the first limit gets 429 ``connection_limit_exceeded`` before its body is read, and its
+    connection is closed. An event stream over the second gets 429 ``stream_limit_exceeded`` instead of its
+    first byte; the app then sees the client gone (its job is cancelled as for any client that leaves).
+    /health and /ready are never counted nor refused. The counts live on the event loop: no lock."""
+
+    def __init__(self, app: ASGIApp, max_requests: int, max_streams: int) -> None:
+        self.app = app
+        self.max_requests = max_requests
+        self.max_streams = max_streams
+        self._requests: dict[str, int] = {}
+        self._streams: dict[str, int] = {}
+
+    @staticmethod
+    def _release(counts: dict[str, int], client: str) -> None:
+        left = counts[client] - 1
+        if left:
+            counts[client] = left
+        else:
+            del counts[client]  # no entry for a client with nothing open: the dicts stay small
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope.get("path") in PROBE_PATHS:
+            await self.app(scope, receive, send)
+            return
+        client = client_key(scope)
+        if self._requests.get(client, 0) >= self.max_requests:
+            await _send_error(send, 429, f"this client already has {self.max_requests} requests in progress "
+                              "(FLUX_MAX_CONNECTIONS_PER_CLIENT); retry when one of them is done",
+                              "connection_limit_exceeded", [CLOSE, (b"retry-after", b"1")])
+            return
+        self._requests[client] = self._requests.get(client, 0) + 1
+        streaming = refused = False
+
+        async def counting_send(message: Message) -> None:
+            nonlocal streaming, refused
+            if refused:
+                return  # the app's refused stream goes nowhere
+            if message["type"] == "http.response.start" and _is_event_stream(message):
+                if self._streams.get(client, 0) >= self.max_streams:
+                    refused = True
+                    await _send_error(send, 429, f"this client already has {self.max_streams} event streams open "
+                                      "(FLUX_MAX_STREAMS_PER_CLIENT); close one or poll the job instead",
+                                      "stream_limit_exceeded", [(b"retry-after", b"1")])
+                    return
+                self._streams[client] = self._streams.get(client, 0) + 1
+                streaming = True
+            await send(message)
+
+        async def watching_receive() -> Message:
+            if refused:  # a refused stream's app hears that its client left
+                return {"type": "http.disconnect"}
+            return await receive()
+
+        try:
+            await self.app(scope, watching_receive, counting_send)
+        finally:
+            self._release(self._requests, client)
+            if streaming:
+                self._release(self._streams, client)

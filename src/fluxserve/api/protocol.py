@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import math
 from pathlib import PurePath
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
+from fluxserve.api.jsontext import JsonRefused, loads_field
 from fluxserve.generation import MAX_PARTIAL_IMAGES, MAX_SEED
 
 REQUEST_ID_PATTERN = r"^[A-Za-z0-9._:\-]{1,128}$"
@@ -42,19 +43,31 @@ def text_problem(value: str) -> str | None:
     return None
 
 
-def _check_texts(value: Any, where: str, depth: int = 0) -> None:
-    """Apply :func:`text_problem` to every string (and key) inside ``value``."""
+def data_url_problem(value: str) -> str | None:
+    """Why ``value`` cannot be a data URL field's text, or None. Data URLs carry whole images, so no length
+    rule here: their decoded bytes are held to FLUX_MAX_INPUT_BYTES when decoded, and the body to
+    FLUX_MAX_EDIT_BODY_BYTES. Short values get the text rules; long ones must be ASCII without NUL (checked
+    without copying megabytes, as encoding them would)."""
+    if len(value) <= MAX_TEXT_CHARS:
+        return text_problem(value)
+    if not value.isascii() or "\x00" in value:
+        return "must be a base64 data URL (ASCII text)"
+    return None
+
+
+def _check_texts(value: Any, where: str, depth: int = 0, *, data_urls: bool = False) -> None:
+    """Apply :func:`text_problem` (or :func:`data_url_problem`) to every string (and key) inside ``value``."""
     if isinstance(value, str):
-        problem = text_problem(value)
+        problem = data_url_problem(value) if data_urls else text_problem(value)
         if problem is not None:
             raise ValueError(f"{where}: {problem}" if depth else problem)
     elif isinstance(value, dict):
         for key, item in value.items():
             _check_texts(key, where, depth + 1)
-            _check_texts(item, where, depth + 1)
+            _check_texts(item, where, depth + 1, data_urls=data_urls)
     elif isinstance(value, list | tuple):
         for item in value:
-            _check_texts(item, where, depth + 1)
+            _check_texts(item, where, depth + 1, data_urls=data_urls)
 
 OPENAI_IGNORED = ("style", "moderation", "input_fidelity")
 """OpenAI fields that change nothing here; each one sent is listed back in ``ignored_fields``."""
@@ -63,11 +76,14 @@ OPENAI_IGNORED = ("style", "moderation", "input_fidelity")
 class APIModel(BaseModel):
     model_config = ConfigDict(extra="allow", populate_by_name=True, strict=True)  # no "2" or true for an int
 
+    DATA_URL_FIELDS: ClassVar[frozenset[str]] = frozenset()
+    """Fields that carry images as data URLs: :func:`data_url_problem` instead of the text length rule."""
+
     @field_validator("*", mode="after")
     @classmethod
     def _text(cls, value: Any, info: ValidationInfo) -> Any:
         """Every declared field: the same text rules (:func:`text_problem`), naming the field."""
-        _check_texts(value, info.field_name or "value")
+        _check_texts(value, info.field_name or "value", data_urls=info.field_name in cls.DATA_URL_FIELDS)
         return value
 
     @model_validator(mode="after")
@@ -151,14 +167,15 @@ class ImageGenerationRequest(APIModel):
     @field_validator("loras", mode="before")
     @classmethod
     def _loras_json(cls, value: Any) -> Any:
-        """Multipart edits send every field as text: ``loras`` then holds the JSON list."""
+        """Multipart edits send every field as text: ``loras`` then holds the JSON list, parsed with the
+        body's bounds (nesting, size) and strictness (no duplicate keys)."""
         if isinstance(value, str):
-            import json
-
             try:
-                return json.loads(value)
-            except ValueError:
-                raise ValueError('must be a list like [{"name": "...", "scale": 0.8}]') from None
+                return loads_field(value, "loras")
+            except JsonRefused as exc:
+                if exc.code == "invalid_json" and not exc.message.startswith("duplicate key"):
+                    raise ValueError('must be a list like [{"name": "...", "scale": 0.8}]') from None
+                raise ValueError(exc.message) from None
         return value
 
     @field_validator("guidance_scale", "true_cfg_scale")
@@ -315,6 +332,8 @@ class ImageEditRequest(ImageGenerationRequest):
     """``POST /v1/images/edits``: multipart/form-data as OpenAI's SDKs send it (files in ``image`` /
     ``image[]`` and ``mask``), or the same fields as JSON with images as base64 data URLs."""
 
+    DATA_URL_FIELDS: ClassVar[frozenset[str]] = frozenset({"image", "images", "mask"})
+
     image: str | list[str] | None = Field(None, description="JSON only: data URL(s) of the image(s) to edit.")
     images: list[dict[str, Any] | str] | None = Field(
         None, description='JSON only, OpenAI\'s form: [{"image_url": "data:image/png;base64,..."}].')
@@ -342,6 +361,8 @@ class ImageEditRequest(ImageGenerationRequest):
 
 class ImageVariationRequest(APIModel):
     """``POST /v1/images/variations`` (OpenAI's dall-e-2 endpoint): one image, no prompt."""
+
+    DATA_URL_FIELDS: ClassVar[frozenset[str]] = frozenset({"image"})
 
     image: str | None = Field(None, description="JSON only: data URL of the image.")
     model: str | None = None

@@ -17,6 +17,18 @@ Two ways to switch:
   is read from disk once and kept on the device (LRU); activating it copies its tensors into a slot in
   place (diffusers' hotswap), unused slots get scale 0. Shapes and Python state never change, so the
   compiled graphs stay valid: no recompilation after the first adapter has been put into a slot.
+
+Locks, in the order they may be taken (never the reverse):
+
+1. the gate's condition (:class:`AdapterGate`) — guards only its counters and the active set. Nothing
+   slow happens under it: a switch, and a load or drop outside a batch (:meth:`AdapterGate.alone`), first
+   mark the gate *busy*, release the condition, do their work, and take it again to record the outcome.
+   While the gate is busy no batch enters and no other switch starts;
+2. :data:`~fluxserve.engine.construction.MODEL_BUILD_LOCK` — taken by a busy gate's work around
+   ``load_lora_weights`` (PEFT patches process-global state), so a switch may wait for a model that is
+   loading elsewhere in the process; batches of other models are not held up by that, and batches of
+   this model wait on the condition, not on a lock;
+3. ``AdapterState._lock`` — a short lock around the table of loaded adapters.
 """
 
 from __future__ import annotations
@@ -48,13 +60,33 @@ UNKNOWN_SET: LoraSet = (("", float("nan")),)
 
 
 class AdapterGate:
-    """Lets batches of one adapter set in together; a different set waits for the model to be idle."""
+    """Lets batches of one adapter set in together; a different set waits for the model to be idle.
+
+    Switching to another set, and loading or dropping adapters outside a batch (:meth:`alone`), need the
+    model to themselves: they wait until no batch is in, make the gate busy, and do their work without
+    the gate's lock (see the module doc). Batches that arrive meanwhile wait, and newcomers of the active
+    set queue behind a waiting switch or :meth:`alone` (no starvation)."""
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
-        self.active: LoraSet = ()
+        self._active: LoraSet = ()
         self._users = 0
+        self._busy = False
+        """A switch or an :meth:`alone` section has the model."""
         self._waiting: dict[LoraSet, int] = {}
+        self._alone_waiting = 0
+
+    @property
+    def active(self) -> LoraSet:
+        """The adapter set the model has now (changes only while the gate is busy)."""
+        with self._cond:
+            return self._active
+
+    @property
+    def users(self) -> int:
+        """Batches in now."""
+        with self._cond:
+            return self._users
 
     @contextmanager
     def use(self, wanted: LoraSet, switch: Callable[[LoraSet], None]) -> Iterator[None]:
@@ -63,22 +95,24 @@ class AdapterGate:
             self._waiting[wanted] = self._waiting.get(wanted, 0) + 1
             self._cond.notify_all()  # wait_for_waiters watchers
             try:
-                self._cond.wait_for(lambda: self._users == 0 or (
-                    wanted == self.active and not any(n for s, n in self._waiting.items() if s != self.active)))
+                self._cond.wait_for(lambda: self._may_enter(wanted))
             finally:
                 self._waiting[wanted] -= 1
                 if not self._waiting[wanted]:
                     del self._waiting[wanted]
-            if wanted != self.active:
-                try:
-                    switch(wanted)  # nobody else is in: the modules are ours
-                except BaseException:
-                    # The modules may hold part of the new set now: the next batch must switch, whatever its set.
-                    self.active = UNKNOWN_SET
-                    self._cond.notify_all()
-                    raise
-                self.active = wanted
-            self._users += 1
+            must_switch = wanted != self._active
+            if must_switch:
+                self._busy = True  # nobody else is in, and nobody comes in: the modules are ours
+            else:
+                self._users += 1
+        if must_switch:
+            try:
+                switch(wanted)
+            except BaseException:
+                # The modules may hold part of the new set now: the next batch must switch, whatever its set.
+                self._settle(UNKNOWN_SET, enter=False)
+                raise
+            self._settle(wanted, enter=True)
         try:
             yield
         finally:
@@ -86,15 +120,54 @@ class AdapterGate:
                 self._users -= 1
                 self._cond.notify_all()
 
-    def wait_for_waiters(self, count: int, timeout: float) -> bool:
-        """Tests: block until ``count`` batches wait at the gate (True) or ``timeout`` passes (False)."""
+    @contextmanager
+    def alone(self) -> Iterator[None]:
+        """Have the model with no batch in and no switch under way, for loading or dropping adapters outside
+        a batch; :meth:`set_active` records a change of the active set made inside."""
         with self._cond:
-            return self._cond.wait_for(lambda: sum(self._waiting.values()) >= count, timeout)
+            self._alone_waiting += 1
+            self._cond.notify_all()
+            try:
+                self._cond.wait_for(lambda: self._users == 0 and not self._busy)
+            finally:
+                self._alone_waiting -= 1
+            self._busy = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._busy = False
+                self._cond.notify_all()
 
-    @property
-    def users(self) -> int:
+    def set_active(self, loras: LoraSet) -> None:
+        """Inside :meth:`alone`: the model's active set is now ``loras``."""
         with self._cond:
-            return self._users
+            assert self._busy, "set_active outside AdapterGate.alone()"
+            self._active = loras
+
+    def _may_enter(self, wanted: LoraSet) -> bool:
+        """Under the condition: the active set's batches join those in unless someone else waits (a switch
+        to another set, an :meth:`alone` section); another set waits until the model is idle."""
+        if self._busy:
+            return False
+        if wanted == self._active:
+            return not self._alone_waiting and not any(n for s, n in self._waiting.items() if s != self._active)
+        return self._users == 0
+
+    def _settle(self, active: LoraSet, *, enter: bool) -> None:
+        """A switch is over: record the set the model has, and let the switching batch in (or not)."""
+        with self._cond:
+            self._active = active
+            self._busy = False
+            if enter:
+                self._users += 1
+            self._cond.notify_all()
+
+    def wait_for_waiters(self, count: int, timeout: float) -> bool:
+        """Tests: block until ``count`` batches (or :meth:`alone` callers) wait at the gate (True) or
+        ``timeout`` passes (False)."""
+        with self._cond:
+            return self._cond.wait_for(lambda: sum(self._waiting.values()) + self._alone_waiting >= count, timeout)
 
 
 @dataclass
@@ -140,22 +213,21 @@ class AdapterState:
     # --- loading -------------------------------------------------------------------------------------
     def preload(self, info: LoraInfo) -> float:
         """Load ``info`` now (POST /v1/loras/load); returns the seconds it took (0 when already loaded)."""
-        with self.gate._cond:
-            self.gate._cond.wait_for(lambda: self.gate._users == 0)
-            seconds = self._ensure(info, keep=frozenset(n for n, _ in self.gate.active))
-            self._activate(self.gate.active)  # load_lora_weights activates what it loads: restore the set
+        with self.gate.alone():
+            active = self.gate.active
+            seconds = self._ensure(info, keep=frozenset(n for n, _ in active))
+            self._activate(active)  # load_lora_weights activates what it loads: restore the set
             return seconds
 
     def unload(self, name: str) -> bool:
         """Drop ``name`` from the model (POST /v1/loras/unload); False when it was not loaded."""
-        with self.gate._cond:
-            self.gate._cond.wait_for(lambda: self.gate._users == 0)
+        with self.gate.alone():
             with self._lock:
                 if name not in self._loaded:
                     return False
             if any(n == name for n, _ in self.gate.active):
                 self._activate(())
-                self.gate.active = ()
+                self.gate.set_active(())
             self._drop(name)
             return True
 

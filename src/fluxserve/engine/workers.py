@@ -16,6 +16,13 @@ The wire, one :func:`multiprocessing.Pipe` per worker (everything pickled):
   crosses the boundary within one step, deterministically; ``(call_id, "ok", value)`` or
   ``(call_id, "error", (kind, message))`` ends a call.
 
+Inside the worker, the receive loop records a call (its flags and acks) the moment its message arrives,
+before the call's thread starts, and the call's thread removes the record when it answers. A flags
+message is stored in the record whenever it comes — before the thread runs, during text encoding,
+while a split group's call waits for the group lock — and never reset; a message for a call without a
+record (one that already answered) is dropped. A generation whose requests are all cancelled before it
+starts answers ``GenerationCancelled`` without running (and without mirroring it to a group's ranks).
+
 Engine errors cross as themselves (:class:`OutOfMemory`, :class:`BadOutput`, :class:`GenerationCancelled`,
 model load errors); anything else becomes :class:`WorkerError`. A worker that dies (killed, segfault, out
 of host memory) fails every call in flight with :class:`WorkerCrashed` at once (the reader thread sees the
@@ -320,13 +327,13 @@ class ProcessEngine:
         try:
             self._send(conn, (call_id, verb, args))
             while True:
+                flags = [r.is_cancelled() for r in requests or []]
+                if flags != sent_flags:  # right behind the call, before the first step, or between progress events
+                    sent_flags = flags
+                    self._send(conn, (call_id, "flags", flags))
                 try:
                     kind, payload = inbox.get(timeout=POLL_SECONDS if requests else None)
                 except queue.Empty:
-                    flags = [r.is_cancelled() for r in requests or []]
-                    if flags != sent_flags:  # before the first step or between progress events
-                        sent_flags = flags
-                        self._send(conn, (call_id, "flags", flags))
                     continue
                 if kind == "progress":
                     seq, index, step, total, preview = payload
@@ -435,14 +442,10 @@ def _rebuild_error(kind: str, message: str) -> Exception:
 
 # --- inside the worker process -------------------------------------------------------------------
 class _Worker:
-    """The worker's side: a DeviceEngine, a receive loop, one thread per call."""
+    """The worker's side: an engine (a DeviceEngine), a receive loop, one thread per call."""
 
-    def __init__(self, settings: Settings, plan: DevicePlan, conn: Connection,
-                 followers: list[Connection] | None = None) -> None:
-        from fluxserve.engine.engine import DeviceEngine
-        from fluxserve.engine.faults import FaultInjector
-
-        self.engine = DeviceEngine(settings, plan, FaultInjector(settings.fault_injection, settings.faults))
+    def __init__(self, engine: Any, conn: Connection, followers: list[Connection] | None = None) -> None:
+        self.engine = engine
         self.conn = conn
         self.followers = followers or []
         self.group_lock = threading.Lock()
@@ -450,11 +453,11 @@ class _Worker:
         if self.followers:
             from fluxserve.engine.parallel import agree_flags
 
-            self.engine.step_sync = functools.partial(agree_flags, device=plan.device)
+            self.engine.step_sync = functools.partial(agree_flags, device=engine.device)
         self.send_lock = threading.Lock()
         self.lock = threading.Lock()
-        self.flags: dict[int, list[bool]] = {}
-        self.acks: dict[int, queue.Queue[int]] = {}
+        self.calls: dict[int, _Call] = {}
+        """Calls received and not answered yet (guarded by :attr:`lock`)."""
 
     def send(self, message: Any) -> None:
         with self.send_lock:
@@ -471,11 +474,14 @@ class _Worker:
             if verb in ("flags", "ack"):
                 seq, flags = (None, args) if verb == "flags" else args
                 with self.lock:
-                    self.flags[call_id] = flags
-                    ack = self.acks.get(call_id)
-                if ack is not None and seq is not None:
-                    ack.put(seq)
+                    call = self.calls.get(call_id)
+                    if call is not None:  # None: the call already answered, the message is late
+                        call.flags = flags
+                if call is not None and seq is not None:
+                    call.acks.put(seq)
                 continue
+            with self.lock:  # before its thread starts: a cancel right behind it has a place to land
+                self.calls[call_id] = _Call()
             threading.Thread(target=self.run_call, args=(call_id, verb, args), name=f"call-{verb}",
                              daemon=True).start()
 
@@ -496,21 +502,44 @@ class _Worker:
                 self.send((call_id, "error", (type(exc).__name__, "the result could not be sent back")))
         finally:
             with self.lock:
-                self.flags.pop(call_id, None)
-                self.acks.pop(call_id, None)
+                self.calls.pop(call_id, None)
 
     def dispatch(self, call_id: int, verb: str, args: Any) -> Any:
         if self.followers and verb in _MIRRORED:
             with self.group_lock:
+                self.refuse_if_cancelled(call_id, verb)  # after the wait for the group, before any rank starts
                 for follower in self.followers:  # the other ranks run the same call, in the same order
                     follower.send((verb, _mirror_args(verb, args)))
-                value = self.run_local(call_id, verb, args)
-                for rank, follower in enumerate(self.followers, start=1):
-                    kind, detail = follower.recv()
-                    if kind == "error":
-                        raise WorkerError(f"rank {rank} of the split group: {detail}")
+                try:
+                    value = self.run_local(call_id, verb, args)
+                except GenerationCancelled:
+                    # Every rank stopped at the same step (the flags are agreed per step) and answered: read
+                    # those answers now, or the next call would take them for its own.
+                    self.collect_followers()
+                    raise
+                failures = self.collect_followers()
+                if failures:
+                    raise WorkerError(failures[0])
                 return value
+        self.refuse_if_cancelled(call_id, verb)
         return self.run_local(call_id, verb, args)
+
+    def collect_followers(self) -> list[str]:
+        """Every other rank's answer to the mirrored call; what the failed ones said."""
+        failures = []
+        for rank, follower in enumerate(self.followers, start=1):
+            kind, detail = follower.recv()
+            if kind == "error":
+                failures.append(f"rank {rank} of the split group: {detail}")
+        return failures
+
+    def refuse_if_cancelled(self, call_id: int, verb: str) -> None:
+        """A generation whose every request was cancelled before it started does not start."""
+        with self.lock:
+            call = self.calls.get(call_id)
+            flags = call.flags if call is not None else None
+        if verb == "generate" and flags and all(flags):
+            raise GenerationCancelled("cancelled before it started")
 
     def run_local(self, call_id: int, verb: str, args: Any) -> Any:
         engine = self.engine
@@ -540,21 +569,21 @@ class _Worker:
         return present
 
     def requests(self, call_id: int, wire: list[_WireRequest]) -> list[ImageRequest]:
-        ack: queue.Queue[int] = queue.Queue()
+        """The call's requests, reading the flags the receive loop stores in its record (never reset here:
+        a cancel may already be there)."""
         sequence = itertools.count()
         with self.lock:
-            self.flags[call_id] = [False] * len(wire)
-            self.acks[call_id] = ack
+            call = self.calls[call_id]
 
         def cancelled(index: int) -> bool:
             with self.lock:
-                flags = self.flags.get(call_id)
+                flags = call.flags
             return bool(flags and flags[index])
 
         def progress(index: int, step: int, total: int, preview: Any) -> None:
             seq = next(sequence)
             self.send((call_id, "progress", (seq, index, step, total, preview)))
-            while ack.get() != seq:  # the parent's answer: the cancel flags after this step's callbacks ran
+            while call.acks.get() != seq:  # the parent's answer: the cancel flags after this step's callbacks ran
                 pass
 
         out = []
@@ -565,6 +594,15 @@ class _Worker:
                 on_progress=functools.partial(progress, index) if request.reports_progress else None,
                 partial_images=request.partial_images, images=request.images, mask=request.mask))
         return out
+
+
+@dataclass
+class _Call:
+    """What the worker keeps of one call while it runs: its requests' cancel flags as the parent last sent
+    them (None: none sent yet), and the progress acknowledgements."""
+
+    flags: list[bool] | None = None
+    acks: queue.Queue[int] = field(default_factory=queue.Queue)
 
 
 _MIRRORED = ("load", "unload", "release", "generate", "lora_load", "lora_unload")
@@ -611,7 +649,11 @@ def worker_main(settings: Settings, plan: DevicePlan, conn: Connection, torch_th
     if group and split:
         settings = _group_settings(settings)
         followers = _start_followers(settings, group, split, torch_threads)
-    worker = _Worker(settings, plan, conn, followers)
+    from fluxserve.engine.engine import DeviceEngine
+    from fluxserve.engine.faults import FaultInjector
+
+    engine = DeviceEngine(settings, plan, FaultInjector(settings.fault_injection, settings.faults))
+    worker = _Worker(engine, conn, followers)
     worker.send((0, "hello", {"pid": os.getpid(), "ranks": _follower_pids}))
     log.info("worker process serving", extra={"ctx": {"device": plan.device, "pid": os.getpid()}})
     worker.serve()

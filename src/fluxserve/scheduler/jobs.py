@@ -11,6 +11,15 @@ cancel and a completion may race, exactly one of them wins. The terminal transit
 flag *before* any listener runs, and a subscriber that arrives after the end is answered at once, so
 no waiter can miss the end.
 
+Events are ordered and total. Each event (``queued``, ``started``, ``progress``, the terminal one) is
+put in the job's outbox under the job's lock, in the same step as the state change it reports, so the
+outbox holds them in state order. One thread at a time delivers the outbox, in that order, to the
+listeners registered when each event happened; a thread that finds another one delivering leaves its
+event to it. So two threads emitting at once (a slot's progress and a drain's cancel) cannot reorder
+what a listener sees, nothing follows the terminal event, and no lock is held while listeners run (a
+listener may read the job or emit on it). A listener that raises is logged and skipped: it cannot
+change the job's fate, nor stop the other listeners.
+
 Threads (scheduler workers) and asyncio (routes) meet in one place: :meth:`Job.subscribe` returns a
 :class:`Subscription`, an async iterator of the job's events that ends with its terminal event, and
 :meth:`Job.done` awaits the end. Listeners must not block and must not call back into the scheduler.
@@ -21,6 +30,7 @@ This module imports neither torch nor the engine.
 from __future__ import annotations
 
 import asyncio
+import logging
 import secrets
 import threading
 import time
@@ -34,6 +44,7 @@ from typing import Any
 from fluxserve.generation import GenerationParams, ImageRequest, ImageResult
 from fluxserve.models.spec import ModelSpec
 
+log = logging.getLogger(__name__)
 
 class JobStatus(StrEnum):
     QUEUED = "queued"
@@ -130,6 +141,11 @@ class Job:
     _listeners: list[Listener] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _final_event: dict[str, Any] | None = None
+    _outbox: deque[tuple[dict[str, Any], list[Listener]]] = field(default_factory=deque)
+    """Events not delivered yet, each with the listeners registered when it happened (see the module doc)."""
+    _delivering: bool = False
+    _delivered: threading.Event = field(default_factory=threading.Event)
+    """Set once the terminal event has reached every listener it was for."""
 
     # --- state -------------------------------------------------------------------------------------
     @property
@@ -174,7 +190,7 @@ class Job:
                    **changes: Any) -> bool:
         """Move to ``to``. False when the job was already terminal (a lost race); raises
         :class:`IllegalTransition` for an edge the state machine does not have. ``changes`` are fields set
-        together with the state (``batch_size``, ``device``...). Listeners run after the lock is released."""
+        together with the state (``batch_size``, ``device``...). Listeners run outside the lock, in event order."""
         with self._lock:
             current = self._status
             if current in FINISHED:
@@ -205,12 +221,11 @@ class Job:
                 event["id"] = self.id
                 self._final_event = event
                 self._done.set()  # before any listener runs: a waiter that looks now sees the end
-            listeners = list(self._listeners)
+            event.setdefault("id", self.id)
+            self._outbox.append((event, list(self._listeners)))
             if to in FINISHED:
                 self._listeners.clear()  # nothing outlives the end
-        event.setdefault("id", self.id)
-        for listener in listeners:
-            listener(event)
+        self._deliver()
         return True
 
     def emit(self, event: dict[str, Any]) -> None:
@@ -219,9 +234,33 @@ class Job:
         with self._lock:
             if self._status in FINISHED:
                 return
-            listeners = list(self._listeners)
-        for listener in listeners:
-            listener(event)
+            self._outbox.append((event, list(self._listeners)))
+        self._deliver()
+
+    def _deliver(self) -> None:
+        """Deliver the outbox in order, unless another thread is doing so (it delivers ours too)."""
+        with self._lock:
+            if self._delivering:
+                return
+            self._delivering = True
+        try:
+            while True:
+                with self._lock:
+                    if not self._outbox:
+                        self._delivering = False  # in the same step as the check: no event is left behind
+                        return
+                    event, listeners = self._outbox.popleft()
+                for listener in listeners:
+                    try:
+                        listener(event)
+                    except Exception:  # a listener's bug is its own: the job and the other listeners carry on
+                        log.exception("a listener of job %s failed on its %r event", self.id, event.get("type"))
+                if event["type"] in TERMINAL_EVENTS:
+                    self._delivered.set()
+        except BaseException:  # interpreter exit, KeyboardInterrupt: let the next emit deliver
+            with self._lock:
+                self._delivering = False
+            raise
 
     # --- subscription ------------------------------------------------------------------------------
     def add_listener(self, listener: Listener) -> bool:
@@ -262,6 +301,11 @@ class Job:
     def wait(self, timeout: float | None = None) -> bool:
         """Blocking wait for the end (threads only: the CLI, Ray replica helpers)."""
         return self._done.wait(timeout)
+
+    def wait_delivered(self, timeout: float | None = None) -> bool:
+        """Blocking wait until the terminal event has reached every listener (the job is done a moment
+        before: :meth:`wait` returns then). Threads only."""
+        return self._delivered.wait(timeout)
 
     def summary(self) -> dict[str, Any]:
         """Status for GET /v1/images/jobs/{id} (without the images)."""

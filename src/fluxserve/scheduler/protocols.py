@@ -40,6 +40,10 @@ class Engine(Protocol):
 
     def unload(self, key: str) -> bool: ...
 
+    def release(self, keep: set[str]) -> list[str]:
+        """Drop every loaded model not in ``keep`` and free caches; returns the keys dropped."""
+        ...
+
     def generate(self, model: ModelHandle, params: GenerationParams,
                  requests: list[ImageRequest]) -> list[ImageResult]:
         """One batch. Raises GenerationCancelled, OutOfMemory, BadOutput, or anything else (a bug)."""

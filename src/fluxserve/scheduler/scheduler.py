@@ -17,10 +17,19 @@ Invariants (the randomized interleaving tests check them):
   serves on. A batch that fails unexpectedly is retried job by job, so only the job that caused it fails.
 * Models load on loader threads. A queued job whose model is not loaded (never loaded, unloaded,
   released) starts its load; a model that cannot load fails its queued jobs with 503 at once.
+* Models in use are counted. A batch holds its model from the moment it is taken (under ``_cond``,
+  together with its jobs becoming ``running``) until its slot is done with it; the warm-up holds it
+  the same way (:meth:`Scheduler.using`). An unload or a release first *retires* its models
+  (:meth:`Scheduler.retiring`): from then on no batch starts on them and no load of them starts; it
+  waits until the batches holding them and loads of them in flight end, drops them, and only then
+  lets queued jobs load them again, once. So a batch never runs on a model that is being dropped, and
+  no model is ever resident twice on one engine.
 
 Lock order: ``Scheduler._cond`` → a job's lock (inside :meth:`Job.transition`) → the job table's lock
 (the table's terminal listener). Listeners never call back into the scheduler. Engines take their own
-locks only on slot and loader threads, never while ``_cond`` is held.
+locks only on slot and loader threads, never while ``_cond`` is held — except :meth:`Engine.get`, whose
+lock guards only the engine's model table. Engines drop models (``unload``, ``release``) with ``_cond``
+released, inside a retirement.
 """
 
 from __future__ import annotations
@@ -28,7 +37,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -65,6 +75,20 @@ class Slot:
     busy_since: float | None = None
     last_progress: float = 0.0
     crashes: int = 0
+    model_key: str | None = None
+    """The model its batch holds (see :meth:`Scheduler.using`), None between batches."""
+
+
+@dataclass(frozen=True)
+class _Retirement:
+    """Models on their way out of every engine: ``key`` (an unload) or, with ``keep``, every model not in
+    ``keep`` (a release)."""
+
+    key: str | None = None
+    keep: frozenset[str] | None = None
+
+    def covers(self, key: str) -> bool:
+        return key not in self.keep if self.keep is not None else key == self.key
 
 
 class Scheduler:
@@ -84,6 +108,9 @@ class Scheduler:
         self._pending: dict[str, Job] = {}
         self._loading: dict[tuple[int, str], threading.Thread] = {}
         self._load_errors: dict[str, JobError] = {}
+        self._users: dict[tuple[int, str], int] = {}
+        """(engine index, model key) → batches and warm-ups holding that model now."""
+        self._retirements: list[_Retirement] = []
         self._slots = [Slot(f"worker-{engine.device}-{n}", index)
                        for index, engine in enumerate(self.engines) for n in range(settings.max_concurrent)]
         self._threads: list[threading.Thread] = []
@@ -133,11 +160,14 @@ class Scheduler:
 
     # --- models ----------------------------------------------------------------------------------
     def ensure_loaded(self, spec: ModelSpec, wait: bool = True, timeout: float | None = None) -> list[Any]:
-        """Start loading ``spec`` on every engine where it is missing; optionally wait for all loads."""
+        """Start loading ``spec`` on every engine where it is missing; optionally wait for all loads.
+        An unload or release of it under way finishes first: the load comes after it, never beside it."""
+        deadline = None if timeout is None else self._clock() + timeout
+        with self._cond:
+            self._cond.wait_for(lambda: not self._retiring(spec.key), timeout)
         threads = [self._start_load(index, spec) for index in range(len(self.engines))]
         if not wait:
             return []
-        deadline = None if timeout is None else self._clock() + timeout
         for thread in threads:
             if thread is not None:
                 thread.join(None if deadline is None else max(0.0, deadline - self._clock()))
@@ -152,20 +182,92 @@ class Scheduler:
         return all(engine.get(key) is not None for engine in self.engines)
 
     def unload(self, key: str) -> list[str]:
-        """Drop ``key`` from every engine (call off the event loop). Queued jobs for it reload it."""
-        devices = [engine.device for engine in self.engines if engine.unload(key)]
-        self.unload_done()
-        return devices
+        """Drop ``key`` from every engine once no batch uses it (blocking: call off the event loop).
+        Returns the devices it was dropped from. Queued jobs for it load it again afterwards."""
+        with self.retiring(key=key):
+            return [engine.device for engine in self.engines if engine.unload(key)]
 
-    def unload_done(self) -> None:
-        """Models were dropped (unload, memory release): reload those that queued jobs wait for."""
-        self._kick_loads()
+    def release(self, keep: set[str]) -> list[str]:
+        """Drop every model not in ``keep`` from every engine once no batch uses it, and free caches
+        (blocking). Returns the keys dropped. Queued jobs for them load them again afterwards."""
+        with self.retiring(keep=keep):
+            return sorted({key for engine in self.engines for key in engine.release(keep)})
+
+    @contextmanager
+    def retiring(self, *, key: str | None = None, keep: set[str] | None = None) -> Iterator[None]:
+        """Take ``key`` (or every model not in ``keep``) out of service on every engine while the caller
+        drops it: from the start no batch starts on it and no load of it starts; the body runs once the
+        batches holding it and its loads in flight have ended. Afterwards queued jobs load it again."""
+        retirement = _Retirement(key, frozenset(keep) if keep is not None else None)
+        with self._cond:
+            self._retirements.append(retirement)
+            busy = sorted({k for (_i, k), users in self._users.items() if users and retirement.covers(k)})
+            if busy:
+                log.info("dropping models waits for the batches using them", extra={"ctx": {"models": busy}})
+                self._hook("unload_waiting", {"models": busy})
+            self._cond.wait_for(lambda: self._quiet(retirement))
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._retirements.remove(retirement)
+                self._cond.notify_all()
+            self._kick_loads()
+
+    @contextmanager
+    def using(self, index: int, key: str) -> Iterator[Any | None]:
+        """Hold model ``key`` of engine ``index`` as a batch does (an unload waits for the holder); yields
+        the model, or None when it is not loaded or is being dropped (the warm-up uses this)."""
+        with self._cond:
+            model = None if self._retiring(key) else self.engines[index].get(key)
+            held = model is not None
+            if held:
+                self._users[(index, key)] = self._users.get((index, key), 0) + 1
+        try:
+            yield model
+        finally:
+            model = None
+            if held:
+                with self._cond:
+                    self._let_go(index, key)
+
+    def holding(self, key: str) -> Iterator[tuple[int, Any]]:
+        """(engine index, model) for each engine that has ``key`` loaded, held (:meth:`using`) until the
+        next item is asked for."""
+        for index in range(len(self.engines)):
+            with self.using(index, key) as model:
+                if model is not None:
+                    yield index, model
+
+    def users(self, key: str) -> int:
+        """Batches and warm-ups holding ``key`` now, on all engines."""
+        with self._cond:
+            return sum(users for (_index, k), users in self._users.items() if k == key)
+
+    def _retiring(self, key: str) -> bool:
+        return any(retirement.covers(key) for retirement in self._retirements)
+
+    def _quiet(self, retirement: _Retirement) -> bool:
+        """Under the lock: nothing holds or is loading a model of ``retirement``."""
+        return not any(users and retirement.covers(key) for (_index, key), users in self._users.items()) and \
+            not any(retirement.covers(key) and thread.is_alive() for (_index, key), thread in self._loading.items())
+
+    def _let_go(self, index: int, key: str) -> None:
+        """Under the lock: one holder of ``key`` on engine ``index`` is done with it."""
+        left = self._users.get((index, key), 0) - 1
+        if left > 0:
+            self._users[(index, key)] = left
+        else:
+            self._users.pop((index, key), None)
+        self._cond.notify_all()
 
     def _start_load(self, index: int, spec: ModelSpec) -> threading.Thread | None:
         engine = self.engines[index]
         if engine.get(spec.key) is not None:
             return None
         with self._cond:
+            if self._retiring(spec.key):  # the retirement's end loads it again if queued jobs want it
+                return None
             thread = self._loading.get((index, spec.key))
             if thread is not None and thread.is_alive():
                 return thread
@@ -182,6 +284,7 @@ class Scheduler:
             busy = {key for (_index, key), thread in self._loading.items() if thread.is_alive()}
         for key, spec in wanted.items():
             if key not in busy and not any(engine.get(key) is not None for engine in self.engines):
+                # _start_load skips a model being dropped: its retirement calls this again at its end
                 for index in range(len(self.engines)):
                     self._start_load(index, spec)
 
@@ -239,12 +342,13 @@ class Scheduler:
                 job.total_steps = job.params.steps
                 self._pending[job.id] = job
                 job.queue_position = len(self._pending)
+                # Under the lock: no slot can start the job before its listeners have "queued".
+                job.emit({"type": "queued", "queue_position": job.queue_position})
                 self._cond.notify_all()
         except JobError:
             self.table.discard(job)
             raise
         self._hook("job_queued", {"job": job})
-        job.emit({"type": "queued", "queue_position": job.queue_position})
         self._kick_loads()
         return job
 
@@ -298,12 +402,13 @@ class Scheduler:
                 job.emit({"type": "queued", "queue_position": position})
 
     # --- workers ---------------------------------------------------------------------------------
-    def _take_batch(self, engine: Engine, first: Job | None = None) -> tuple[Any, list[Job]] | None:
-        """Under the lock: the oldest runnable job on this engine (or ``first``) and its compatible company."""
+    def _take_batch(self, index: int, first: Job | None = None) -> list[Job] | None:
+        """Under the lock: the oldest job runnable on engine ``index`` (or ``first``) and its compatible
+        company. Runnable: its model is loaded there and not being dropped."""
+        engine = self.engines[index]
         candidates = [first] if first is not None else list(self._pending.values())
         for job in candidates:
-            model = engine.get(job.spec.key)
-            if model is None:
+            if self._retiring(job.spec.key) or engine.get(job.spec.key) is None:
                 continue
             batch = [job]
             images = job.n
@@ -315,37 +420,45 @@ class Scheduler:
                         continue
                     batch.append(other)
                     images += other.n
-            return model, batch
+            return batch
         return None
 
     def _next_batch(self, slot: Slot) -> tuple[Any, list[Job]] | None:
-        """Block until this slot has a batch (marked running, recorded on the slot); None when stopping."""
+        """Block until this slot has a batch (marked running, recorded on the slot, holding its model);
+        None when stopping."""
         engine = self.engines[slot.engine]
         with self._cond:
             while True:
                 if self._stopping:
                     return None
-                taken = self._take_batch(engine)
-                if taken is None:
+                batch = self._take_batch(slot.engine)
+                if batch is None:
                     self._cond.wait(timeout=1.0)
                     continue
-                model, batch = taken
-                batch = self._wait_for_company(engine, batch)
+                batch = self._wait_for_company(slot.engine, batch)
                 if not batch:
                     continue
+                # The lock was released while the batch formed: the model may be leaving, or gone.
+                key = batch[0].spec.key
+                model = None if self._retiring(key) else engine.get(key)
+                if model is None:
+                    continue  # its jobs stay queued and run once the model is back
                 images = sum(job.n for job in batch)
-                started = []
+                # Recorded on the slot first: drain and cancel find the jobs from the moment they are running.
+                now = self._clock()
+                slot.batch, slot.busy_since, slot.last_progress = batch, now, now
+                slot.model_key = key
+                self._users[(slot.engine, key)] = self._users.get((slot.engine, key), 0) + 1
                 for job in batch:
                     del self._pending[job.id]
-                    if job.transition(JobStatus.RUNNING, batch_size=images, device=engine.device):
-                        started.append(job)
-                now = self._clock()
-                slot.batch, slot.busy_since, slot.last_progress = started, now, now
+                    job.transition(JobStatus.RUNNING, batch_size=images, device=engine.device)
+                started = [job for job in batch if job.status is JobStatus.RUNNING]
+                slot.batch = started
                 self._update_positions()
                 self._hook("batch_taken", {"jobs": started, "slot": slot.name})
                 return model, started
 
-    def _wait_for_company(self, engine: Engine, batch: list[Job]) -> list[Job]:
+    def _wait_for_company(self, index: int, batch: list[Job]) -> list[Job]:
         """Under the lock: wait up to FLUX_BATCH_WAIT_MS for compatible jobs; returns the batch's jobs that
         are still queued (empty when all of them were cancelled or taken meanwhile)."""
         wait = self.settings.batch_wait_ms / 1000
@@ -358,20 +471,20 @@ class Scheduler:
                 first = batch[0]
                 if first.id not in self._pending:  # cancelled or taken by another slot meanwhile
                     break
-                taken = self._take_batch(engine, first)
+                taken = self._take_batch(index, first)
                 if taken is not None:
-                    batch = taken[1]
+                    batch = taken
         return [job for job in batch if self._pending.get(job.id) is job]
 
     def _slot_loop(self, slot: Slot) -> None:
         """Supervised: nothing that goes wrong with one batch ends the slot."""
         while True:
+            taken = None
             try:
                 taken = self._next_batch(slot)
                 if taken is None:
                     return
-                model, batch = taken
-                self._run_batch(slot, model, batch)
+                self._run_batch(slot, taken[0], taken[1])
             except Exception as exc:
                 slot.crashes += 1
                 ids = [job.id for job in slot.batch]
@@ -379,7 +492,11 @@ class Scheduler:
                               extra={"ctx": {"worker": slot.name, "jobs": ids}})
                 self._fail_all(slot.batch, _internal_error(exc))
             finally:
+                taken = None  # no reference to the model outlives its batch: an unload frees its memory
                 with self._cond:
+                    if slot.model_key is not None:
+                        self._let_go(slot.engine, slot.model_key)
+                        slot.model_key = None
                     slot.batch, slot.busy_since = [], None
                     self._cond.notify_all()
 

@@ -4,9 +4,10 @@ Every failure is an :class:`InputError` naming the request field (``image``, ``i
 so the route can answer a 400 in OpenAI's shape. What is accepted and how it is converted:
 
 - formats: PNG, JPEG and WebP (OpenAI's list); anything else, or bytes that are no image, is refused;
-- size: the file at most ``max_bytes``; width × height at most ``max_pixels``, checked from the header
-  *before* the pixels are decoded, so a small file that declares a huge image (a decompression bomb)
-  costs nothing; truncated or corrupt files are refused, never half-decoded;
+- size: the file at most ``max_bytes``; width × height at most ``max_pixels`` and the aspect ratio at most
+  ``max_aspect``, checked from the header *before* the pixels are decoded, so a small file that declares a
+  huge image (a decompression bomb) or a 16777216×1 strip costs nothing; truncated or corrupt files are
+  refused, never half-decoded;
 - EXIF orientation is applied (a phone photo taken upright stays upright);
 - CMYK, palette, grayscale, 16-bit and other modes are converted to 8-bit RGB (16-bit keeps its high
   byte, not a clipped value);
@@ -18,7 +19,6 @@ so the route can answer a 400 in OpenAI's shape. What is accepted and how it is 
 
 from __future__ import annotations
 
-import base64
 import binascii
 import contextlib
 import io
@@ -58,25 +58,38 @@ class DecodedImage:
         return self.rgb.shape[1], self.rgb.shape[0]
 
 
+_BASE64_STEP = 4 * 1024 * 1024
+"""Characters of base64 decoded at a time (a multiple of 4): each step holds the interpreter lock for
+milliseconds, where a 20 MB data URL in one call would hold it for a good part of a second."""
+
+
 def decode_data_url(value: str, param: str, max_bytes: int) -> bytes:
-    """The bytes of a ``data:image/...;base64,...`` URL. Remote URLs are never fetched."""
-    text = value.strip()
-    if text.lower().startswith(("http://", "https://", "file:", "ftp:")):
+    """The bytes of a ``data:image/...;base64,...`` URL. Remote URLs are never fetched. The text is read
+    in place (only its prefix is ever copied) and its length is checked against ``max_bytes`` before
+    anything is decoded."""
+    text = value.strip()  # the same object when there is nothing to strip
+    if text[:8].lower().startswith(("http://", "https://", "file:", "ftp:")):
         raise InputError(f"{param} must be a base64 data URL (data:image/png;base64,...); remote URLs are not "
                          "fetched", param, "unsupported_url")
-    match = _DATA_URL.match(text)
+    match = _DATA_URL.match(text[:512])
     if match is None or match.group("b64") is None:
         raise InputError(f"{param} must be a base64 data URL (data:image/png;base64,...)", param, "invalid_image")
-    payload = text[match.end():]
-    if len(payload) > (max_bytes + 2) // 3 * 4 + 4:
+    start = match.end()
+    if len(text) - start > (max_bytes + 2) // 3 * 4 + 4:
         raise InputError(f"{param} is larger than {max_bytes} bytes (FLUX_MAX_INPUT_BYTES)", param, "image_too_large")
+    parts = []
     try:
-        return base64.b64decode(payload, validate=True)
+        for offset in range(start, len(text), _BASE64_STEP):
+            chunk = text[offset:offset + _BASE64_STEP]
+            if offset + _BASE64_STEP < len(text) and "=" in chunk:  # padding is only allowed at the very end
+                raise ValueError("padding before the end")
+            parts.append(binascii.a2b_base64(chunk, strict_mode=True))
     except (binascii.Error, ValueError):
         raise InputError(f"{param} is not valid base64", param, "invalid_image") from None
+    return b"".join(parts)
 
 
-def _open(data: bytes, param: str, max_bytes: int, max_pixels: int) -> Image.Image:
+def _open(data: bytes, param: str, max_bytes: int, max_pixels: int, max_aspect: float | None) -> Image.Image:
     if not data:
         raise InputError(f"{param} is an empty file", param)
     if len(data) > max_bytes:
@@ -97,6 +110,9 @@ def _open(data: bytes, param: str, max_bytes: int, max_pixels: int) -> Image.Ima
     if width < 1 or height < 1 or width * height > max_pixels:
         raise InputError(f"{param} is {width}x{height} = {width * height} pixels; the limit is {max_pixels} "
                          "(FLUX_MAX_INPUT_PIXELS)", param, "image_too_large")
+    if max_aspect is not None and max(width, height) > max_aspect * min(width, height):
+        raise InputError(f"{param} is {width}x{height}, an aspect ratio over {max_aspect:g}:1, more than any output "
+                         "size can keep (FLUX_MAX_SIZE / FLUX_MIN_SIZE)", param, "unsupported_aspect_ratio")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -128,9 +144,10 @@ def _eight_bit(image: Image.Image) -> Image.Image:
     return image.convert("RGB")  # CMYK, YCbCr, LAB, HSV
 
 
-def decode_image(data: bytes, param: str, *, max_bytes: int, max_pixels: int) -> DecodedImage:
+def decode_image(data: bytes, param: str, *, max_bytes: int, max_pixels: int,
+                 max_aspect: float | None = None) -> DecodedImage:
     """Check and decode one uploaded image (see the module docstring for the rules)."""
-    image = _open(data, param, max_bytes, max_pixels)
+    image = _open(data, param, max_bytes, max_pixels, max_aspect)
     fmt = image.format or "?"
     with contextlib.suppress(OSError, ValueError, SyntaxError, KeyError, TypeError):  # broken EXIF: keep as stored
         image = ImageOps.exif_transpose(image) or image

@@ -1,5 +1,6 @@
 """Saving images under FLUX_OUTPUT_DIR: atomic writes, collision-free generated names, JSON sidecars,
-a byte quota (FLUX_OUTPUT_MAX_BYTES) and a health check for /ready.
+a byte quota (FLUX_OUTPUT_MAX_BYTES) and the checks /ready reports (a directory that cannot be written
+makes the server not ready; a full one is a warning).
 
 When a save would take the directory past the quota, the save is refused with
 :class:`OutputQuotaExceeded` (older images are never deleted behind the operator's back); the caller
@@ -84,17 +85,26 @@ class OutputStore:
                 self._used += size
 
     def problem(self) -> str | None:
-        """Why saving would fail now, for /ready (no paths), or None: the directory cannot be created
-        or written to, the disk is (almost) full, or FLUX_OUTPUT_MAX_BYTES is reached."""
+        """Why saving cannot work, for /ready (no paths), or None: the directory cannot be created or
+        written to (a misconfiguration)."""
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             fd, probe = tempfile.mkstemp(prefix=".tmp-probe-", dir=self.root)
             os.close(fd)
             os.unlink(probe)
-            free = shutil.disk_usage(self.root).free
         except OSError as exc:
             log.warning("output directory %s is not writable: %s", self.root, exc)
             return "output directory is not writable (FLUX_OUTPUT_DIR)"
+        return None
+
+    def space_warning(self) -> str | None:
+        """Why saves are refused for now, for /ready's warnings (no paths), or None: the disk is (almost)
+        full or FLUX_OUTPUT_MAX_BYTES is reached. Generation goes on (its saves answer ``save_error``), so
+        this is a warning, not a reason to take the server out of a load balancer."""
+        try:
+            free = shutil.disk_usage(self.root).free
+        except OSError:
+            return None  # no directory yet (created on the first save) or none at all: problem() says so
         if free < MIN_FREE_BYTES:
             return f"output directory is full: less than {MIN_FREE_BYTES // 2**20} MiB free on its disk"
         if self.max_bytes and self.used_bytes() >= self.max_bytes:

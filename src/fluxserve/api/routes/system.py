@@ -49,10 +49,13 @@ async def health() -> JSONResponse:
 
 @router.get("/ready", summary="Readiness: default model loaded, warmed up, not shutting down, not failing OOM")
 async def ready(request: Request) -> JSONResponse:
-    ok, reasons = _runtime(request).readiness()
+    """200 or 503 with the reasons; ``warnings`` (a full output directory) never make it 503."""
+    runtime = _runtime(request)
+    ok, reasons = runtime.readiness()
+    warnings = {"warnings": found} if (found := runtime.readiness_warnings()) else {}
     if ok:
-        return JSONResponse({"status": "ready"})
-    return JSONResponse({"status": "not_ready", "reasons": reasons,
+        return JSONResponse({"status": "ready", **warnings})
+    return JSONResponse({"status": "not_ready", "reasons": reasons, **warnings,
                          "error": {"message": "; ".join(reasons), "type": "server_error", "param": None,
                                    "code": "not_ready"}}, status_code=503)
 
