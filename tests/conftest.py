@@ -52,7 +52,7 @@ def make_settings(cache_dir: Path, tmp_path: Path) -> Callable[..., Any]:
     def make(**overrides: Any) -> Settings:
         values: dict[str, Any] = {"model": "tiny-flux", "cache_dir": cache_dir, "output_dir": tmp_path / "outputs",
                                   "state_dir": tmp_path / "state", "device": "cpu", "warmup_sizes": ["64x64"],
-                                  "_env_file": None}
+                                  "hub_downloads": "off", "_env_file": None}  # tests never download (nor ask the hub)
         values.update(overrides)
         return Settings(**values)
 
@@ -179,7 +179,7 @@ class ServerProcess:
         self._readiness = ReadinessSocket()
         full_env = {k: v for k, v in os.environ.items() if not k.startswith("FLUX_")}
         full_env.update({"FLUX_PORT": str(self.port), "FLUX_HOST": "127.0.0.1", "PYTHONUNBUFFERED": "1",
-                         "NOTIFY_SOCKET": self._readiness.address})
+                         "NOTIFY_SOCKET": self._readiness.address, "FLUX_HUB_DOWNLOADS": "off"})
         full_env.update(env)
         self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
         self._lines: list[str] = []

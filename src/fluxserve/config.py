@@ -136,6 +136,7 @@ class EngineConfig:
     cache_dir: Path
     revision: str | None
     variant: str | None
+    hub_downloads: Literal["auto", "on", "off"]
     hf_token: SecretStr | None
     trust_remote_code: bool
     model_lock_timeout: float

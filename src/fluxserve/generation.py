@@ -14,10 +14,11 @@ from typing import Literal
 
 import numpy as np
 
-MAX_SEED = 2**63 - 1
-"""The largest seed a client may send (torch generators take 64-bit seeds)."""
-MAX_RANDOM_SEED = 2**53 - 1
-"""Random seeds stay below 2**53 so JavaScript clients (whose numbers are doubles) read them exactly."""
+MAX_SEED = 2**53 - 1
+"""The largest seed (JavaScript's ``Number.MAX_SAFE_INTEGER``): every seed a client sends or gets back is a
+number JavaScript clients, whose numbers are doubles, hold exactly."""
+MAX_PARTIAL_IMAGES = 3
+"""The most partial images one streamed request may ask for (OpenAI's limit)."""
 
 Task = Literal["generate", "img2img", "inpaint", "edit"]
 """What the pipeline is asked to do: text to image, image to image, fill a masked area, or follow an
@@ -70,8 +71,10 @@ class ImageRequest:
     negative_prompt: str | None = None
     is_cancelled: Callable[[], bool] = lambda: False
     on_progress: Callable[[int, int, np.ndarray | None], None] | None = None
-    """Called after each step with (step, total, preview or None)."""
-    want_previews: bool = False
+    """Called after each step with (step, total, partial image or None)."""
+    partial_images: int = 0
+    """How many partial images the client streams (0–3): the intermediate image decoded at full size at the
+    steps :func:`partial_image_steps` picks, handed to ``on_progress``."""
     images: list[np.ndarray] = field(default_factory=list)
     """Input images for edits (``uint8`` H×W×3, already at the output size for img2img/inpaint)."""
     mask: np.ndarray | None = None
@@ -92,13 +95,23 @@ class ImageResult:
 
 
 def pick_seed() -> int:
-    """A fresh random seed (never a constant), within 0 ≤ seed ≤ 2**53 − 1 (exact in JavaScript)."""
-    return secrets.randbelow(MAX_RANDOM_SEED + 1)
+    """A fresh random seed (never a constant), within 0 ≤ seed ≤ :data:`MAX_SEED` (exact in JavaScript)."""
+    return secrets.randbelow(MAX_SEED + 1)
 
 
 def seeds_for(first: int, n: int) -> list[int]:
-    """Image *i* uses ``first + i`` (wrapping past :data:`MAX_SEED`), so each can be reproduced alone."""
+    """Image *i* uses ``(first + i) mod 2**53`` (past :data:`MAX_SEED` it wraps to 0), so each can be
+    reproduced alone and every seed stays exact in JavaScript."""
     return [(first + i) % (MAX_SEED + 1) for i in range(n)]
+
+
+def partial_image_steps(total: int, partial_images: int) -> frozenset[int]:
+    """The steps (1-based, of ``total``) after which a partial image is made: evenly spaced, never the
+    last step (that one is the final image)."""
+    if partial_images <= 0 or total <= 1:
+        return frozenset()
+    count = min(partial_images, MAX_PARTIAL_IMAGES, total - 1)
+    return frozenset(max(1, round(total * (i + 1) / (count + 1))) for i in range(count))
 
 
 # --- what the engine raises (the scheduler maps each to an HTTP status) -------------------------------

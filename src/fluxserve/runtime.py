@@ -21,6 +21,7 @@ from fluxserve import __version__
 from fluxserve.catalog import LocalCatalog
 from fluxserve.models.devices import BackendProbe, DevicePlan
 from fluxserve.models.handle import ModelHandle
+from fluxserve.models.sources import ModelSources
 from fluxserve.models.spec import ModelSpec
 from fluxserve.observability.events import job_ended
 from fluxserve.observability.logs import register_secrets
@@ -57,6 +58,8 @@ class Runtime:
         self.outputs = OutputStore(settings.output_dir, settings.output_max_bytes)
         self.files = FileRegistry(settings.file_ttl)
         self.encoder = ThreadPoolExecutor(settings.encode_threads, thread_name_prefix="encode")
+        self.sources = ModelSources(cache_dir=settings.cache_dir, revision=settings.revision,
+                                    hub_downloads=settings.hub_downloads, hub_token=settings.hf_token_value())
         self.started_at = time.time()
         self.shutting_down = False
 
@@ -152,6 +155,19 @@ class Runtime:
 
     def known_models(self) -> list[ModelSpec]:
         return list(self.models.known_models())
+
+    def loadable(self, spec: ModelSpec) -> bool:
+        """Whether ``spec`` is loaded here or can be (blocking: see :class:`ModelSources`)."""
+        return bool(self.model_info(spec.key)) or spec.key in self.models.names.configured or \
+            self.sources.loadable(spec)
+
+    def usable_models(self, *, admin: bool) -> list[ModelSpec]:
+        """The models a caller can use here (blocking: see :meth:`loadable`): those it may name (an admin any
+        registry model, by selecting it; others the models requests may name, FLUX_MODELS) that are loaded or
+        loadable. The active model is always among them."""
+        may_name = admin or self.settings.allow_any_model
+        return [spec for spec in self.known_models()
+                if spec.key == self.active_key or ((may_name or self.may_serve(spec.key)) and self.loadable(spec))]
 
     def select(self, name: str) -> ModelSpec:
         spec = self.models.select(name)

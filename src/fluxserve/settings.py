@@ -105,6 +105,11 @@ class Settings(BaseSettings):
     """Hub revision (branch, tag or commit) for hub models."""
     variant: str | None = None
     """Weights variant to load (e.g. ``fp16``) where the repo has one."""
+    hub_downloads: Literal["auto", "on", "off"] = "auto"
+    """Whether models may be downloaded from the hub. ``off``: only tiny models, local directories and models
+    already in FLUX_CACHE_DIR load (HF_HUB_OFFLINE=1 means the same); ``auto``: downloads when the hub answers
+    (checked at most once a minute); ``on``: assume it does. /v1/models lists only models this server can
+    load (docs/compatibility.md)."""
     hf_token: SecretStr | None = Field(
         None,
         validation_alias=AliasChoices("HF_TOKEN", "HUGGINGFACE_HUB_TOKEN", "HF_ACCESS_TOKEN", "hf_token"),

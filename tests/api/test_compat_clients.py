@@ -125,17 +125,30 @@ async def test_random_seeds_are_javascript_safe(client: Any) -> None:
 
 
 async def test_seed_plus_i_wraps_at_the_top_and_stays_reproducible(client: Any) -> None:
-    body = {"prompt": "a", "size": "64x64", "num_inference_steps": 1, "n": 2, "seed": 2**63 - 1}
+    """Per-image seeds are (seed + i) mod 2^53: near the top they wrap to 0, and JavaScript reads every one
+    exactly."""
+    body = {"prompt": "a", "size": "64x64", "num_inference_steps": 1, "n": 3, "seed": JS_MAX_SAFE_INTEGER - 1}
     response = await client.post("/v1/images/generations", json=body)
     assert response.status_code == 200, response.text
-    assert [d["seed"] for d in response.json()["data"]] == [2**63 - 1, 0]  # every reported seed can be sent back
+    seeds = [d["seed"] for d in response.json()["data"]]
+    assert seeds == [JS_MAX_SAFE_INTEGER - 1, JS_MAX_SAFE_INTEGER, 0]  # every reported seed can be sent back
+    assert [d["seed"] for d in json.loads(response.text, parse_int=float)["data"]] == seeds  # JSON.parse's reading
     alone = await client.post("/v1/images/generations", json={**body, "n": 1, "seed": 0})
     assert alone.json()["data"][0]["seed"] == 0
 
 
-@pytest.mark.parametrize("first", [2**53 + 1, 9207518215572822513, 2**63 - 2])
+@pytest.mark.parametrize("seed", [JS_MAX_SAFE_INTEGER + 1, 9207518215572822513, 2**63 - 1])
+async def test_seeds_javascript_cannot_hold_are_refused(client: Any, seed: int) -> None:
+    response = await client.post("/v1/images/generations", json={"prompt": "a", "size": "64x64", "seed": seed})
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["param"] == "seed" and error["code"] == "invalid_value"
+    assert str(JS_MAX_SAFE_INTEGER) in error["message"]
+
+
+@pytest.mark.parametrize("first", [2**53 - 2, 9007199254740000, 12345678901234])
 async def test_client_seeds_are_echoed_exactly(client: Any, first: int) -> None:
-    """Any seed a client sends is used and echoed as sent, and seed + i stays exact."""
+    """Any seed a client may send is used and echoed as sent, and seed + i stays exact."""
     body = {"prompt": "a", "size": "64x64", "num_inference_steps": 1, "n": 2, "seed": first}
     response = await client.post("/v1/images/generations", json=body)
     assert response.status_code == 200, response.text

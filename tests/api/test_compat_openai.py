@@ -24,7 +24,8 @@ async def client(cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> A
     from tests.conftest import running_app
 
     settings = Settings(model="tiny-flux", cache_dir=cache_dir, output_dir=tmp_path_factory.mktemp("outputs"),
-                        device="cpu", warmup_sizes=["64x64"], _env_file=None)  # type: ignore[call-arg]
+                        device="cpu", warmup_sizes=["64x64"], hub_downloads="off",
+                        _env_file=None)  # type: ignore[call-arg]
     async with running_app(settings) as c:
         yield c
 
@@ -111,6 +112,8 @@ async def test_background(client: Any) -> None:
                                    "(nearest: 96)"),
     ({"response_format": "gif"}, "invalid 'response_format': must be 'b64_json' or 'url', got 'gif'"),
     ({"output_compression": 101}, "invalid 'output_compression': must be at most 100, got 101"),
+    ({"moderation": "strict"}, "invalid 'moderation': must be 'low' or 'auto', got 'strict'"),
+    ({"seed": 2**53}, "invalid 'seed': must be at most 9007199254740991, got 9007199254740992"),
     ({"prompt": "x" * 4001}, "invalid 'prompt': must be at most 4000 characters, got 4001"),
     ({"prompt": "  "}, "invalid 'prompt': must not be blank, got only whitespace"),
     ({"guidance_scale": 31.0}, "invalid 'guidance_scale': must be at most 30, got 31"),

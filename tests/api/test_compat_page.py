@@ -10,6 +10,8 @@ from typing import Any
 
 import pytest
 
+from fluxserve.models.registry import BUILTIN_MODELS
+
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -22,7 +24,7 @@ async def client(cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> A
 
     settings = Settings(model="tiny-flux", cache_dir=cache_dir, output_dir=tmp_path_factory.mktemp("outputs"),
                         device="cpu", warmup_sizes=["64x64"], fault_injection=True, min_size=32,
-                        _env_file=None)  # type: ignore[call-arg]
+                        hub_downloads="off", _env_file=None)  # type: ignore[call-arg]
     async with running_app(settings) as c:
         yield c
 
@@ -30,12 +32,27 @@ async def client(cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> A
 async def test_models_has_what_the_page_iterates(client: Any) -> None:
     body = (await client.get("/v1/models")).json()
     available = body["available"]  # Object.entries(available): key → repo id
-    assert available["schnell"] == "black-forest-labs/FLUX.1-schnell" and available["qwen"] == "Qwen/Qwen-Image"
-    assert available["tiny-flux"] == "tiny-flux"
+    assert available["tiny-flux"] == "tiny-flux" and available["tiny-qwen"] == "tiny-qwen"
     assert body["active"] == {"key": "tiny-flux", "id": "tiny-flux", "type": "flux"}
     for key in ("device", "dtype", "cache_dir", "revision", "variant", "runtime", "data"):
         assert key in body
     assert [m["id"] for m in body["data"]] == list(available)  # the OpenAI list names the same models
+    everything = (await client.get("/v1/models?all=true")).json()["available"]  # an admin's view of the registry
+    assert everything["schnell"] == "black-forest-labs/FLUX.1-schnell" and everything["qwen"] == "Qwen/Qwen-Image"
+
+
+async def test_the_page_picker_offers_only_models_this_server_can_switch_to(client: Any) -> None:
+    """Nothing downloads here (FLUX_HUB_DOWNLOADS=off) and nothing is in the cache: the picker offers the models
+    built offline, each of which loads; what it leaves out is what would fail."""
+    offered = set((await client.get("/v1/models")).json()["available"])
+    assert offered == {key for key, spec in BUILTIN_MODELS.items() if spec.tiny is not None}
+    cards = (await client.get("/v1/models?all=true")).json()["data"]
+    left_out = {card["id"] for card in cards if card["id"] not in offered}
+    assert "schnell" in left_out and not any(card["loadable"] for card in cards if card["id"] in left_out)
+    chosen = await client.post("/v1/models/select", json={"model": "schnell"})  # as the old picker could
+    assert chosen.status_code == 503 and chosen.json()["error"]["param"] == "model"
+    assert "FLUX_HUB_DOWNLOADS=off" in chosen.json()["error"]["message"]
+    assert (await client.get("/v1/models")).json()["active_key"] == "tiny-flux"
 
 
 async def test_select_and_release_answer_what_the_page_shows(client: Any) -> None:
@@ -106,9 +123,9 @@ async def test_head_on_every_get_route(client: Any) -> None:
     assert not any("head" in ops for ops in schema["paths"].values())  # HEAD stays out of the schema
 
 
-async def test_the_readme_cors_line_lets_the_page_in_from_a_file_or_another_port(
+async def test_the_documented_cors_line_lets_the_page_in_from_a_file_or_another_port(
         app_factory: Callable[..., Any]) -> None:
-    line = re.search(r"^FLUX_CORS_ORIGINS=(\S+) ", (ROOT / "README.md").read_text(), re.M)
+    line = re.search(r"^FLUX_CORS_ORIGINS=(\S+) ", (ROOT / "docs" / "earlier-server.md").read_text(), re.M)
     assert line is not None
     async with app_factory(cors_origins=line.group(1)) as client:
         for origin in ("null", "http://127.0.0.1:5500"):  # a file:// page, a page on another port

@@ -170,21 +170,34 @@ async def test_variations_are_prompt_free_img2img(client: Any) -> None:
     assert refused.status_code == 400 and refused.json()["error"]["param"] == "model"
 
 
-async def test_streamed_edit_events(client: Any) -> None:
+async def _edit_events(client: Any, **fields: Any) -> list[dict[str, Any]]:
     async with client.stream("POST", EDIT, files={"image": ("in.png", png(photo()), "image/png")},
-                             data=form(stream=True, partial_images=1, num_inference_steps=4, strength=1.0)) as response:
+                             data=form(stream=True, partial_images=1, num_inference_steps=4, strength=1.0,
+                                       **fields)) as response:
         assert response.status_code == 200
         assert response.headers["content-type"].startswith("text/event-stream")
         lines = [line async for line in response.aiter_lines() if line.startswith("data: ")]
     assert lines[-1] == "data: [DONE]"
-    events = [json.loads(line[6:]) for line in lines[:-1]]
+    return [json.loads(line[6:]) for line in lines[:-1]]
+
+
+async def test_streamed_edit_events(client: Any) -> None:
+    """OpenAI's edit events only: the partial image (at the output size), then the image."""
+    events = await _edit_events(client)
+    assert [e["type"] for e in events] == ["image_edit.partial_image", "image_edit.completed"]
+    partial, completed = events
+    assert Image.open(io.BytesIO(base64.b64decode(partial["b64_json"]))).size == (64, 64)
+    assert partial["size"] == "64x64" and partial["partial_image_index"] == 0
+    assert completed["size"] == "64x64" and completed["b64_json"] and completed["params"]["task"] == "img2img"
+
+
+async def test_streamed_edit_progress_is_a_form_field_away(client: Any) -> None:
+    events = await _edit_events(client, stream_progress="true")
     types = [e["type"] for e in events]
     assert "image_edit.partial_image" in types and types[-1] == "image_edit.completed"
     assert not any(t.startswith("image_generation.") for t in types)
-    completed = events[-1]
-    assert completed["size"] == "64x64" and completed["b64_json"] and completed["params"]["task"] == "img2img"
     progress = [e for e in events if e["type"] == "image_edit.progress" and e["status"] == "running" and e["step"]]
-    assert progress[-1]["step"] == progress[-1]["total"] == 4
+    assert [e["step"] for e in progress] == [1, 2, 3, 4] and progress[-1]["total"] == 4
 
 
 async def test_async_edit_job(client: Any) -> None:

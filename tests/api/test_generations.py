@@ -56,7 +56,8 @@ async def client(cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> A
 
     out = tmp_path_factory.mktemp("outputs")
     settings = Settings(model="tiny-flux", cache_dir=cache_dir, output_dir=out, device="cpu",  # type: ignore[call-arg]
-                        warmup_sizes=["64x64"], preload_models=["tiny-qwen"], store_local=False, _env_file=None)
+                        warmup_sizes=["64x64"], preload_models=["tiny-qwen"], store_local=False, hub_downloads="off",
+                        _env_file=None)
     async with running_app(settings) as c:
         c.output_dir = out  # type: ignore[attr-defined]
         yield c
@@ -151,6 +152,19 @@ async def test_output_formats(client: Any, fmt: str, magic: bytes) -> None:
     assert response.status_code == 200
     assert base64.b64decode(response.json()["data"][0]["b64_json"]).startswith(magic)
     assert response.json()["output_format"] == fmt
+    # PNG is lossless (its level is FLUX_PNG_COMPRESS_LEVEL): output_compression is reported as ignored there
+    assert ("output_compression" in response.json()["ignored_fields"]) is (fmt == "png")
+
+
+@pytest.mark.parametrize("fmt", ["jpeg", "webp"])
+async def test_output_compression_applies_to_lossy_formats(client: Any, fmt: str) -> None:
+    sizes = []
+    for compression in (5, 95):
+        response = await client.post("/v1/images/generations", json={
+            "prompt": "a", "size": "128x128", "num_inference_steps": 1, "seed": 3, "output_format": fmt,
+            "output_compression": compression})
+        sizes.append(len(base64.b64decode(response.json()["data"][0]["b64_json"])))
+    assert sizes[1] < sizes[0]  # higher is smaller, as OpenAI's
 
 
 async def test_quality_maps_to_presets_and_steps_override(client: Any) -> None:

@@ -39,7 +39,8 @@ class FakeApp:
 @asynccontextmanager
 async def fake_app(tmp_path: Path, *, ready: bool = True, **overrides: Any) -> AsyncIterator[FakeApp]:
     values: dict[str, Any] = {"model": "tiny-flux", "device": "cpu", "warmup_enable": False, "store_local": False,
-                              "output_dir": tmp_path / "outputs", "_env_file": None, "max_batch": 1}
+                              "output_dir": tmp_path / "outputs", "_env_file": None, "max_batch": 1,
+                              "hub_downloads": "off"}
     values.update(overrides)
     settings = Settings(**values)
     engine = FakeEngine("cpu")
@@ -131,7 +132,8 @@ async def test_a_client_that_hangs_up_cancels_its_job_at_the_next_step(tmp_path:
 
 async def test_a_streaming_client_that_hangs_up_cancels_its_job(tmp_path: Path) -> None:
     async with fake_app(tmp_path) as app:
-        client = AsgiClient(app, {**BODY, "num_inference_steps": 50, "stream": True}, hang_up_on=b'"step": 1,')
+        client = AsgiClient(app, {**BODY, "num_inference_steps": 50, "stream": True, "stream_progress": True},
+                            hang_up_on=b'"step": 1,')
         call = await app.next_call()
         job = next(iter(app.runtime.scheduler._running_jobs()))
         await app.advance(call)  # step 1's progress event goes out, and the client hangs up on it
@@ -257,19 +259,47 @@ async def _queued(scheduler: Any) -> None:
         await loop_turn()
 
 
-async def test_streamed_request_reports_progress_then_the_image(tmp_path: Path) -> None:
+async def _streamed(app: Any, body: dict[str, Any]) -> list[dict[str, Any]]:
+    client = AsgiClient(app, {**body, "stream": True})
+    call = await app.next_call()
+    await app.advance(call, 3)
+    await asyncio.wait_for(client.task, BOUND)
+    chunks = b"".join(m.get("body", b"") for m in client.sent).decode()
+    assert chunks.rstrip().endswith("data: [DONE]")
+    return [json.loads(line.removeprefix("data: ")) for line in chunks.splitlines() if line.startswith("data: {")]
+
+
+async def test_a_stream_sends_only_openai_events_by_default(tmp_path: Path) -> None:
     async with fake_app(tmp_path) as app:
-        client = AsgiClient(app, {**BODY, "stream": True})
-        call = await app.next_call()
-        await app.advance(call, 3)
-        await asyncio.wait_for(client.task, BOUND)
-        chunks = b"".join(m.get("body", b"") for m in client.sent).decode()
-        payloads = [json.loads(line.removeprefix("data: ")) for line in chunks.splitlines()
-                    if line.startswith("data: {")]
+        payloads = await _streamed(app, {**BODY, "output_compression": 80})
+        assert [p["type"] for p in payloads] == ["image_generation.completed"] and payloads[0]["job_id"]
+        assert payloads[0]["ignored_fields"] == ["output_compression"]  # a PNG: nothing to compress
+
+
+async def test_a_stream_whose_answer_never_starts_cancels_its_job(tmp_path: Path) -> None:
+    """OpenAI's events may come late (no progress by default): a stream opened (its job queued) and closed before
+    anything was sent still cancels its job."""
+    from fluxserve.api.protocol import ImageGenerationRequest
+
+    async with fake_app(tmp_path) as app:
+        service = app.client.app.state.images  # type: ignore[attr-defined]
+        body = ImageGenerationRequest(**{**BODY, "stream": True})
+        job = service.build_job(body)
+        events = await service.open_stream(job, service.output_options(body, "http://test"), asyncio.Event().wait)
+        call = await app.next_call()  # the job runs
+        await events.aclose()
+        assert job.cancel_requested
+        await app.advance(call)  # the engine sees the cancel at its next step
+        await asyncio.wait_for(job.done(), BOUND)
+        assert job.status.value == "cancelled"
+
+
+async def test_a_stream_that_opts_in_reports_progress_then_the_image(tmp_path: Path) -> None:
+    async with fake_app(tmp_path) as app:
+        payloads = await _streamed(app, {**BODY, "stream_progress": True})
         assert payloads[-1]["type"] == "image_generation.completed" and payloads[-1]["job_id"]
         steps = [p["step"] for p in payloads if p["type"] == "image_generation.progress" and p["status"] == "running"]
         assert steps == [0, 1, 2, 3]
-        assert chunks.rstrip().endswith("data: [DONE]")
 
 
 async def test_an_unwritable_output_dir_never_costs_an_image(tmp_path: Path) -> None:

@@ -15,6 +15,7 @@ TORCH_FREE = (
     "fluxserve.models.registry",
     "fluxserve.models.handle",
     "fluxserve.models.devices",
+    "fluxserve.models.sources",
     "fluxserve.scheduler.scheduler",
     "fluxserve.runtime",
     "fluxserve.catalog",

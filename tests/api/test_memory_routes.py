@@ -43,7 +43,7 @@ async def client(cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> A
         model="tiny-flux", cache_dir=cache_dir, output_dir=tmp_path_factory.mktemp("outputs"), device="cpu",
         warmup_sizes=["64x64"], store_local=False, fault_injection=True, oom_max_consecutive=2,
         min_size=32,  # lets the downscale rung go 64 → 48 → 32 (cheap); requests still use 64x64
-        _env_file=None)
+        hub_downloads="off", _env_file=None)
     async with running_app(settings) as c:
         yield c
 

@@ -205,9 +205,9 @@ def _until(condition: Callable[[], bool], what: str) -> None:
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
 
 
-CARD_KEYS = {"id", "object", "created", "owned_by", "source", "allowed", "family", "description", "active", "loaded",
-             "loaded_on", "gated", "licence", "commercial_use", "defaults", "guidance_parameter", "presets",
-             "quality_steps", "modes", "load_seconds", "warmup", "prompt_cache", "replicas", "edits"}
+CARD_KEYS = {"id", "object", "created", "owned_by", "source", "allowed", "loadable", "family", "description",
+             "active", "loaded", "loaded_on", "gated", "licence", "commercial_use", "defaults", "guidance_parameter",
+             "presets", "quality_steps", "modes", "load_seconds", "warmup", "prompt_cache", "replicas", "edits"}
 
 
 # --- the routes ------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import io
 import json
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
@@ -18,6 +19,7 @@ from typing import Any
 import httpx
 import pytest
 from asgi_lifespan import LifespanManager
+from PIL import Image
 
 from fluxserve.distributed.config import (
     ingress_settings,
@@ -176,14 +178,17 @@ async def test_models_lists_deployed_models_with_their_replicas(ingress: Callabl
 
 async def test_streaming_progress_and_partial_images(ingress: Callable[..., Any]) -> None:
     async with ingress() as client:
-        body = {"prompt": "stream", "size": "64x64", "stream": True, "partial_images": 2, "num_inference_steps": 6}
+        body = {"prompt": "stream", "size": "64x64", "stream": True, "partial_images": 2, "num_inference_steps": 6,
+                "stream_progress": True}
         async with client.stream("POST", "/v1/images/generations", json=body) as r:
             assert r.status_code == 200
             events = [json.loads(line[6:]) for line in [x async for x in r.aiter_lines()]
                       if line.startswith("data: {")]
         kinds = [e["type"] for e in events]
         assert kinds[-1] == "image_generation.completed"
-        assert kinds.count("image_generation.partial_image") == 2
+        partials = [e for e in events if e["type"] == "image_generation.partial_image"]
+        assert [e["partial_image_index"] for e in partials] == [0, 1] and {e["size"] for e in partials} == {"64x64"}
+        assert all(Image.open(io.BytesIO(base64.b64decode(e["b64_json"]))).size == (64, 64) for e in partials)
         assert any(e["type"] == "image_generation.progress" and e["status"] == "running" for e in events)
 
 

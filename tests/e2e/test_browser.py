@@ -99,11 +99,14 @@ def studio_server(cache_dir: Path, studio_outputs: Path) -> Iterator[ServerProce
 
     Like conftest's ``server`` fixture but shared by the module: each start costs seconds on two cores.
     Tests select the model they need first, so they do not depend on their order. Steps may go high
-    enough that a generation can be cancelled long before it would end.
+    enough that a generation can be cancelled long before it would end. It declares hub downloads (and a
+    token) so its picker offers every registry model, as a server with hub access does: the picker's
+    labels for gated and non-commercial models are under test; no test selects a model that would download.
     """
     server = ServerProcess({"FLUX_MODEL": "tiny-flux", "FLUX_CACHE_DIR": str(cache_dir), "FLUX_DEVICE": "cpu",
                             "FLUX_OUTPUT_DIR": str(studio_outputs), "FLUX_WARMUP_SIZES": "64x64",
-                            "FLUX_MAX_STEPS": str(SLOW_STEPS), "FLUX_MAX_MEGAPIXEL_STEPS": "1e9"},
+                            "FLUX_MAX_STEPS": str(SLOW_STEPS), "FLUX_MAX_MEGAPIXEL_STEPS": "1e9",
+                            "FLUX_HUB_DOWNLOADS": "on", "HF_TOKEN": "hf_placeholder_for_the_picker"},
                            studio_outputs.parent / "server.log")
     try:
         server.wait_ready()

@@ -84,7 +84,7 @@ def test_cancelled_stream_is_counted_and_logged_as_cancelled(live: ServerProcess
         assert httpx.get(live.base_url + probe, timeout=30).status_code == 200
     before = _requests_total(live)
     mark = live.log_mark()
-    body = {"prompt": "slow", "size": "256x256", "num_inference_steps": 400, "stream": True}
+    body = {"prompt": "slow", "size": "256x256", "num_inference_steps": 400, "stream": True, "stream_progress": True}
     with httpx.stream("POST", live.base_url + "/v1/images/generations", json=body, timeout=60) as stream:
         assert stream.status_code == 200
         for line in stream.iter_lines():

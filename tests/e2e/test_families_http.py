@@ -34,7 +34,7 @@ def live(cache_dir: Any, tmp_path_factory: pytest.TempPathFactory) -> Any:
 
 
 def test_models_list_every_family_with_licence_and_gated_state(live: ServerProcess) -> None:
-    listed = {m["id"]: m for m in httpx.get(live.base_url + "/v1/models", timeout=30).json()["data"]}
+    listed = {m["id"]: m for m in httpx.get(live.base_url + "/v1/models?all=true", timeout=30).json()["data"]}
     assert set(BUILTIN_MODELS) <= set(listed)
     for key, spec in BUILTIN_MODELS.items():
         entry = listed[key]

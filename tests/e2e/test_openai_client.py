@@ -78,7 +78,32 @@ def test_openai_client_streaming(live: ServerProcess) -> None:
     stream = client.images.generate(prompt="a", size="64x64", stream=True, partial_images=1,  # type: ignore[arg-type]
                                     extra_body={"num_inference_steps": 4, "seed": 1})
     types = [event.type for event in stream]
-    assert "image_generation.partial_image" in types and types[-1] == "image_generation.completed"
+    assert types == ["image_generation.partial_image", "image_generation.completed"]
+
+
+def test_the_sdk_stream_loop_that_decodes_every_event_works_unchanged(live: ServerProcess) -> None:
+    """The ordinary loop of OpenAI's streaming example: every event carries an image at the requested size."""
+    client = client_for(live)
+    sizes, types = [], []
+    for event in client.images.generate(prompt="a lighthouse", size="96x64", stream=True,  # type: ignore[arg-type]
+                                        partial_images=2, extra_body={"num_inference_steps": 6}):
+        image = Image.open(io.BytesIO(base64.b64decode(event.b64_json)))
+        image.load()
+        sizes.append(image.size)
+        types.append(event.type)
+    assert types == ["image_generation.partial_image"] * 2 + ["image_generation.completed"]
+    assert sizes == [(96, 64)] * 3
+
+
+def test_a_stream_that_opts_in_gets_progress_events_too(live: ServerProcess) -> None:
+    body = {"prompt": "a", "size": "64x64", "stream": True, "partial_images": 1, "num_inference_steps": 4,
+            "stream_progress": True}
+    with httpx.stream("POST", live.base_url + "/v1/images/generations", json=body, timeout=120) as response:
+        events = [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: {")]
+    types = [event["type"] for event in events]
+    running = [e["step"] for e in events if e["type"] == "image_generation.progress" and e["status"] == "running"]
+    assert running == [0, 1, 2, 3, 4] and types.count("image_generation.partial_image") == 1
+    assert types[0] == "image_generation.progress" and types[-1] == "image_generation.completed"
 
 
 def test_earlier_server_clients_work_unchanged(live: ServerProcess) -> None:
@@ -130,7 +155,7 @@ def test_health_answers_fast_during_a_slow_generation(live: ServerProcess) -> No
 def test_disconnect_cancels_and_frees_the_worker_within_one_step(live: ServerProcess) -> None:
     """Event-driven: the client follows its own job's events, hangs up once the job is running, and reads
     the cancellation (and the step it happened at) from those events; no timing decides anything."""
-    body = {"prompt": "slow", "size": "256x256", "num_inference_steps": 400, "stream": True}
+    body = {"prompt": "slow", "size": "256x256", "num_inference_steps": 400, "stream": True, "stream_progress": True}
     with httpx.Client(base_url=live.base_url, timeout=120) as http, \
             http.stream("POST", "/v1/images/generations", json=body) as generation:
         lines = generation.iter_lines()

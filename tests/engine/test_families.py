@@ -69,7 +69,8 @@ def engine(cache_dir: Path) -> DeviceEngine:
 
 @pytest.mark.parametrize("key", TINY_KEYS)
 def test_every_tiny_model_generates_reproducibly_in_a_mixed_batch(engine: DeviceEngine, key: str) -> None:
-    """Loaded by from_pretrained, two prompts batched in one call; seeds reproduce; previews arrive."""
+    """Loaded by from_pretrained, two prompts batched in one call; seeds reproduce; a partial image arrives,
+    decoded at the requested size."""
     spec = resolve_model(key)
     family = FAMILIES[spec.family]
     model, _ = engine.load(spec)
@@ -79,16 +80,39 @@ def test_every_tiny_model_generates_reproducibly_in_a_mixed_batch(engine: Device
     params = GenerationParams(key, side, side, 2, spec.guidance, min(spec.max_sequence_length, 64))
     previews: list[object] = []
     first, other = engine.generate(model, params, [
-        ImageRequest("a red fox", [7], on_progress=lambda s, t, p: previews.append(p), want_previews=True),
+        ImageRequest("a red fox", [7], on_progress=lambda s, t, p: previews.append(p), partial_images=1),
         ImageRequest("a lighthouse on a cliff", [8])])
     alone = engine.generate(model, params, [ImageRequest("a red fox", [7])])[0]
     image = first.images[0]
     assert image.shape == (side, side, 3) and image.dtype == np.uint8
     assert np.abs(image.astype(int) - alone.images[0].astype(int)).max() <= 2  # batched = alone, up to rounding
     assert np.abs(image.astype(int) - other.images[0].astype(int)).mean() > 1
-    assert len(previews) == 2
+    assert len(previews) == 2 and previews[1] is None  # the last step's image is the final one
     if family.supports_previews:
-        assert all(p is not None for p in previews)
+        partial = previews[0]
+        assert isinstance(partial, np.ndarray) and partial.shape == (side, side, 3) and partial.dtype == np.uint8
+
+
+def test_a_partial_image_decodes_the_clean_latents_the_model_predicted() -> None:
+    """Euler flow-matching steps along the velocity noise − clean give back the clean latents exactly, from the
+    latents before and after a step; without the latents before it, the current ones are decoded."""
+    import torch
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from fluxserve.engine.engine import predicted_clean_latents
+
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    scheduler.set_timesteps(4)
+    gen = torch.Generator().manual_seed(0)
+    clean, noise = torch.randn(2, 16, 8, 8, generator=gen), torch.randn(2, 16, 8, 8, generator=gen)
+    latents = (1 - scheduler.sigmas[0]) * clean + scheduler.sigmas[0] * noise
+    for timestep in scheduler.timesteps[:2]:
+        previous = latents
+        latents = scheduler.step(noise - clean, timestep, latents, return_dict=False)[0]
+        estimate = predicted_clean_latents(scheduler, latents, previous)
+        assert torch.allclose(estimate, clean, atol=1e-4)
+        assert (latents - clean).abs().mean() > 0.1  # the current latents are still noisy
+    assert predicted_clean_latents(scheduler, latents, None) is latents
 
 
 @pytest.mark.parametrize("key", [k for k in FAMILY_KEYS if FAMILIES[BUILTIN_MODELS[k].family].uses_negative_prompt])

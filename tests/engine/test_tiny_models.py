@@ -79,7 +79,7 @@ def test_generic_runner_runs_any_pipeline_in_one_call(engine: DeviceEngine) -> N
     try:
         steps: list[int] = []
         one, two = engine.generate(model, params, [
-            ImageRequest("a red fox", [7], on_progress=lambda s, t, p: steps.append(s), want_previews=True),
+            ImageRequest("a red fox", [7], on_progress=lambda s, t, p: steps.append(s), partial_images=1),
             ImageRequest("a cat", [8])])
     finally:
         model.runner = staged

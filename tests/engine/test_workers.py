@@ -152,17 +152,19 @@ def test_cancel_crosses_the_process_boundary_within_one_step(scheduler: Schedule
     assert steps_seen == [1, 2]  # the worker saw the flag at the very next step and reported no more
 
 
-def test_progress_and_previews_cross_the_boundary(make_settings: Callable[..., Any]) -> None:
+def test_progress_and_partial_images_cross_the_boundary(make_settings: Callable[..., Any]) -> None:
     engine = ProcessEngine(make_settings().engine, select_device_dtype("cpu"), torch_threads=1)
     try:
         model, loaded_now = engine.load(resolve_model("tiny-flux"))
         assert loaded_now and engine.get("tiny-flux") is model
         seen: list[tuple[int, int, Any]] = []
         request = ImageRequest("a fox", [3, 4], on_progress=lambda s, t, p: seen.append((s, t, p)),
-                               want_previews=True)
+                               partial_images=2)
         results = engine.generate(model, GenerationParams("tiny-flux", 64, 64, 3, 0.0, 32), [request])
         assert [s for s, _, _ in seen] == [1, 2, 3] and {t for _, t, _ in seen} == {3}
-        assert all(isinstance(p, np.ndarray) and p.dtype == np.uint8 for _, _, p in seen)
+        partials = [p for _, _, p in seen]
+        assert partials[2] is None  # after steps 1 and 2, not the last
+        assert all(isinstance(p, np.ndarray) and p.dtype == np.uint8 and p.shape == (64, 64, 3) for p in partials[:2])
         assert results[0].seeds == [3, 4] and len(results[0].images) == 2
         assert engine.unload("tiny-flux") and engine.get("tiny-flux") is None
         with pytest.raises(Exception, match="not loaded"):

@@ -93,7 +93,7 @@ async def test_streaming_progress_and_partial_images(app_factory: Callable[..., 
 
     async with app_factory() as client:
         body = {"prompt": "a", "size": "64x64", "num_inference_steps": stream_steps, "stream": True,
-                "partial_images": 2, "seed": 9}
+                "partial_images": 2, "seed": 9, "stream_progress": True}
         kinds: list[str] = []
         payloads: list[dict[str, Any]] = []
         async with client.stream("POST", GEN, json=body) as response:
@@ -110,9 +110,9 @@ async def test_streaming_progress_and_partial_images(app_factory: Callable[..., 
         completed = payloads[-1]
         plain = await client.post(GEN, json={**body, "stream": False})
         assert completed["b64_json"] == plain.json()["data"][0]["b64_json"]
-        preview = Image.open(io.BytesIO(base64.b64decode(payloads[kinds.index("image_generation.partial_image")]
-                                                         ["b64_json"])))
-        assert max(preview.size) <= 64
+        partials = [p for p in payloads if p["type"] == "image_generation.partial_image"]
+        assert [p["step"] for p in partials] == [2, 4]  # evenly spaced, never the last step
+        assert all(Image.open(io.BytesIO(base64.b64decode(p["b64_json"]))).size == (64, 64) for p in partials)
 
 
 async def test_max_concurrent_runs_separate_pipeline_views_on_one_device(app_factory: Callable[..., Any]) -> None:

@@ -28,7 +28,8 @@ def live_settings(cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     from fluxserve.settings import Settings
 
     return Settings(model="tiny-flux", cache_dir=cache_dir, output_dir=tmp_path_factory.mktemp("security") / "out",
-                    device="cpu", warmup_sizes=["64x64"], store_local=False, max_batch=1, _env_file=None,
+                    device="cpu", warmup_sizes=["64x64"], store_local=False, max_batch=1, hub_downloads="off",
+                    _env_file=None,
                     **LIMITS)
 
 

@@ -127,7 +127,7 @@ def test_requests_name_only_enabled_models(bare_client: Callable[..., Any]) -> N
         for name in ("made-up-model", "someone/some-repo", "/etc", "../../x"):
             assert_openai_error(client.post(GEN, json={**OK, "model": name}), 404, param="model",
                                 code="model_not_found")
-        cards = {m["id"]: m for m in client.get("/v1/models").json()["data"]}
+        cards = {m["id"]: m for m in client.get("/v1/models?all=true").json()["data"]}
         assert cards["tiny-flux"]["allowed"] and not cards["qwen"]["allowed"]
 
 

@@ -21,7 +21,7 @@ from .helpers import assert_openai_error
 
 GEN = "/v1/images/generations"
 OK = {"prompt": "a lighthouse", "size": "64x64", "num_inference_steps": 1}
-MAX_SEED = 2**63 - 1
+MAX_SEED = 2**53 - 1  # JavaScript's Number.MAX_SAFE_INTEGER
 
 
 def _post(client: Any, **fields: Any) -> Any:
@@ -55,7 +55,10 @@ def _post(client: Any, **fields: Any) -> Any:
     ({"true_cfg_scale": LIMITS["max_guidance"] * 2}, "true_cfg_scale", None),
     ({"seed": -1}, "seed", None),
     ({"seed": MAX_SEED + 1}, "seed", None),
+    ({"seed": 2**63 - 1}, "seed", None),
     ({"seed": 2**64}, "seed", None),
+    ({"moderation": "high"}, "moderation", "invalid_value"),
+    ({"moderation": ""}, "moderation", "invalid_value"),
     ({"max_sequence_length": 10**6}, "max_sequence_length", None),
     ({"output_compression": 101}, "output_compression", None),
     ({"partial_images": 4}, "partial_images", None),
@@ -84,6 +87,8 @@ def _image_size(item: dict[str, Any]) -> tuple[int, int]:
     {"prompt": "y" * LIMITS["max_prompt_chars"]},
     {"seed": MAX_SEED, "n": LIMITS["max_images_per_request"]},  # seeds wrap around, never overflow
     {"seed": 0},
+    {"moderation": "low"},
+    {"moderation": "auto"},
     {"num_inference_steps": LIMITS["max_steps"]},
     {"guidance_scale": LIMITS["max_guidance"]},
     {"guidance_scale": 0},

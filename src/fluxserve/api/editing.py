@@ -272,7 +272,7 @@ class EditService:
         return f"{w}x{h}"
 
     def build_job(self, body: ImageEditRequest, uploads: list[Upload], mask_upload: Upload | None,
-                  request_id: str | None, *, want_previews: bool = False, variation: bool = False,
+                  request_id: str | None, *, partial_images: int = 0, variation: bool = False,
                   owner: str | None = None) -> Job:
         """Validate everything, decode the images and build the job (CPU work: call it off the event loop)."""
         spec = self.images.resolve_model(body.model)
@@ -316,7 +316,7 @@ class EditService:
             sized = body.model_copy(update={"size": self._auto_size(spec, first_w, first_h)})
         if variation:
             sized = sized.model_copy(update={"prompt": "variation"})  # validated as a prompt, replaced below
-        job = self.images.build_job(sized, request_id=request_id, owner=owner, want_previews=want_previews)
+        job = self.images.build_job(sized, request_id=request_id, owner=owner, partial_images=partial_images)
         if variation:
             job.prompt = ""
         width, height = job.params.width, job.params.height

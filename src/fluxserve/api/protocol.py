@@ -14,8 +14,8 @@ from typing import Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from fluxserve.api.jsontext import JsonRefused, loads_field
+from fluxserve.generation import MAX_PARTIAL_IMAGES, MAX_SEED
 
-MAX_SEED = 2**63 - 1
 REQUEST_ID_PATTERN = r"^[A-Za-z0-9._:\-]{1,128}$"
 MAX_TEXT_CHARS = 100_000
 """Longest string any request field may hold (prompts have their own, smaller FLUX_MAX_PROMPT_CHARS)."""
@@ -135,15 +135,20 @@ class ImageGenerationRequest(APIModel):
     quality: Literal["auto", "low", "medium", "high", "standard", "hd"] | None = Field(
         None, description="Maps to the model's step presets (standard=medium, hd=high).")
     user: str | None = Field(None, max_length=256, description="End-user id; accepted and logged.")
-    stream: bool = Field(False, description="Server-sent events: progress, partial images, then the image.")
-    partial_images: int | None = Field(None, ge=0, le=3, description="Partial previews to stream (0–3).")
+    stream: bool = Field(False, description="Server-sent events: partial images, then the image (OpenAI's events).")
+    partial_images: int | None = Field(None, ge=0, le=MAX_PARTIAL_IMAGES,
+                                       description="Partial images to stream (0–3), at the requested size.")
     style: Any = Field(None, description="Accepted and ignored (no meaning for diffusion models here).")
     background: Literal["transparent", "opaque", "auto"] | None = Field(
         None, description='opaque or auto; "transparent" is refused (no model here produces alpha).')
-    moderation: Any = Field(None, description="Accepted and ignored (no moderation model runs here).")
+    moderation: Literal["low", "auto"] | None = Field(
+        None, description="OpenAI's values are accepted and ignored (no moderation model runs here).")
 
     # fluxserve / earlier-server extensions
-    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Seed of the first image; image i uses seed+i.")
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Seed of the first image (0 … 2^53 − 1); image i "
+                             "uses (seed + i) mod 2^53.")
+    stream_progress: bool = Field(False, description="With stream: also send <prefix>.progress events (queue "
+                                  "position, step/total) besides OpenAI's events.")
     num_inference_steps: int | None = Field(None, ge=1, description="Denoising steps (overrides quality).")
     guidance_scale: float | None = Field(None, ge=0, description="Guidance (Qwen-Image: true CFG scale).")
     true_cfg_scale: float | None = Field(None, ge=0, description="Qwen-Image's name for guidance_scale.")
@@ -182,7 +187,13 @@ class ImageGenerationRequest(APIModel):
 
     def ignored_fields(self) -> list[str]:
         named = [name for name in OPENAI_IGNORED if getattr(self, name, None) is not None]
-        return named + self.unknown_fields()
+        return named + self._format_ignored() + self.unknown_fields()
+
+    def _format_ignored(self) -> list[str]:
+        """``output_compression`` is for JPEG and WebP (as OpenAI's): a PNG is encoded at the server's
+        FLUX_PNG_COMPRESS_LEVEL whatever it says, so it is reported as ignored."""
+        png = (self.output_format or "png") == "png"
+        return ["output_compression"] if png and self.output_compression is not None else []
 
 
 def _problem_in(value: Any) -> str | None:
@@ -345,7 +356,7 @@ class ImageEditRequest(ImageGenerationRequest):
 
     def ignored_fields(self) -> list[str]:
         named = [name for name in ("style", "moderation") if getattr(self, name, None) is not None]
-        return named + self.unknown_fields()
+        return named + self._format_ignored() + self.unknown_fields()
 
 
 class ImageVariationRequest(APIModel):

@@ -20,7 +20,7 @@ import numpy as np
 from fluxserve.api.errors import APIError, sanitize
 from fluxserve.api.protocol import ImageData, ImageGenerationRequest, ImageParams, ImagesResponse, public_model_source
 from fluxserve.config import HttpConfig
-from fluxserve.generation import MAX_RANDOM_SEED, GenerationParams, pick_seed, seeds_for
+from fluxserve.generation import MAX_SEED, GenerationParams, pick_seed, seeds_for
 from fluxserve.loras import LoraError, LoraLibrary, resolve_loras
 from fluxserve.models.aliases import default_response_format
 from fluxserve.models.registry import ModelNotAllowedError, UnknownModelError
@@ -49,6 +49,9 @@ class OutputOptions:
     base_url: str
     ignored: list[str]
     partial_images: int
+    stream_progress: bool
+    """Streams also carry ``<prefix>.progress`` events (the ``stream_progress`` extension; off: OpenAI's events
+    only)."""
     user: str | None
     request_started: float
     background: str | None = None
@@ -108,7 +111,9 @@ class ImageService:
         return width, height, param
 
     def build_job(self, body: ImageGenerationRequest, *, request_id: str | None = None, owner: str | None = None,
-                  want_previews: bool = False) -> Job:
+                  partial_images: int = 0) -> Job:
+        """Validate the request and build its job. ``partial_images``: how many the engine makes for it (a
+        stream's ``partial_images``; 0 where nothing would deliver them)."""
         s = self.settings
         if len(body.prompt) > s.max_prompt_chars:
             raise APIError(400, f"invalid 'prompt': must be at most {s.max_prompt_chars} characters, got "
@@ -144,9 +149,9 @@ class ImageService:
         if body.negative_prompt is not None and len(body.negative_prompt) > s.max_prompt_chars:
             raise APIError(400, f"invalid 'negative_prompt': must be at most {s.max_prompt_chars} characters, got "
                                 f"{len(body.negative_prompt)}", param="negative_prompt", code="prompt_too_long")
-        # Exact seeds: a random one leaves room for seed + n - 1 below 2**53 (JavaScript reads it exactly);
-        # a client's is used as sent; image i uses seed + i (wrapping past MAX_SEED to 0, never overflowing).
-        seed = body.seed if body.seed is not None else pick_seed() % (MAX_RANDOM_SEED + 2 - n)
+        # Exact seeds, all below 2**53 (JavaScript reads them exactly): a client's is used as sent (the request
+        # refuses larger ones); image i uses (seed + i) mod 2**53; a random one leaves room for seed + n - 1.
+        seed = body.seed if body.seed is not None else pick_seed() % (MAX_SEED + 2 - n)
         seeds = seeds_for(seed, n)
         allow_fallback = s.allow_fallback if body.allow_fallback is None else body.allow_fallback
         loras = self.resolve_loras(body, spec)
@@ -154,7 +159,7 @@ class ImageService:
                                   loras=loras)
         check_compute_budget(body, params, n, s.max_megapixel_steps)
         return Job(spec=spec, params=params, prompt=body.prompt, seeds=seeds, negative_prompt=body.negative_prompt,
-                   request_id=request_id, owner=owner, want_previews=want_previews)
+                   request_id=request_id, owner=owner, partial_images=partial_images)
 
     def resolve_loras(self, body: ImageGenerationRequest, spec: ModelSpec) -> tuple[tuple[str, float], ...]:
         """The request's adapter set (sorted by name: part of the batching key); 404/400 naming ``loras``."""
@@ -176,12 +181,13 @@ class ImageService:
         return OutputOptions(
             response_format=body.response_format or default_response_format(
                 body.model, self.settings.default_response_format), output_format=fmt,
-            compression=body.output_compression,
+            compression=body.output_compression if fmt != "png" else None,  # PNG: FLUX_PNG_COMPRESS_LEVEL
             store_local=self.settings.store_local if body.store_local is None else body.store_local,
             write_metadata=body.write_metadata,
             quality=body.quality or "auto",
             base_url=(self.settings.public_url or base_url).rstrip("/"),
-            ignored=body.ignored_fields(), partial_images=body.partial_images or 0, user=body.user,
+            ignored=body.ignored_fields(), partial_images=body.partial_images or 0,
+            stream_progress=body.stream_progress, user=body.user,
             request_started=time.perf_counter(), background=None if body.background is None else "opaque",
         )
 
@@ -259,14 +265,18 @@ class ImageService:
         timing = {"queue_wait": queue_wait, "model_load": model_load, **result.timings}
         return timing
 
+    def _encode(self, pixels: np.ndarray, options: OutputOptions) -> bytes:
+        """One image in the requested format and compression."""
+        return encode_image(pixels, options.output_format,  # type: ignore[arg-type]
+                            compression=options.compression, png_level=self.settings.png_compress_level)
+
     def _finish_image(self, job: Job, index: int, pixels: np.ndarray, options: OutputOptions,
                       stages: dict[str, float]) -> ImageData:
         result = job.result
         assert result is not None
         timing = dict(stages)
         started = time.perf_counter()
-        data = encode_image(pixels, options.output_format,  # type: ignore[arg-type]
-                            compression=options.compression, png_level=self.settings.png_compress_level)
+        data = self._encode(pixels, options)
         timing["image_encode"] = time.perf_counter() - started
         p = result.params
         seed = result.seeds[index]
@@ -348,46 +358,56 @@ class ImageService:
         task.add_done_callback(self._background.discard)
 
     # --- streaming -------------------------------------------------------------------------------
-    async def stream(self, job: Job, options: OutputOptions,
-                     disconnected: Callable[[], Awaitable[None]]) -> AsyncIterator[dict[str, Any]]:
-        """Events for ``stream: true``: progress, partial images, then completed (or an error).
+    async def open_stream(self, job: Job, options: OutputOptions,
+                          disconnected: Callable[[], Awaitable[None]]) -> AsyncIterator[dict[str, Any]]:
+        """Submit ``job`` and return the events of its ``stream: true`` answer. A refusal (a full queue, a
+        duplicate label, a shutdown) raises here, before any byte is sent: the client gets a 429/409/503."""
+        events = self._stream(job, options, disconnected)
+        submitted = await anext(events)
+        assert submitted is _SUBMITTED
+        return events
 
-        The first ``anext`` submits the job (a refusal raises before any byte is sent). A client that
-        goes away cancels the job at once, whether it is waiting in the queue or running."""
+    async def _stream(self, job: Job, options: OutputOptions,
+                      disconnected: Callable[[], Awaitable[None]]) -> AsyncGenerator[dict[str, Any], None]:
+        """OpenAI's events: ``<prefix>.partial_image`` (``partial_images`` of them, at the requested size),
+        then ``<prefix>.completed`` per image, or ``error``; ``<prefix>.progress`` events (queue position,
+        step/total) only with ``stream_progress``.
+
+        The first item is :data:`_SUBMITTED`, once the job is queued. A client that goes away cancels the job
+        at once, whether it is waiting in the queue or running."""
         loop = asyncio.get_running_loop()
         size = f"{job.params.width}x{job.params.height}"
-        partial_steps = _partial_steps(job.params.steps, options.partial_images)
-        partial_total = job.params.steps
         partial_index = 0
         prefix = options.event_prefix
+        progress = options.stream_progress
         async with job.subscribe() as events:  # before submit: no event can be missed
             self.submit(job)
-            gone = asyncio.ensure_future(disconnected())
+            gone: asyncio.Future[None] | None = None
             try:
+                yield _SUBMITTED  # closed here (the answer never started): the finally below cancels the job
+                gone = asyncio.ensure_future(disconnected())
                 async with contextlib.aclosing(until_gone(events, gone)) as followed:
                     async for event in followed:
                         kind = event["type"]  # every streamed event names its job (for /v1/images/jobs/{id}/events)
-                        if kind == "queued":
+                        if kind == "queued" and progress:
                             yield {"type": f"{prefix}.progress", "status": "queued", "step": 0, "job_id": job.id,
                                    "total": job.params.steps, "queue_position": event.get("queue_position")}
-                        elif kind == "started":
+                        elif kind == "started" and progress:
                             yield {"type": f"{prefix}.progress", "status": "running", "step": 0, "job_id": job.id,
                                    "total": job.params.steps, "queue_position": 0,
                                    "batch_size": event.get("batch_size")}
                         elif kind == "progress":
-                            if event["total"] != partial_total:  # img2img/inpaint run fewer steps (strength)
-                                partial_total = event["total"]
-                                partial_steps = _partial_steps(partial_total, options.partial_images)
-                            yield {"type": f"{prefix}.progress", "status": "running", "step": event["step"],
-                                   "job_id": job.id, "total": event["total"], "queue_position": 0}
-                            preview = event.get("preview")
-                            if preview is not None and event["step"] in partial_steps:
-                                data = await loop.run_in_executor(self.runtime.encoder, encode_image, preview,
-                                                                  "png")
+                            if progress:
+                                yield {"type": f"{prefix}.progress", "status": "running", "step": event["step"],
+                                       "job_id": job.id, "total": event["total"], "queue_position": 0}
+                            partial = event.get("preview")  # the engine makes them only at the partial steps
+                            if partial is not None and partial_index < options.partial_images:
+                                data = await loop.run_in_executor(self.runtime.encoder, self._encode, partial, options)
                                 yield {"type": f"{prefix}.partial_image", "b64_json": to_base64(data),
                                        "partial_image_index": partial_index, "created_at": int(time.time()),
                                        "size": size, "quality": options.quality, "background": "opaque",
-                                       "output_format": "png", "step": event["step"]}
+                                       "output_format": options.output_format, "step": event["step"],
+                                       "job_id": job.id}
                                 partial_index += 1
                         elif kind in TERMINAL_EVENTS:
                             break
@@ -406,15 +426,20 @@ class ImageService:
                                      "input_tokens_details": {"image_tokens": 0, "text_tokens": 0}},
                            "seed": item.seed, "timing": item.timing, "params": item.params.model_dump(),
                            "request_id": item.request_id, "job_id": item.job_id, "saved_path": item.saved_path,
-                           "save_error": item.save_error}
+                           "save_error": item.save_error, "ignored_fields": response.ignored_fields}
             except Exception as exc:  # never end a stream without telling the client why
                 log.exception("stream failed", extra={"ctx": {"job_id": job.id}})
                 yield error_event(exc if isinstance(exc, JobError) else JobError(
                     f"the stream failed ({type(exc).__name__})", code="internal_error", status=500))
             finally:
-                gone.cancel()
+                if gone is not None:
+                    gone.cancel()
                 if not job.finished:
                     self.runtime.scheduler.cancel(job.id)
+
+
+_SUBMITTED: dict[str, Any] = {"type": "submitted"}
+"""The first item of :meth:`ImageService._stream`: the job is queued (never sent to the client)."""
 
 
 def error_event(error: JobError) -> dict[str, Any]:
@@ -488,14 +513,6 @@ def check_compute_budget(body: ImageGenerationRequest, params: GenerationParams,
                         f"{params.steps} steps = {cost:.1f} megapixel-steps; the budget per request is {budget:g} "
                         "(FLUX_MAX_MEGAPIXEL_STEPS): lower n, the size or num_inference_steps",
                    param=param, code="compute_budget_exceeded")
-
-
-def _partial_steps(total: int, partial_images: int) -> set[int]:
-    """Which steps emit a partial image: evenly spaced, never the last step (that is the final image)."""
-    if partial_images <= 0 or total <= 1:
-        return set()
-    count = min(partial_images, total - 1)
-    return {max(1, round(total * (i + 1) / (count + 1))) for i in range(count)}
 
 
 def _ext(fmt: str) -> str:

@@ -41,7 +41,7 @@ class RemoteRequest:
     prompt: str
     seeds: tuple[int, ...]
     negative_prompt: str | None = None
-    want_previews: bool = False
+    partial_images: int = 0
     attempt: int = 0
     """0 for the first try; retries after a lost replica count up."""
     images: tuple[Any, ...] = ()

@@ -225,7 +225,7 @@ class RemoteScheduler:
             while not job.finished:
                 request = RemoteRequest(job_id=job.id, spec=job.spec, params=job.params, prompt=job.prompt,
                                         seeds=tuple(job.seeds), negative_prompt=job.negative_prompt,
-                                        want_previews=job.want_previews, attempt=attempt,
+                                        partial_images=job.partial_images, attempt=attempt,
                                         images=tuple(job.images), mask=job.mask)
                 try:
                     await self._consume(dispatch, client.stream(request))

@@ -25,8 +25,8 @@ from fluxserve.settings import Settings
 log = logging.getLogger(__name__)
 
 PROGRESS_INTERVAL = 0.25
-"""Seconds between forwarded progress events when the client wants no previews (the last step is
-always forwarded)."""
+"""Seconds between forwarded progress events without a partial image (the last step and every partial
+image are always forwarded)."""
 
 
 class ReplicaStartError(RuntimeError):
@@ -86,7 +86,7 @@ class ReplicaWorker:
         If the caller goes away (Ray cancels this generator) the local job is cancelled too.
         """
         job = Job(spec=request.spec, params=request.params, prompt=request.prompt, seeds=list(request.seeds),
-                  negative_prompt=request.negative_prompt, id=request.job_id, want_previews=request.want_previews,
+                  negative_prompt=request.negative_prompt, id=request.job_id, partial_images=request.partial_images,
                   images=list(request.images), mask=request.mask)
         yield {"type": "accepted", "replica": self.info()}
         scheduler = self.runtime.scheduler
@@ -102,7 +102,7 @@ class ReplicaWorker:
                     kind = event["type"]
                     if kind in FINAL_EVENTS:
                         break
-                    if kind == "progress" and not request.want_previews:
+                    if kind == "progress" and "preview" not in event:  # partial images always go through
                         now = time.monotonic()
                         if event["step"] < event["total"] and now - last_progress < PROGRESS_INTERVAL:
                             continue

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from fluxserve.config import EngineConfig
-from fluxserve.engine.families import DenoiseArgs, FamilyRunner, PromptEmbedding, preview_rgb, to_uint8
+from fluxserve.engine.families import DenoiseArgs, FamilyRunner, PromptEmbedding, to_uint8
 from fluxserve.engine.faults import FaultInjector
 from fluxserve.engine.loading import LoadedModel, PipelineView
 from fluxserve.engine.memory import (
@@ -36,6 +36,7 @@ from fluxserve.generation import (
     ImageRequest,
     ImageResult,
     OutOfMemory,
+    partial_image_steps,
 )
 from fluxserve.loras import LoraLibrary
 from fluxserve.models.devices import DevicePlan
@@ -197,34 +198,39 @@ class DeviceEngine:
         sync()
         timings["text_encode"] = time.perf_counter() - started
 
-        # 2. Denoise, with per-step progress, previews and cancellation.
+        # 2. Denoise, with per-step progress, partial images and cancellation.
         seeds = [seed for request in requests for seed in request.seeds]
         owners = [i for i, request in enumerate(requests) for _ in request.seeds]
         generators = view.seeded_generators(seeds)
 
         total = denoising_steps(params)
+        # Partial images: the first image of each request that streams them, at its own steps.
+        partial_steps = [partial_image_steps(total, r.partial_images) if r.on_progress is not None and
+                         family.supports_previews else frozenset() for r in requests]
+        before_partial = {step - 1 for steps in partial_steps for step in steps}
+        previous: list[torch.Tensor | None] = [None]  # the latents one step before a partial image
 
         def on_step(p: Any, step: int, _t: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
             latents = kwargs.get("latents")
+            done = step + 1
             cancelled = [r.is_cancelled() for r in requests]
             if self.step_sync is not None:  # a rank of a split group: every rank stops at the same step
                 cancelled = self.step_sync(cancelled)
             if all(cancelled):
                 p._interrupt = True
                 return {}
-            wants = [r for r in requests if r.on_progress is not None and not r.is_cancelled()]
-            previews = None
-            if latents is not None and family.supports_previews and any(r.want_previews for r in wants):
-                with torch.inference_mode():
-                    spatial = runner.spatial_latents(p, latents, params.width, params.height)
-                    previews = preview_rgb(spatial)
+            wanting = [i for i, steps in enumerate(partial_steps) if done in steps and not cancelled[i]]
+            partials: dict[int, Any] = {}
+            if latents is not None and wanting:
+                rows = [owners.index(i) for i in wanting]
+                images = self._partial_images(model, p, latents, previous[0], rows, attempt)
+                if images is not None:
+                    partials = dict(zip(wanting, images, strict=True))
+            previous[0] = latents.clone() if latents is not None and done in before_partial else None
             for index, request in enumerate(requests):
                 if request.on_progress is None or request.is_cancelled():
                     continue
-                preview = None
-                if previews is not None and request.want_previews:
-                    preview = previews[owners.index(index)]
-                request.on_progress(step + 1, total, preview)
+                request.on_progress(done, total, partials.get(index))
             return {}
 
         started = time.perf_counter()
@@ -269,6 +275,56 @@ class DeviceEngine:
             ))  # generate() fills in the fallback story
         return results
 
+    def _partial_images(self, model: LoadedModel, pipe: Any, latents: torch.Tensor, previous: torch.Tensor | None,
+                        rows: list[int], attempt: Attempt) -> Any:
+        """The images the model predicts so far for these batch rows, decoded by its VAE at the requested size
+        (uint8 [len(rows), H, W, 3]); None when the decode runs out of memory (the generation goes on).
+
+        Decoded is the clean latent the model predicted at the step just taken (:func:`predicted_clean_latents`),
+        which already shows the image's colours and shapes; where it cannot be had, the current latent."""
+        params = attempt.params
+        estimate = predicted_clean_latents(pipe.scheduler, latents[rows],
+                                           previous[rows] if previous is not None else None)
+        with model.shared_lock, torch.inference_mode():
+            applied = apply_vae_modes(pipe, slicing="vae_slicing" in attempt.vae_modes,
+                                      tiling="vae_tiling" in attempt.vae_modes, tile_size=self.settings.vae_tile_size)
+            try:
+                return to_uint8(model.runner.decode(pipe, estimate, params.width, params.height))
+            except Exception as exc:
+                if not is_oom(exc):
+                    raise
+                log.warning("no partial image: out of memory while decoding it", extra={"ctx": {
+                    "model": model.spec.key, "size": f"{params.width}x{params.height}"}})
+                return None
+            finally:
+                undo_vae_modes(pipe, applied)
+
+
+def predicted_clean_latents(scheduler: Any, latents: torch.Tensor, previous: torch.Tensor | None) -> torch.Tensor:
+    """The clean latents the model predicted at the step just taken, from the latents before and after it.
+
+    Flow matching moves ``x = (1 − σ)·x0 + σ·noise`` along the velocity ``v = noise − x0``; an Euler step from
+    σ_prev to σ gives ``v = (x − x_prev) / (σ − σ_prev)``, so ``x0 = x − σ·v`` (whatever sign convention the
+    model's own output has). Every family with partial images samples this way (diffusers'
+    ``FlowMatchEulerDiscreteScheduler``, deterministic); for any other scheduler, or with no ``previous``
+    (a partial image after the first step), the current latents are returned as they are.
+    """
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    if previous is None or not isinstance(scheduler, FlowMatchEulerDiscreteScheduler):
+        return latents
+    euler: Any = scheduler  # diffusers' type hints do not declare its config and sigmas
+    index = euler.step_index
+    if euler.config.get("stochastic_sampling") or index is None or not 1 <= index < len(euler.sigmas):
+        return latents
+    sigma, sigma_prev = float(euler.sigmas[index]), float(euler.sigmas[index - 1])
+    if sigma == sigma_prev:
+        return latents
+    current = latents.float()
+    velocity = (current - previous.float()) / (sigma - sigma_prev)
+    return (current - sigma * velocity).to(latents.dtype)
+
+
 def _synchronizer(backend: str, device: str) -> Callable[[], None]:
     """Synchronize only so stage times are attributed to the right stage (CUDA/MPS are asynchronous)."""
     if backend == "cuda":
@@ -280,7 +336,7 @@ def _synchronizer(backend: str, device: str) -> Callable[[], None]:
 
 
 # --- edits: img2img, inpainting, instruction edits ---------------------------------------------------
-# Edits run through ``_run`` above like generations (prompt cache, batching, progress, cancel, previews,
+# Edits run through ``_run`` above like generations (prompt cache, batching, progress, cancel, partial images,
 # OOM ladder, NaN checks), with four hooks taken from the model's family runner: the task's pipeline
 # (``FamilyRunner.edit_pipeline``: made by ``sharing_modules``, so the weights are shared with their dtypes, and
 # cached per pipeline view), the call's image arguments (``FamilyRunner.edit_call_kwargs``), the number of steps

@@ -242,6 +242,8 @@ def load_model(spec: ModelSpec, plan: DevicePlan, settings: EngineConfig, *, vie
     if spec.tiny is None:
         kwargs.update(cache_dir=str(settings.cache_dir / "hub"), revision=settings.revision,
                       variant=settings.variant, token=settings.hf_token_value())
+        if settings.hub_downloads == "off":
+            kwargs["local_files_only"] = True
     placement = direct_placement(plan, settings)
     if placement is not None:
         kwargs["device_map"] = placement
@@ -255,7 +257,10 @@ def load_model(spec: ModelSpec, plan: DevicePlan, settings: EngineConfig, *, vie
                 pipe = DiffusionPipeline.from_pretrained(source, **kwargs)
     except Exception as exc:  # every loader failure becomes one clear message
         log.warning("loading %s failed: %s: %s", spec.key, type(exc).__name__, exc)
-        raise ModelLoadError(_explain_load_failure(spec, exc)) from exc
+        reason = _explain_load_failure(spec, exc)
+        if settings.hub_downloads == "off" and reason.startswith("could not download"):
+            reason = f"{spec.source} is not in the cache and FLUX_HUB_DOWNLOADS=off: it is not downloaded"
+        raise ModelLoadError(reason) from exc
 
     pipeline_class = type(pipe).__name__
     family = family_of_class(pipeline_class, preferred=spec.family)

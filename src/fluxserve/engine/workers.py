@@ -161,7 +161,7 @@ class _WireRequest:
     prompt: str
     seeds: list[int]
     negative_prompt: str | None
-    want_previews: bool
+    partial_images: int
     reports_progress: bool
     images: list[Any]
     mask: Any
@@ -413,7 +413,7 @@ class ProcessEngine:
 
     def generate(self, model: ModelHandle, params: GenerationParams,
                  requests: list[ImageRequest]) -> list[ImageResult]:
-        wire = [_WireRequest(r.prompt, list(r.seeds), r.negative_prompt, r.want_previews, r.on_progress is not None,
+        wire = [_WireRequest(r.prompt, list(r.seeds), r.negative_prompt, r.partial_images, r.on_progress is not None,
                              list(r.images), r.mask) for r in requests]
         try:
             results: list[ImageResult] = self._call("generate", (model.spec.key, params, wire), requests)
@@ -592,7 +592,7 @@ class _Worker:
                 prompt=request.prompt, seeds=request.seeds, negative_prompt=request.negative_prompt,
                 is_cancelled=functools.partial(cancelled, index),
                 on_progress=functools.partial(progress, index) if request.reports_progress else None,
-                want_previews=request.want_previews, images=request.images, mask=request.mask))
+                partial_images=request.partial_images, images=request.images, mask=request.mask))
         return out
 
 

@@ -12,6 +12,8 @@ freely.
 * :mod:`.handle` — :class:`~.handle.ModelHandle`: a loaded model as every layer above the engine sees it,
   whether it runs in this process, in a worker process or on a Ray replica;
 * :mod:`.devices` — :class:`~.devices.DevicePlan`: where and in which precision a model runs;
+* :mod:`.sources` — :class:`~.sources.ModelSources`: whether this server can load a model now (built offline, a
+  local directory, the hub cache, or a download the hub allows);
 * :mod:`.aliases` — other names for models (what OpenAI clients send).
 
 The family *runners* (the stage API over the diffusers pipelines, tiny and full-size builders) live in

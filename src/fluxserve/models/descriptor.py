@@ -93,7 +93,8 @@ class FamilyDescriptor:
     cfg_above: float = 1.0
     """Guidance above which the pipeline runs classifier-free guidance (Z-Image: above 0)."""
     supports_previews: bool = True
-    """Step latents can be shown as cheap previews."""
+    """Streams partial images: the step callback's latents decode with the runner's ``decode`` (the engine decodes
+    the clean latents the model predicts at that step)."""
     batches_prompts: bool = True
     """Requests with different prompts (same size/steps/guidance) can share one pipeline call."""
     tokenizers: tuple[Tokenizer, ...] = (Tokenizer("tokenizer"),)

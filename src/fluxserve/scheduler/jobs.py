@@ -115,7 +115,8 @@ class Job:
     """The client's own label (``request_id`` / ``X-Request-ID``); cancels by it are matched per owner."""
     owner: str | None = None
     """Who created the job (a hash of the API key), or None without keys. Other owners cannot see it."""
-    want_previews: bool = False
+    partial_images: int = 0
+    """Partial images the engine makes for a streaming client (0–3; see ``ImageRequest.partial_images``)."""
     images: list[Any] = field(default_factory=list)
     """Input images for edits (NumPy ``uint8`` H×W×3)."""
     mask: Any = None
@@ -323,7 +324,7 @@ class Job:
     def engine_request(self, is_cancelled: Callable[[], bool],
                        on_progress: Callable[[int, int, Any], None]) -> ImageRequest:
         return ImageRequest(prompt=self.prompt, seeds=list(self.seeds), negative_prompt=self.negative_prompt,
-                            is_cancelled=is_cancelled, on_progress=on_progress, want_previews=self.want_previews,
+                            is_cancelled=is_cancelled, on_progress=on_progress, partial_images=self.partial_images,
                             images=list(self.images), mask=self.mask)
 
 

@@ -11,11 +11,11 @@ import asyncio
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 
 from fluxserve.api.editing import EditService, Upload
 from fluxserve.api.protocol import ERROR_RESPONSES, ImageEditRequest, ImagesResponse, ImageVariationRequest
-from fluxserve.api.routes.images import _SSE, _sse, disconnected, owner
+from fluxserve.api.routes.common import SSE_RESPONSES, client_label, disconnected, event_stream, owner
 from fluxserve.api.serving import ImageService
 
 router = APIRouter(responses=ERROR_RESPONSES)
@@ -41,11 +41,11 @@ def _services(request: Request) -> tuple[ImageService, EditService]:
 async def _run(request: Request, body: ImageEditRequest, uploads: list[Upload], mask: Upload | None, *,
                variation: bool = False, background: bool = False) -> Any:
     images, edits = _services(request)
-    label = body.request_id or (request.state.request_id if "x-request-id" in request.headers else None)
+    label = client_label(request, body)
     stream = body.stream and not background
-    previews = bool(body.partial_images) and (stream or background)
+    partials = (body.partial_images or 0) if stream else 0  # only a stream delivers partial images
     job = await asyncio.get_running_loop().run_in_executor(
-        images.runtime.encoder, lambda: edits.build_job(body, uploads, mask, label, want_previews=previews,
+        images.runtime.encoder, lambda: edits.build_job(body, uploads, mask, label, partial_images=partials,
                                                         variation=variation, owner=owner(request)))
     request.state.model = job.spec.key
     request.state.job_id = job.id
@@ -59,10 +59,8 @@ async def _run(request: Request, body: ImageEditRequest, uploads: list[Upload], 
         images.finalize_in_background(job, options)
         return JSONResponse(job.summary(), status_code=202, headers={**headers,
                                                                      "Location": f"/v1/images/jobs/{job.id}"})
-    if stream:
-        events = images.stream(job, options, disconnected(request))
-        first = await anext(events)  # submits the job: a full queue or a shutdown is a 429/503, not a broken stream
-        return StreamingResponse(_sse(events, first), media_type="text/event-stream", headers=headers)
+    if stream:  # a full queue or a shutdown is a 429/503 here, not a broken stream
+        return event_stream(await images.open_stream(job, options, disconnected(request)), headers)
     images.submit(job)
     if not await images.wait(job, disconnected(request)()):
         return Response(status_code=499)  # nobody reads it; logs and metrics say what happened
@@ -78,10 +76,11 @@ async def _edit_body(request: Request) -> tuple[ImageEditRequest, list[Upload], 
 
 @router.post("/v1/images/edits", response_model=ImagesResponse, response_model_exclude_none=True,
              summary="Edit images (OpenAI-compatible): img2img, inpainting with a mask, instruction edits",
-             responses=_SSE, openapi_extra=_EDIT_DOC)
+             responses=SSE_RESPONSES, openapi_extra=_EDIT_DOC)
 async def create_edit(request: Request) -> Any:
     """Edit `image` (or `image[]`) following `prompt`; with `mask`, only its transparent area changes.
-    With `stream: true`: `image_edit.progress`, `image_edit.partial_image`, `image_edit.completed`."""
+    With `stream: true`: `image_edit.partial_image`, `image_edit.completed` (or `error`); `stream_progress`
+    (a form field `stream_progress=true` in multipart) adds `image_edit.progress` events."""
     body, uploads, mask = await _edit_body(request)
     return await _run(request, body, uploads, mask)
 

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
@@ -19,13 +18,11 @@ from fluxserve.api.protocol import (
     ImagesResponse,
     public_model_source,
 )
-from fluxserve.api.serving import ImageService, until_gone, wait_disconnect
+from fluxserve.api.routes.common import SSE_RESPONSES, client_label, disconnected, event_stream, owner
+from fluxserve.api.serving import ImageService, until_gone
 from fluxserve.scheduler.jobs import Job, JobStatus
 
 router = APIRouter(responses=ERROR_RESPONSES)
-# Documented non-JSON answers. One SSE event: ``data`` is a JSON object, the last one ``[DONE]``.
-_SSE: dict[int | str, dict[str, Any]] = {200: {"content": {"text/event-stream": {"schema": {
-    "type": "object", "required": ["data"], "properties": {"event": {"type": "string"}, "data": {"type": "string"}}}}}}}
 _IMAGE: dict[int | str, dict[str, Any]] = {200: {"content": {
     media: {"schema": {"type": "string", "format": "binary"}} for media in ("image/png", "image/jpeg", "image/webp")}}}
 
@@ -48,49 +45,23 @@ def _service(request: Request) -> ImageService:
     return service
 
 
-def owner(request: Request) -> str | None:
-    """Who is asking: the hash of the API key the auth middleware accepted (None without keys)."""
-    value = request.scope.get("state", {}).get("owner")
-    return value if isinstance(value, str) else None
-
-
-def _label(request: Request, body: ImageGenerationRequest) -> str | None:
-    """The client's own label for its job: ``request_id``, else an ``X-Request-ID`` it sent."""
-    return body.request_id or (request.state.request_id if "x-request-id" in request.headers else None)
-
-
-def disconnected(request: Request) -> Callable[[], Awaitable[None]]:
-    return lambda: wait_disconnect(request.receive)
-
-
-def _sse(events: AsyncIterator[dict[str, Any]], *first: dict[str, Any]) -> AsyncIterator[bytes]:
-    async def gen() -> AsyncIterator[bytes]:
-        for event in first:
-            yield f"event: {event['type']}\ndata: {json.dumps(event)}\n\n".encode()
-        async for event in events:
-            yield f"event: {event['type']}\ndata: {json.dumps(event)}\n\n".encode()
-        yield b"data: [DONE]\n\n"
-    return gen()
-
-
 @router.post("/v1/images/generations", response_model=ImagesResponse, response_model_exclude_none=True,
-             summary="Generate images (OpenAI-compatible)", responses=_SSE)  # (stream: true)
+             summary="Generate images (OpenAI-compatible)", responses=SSE_RESPONSES)  # (stream: true)
 async def create_images(body: ImageGenerationRequest, request: Request) -> Any:
-    """Generate `n` images for a prompt. With `stream: true` the answer is server-sent events:
-    `image_generation.progress` (queue position, step/total), `image_generation.partial_image`
-    (cheap latent previews, `partial_images` of them) and `image_generation.completed`."""
+    """Generate `n` images for a prompt. With `stream: true` the answer is OpenAI's server-sent events:
+    `image_generation.partial_image` (`partial_images` of them, at the requested size), then
+    `image_generation.completed` per image (or `error`). `stream_progress: true` adds
+    `image_generation.progress` events (queue position, step/total)."""
     service = _service(request)
-    job = service.build_job(body, request_id=_label(request, body), owner=owner(request),
-                            want_previews=body.stream and bool(body.partial_images))
+    job = service.build_job(body, request_id=client_label(request, body), owner=owner(request),
+                            partial_images=(body.partial_images or 0) if body.stream else 0)
     request.state.model = job.spec.key
     request.state.job_id = job.id
     job.metadata["trace_id"] = request.state.request_id  # log lines of the job carry the request's id
     options = service.output_options(body, str(request.base_url))
     headers = {"X-Job-ID": job.id}
-    if body.stream:
-        events = service.stream(job, options, disconnected(request))
-        first = await anext(events)  # submits the job: a full queue or a shutdown is a 429/503, not a broken stream
-        return StreamingResponse(_sse(events, first), media_type="text/event-stream", headers=headers)
+    if body.stream:  # a full queue or a shutdown is a 429/503 here, not a broken stream
+        return event_stream(await service.open_stream(job, options, disconnected(request)), headers)
     service.submit(job)
     if not await service.wait(job, disconnected(request)()):
         request.state.outcome = "client_disconnected"
@@ -102,8 +73,8 @@ async def create_images(body: ImageGenerationRequest, request: Request) -> Any:
 @router.post("/v1/images/jobs", status_code=202, summary="Queue a generation and return at once")
 async def create_job(body: ImageGenerationRequest, request: Request) -> JSONResponse:
     service = _service(request)
-    job = service.build_job(body, request_id=_label(request, body), owner=owner(request),
-                            want_previews=bool(body.partial_images))
+    # No partial images: nothing would deliver them (the job's events carry its progress only).
+    job = service.build_job(body, request_id=client_label(request, body), owner=owner(request))
     request.state.model = job.spec.key
     request.state.job_id = job.id
     job.metadata["trace_id"] = request.state.request_id  # log lines of the job carry the request's id
@@ -162,7 +133,8 @@ async def delete_job(job_id: str, request: Request) -> JSONResponse:
     return JSONResponse(_public(job.summary()))
 
 
-@router.get("/v1/images/jobs/{job_id}/events", summary="Server-sent events of a job's progress", responses=_SSE)
+@router.get("/v1/images/jobs/{job_id}/events", summary="Server-sent events of a job's progress",
+            responses=SSE_RESPONSES)
 async def job_events(job_id: str, request: Request) -> StreamingResponse:
     job = _get_job(request, job_id)
     gone_after = disconnected(request)
@@ -178,7 +150,7 @@ async def job_events(job_id: str, request: Request) -> StreamingResponse:
             finally:
                 gone.cancel()
 
-    return StreamingResponse(_sse(events()), media_type="text/event-stream")
+    return event_stream(events())
 
 
 @router.post("/v1/images/cancel", summary="Cancel a job by request_id (the earlier web client's Cancel)")

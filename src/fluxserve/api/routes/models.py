@@ -2,7 +2,8 @@
 
 Select, unload and memory release need an admin key when keys are configured (the middleware answers
 403 to others: :func:`fluxserve.api.middleware.needs_admin`); /v1/models shows its runtime snapshot
-(devices, memory, settings, directories) to admins only.
+(devices, memory, settings, directories) to admins only. /v1/models lists what the caller can use
+(:meth:`fluxserve.runtime.Runtime.usable_models`); ``?all=true`` (admins) the whole registry.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
 
 from fluxserve.api.editing import edit_card
@@ -56,16 +57,16 @@ def public_source(spec: ModelSpec) -> str:
     return public_model_source(spec.source)
 
 
-def model_card(runtime: Runtime, spec: ModelSpec) -> dict[str, Any]:
-    """One model as ``/v1/models`` shows it. Blocking (a worker process or replica may be asked): call it off the
-    event loop."""
+def model_card(runtime: Runtime, spec: ModelSpec, *, loadable: bool) -> dict[str, Any]:
+    """One model as ``/v1/models`` shows it; ``loadable`` is :meth:`Runtime.loadable`. Blocking (a worker process
+    or replica may be asked): call it off the event loop."""
     loaded = runtime.model_info(spec.key)
     caches = {device: model.prompt_cache_stats() for device, model in loaded.items()}
     return {
         "id": public_model_source(spec.key), "object": "model", "created": int(runtime.started_at),
         "owned_by": "fluxserve",
         "source": public_source(spec) if spec.tiny is None else f"built offline ({spec.key})",
-        "allowed": runtime.may_serve(spec.key),
+        "allowed": runtime.may_serve(spec.key), "loadable": loadable,
         "family": spec.family,
         "description": spec.description if not Path(spec.source).is_absolute() else "local pipeline",
         "active": spec.key == runtime.active_key,
@@ -140,22 +141,34 @@ def _aliases(runtime: Runtime) -> dict[str, str]:
     return served
 
 
-@router.get("/v1/models", summary="Models: OpenAI list plus the active model and the runtime snapshot")
-async def list_models(request: Request) -> JSONResponse:
+@router.get("/v1/models", summary="Models this caller can use: OpenAI list plus the active model and the runtime "
+                                   "snapshot")
+async def list_models(request: Request, full_registry: bool = Query(
+        False, alias="all", description="Admins: every registry model, usable here or not (each card says "
+                                        "`allowed` and `loadable`).")) -> JSONResponse:
+    """The models this caller may use and this server can load: for an admin key any registry model (an admin
+    selects one with POST /v1/models/select), for other keys those requests may name (FLUX_MODELS); each loaded,
+    built offline, in the cache, or downloadable (FLUX_HUB_DOWNLOADS)."""
     runtime = _runtime(request)
     admin = is_admin(request.state)
-    return JSONResponse(await asyncio.get_running_loop().run_in_executor(None, _listing, runtime, admin))
+    if full_registry and not admin:
+        raise APIError(403, "GET /v1/models?all=true (the whole registry) needs an admin key (FLUX_ADMIN_KEYS)",
+                       param="all", code="permission_denied")
+    # The hub check may wait on the network and loaded models may be asked: off the event loop.
+    return JSONResponse(await asyncio.get_running_loop().run_in_executor(None, _listing, runtime, admin,
+                                                                          full_registry))
 
 
-def _listing(runtime: Runtime, admin: bool) -> dict[str, Any]:
-    specs = runtime.known_models()
-    cards = [model_card(runtime, spec) for spec in specs]
+def _listing(runtime: Runtime, admin: bool, full_registry: bool) -> dict[str, Any]:
+    specs = ([(spec, runtime.loadable(spec)) for spec in runtime.known_models()] if full_registry
+             else [(spec, True) for spec in runtime.usable_models(admin=admin)])
+    cards = [model_card(runtime, spec, loadable=loadable) for spec, loadable in specs]
     active = runtime.resolve(None)
     plan = runtime.plans[0]
     listing: dict[str, Any] = {
         "object": "list", "data": cards,
         # The earlier web page builds its model picker from `available` (key → repo id, Object.entries).
-        "available": {public_model_source(spec.key): public_source(spec) for spec in specs},
+        "available": {public_model_source(spec.key): public_source(spec) for spec, _ in specs},
         "aliases": _aliases(runtime),
         "active": {"key": public_model_source(active.key), "id": public_source(active), "type": active.family},
         "active_key": public_model_source(active.key),
@@ -170,10 +183,13 @@ def _listing(runtime: Runtime, admin: bool) -> dict[str, Any]:
 @router.get("/v1/models/{model_id:path}", summary="One model")
 async def get_model(model_id: str, request: Request) -> JSONResponse:
     runtime = _runtime(request)
-    # Any registry model can be looked at (the list shows them all, with "allowed"); using one is what
-    # FLUX_MODELS restricts.
+    # Any registry model can be looked at (with "allowed" and "loadable"); using one is what FLUX_MODELS restricts.
     spec = _spec(runtime, model_id, operator=True)
-    return JSONResponse(await asyncio.get_running_loop().run_in_executor(None, model_card, runtime, spec))
+
+    def card() -> dict[str, Any]:
+        return model_card(runtime, spec, loadable=runtime.loadable(spec))
+
+    return JSONResponse(await asyncio.get_running_loop().run_in_executor(None, card))
 
 
 @router.post("/v1/models/select", summary="Load (if needed) and make a model the default")

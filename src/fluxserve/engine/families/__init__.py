@@ -16,7 +16,6 @@ from fluxserve.engine.families.base import (
     DenoiseArgs,
     FamilyRunner,
     PromptEmbedding,
-    preview_rgb,
     to_uint8,
 )
 from fluxserve.models.descriptor import FamilyDescriptor
@@ -42,4 +41,4 @@ def runner_for(family: str | FamilyDescriptor) -> FamilyRunner:
     return runner
 
 
-__all__ = ["DenoiseArgs", "FamilyRunner", "PromptEmbedding", "preview_rgb", "runner_for", "to_uint8"]
+__all__ = ["DenoiseArgs", "FamilyRunner", "PromptEmbedding", "runner_for", "to_uint8"]

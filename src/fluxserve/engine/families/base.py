@@ -16,7 +16,7 @@ package with one subclass of :class:`FamilyRunner` whose ``descriptor`` is that 
 Runner modules import torch and diffusers only inside the methods that need them.
 
 Splitting the pipeline call into stages lets the engine time each stage, cache prompt embeddings, batch
-jobs with different prompts into one call, preview latents cheaply, and cancel between steps, all through
+jobs with different prompts into one call, decode partial images mid-way, and cancel between steps, all through
 the pipelines' public arguments (``prompt_embeds``, ``output_type="latent"``, ``callback_on_step_end``).
 """
 
@@ -97,7 +97,7 @@ class FamilyRunner:
         raise NotImplementedError
 
     def spatial_latents(self, pipe: Any, latents: torch.Tensor, width: int, height: int) -> torch.Tensor:
-        """The step callback's latents as [B, C, h, w] for previews."""
+        """The step callback's latents as [B, C, h, w] (the latent image grid)."""
         raise NotImplementedError
 
     def text_to_image(self, pipe: Any) -> Any:
@@ -253,28 +253,6 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
 
     pixels = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     return pixels.permute(0, 2, 3, 1).contiguous().cpu().numpy()
-
-
-def preview_rgb(spatial: torch.Tensor, max_side: int = 64) -> np.ndarray:
-    """A cheap RGB approximation of latents [B, C, h, w] → uint8 [B, h', w', 3] (no VAE decode).
-
-    The first three latent channels, each stretched to the 1st..99th percentile, at most ``max_side``
-    pixels on the long side. It shows composition emerging, not final colours.
-    """
-    import torch
-
-    x = spatial[:, :3].float()
-    if x.shape[1] < 3:
-        x = x.repeat(1, 3, 1, 1)[:, :3]
-    flat = x.flatten(2)
-    lo = flat.quantile(0.01, dim=2, keepdim=True).unsqueeze(-1)
-    hi = flat.quantile(0.99, dim=2, keepdim=True).unsqueeze(-1)
-    x = ((x - lo) / (hi - lo).clamp_min(1e-6)).clamp(0, 1)
-    h, w = x.shape[-2:]
-    scale = max(h, w) / max_side
-    if scale > 1:
-        x = torch.nn.functional.interpolate(x, size=(max(1, int(h / scale)), max(1, int(w / scale))), mode="area")
-    return (x * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
 def init_like_checkpoint(module: Any, seed: int) -> None:

@@ -1,7 +1,7 @@
 """Any other diffusers text-to-image pipeline: one ordinary pipeline call, no stage split.
 
 Prompts go in as text (no embedding cache), the pipeline decodes itself (``output_type="pt"``), and
-there are no latent previews; seeds, batching, progress and cancellation work as for FLUX.
+streams get no partial images; seeds, batching, progress and cancellation work as for FLUX.
 """
 
 from __future__ import annotations

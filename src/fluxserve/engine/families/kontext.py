@@ -2,7 +2,7 @@
 
 An instruction edit takes the image and a prompt that says what to change; with a mask, the masked area is
 repainted through ``FluxKontextInpaintPipeline`` (made from the loaded pipeline, sharing its modules). Without
-an image it draws from text like FLUX.1 [dev]. Prompts, batching, previews and decoding are FLUX.1's.
+an image it draws from text like FLUX.1 [dev]. Prompts, batching, partial images and decoding are FLUX.1's.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Any other diffusers text-to-image pipeline: one ordinary pipeline call, no stage split, no previews."""
+"""Any other diffusers text-to-image pipeline: one ordinary pipeline call, no stage split, no partial images."""
 
 from __future__ import annotations
 

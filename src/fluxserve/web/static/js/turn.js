@@ -100,7 +100,7 @@ export class Turn {
     this.progress.setAttribute("aria-valuetext", `step ${step} of ${total}`);
   }
 
-  /** image_generation.partial_image: a cheap preview from the latents. */
+  /** image_generation.partial_image: the image the model predicts so far, at the requested size. */
   onPartial(url, { step, partial_image_index: index }) {
     if (!this.active) return;
     if (this.previewImage.src.startsWith("blob:")) URL.revokeObjectURL(this.previewImage.src);

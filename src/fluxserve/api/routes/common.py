@@ -1,0 +1,45 @@
+"""What the image routes share: who is asking, the client's label for its job, hang-up detection, and
+server-sent event answers."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import StreamingResponse
+
+from fluxserve.api.protocol import ImageGenerationRequest
+from fluxserve.api.serving import wait_disconnect
+
+SSE_RESPONSES: dict[int | str, dict[str, Any]] = {200: {"content": {"text/event-stream": {"schema": {
+    "type": "object", "required": ["data"], "properties": {"event": {"type": "string"}, "data": {"type": "string"}}}}}}}
+"""The OpenAPI description of an event stream: each event's ``data`` is a JSON object, the last one ``[DONE]``."""
+
+
+def owner(request: Request) -> str | None:
+    """Who is asking: the hash of the API key the auth middleware accepted (None without keys)."""
+    value = request.scope.get("state", {}).get("owner")
+    return value if isinstance(value, str) else None
+
+
+def client_label(request: Request, body: ImageGenerationRequest) -> str | None:
+    """The client's own label for its job: ``request_id``, else an ``X-Request-ID`` it sent."""
+    return body.request_id or (request.state.request_id if "x-request-id" in request.headers else None)
+
+
+def disconnected(request: Request) -> Callable[[], Awaitable[None]]:
+    """Awaits the client's hang-up (call only once the request body was read)."""
+    return lambda: wait_disconnect(request.receive)
+
+
+def event_stream(events: AsyncIterator[dict[str, Any]], headers: dict[str, str] | None = None) -> StreamingResponse:
+    """``events`` as server-sent events (each named by its ``type``), ended by ``data: [DONE]``."""
+
+    async def encoded() -> AsyncIterator[bytes]:
+        async for event in events:
+            yield f"event: {event['type']}\ndata: {json.dumps(event)}\n\n".encode()
+        yield b"data: [DONE]\n\n"
+
+    return StreamingResponse(encoded(), media_type="text/event-stream", headers=headers)
