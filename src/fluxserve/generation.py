@@ -139,6 +139,11 @@ class AdapterError(EngineError):
     """A LoRA adapter of the batch could not be loaded or activated on this model (the message says why)."""
 
 
+class WorkerUnresponsive(EngineError):
+    """The worker process running the batch sent no heartbeat for FLUX_WORKER_HEARTBEAT_TIMEOUT seconds: it
+    was killed and is being replaced (the scheduler answers 503 ``worker_unresponsive``)."""
+
+
 class ModelLockTimeout(TimeoutError):
     """Waited longer than FLUX_MODEL_LOCK_TIMEOUT for another load of the same model."""
 

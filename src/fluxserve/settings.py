@@ -143,6 +143,12 @@ class Settings(BaseSettings):
     processes, so the GPUs never wait on one interpreter). The scheduler and API stay in the server
     process; a worker process that dies is restarted and its in-flight jobs fail. Off: engines run
     as threads of the server process (enough for one GPU, and for CPU)."""
+    worker_heartbeat_timeout: float = Field(15.0, gt=0)
+    """With FLUX_WORKER_PROCESSES=1: a started worker process that sends nothing for this many seconds,
+    not even the heartbeat a thread of its own sends every second (it is stopped, frozen, or a call holds
+    its interpreter), is killed and replaced. Its jobs fail with 503 ``worker_unresponsive`` (those
+    cancelled meanwhile end cancelled) and queued jobs run on the new worker. A worker busy generating
+    keeps beating; a generation stuck inside a live worker is FLUX_STALL_TIMEOUT's matter."""
     parallel: str = "off"
     """Split each request over several GPUs with diffusers' context parallelism: ``ulysses:N`` or
     ``ring:N`` (N CUDA GPUs per request, FLUX_DEVICES cut into groups of N; needs

@@ -155,3 +155,55 @@ async def test_fp8_refuses_adapters_per_request(app_factory: Callable[..., Any],
         assert response.status_code == 400 and response.json()["error"]["code"] == "loras_unavailable"
         assert "FLUX_QUANTIZE=fp8" in response.json()["error"]["message"]
         assert (await client.get("/v1/loras")).json()["available"] is False
+
+
+def _pixels(response: Any) -> Any:
+    import base64
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    assert response.status_code == 200, response.text
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(response.json()["data"][0]["b64_json"]))))
+
+
+async def test_names_that_differ_only_in_punctuation_each_get_their_own_weights(
+        app_factory: Callable[..., Any], cache_dir: Path, tmp_path: Path) -> None:
+    """``style.v1`` and ``style_v1`` (and ``flux/dup``, listed so because a top-level ``dup`` exists, and
+    ``flux_dup``) used to share one PEFT adapter name: one of them answered 400, the other then 500, and
+    later ``style.v1`` got ``style_v1``'s image while the response said ``style.v1``. Each name must get
+    the image of its own file: the one a fresh server computes with that file as its only loaded adapter."""
+    import numpy as np
+
+    model_dir = cache_dir / "models" / "tiny-flux"
+    colliding = tmp_path / "colliding"
+    files = {"style.v1": colliding / "style.v1.safetensors", "style_v1": colliding / "style_v1.safetensors",
+             "dup": colliding / "dup.safetensors", "flux/dup": colliding / "flux" / "dup.safetensors",
+             "flux_dup": colliding / "flux_dup.safetensors"}
+    for seed, path in enumerate(files.values(), start=20):
+        build_tiny_lora(model_dir, path, family="flux", base_model="tiny-flux", seed=seed, std=0.5)
+    alone = tmp_path / "alone"  # the same files under names that share nothing
+    alone.mkdir()
+    for index, path in enumerate(files.values()):
+        (alone / f"ref{index}.safetensors").write_bytes(path.read_bytes())
+
+    def body(name: str) -> dict[str, Any]:
+        return _body(loras=[{"name": name, "scale": 1.0}])
+
+    expected: dict[str, Any] = {}
+    async with app_factory(lora_dir=alone, lora_cache=1) as client:  # one adapter loaded at a time
+        for index, name in enumerate(files):
+            expected[name] = _pixels(await client.post("/v1/images/generations", json=body(f"ref{index}")))
+    assert not np.array_equal(expected["style.v1"], expected["style_v1"])  # the test can tell them apart
+    assert not np.array_equal(expected["flux/dup"], expected["flux_dup"])
+
+    async with app_factory(lora_dir=colliding) as client:
+        listed = {card["name"] for card in (await client.get("/v1/loras")).json()["data"]}
+        assert set(files) <= listed
+        for name in ("style_v1", "style.v1", "style_v1", "style.v1", "dup", "flux_dup", "flux/dup", "flux_dup",
+                     "flux/dup"):
+            response = await client.post("/v1/images/generations", json=body(name))
+            pixels = _pixels(response)  # 200, never 400 or 500
+            assert response.json()["data"][0]["params"]["loras"] == [{"name": name, "scale": 1.0}], name
+            assert np.array_equal(pixels, expected[name]), f"{name} got another adapter's weights"

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from fluxserve.engine.adapters import AdapterGate, build_tiny_lora, ensure_demo_lora
+from fluxserve.engine.adapters import AdapterGate, _peft_name, build_tiny_lora, ensure_demo_lora
 from fluxserve.engine.engine import DeviceEngine
 from fluxserve.engine.loading import LoadedModel, load_model
 from fluxserve.generation import AdapterError, GenerationParams, ImageRequest
@@ -103,6 +103,20 @@ def test_switching_a_b_a_gives_a_byte_identical(engine: DeviceEngine, flux: Load
     switches = flux.loras.switches if flux.loras else 0
     assert image(engine, flux, (("a", 0.8), ("b", 0.8))).shape == both.shape
     assert flux.loras is not None and flux.loras.switches == switches  # same set again: no switch at all
+
+
+def test_internal_adapter_names_are_one_to_one() -> None:
+    """Library names that differ only in punctuation once shared one PEFT adapter (and its weights)."""
+    import re
+
+    names = ["style.v1", "style_v1", "style-v1", "style v1", "flux/dup", "flux_dup", "_2e_", ".", "é", "a_2e_b",
+             "a.b", "tiny-flux-demo"]
+    keys = [_peft_name(name) for name in names]
+    assert len(set(keys)) == len(names)
+    for name, key in zip(names, keys, strict=True):
+        assert key.isascii() and "." not in key and "/" not in key  # a valid module key
+        decoded = re.sub(r"_([0-9a-f]+)_", lambda m: chr(int(m.group(1), 16)), key.removeprefix("lora_"))
+        assert decoded == name  # reads back: one-to-one
 
 
 def test_a_kohya_file_is_converted_and_its_text_encoder_part_keys_the_prompt_cache(

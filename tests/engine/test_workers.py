@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import io
 import os
 import signal
@@ -98,6 +99,73 @@ def test_killed_worker_fails_its_job_and_the_next_job_runs_after_restart(schedul
     assert after.status == JobStatus.SUCCEEDED, after.error
     assert after.result is not None and after.result.images[0].shape == (64, 64, 3)
     assert engine.pid not in (None, first_pid) and engine.restarts == 1
+
+
+HEARTBEAT_TIMEOUT = 3.0  # seconds of silence before the supervisor replaces a worker (15 by default)
+
+
+def _reaped(pid: int) -> bool:
+    import psutil
+
+    return not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+
+
+async def test_a_hung_worker_is_replaced_its_job_ends_and_the_queue_goes_on(app_factory: Callable[..., Any]) -> None:
+    """A worker stopped (SIGSTOP) mid-job used to leave the job running for good: a cancel could not reach it,
+    queued jobs waited, and nothing restarted it. Twice: a hung job fails with 503 ``worker_unresponsive``;
+    a hung job cancelled meanwhile ends cancelled. Each time the job queued behind it succeeds on the new
+    worker, /ready answers 200 and the stopped process is gone. Synchronized on job events, never on time."""
+    import psutil
+
+    stopped_pids: list[int] = []
+    async with app_factory(worker_processes=True, worker_heartbeat_timeout=HEARTBEAT_TIMEOUT, max_batch=1,
+                           warmup_enable=False) as client:
+        scheduler = client.app.state.runtime.scheduler  # type: ignore[attr-defined]
+        engine = scheduler.engines[0]
+        assert isinstance(engine, ProcessEngine)
+        try:
+            for round_, cancel in enumerate((False, True)):
+                pid, restarts = engine.pid, engine.restarts
+                assert pid is not None
+                stopped = threading.Event()
+
+                def stop_at_first_step(event: dict[str, Any], pid: int = pid, stopped: threading.Event = stopped
+                                       ) -> None:
+                    # the slot thread, inside the progress callback: the worker waits for its ack meanwhile
+                    if event.get("type") == "progress" and not stopped.is_set():
+                        os.kill(pid, signal.SIGSTOP)
+                        stopped_pids.append(pid)
+                        stopped.set()
+
+                hung = _job(steps=8, seed=10 * round_)
+                hung.add_listener(stop_at_first_step)
+                scheduler.submit(hung)
+                assert await asyncio.to_thread(stopped.wait, WAIT)
+                queued = scheduler.submit(_job(steps=2, seed=10 * round_ + 1))
+                if cancel:
+                    deleted = await client.delete(f"/v1/images/jobs/{hung.id}")
+                    assert deleted.status_code == 200, deleted.text
+                assert await asyncio.to_thread(hung.wait, WAIT)
+                if cancel:
+                    assert hung.status is JobStatus.CANCELLED, hung.error
+                else:
+                    assert hung.status is JobStatus.FAILED and hung.error is not None
+                    assert (hung.error.status, hung.error.code) == (503, "worker_unresponsive")
+                    assert "FLUX_WORKER_HEARTBEAT_TIMEOUT" in hung.error.message
+                    polled = (await client.get(f"/v1/images/jobs/{hung.id}")).json()
+                    assert polled["status"] == "failed" and polled["error"]["code"] == "worker_unresponsive"
+                assert await asyncio.to_thread(queued.wait, WAIT)
+                assert queued.status is JobStatus.SUCCEEDED, queued.error
+                assert queued.result is not None and queued.result.images[0].shape == (64, 64, 3)
+                assert engine.restarts == restarts + 1 and engine.pid not in (None, pid)
+                assert _reaped(pid)
+                ready = await client.get("/ready")
+                assert ready.status_code == 200, ready.text
+        finally:
+            for pid in stopped_pids:  # whatever happened above, no stopped worker outlives the test
+                with contextlib.suppress(psutil.Error, ProcessLookupError):
+                    if psutil.Process(pid).ppid() == os.getpid():
+                        os.kill(pid, signal.SIGKILL)
 
 
 def test_a_release_while_a_batch_forms_fails_no_job(make_settings: Callable[..., Any]) -> None:

@@ -376,8 +376,15 @@ def _slot(index: int) -> str:
 
 
 def _peft_name(name: str) -> str:
-    """PEFT adapter names become module attribute keys: no dots or slashes."""
-    return "lora_" + "".join(ch if ch.isalnum() or ch in "_-" else "_" for ch in name)
+    """The PEFT adapter name of library adapter ``name``; two library names never share one.
+
+    PEFT adapter names become module keys, which may not hold dots. ASCII letters, digits and ``-`` stay;
+    every other character, ``_`` included, is written as ``_<hex code point>_``: ``style.v1`` →
+    ``lora_style_2e_v1``, ``style_v1`` → ``lora_style_5f_v1``, ``flux/dup`` → ``lora_flux_2f_dup``. The
+    encoding reads back unambiguously, so it is one-to-one: a request can only ever get the weights of the
+    adapter it named (a lossy name once let ``style.v1`` and ``style_v1`` share one adapter and its weights)."""
+    kept = (ch if ch == "-" or (ch.isascii() and ch.isalnum()) else f"_{ord(ch):x}_" for ch in name)
+    return "lora_" + "".join(kept)
 
 
 def _adapter_names(pipe: Any) -> set[str]:

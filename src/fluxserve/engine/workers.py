@@ -29,6 +29,13 @@ of host memory) fails every call in flight with :class:`WorkerCrashed` at once (
 pipe close), is started again, and loads again the models it had; until then ``get`` answers None so the
 scheduler sends it nothing. Results come back as NumPy arrays in the pickles (a 1024² image is 3 MB: a
 few milliseconds over a pipe).
+
+A worker that stops answering without dying (stopped, frozen, a call holding its interpreter) is found by
+heartbeat: once it has started (its ``hello``), a thread of its own sends ``(0, "heartbeat", None)`` every
+second (a quarter of the timeout when that is shorter), and every message counts as a sign of life. The
+parent's supervisor thread kills a worker silent for FLUX_WORKER_HEARTBEAT_TIMEOUT seconds; the reader
+then sees the pipe close and restarts it as above, but its calls fail with :class:`WorkerUnresponsive`
+(the scheduler: 503 ``worker_unresponsive``, or cancelled for a job whose cancel could not cross).
 """
 
 from __future__ import annotations
@@ -61,6 +68,7 @@ from fluxserve.generation import (
     ModelLoadError,
     ModelLockTimeout,
     OutOfMemory,
+    WorkerUnresponsive,
 )
 from fluxserve.models.descriptor import FamilyDescriptor
 from fluxserve.models.devices import DevicePlan
@@ -81,6 +89,13 @@ RESTART_BACKOFF_MAX = 30.0
 """Most seconds between restarts of a worker that keeps dying before it answers a call."""
 START_TIMEOUT = 600.0
 """Seconds a call waits for a (re)starting worker to answer before it fails."""
+HEARTBEAT_SECONDS = 1.0
+"""How often a worker says it is alive (more often where FLUX_WORKER_HEARTBEAT_TIMEOUT is under 4 s)."""
+
+
+def heartbeat_interval(timeout: float) -> float:
+    """Seconds between heartbeats for a supervisor that waits ``timeout`` seconds: several beats per timeout."""
+    return min(HEARTBEAT_SECONDS, timeout / 4)
 
 
 class WorkerError(RuntimeError):
@@ -204,7 +219,13 @@ class ProcessEngine:
         """A split group's other ranks (their processes are rank 0's children)."""
         self._crashes = 0
         self.consecutive_oom_failures = 0
+        self.heartbeat_timeout = float(settings.worker_heartbeat_timeout)
+        self._last_sign: float | None = None
+        """When the current worker last sent anything; None before its ``hello`` (not supervised yet)."""
+        self._silenced: dict[int, float] = {}
+        """Generations the supervisor killed, and the seconds each had been silent."""
         self._start_worker()
+        threading.Thread(target=self._supervise, name=f"worker-supervisor-{self.device}", daemon=True).start()
 
     # --- the worker process ----------------------------------------------------------------------
     @property
@@ -229,6 +250,7 @@ class ProcessEngine:
         with self._state:
             self._generation += 1
             self._conn, self._process = parent_conn, process
+            self._last_sign = None
             self._state.notify_all()
         generation = self._generation
         threading.Thread(target=self._reader, args=(parent_conn, process, generation),
@@ -242,13 +264,19 @@ class ProcessEngine:
                 call_id, kind, payload = conn.recv()
             except (EOFError, OSError):
                 break
-            if kind == "hello":  # the worker built its engine: calls may go now
+            if kind == "hello":  # the worker built its engine: calls may go now, and it is supervised
                 with self._state:
                     self.rank_pids = list(payload.get("ranks", []))
                     self._ready = True
+                    self._alive(generation)
                     self._state.notify_all()
                 continue
+            if kind == "heartbeat":
+                with self._state:
+                    self._alive(generation)
+                continue
             with self._state:
+                self._alive(generation)
                 inbox = self._calls.get(call_id)
                 self._crashes = 0
             if inbox is not None:
@@ -258,17 +286,20 @@ class ProcessEngine:
             if self._generation != generation:
                 return
             self._ready = False
+            self._last_sign = None
             stale = list(self._calls.values())
             self._models.clear()
             closing = self._closing
+            silent = self._silenced.pop(generation, None)
         code = process.exitcode
         for inbox in stale:
-            inbox.put(("crashed", code))
+            inbox.put(("crashed", code) if silent is None else ("unresponsive", silent))
         conn.close()
         if closing:
             return
-        log.error("worker process died; restarting it", extra={"ctx": {
-            "device": self.device, "pid": process.pid, "exitcode": code, "calls_failed": len(stale)}})
+        if silent is None:
+            log.error("worker process died; restarting it", extra={"ctx": {
+                "device": self.device, "pid": process.pid, "exitcode": code, "calls_failed": len(stale)}})
         with self._state:
             self.restarts += 1
             self._state.notify_all()
@@ -283,6 +314,33 @@ class ProcessEngine:
         for spec in list(self._wanted.values()):  # load again what it served, in the background
             threading.Thread(target=self._reload, args=(spec,), name=f"worker-reload-{spec.key}",
                              daemon=True).start()
+
+    def _alive(self, generation: int) -> None:
+        """Under the state lock: worker ``generation`` just sent something."""
+        if generation == self._generation:
+            self._last_sign = time.monotonic()
+
+    def _supervise(self) -> None:
+        """Kill the worker when it has sent nothing, not even a heartbeat, for ``heartbeat_timeout`` seconds;
+        the reader sees its pipe close, fails its calls with :class:`WorkerUnresponsive` and starts another."""
+        period = heartbeat_interval(self.heartbeat_timeout)
+        while True:
+            with self._state:
+                if not self._closing:
+                    self._state.wait(period)
+                if self._closing:
+                    return
+                generation, process, last = self._generation, self._process, self._last_sign
+                silent = None if last is None else time.monotonic() - last
+                if silent is None or silent <= self.heartbeat_timeout or generation in self._silenced:
+                    continue
+                self._silenced[generation] = silent
+                self._ready = False  # no new call goes to it; the reader restarts it once it is gone
+                self._models.clear()
+            log.error("worker process sent no heartbeat; killing and replacing it", extra={"ctx": {
+                "device": self.device, "pid": process.pid, "silent_seconds": round(silent, 1),
+                "timeout": self.heartbeat_timeout}})
+            process.kill()  # SIGKILL: also ends a stopped process
 
     def _reload(self, spec: ModelSpec) -> None:
         try:
@@ -299,6 +357,7 @@ class ProcessEngine:
         with self._state:
             self._closing = True
             conn, process = self._conn, self._process
+            self._state.notify_all()  # the supervisor stops
         if conn is not None:
             try:
                 with self._send_lock:
@@ -346,6 +405,11 @@ class ProcessEngine:
                     return payload
                 elif kind == "error":
                     raise _rebuild_error(*payload)
+                elif kind == "unresponsive":
+                    raise WorkerUnresponsive(
+                        f"the worker process of {self.device} stopped responding (no heartbeat for {payload:.0f}s, "
+                        f"FLUX_WORKER_HEARTBEAT_TIMEOUT={self.heartbeat_timeout:g}) during {verb}; it was "
+                        "replaced")
                 elif kind == "crashed":
                     raise WorkerCrashed(f"the worker process of {self.device} died (exit code {payload}) during "
                                         f"{verb}; it is being restarted")
@@ -462,6 +526,15 @@ class _Worker:
     def send(self, message: Any) -> None:
         with self.send_lock:
             self.conn.send(message)
+
+    def beat(self, interval: float) -> None:
+        """The heartbeat thread: a sign of life every ``interval`` seconds, whatever the calls are doing."""
+        while True:
+            try:
+                self.send((0, "heartbeat", None))
+            except (OSError, ValueError):
+                return  # the parent is gone
+            time.sleep(interval)
 
     def serve(self) -> None:
         while True:
@@ -655,6 +728,8 @@ def worker_main(settings: EngineConfig, plan: DevicePlan, conn: Connection, torc
     engine = DeviceEngine(settings, plan, FaultInjector(settings.fault_injection, settings.faults))
     worker = _Worker(engine, conn, followers)
     worker.send((0, "hello", {"pid": os.getpid(), "ranks": _follower_pids}))
+    threading.Thread(target=worker.beat, args=(heartbeat_interval(settings.worker_heartbeat_timeout),),
+                     name="heartbeat", daemon=True).start()
     log.info("worker process serving", extra={"ctx": {"device": plan.device, "pid": os.getpid()}})
     worker.serve()
 

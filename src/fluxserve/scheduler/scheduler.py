@@ -50,6 +50,7 @@ from fluxserve.generation import (
     ModelLoadError,
     ModelLockTimeout,
     OutOfMemory,
+    WorkerUnresponsive,
 )
 from fluxserve.models.spec import ModelSpec
 from fluxserve.scheduler.jobs import Job, JobError, JobStatus, cancelled_error, queue_full
@@ -547,6 +548,13 @@ class Scheduler:
             return
         except AdapterError as exc:  # the adapter, not the batch: every job named it
             self._fail_all(jobs, JobError(f"invalid 'loras': {exc}", code="lora_unavailable", status=400))
+            return
+        except WorkerUnresponsive as exc:  # the worker was replaced: a cancel that could not cross ends the job
+            for job in jobs:
+                if job.cancel_requested:
+                    self._finish_cancelled(job)
+                else:
+                    self._fail_all([job], JobError(str(exc), code="worker_unresponsive", status=503))
             return
         for job, result in zip(jobs, results, strict=True):
             if job.cancel_requested:
