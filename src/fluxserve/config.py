@@ -163,6 +163,7 @@ class EngineConfig:
     max_loras_per_request: int
     lora_max_rank: int
     # worker processes
+    worker_heartbeat_timeout: float
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"]
     structured_logs: bool
     fault_injection: bool
