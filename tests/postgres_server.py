@@ -22,6 +22,8 @@ import socket
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -158,6 +160,17 @@ def temporary_root() -> Path:
     """A fresh directory for a cluster: under the system temporary directory, which the unprivileged
     user can traverse (pytest's own temporary directories are private to root)."""
     return Path(tempfile.mkdtemp(prefix="fluxserve-pg-"))
+
+
+@contextmanager
+def temporary_server() -> Iterator[PostgresServer]:
+    """A started server in a fresh :func:`temporary_root`, stopped and removed afterwards."""
+    root = temporary_root()
+    try:
+        with PostgresServer(root) as server:
+            yield server
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def main(argv: list[str]) -> int:

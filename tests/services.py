@@ -12,7 +12,6 @@ databases (registered as a pytest plugin by tests/conftest.py).
 from __future__ import annotations
 
 import secrets
-import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,19 +19,13 @@ from typing import Any
 
 import pytest
 
-from tests.postgres_server import PostgresServer, temporary_root
+from tests.postgres_server import PostgresServer, temporary_server
 
 
 @pytest.fixture(scope="session")
 def postgres_server() -> Iterator[PostgresServer]:
-    root = temporary_root()
-    server = PostgresServer(root)
-    server.start()
-    try:
+    with temporary_server() as server:
         yield server
-    finally:
-        server.stop()
-        shutil.rmtree(root, ignore_errors=True)
 
 
 def drop_schema(dsn: str, schema: str) -> None:

@@ -3,7 +3,6 @@ database is a clear error at start, a lost one a typed error that ends when the 
 
 from __future__ import annotations
 
-import shutil
 import socket
 import threading
 import time
@@ -15,7 +14,7 @@ import pytest
 from fluxserve.storage.jobstore import JobStoreConfig, JobStoreRefused, JobStoreUnavailable, NewJob, open_job_store
 from fluxserve.storage.jobstore.postgres import PostgresJobStore
 from fluxserve.storage.jobstore.protocol import JobState, StoreLimits
-from tests.postgres_server import PostgresServer, temporary_root
+from tests.postgres_server import PostgresServer, temporary_server
 from tests.services import drop_schema
 
 
@@ -106,14 +105,8 @@ def test_replicas_starting_together_create_the_schema_once(postgres_server: Post
 @pytest.fixture
 def own_server() -> Iterator[PostgresServer]:
     """A server of the test's own, which the test stops and starts."""
-    root = temporary_root()
-    server = PostgresServer(root)
-    server.start()
-    try:
+    with temporary_server() as server:
         yield server
-    finally:
-        server.stop()
-        shutil.rmtree(root, ignore_errors=True)
 
 
 def test_a_database_lost_mid_run_raises_unavailable_and_recovers_when_it_returns(own_server: PostgresServer) -> None:
