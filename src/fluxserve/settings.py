@@ -268,6 +268,15 @@ class Settings(BaseSettings):
     alias of that name) get ``url``, as OpenAI answers them."""
     file_ttl: float = Field(3600.0, gt=0)
     """Seconds an image served by ``response_format=url`` stays downloadable."""
+    files_max_bytes: int = Field(512 * 1024 * 1024, ge=1024)
+    """Bytes the images served by ``response_format=url`` may take in memory together (default 512 MiB). When
+    a new image would pass it, the key furthest over its budget (FLUX_FILES_MAX_BYTES_PER_KEY, or when that is
+    0 its fair share: this cap divided among the keys holding files) loses its oldest file; when no key is
+    over its budget, the new request gets 507 ``file_store_full`` instead (docs/reliability.md)."""
+    files_max_bytes_per_key: int = Field(0, ge=0)
+    """Bytes of ``url`` images one API key (or, without keys, all clients together) may hold; past it that
+    key's own oldest files go. 0 (the default): no fixed cap; a key may use the whole store while it is
+    alone, and under pressure the key holding the most loses its oldest files first."""
     png_compress_level: int = Field(1, ge=0, le=9)
     """zlib level for PNG output; 1 is fast and still lossless."""
     encode_threads: int = Field(2, ge=1, le=64)
@@ -293,8 +302,15 @@ class Settings(BaseSettings):
     """Jobs the server remembers at once (queued, running and finished async jobs with results); finished
     jobs without stored results are forgotten at once, leaving only a small status record."""
     results_max_bytes: int = Field(512 * 1024 * 1024, ge=0)
-    """Bytes of finished async jobs' encoded images kept for polling; past it the oldest results expire
-    (polling them answers 410 ``result_expired``)."""
+    """Bytes of finished async jobs' encoded images kept for polling (default 512 MiB). When a new result
+    would pass it, the key furthest over its budget (FLUX_RESULTS_MAX_BYTES_PER_KEY, or when that is 0 its
+    fair share: this cap divided among the keys holding results) loses its oldest result (polling it answers
+    410 ``result_expired``); when no key is over its budget, the new result is refused: that job ends failed
+    with ``results_store_full`` (docs/reliability.md)."""
+    results_max_bytes_per_key: int = Field(0, ge=0)
+    """Bytes of finished async results one API key (or, without keys, all clients together) may keep; past it
+    that key's own oldest results expire. 0 (the default): no fixed cap; under pressure the key holding the
+    most loses its oldest results first."""
     max_queued_per_key: int = Field(0, ge=0)
     """Queued or running jobs one API key may have at once (0: only FLUX_MAX_QUEUE limits)."""
     max_stored_per_key: int = Field(0, ge=0)

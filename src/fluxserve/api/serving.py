@@ -25,6 +25,7 @@ from fluxserve.models.aliases import default_response_format
 from fluxserve.models.registry import ModelNotAllowedError, UnknownModelError
 from fluxserve.models.spec import ModelSpec
 from fluxserve.scheduler.jobs import TERMINAL_EVENTS, Job, JobError, JobStatus
+from fluxserve.storage.budgets import StoreFull
 from fluxserve.storage.images import MEDIA_TYPES, encode_image, to_base64
 from fluxserve.storage.outputs import save_error_code
 
@@ -326,8 +327,11 @@ class ImageService:
             save_error=save_error, replica=job.metadata.get("replica"),
         )
         if options.response_format == "url":
-            file_id = self.runtime.files.put(data, MEDIA_TYPES[options.output_format], _ext(options.output_format),
-                                             owner=job.owner)
+            try:
+                file_id = self.runtime.files.put(data, MEDIA_TYPES[options.output_format],
+                                                 _ext(options.output_format), owner=job.owner)
+            except StoreFull as exc:  # every other key is within its budget: refuse, never take their files
+                raise APIError(507, exc.message, param="response_format", code=exc.code) from None
             item.url = f"{options.base_url}/v1/images/files/{file_id}.{_ext(options.output_format)}"
         else:
             item.b64_json = to_base64(data)
@@ -344,6 +348,9 @@ class ImageService:
                 return
             try:
                 response = await self.finalize(job, options)
+            except APIError as exc:  # e.g. 507 file_store_full: the job fails with that code
+                table.result_failed(job, JobError(exc.message, code=exc.code or "internal_error", status=exc.status))
+                return
             except Exception as exc:
                 log.exception("could not encode an async job's result", extra={"ctx": {"job_id": job.id}})
                 table.result_failed(job, JobError(f"encoding the result failed ({type(exc).__name__})",
