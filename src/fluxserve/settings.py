@@ -235,9 +235,19 @@ class Settings(BaseSettings):
     """Most denoising steps a request may ask for."""
     max_guidance: float = Field(30.0, ge=0)
     """Largest guidance scale a request may ask for."""
-    max_megapixel_steps: float = Field(400.0, gt=0)
-    """Compute budget of one request: n × megapixels per image × steps (n=4 at 1024×1024 with 50 steps is
-    about 210). Above it the request gets 400 ``compute_budget_exceeded`` naming the budget."""
+    max_megapixel_steps: float = Field(110.0, gt=0)
+    """Compute budget of one request, in megapixel-steps: one transformer pass over 4096 tokens (a 1024×1024
+    image) is 1. A request costs n × (steps × passes × (image tokens + text tokens) / 4096 + FLUX_VAE_MEGAPIXEL_COST
+    × output megapixels × (1 + input images)): passes is 2 where the family runs true CFG, image tokens are
+    width × height / 256, text tokens the model's ``max_sequence_length``; input images (edits) are encoded at
+    the output size. Defaults: 1024² × 28 steps of FLUX.1-dev costs 37.8, the heaviest family default (a
+    Qwen-Image-Edit edit, 40 steps with CFG) 102.6, n=4 × 2048² × 1 step 117. Above it the request gets 400
+    ``compute_budget_exceeded`` naming the field that weighs most. Calibration: docs/reliability.md."""
+    vae_megapixel_cost: float = Field(6.0, ge=0)
+    """What the VAE costs per output megapixel (decode, and encode of each input image), in megapixel-steps.
+    6 is measured on the CPU (tiny models, 2.7 at 1024² and 6.7 at 2048², where decoding dominates); a GPU's
+    full-size VAE costs about 0.6 (0.09 s per decode at 1024² vs 0.17 s per transformer pass on an H100), so a
+    GPU server may set 0.6 and raise FLUX_MAX_MEGAPIXEL_STEPS (docs/reliability.md)."""
     rate_limit_per_minute: float = Field(0.0, ge=0)
     """Generation requests (images and jobs) each API key (or, without keys, each client address) may
     start per minute, as a token bucket refilled continuously; 0 disables the limit. Over it: 429
