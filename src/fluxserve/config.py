@@ -73,6 +73,7 @@ class HttpConfig:
     max_steps: int
     max_guidance: float
     max_megapixel_steps: float
+    vae_megapixel_cost: float
     max_input_bytes: int
     max_input_pixels: int
     allow_fallback: bool
@@ -114,6 +115,7 @@ class SchedulerConfig:
     job_ttl: float
     max_jobs: int
     results_max_bytes: int
+    results_max_bytes_per_key: int
     max_queued_per_key: int
     max_stored_per_key: int
     stall_timeout: float
@@ -184,6 +186,8 @@ class StorageConfig:
     output_dir: Path
     output_max_bytes: int
     file_ttl: float
+    files_max_bytes: int
+    files_max_bytes_per_key: int
     state_dir: Path
     job_store: str = field(repr=False)  # a PostgreSQL URL may carry a password
     job_store_timeout: float

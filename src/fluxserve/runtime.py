@@ -56,7 +56,7 @@ class Runtime:
         names = self.models.names
         self.metrics.allow_models([*names.configured.values(), *names.allowed.values()])
         self.outputs = OutputStore(settings.output_dir, settings.output_max_bytes)
-        self.files = FileRegistry(settings.file_ttl)
+        self.files = FileRegistry(settings.file_ttl, settings.files_max_bytes, settings.files_max_bytes_per_key)
         self.encoder = ThreadPoolExecutor(settings.encode_threads, thread_name_prefix="encode")
         self.sources = ModelSources(cache_dir=settings.cache_dir, revision=settings.revision,
                                     hub_downloads=settings.hub_downloads, hub_token=settings.hf_token_value())

@@ -257,9 +257,19 @@ class Settings(BaseSettings):
     """Most denoising steps a request may ask for."""
     max_guidance: float = Field(30.0, ge=0)
     """Largest guidance scale a request may ask for."""
-    max_megapixel_steps: float = Field(400.0, gt=0)
-    """Compute budget of one request: n × megapixels per image × steps (n=4 at 1024×1024 with 50 steps is
-    about 210). Above it the request gets 400 ``compute_budget_exceeded`` naming the budget."""
+    max_megapixel_steps: float = Field(110.0, gt=0)
+    """Compute budget of one request, in megapixel-steps: one transformer pass over 4096 tokens (a 1024×1024
+    image) is 1. A request costs n × (steps × passes × (image tokens + text tokens) / 4096 + FLUX_VAE_MEGAPIXEL_COST
+    × output megapixels × (1 + input images)): passes is 2 where the family runs true CFG, image tokens are
+    width × height / 256, text tokens the model's ``max_sequence_length``; input images (edits) are encoded at
+    the output size. Defaults: 1024² × 28 steps of FLUX.1-dev costs 37.8, the heaviest family default (a
+    Qwen-Image-Edit edit, 40 steps with CFG) 102.6, n=4 × 2048² × 1 step 117. Above it the request gets 400
+    ``compute_budget_exceeded`` naming the field that weighs most. Calibration: docs/reliability.md."""
+    vae_megapixel_cost: float = Field(6.0, ge=0)
+    """What the VAE costs per output megapixel (decode, and encode of each input image), in megapixel-steps.
+    6 is measured on the CPU (tiny models, 2.7 at 1024² and 6.7 at 2048², where decoding dominates); a GPU's
+    full-size VAE costs about 0.6 (0.09 s per decode at 1024² vs 0.17 s per transformer pass on an H100), so a
+    GPU server may set 0.6 and raise FLUX_MAX_MEGAPIXEL_STEPS (docs/reliability.md)."""
     rate_limit_per_minute: float = Field(0.0, ge=0)
     """Generation requests (images and jobs) each API key (or, without keys, each client address) may
     start per minute, as a token bucket refilled continuously; 0 disables the limit. Over it: 429
@@ -290,6 +300,15 @@ class Settings(BaseSettings):
     alias of that name) get ``url``, as OpenAI answers them."""
     file_ttl: float = Field(3600.0, gt=0)
     """Seconds an image served by ``response_format=url`` stays downloadable."""
+    files_max_bytes: int = Field(512 * 1024 * 1024, ge=1024)
+    """Bytes the images served by ``response_format=url`` may take in memory together (default 512 MiB). When
+    a new image would pass it, the key furthest over its budget (FLUX_FILES_MAX_BYTES_PER_KEY, or when that is
+    0 its fair share: this cap divided among the keys holding files) loses its oldest file; when no key is
+    over its budget, the new request gets 507 ``file_store_full`` instead (docs/reliability.md)."""
+    files_max_bytes_per_key: int = Field(0, ge=0)
+    """Bytes of ``url`` images one API key (or, without keys, all clients together) may hold; past it that
+    key's own oldest files go. 0 (the default): no fixed cap; a key may use the whole store while it is
+    alone, and under pressure the key holding the most loses its oldest files first."""
     png_compress_level: int = Field(1, ge=0, le=9)
     """zlib level for PNG output; 1 is fast and still lossless."""
     encode_threads: int = Field(2, ge=1, le=64)
@@ -315,8 +334,15 @@ class Settings(BaseSettings):
     """Jobs the server remembers at once (queued, running and finished async jobs with results); finished
     jobs without stored results are forgotten at once, leaving only a small status record."""
     results_max_bytes: int = Field(512 * 1024 * 1024, ge=0)
-    """Bytes of finished async jobs' encoded images kept for polling; past it the oldest results expire
-    (polling them answers 410 ``result_expired``)."""
+    """Bytes of finished async jobs' encoded images kept for polling (default 512 MiB). When a new result
+    would pass it, the key furthest over its budget (FLUX_RESULTS_MAX_BYTES_PER_KEY, or when that is 0 its
+    fair share: this cap divided among the keys holding results) loses its oldest result (polling it answers
+    410 ``result_expired``); when no key is over its budget, the new result is refused: that job ends failed
+    with ``results_store_full`` (docs/reliability.md)."""
+    results_max_bytes_per_key: int = Field(0, ge=0)
+    """Bytes of finished async results one API key (or, without keys, all clients together) may keep; past it
+    that key's own oldest results expire. 0 (the default): no fixed cap; under pressure the key holding the
+    most loses its oldest results first."""
     max_queued_per_key: int = Field(0, ge=0)
     """Queued or running jobs one API key may have at once (0: only FLUX_MAX_QUEUE limits)."""
     max_stored_per_key: int = Field(0, ge=0)

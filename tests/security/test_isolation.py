@@ -99,14 +99,14 @@ def test_utf8_with_an_explicit_charset_still_works(live_client: Any) -> None:
 
 # --- compute budget --------------------------------------------------------------------------------------
 def test_compute_budget_names_the_budget_and_the_param(bare_client: Callable[..., Any]) -> None:
-    """n × megapixels × steps over FLUX_MAX_MEGAPIXEL_STEPS is a 400 before a job exists (tiny-flux's
-    defaults: 128×128, 4 steps = 0.066 MP-steps per image)."""
+    """A cost over FLUX_MAX_MEGAPIXEL_STEPS is a 400 before a job exists, naming what weighs most (tiny-flux's
+    defaults: 128×128, 4 steps, 256 text tokens; costs in megapixel-steps as transformer + VAE)."""
     with bare_client(max_megapixel_steps=1.0, max_size=1024, max_pixels=1024 * 1024, max_images_per_request=64) \
             as client:
-        cases = [({"n": 2, "size": "512x512", "num_inference_steps": 4}, "num_inference_steps"),  # 2.1
-                 ({"n": 2, "size": "512x512"}, "size"),                                            # 2.1
-                 ({"size": None, "width": 1024, "height": 256}, "width"),                          # 1.05
-                 ({"n": 16}, "n")]                                                                 # 1.05
+        cases = [({"n": 2, "size": "256x256", "num_inference_steps": 50}, "num_inference_steps"),  # 12.5 + 0.8
+                 ({"n": 2, "size": "512x512"}, "size"),                                             # 2.5 + 3.1
+                 ({"size": None, "width": 1024, "height": 256}, "width"),                           # 1.25 + 1.6
+                 ({"n": 16}, "n")]                                                                  # 5 + 1.6
         for fields, param in cases:
             response = client.post(GEN, json={"prompt": "x", **fields})
             error = assert_openai_error(response, 400, param=param, code="compute_budget_exceeded")

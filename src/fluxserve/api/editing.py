@@ -316,7 +316,8 @@ class EditService:
             sized = body.model_copy(update={"size": self._auto_size(spec, first_w, first_h)})
         if variation:
             sized = sized.model_copy(update={"prompt": "variation"})  # validated as a prompt, replaced below
-        job = self.images.build_job(sized, request_id=request_id, owner=owner, partial_images=partial_images)
+        job = self.images.build_job(sized, request_id=request_id, owner=owner, partial_images=partial_images,
+                                    input_images=len(decoded))
         if variation:
             job.prompt = ""
         width, height = job.params.width, job.params.height

@@ -23,9 +23,11 @@ from fluxserve.config import HttpConfig
 from fluxserve.generation import MAX_SEED, GenerationParams, pick_seed, seeds_for
 from fluxserve.loras import LoraError, LoraLibrary, resolve_loras
 from fluxserve.models.aliases import default_response_format
-from fluxserve.models.registry import ModelNotAllowedError, UnknownModelError
+from fluxserve.models.descriptor import FamilyDescriptor
+from fluxserve.models.registry import ModelNotAllowedError, UnknownModelError, family_descriptor
 from fluxserve.models.spec import ModelSpec
 from fluxserve.scheduler.jobs import TERMINAL_EVENTS, Job, JobError, JobStatus
+from fluxserve.storage.budgets import StoreFull
 from fluxserve.storage.images import MEDIA_TYPES, encode_image, to_base64
 from fluxserve.storage.outputs import save_error_code
 
@@ -111,9 +113,10 @@ class ImageService:
         return width, height, param
 
     def build_job(self, body: ImageGenerationRequest, *, request_id: str | None = None, owner: str | None = None,
-                  partial_images: int = 0) -> Job:
+                  partial_images: int = 0, input_images: int = 0) -> Job:
         """Validate the request and build its job. ``partial_images``: how many the engine makes for it (a
-        stream's ``partial_images``; 0 where nothing would deliver them)."""
+        stream's ``partial_images``; 0 where nothing would deliver them). ``input_images``: how many images an
+        edit encodes (counted in the compute budget)."""
         s = self.settings
         if len(body.prompt) > s.max_prompt_chars:
             raise APIError(400, f"invalid 'prompt': must be at most {s.max_prompt_chars} characters, got "
@@ -157,7 +160,8 @@ class ImageService:
         loras = self.resolve_loras(body, spec)
         params = GenerationParams(spec.key, width, height, steps, float(guidance), max_len, allow_fallback,
                                   loras=loras)
-        check_compute_budget(body, params, n, s.max_megapixel_steps)
+        check_compute_budget(body, params, n, family_descriptor(spec.family), budget=s.max_megapixel_steps,
+                             vae_megapixel_cost=s.vae_megapixel_cost, input_images=input_images)
         return Job(spec=spec, params=params, prompt=body.prompt, seeds=seeds, negative_prompt=body.negative_prompt,
                    request_id=request_id, owner=owner, partial_images=partial_images)
 
@@ -327,8 +331,11 @@ class ImageService:
             save_error=save_error, replica=job.metadata.get("replica"),
         )
         if options.response_format == "url":
-            file_id = self.runtime.files.put(data, MEDIA_TYPES[options.output_format], _ext(options.output_format),
-                                             owner=job.owner)
+            try:
+                file_id = self.runtime.files.put(data, MEDIA_TYPES[options.output_format],
+                                                 _ext(options.output_format), owner=job.owner)
+            except StoreFull as exc:  # every other key is within its budget: refuse, never take their files
+                raise APIError(507, exc.message, param="response_format", code=exc.code) from None
             item.url = f"{options.base_url}/v1/images/files/{file_id}.{_ext(options.output_format)}"
         else:
             item.b64_json = to_base64(data)
@@ -345,6 +352,9 @@ class ImageService:
                 return
             try:
                 response = await self.finalize(job, options)
+            except APIError as exc:  # e.g. 507 file_store_full: the job fails with that code
+                table.result_failed(job, JobError(exc.message, code=exc.code or "internal_error", status=exc.status))
+                return
             except Exception as exc:
                 log.exception("could not encode an async job's result", extra={"ctx": {"job_id": job.id}})
                 table.result_failed(job, JobError(f"encoding the result failed ({type(exc).__name__})",
@@ -495,23 +505,44 @@ def _payload_size(payload: dict[str, Any]) -> int:
     return sum(len(item.get("b64_json") or "") + len(item.get("url") or "") + 1024 for item in payload["data"])
 
 
-def check_compute_budget(body: ImageGenerationRequest, params: GenerationParams, n: int, budget: float) -> None:
-    """400 ``compute_budget_exceeded`` when n × megapixels × steps is over FLUX_MAX_MEGAPIXEL_STEPS.
+TOKENS_PER_MEGAPIXEL_STEP = 4096
+"""One megapixel-step of the compute budget: a transformer pass over 4096 tokens (a 1024×1024 image's)."""
 
-    ``param`` names what the client chose that weighs most: the steps when it set them, else the size,
-    else ``n``."""
-    cost = n * params.megapixel_steps
+
+def compute_cost(params: GenerationParams, n: int, family: FamilyDescriptor, *, vae_megapixel_cost: float,
+                 input_images: int = 0) -> tuple[float, float]:
+    """(transformer, VAE) cost of a request in megapixel-steps (the formula of FLUX_MAX_MEGAPIXEL_STEPS):
+    n × steps × passes × tokens / 4096, and n × FLUX_VAE_MEGAPIXEL_COST × megapixels × (1 + input images)."""
+    tokens = family.transformer_tokens(params.width, params.height, params.max_sequence_length)
+    transformer = n * params.steps * family.transformer_passes(params.guidance) * tokens / TOKENS_PER_MEGAPIXEL_STEP
+    vae = n * vae_megapixel_cost * params.width * params.height / 1e6 * (1 + input_images)
+    return transformer, vae
+
+
+def check_compute_budget(body: ImageGenerationRequest, params: GenerationParams, n: int, family: FamilyDescriptor, *,
+                         budget: float, vae_megapixel_cost: float, input_images: int = 0) -> None:
+    """400 ``compute_budget_exceeded`` when the request's cost (:func:`compute_cost`) is over
+    FLUX_MAX_MEGAPIXEL_STEPS.
+
+    ``param`` names what the client chose that weighs most: where the transformer dominates, the steps when
+    it set them; else (or where the VAE dominates) the size when it set one; else ``n``."""
+    transformer, vae = compute_cost(params, n, family, vae_megapixel_cost=vae_megapixel_cost,
+                                    input_images=input_images)
+    cost = transformer + vae
     if cost <= budget:
         return
-    if body.num_inference_steps is not None:
+    sized = (body.size and body.size != "auto") or body.width is not None or body.height is not None
+    if transformer >= vae and body.num_inference_steps is not None:
         param = "num_inference_steps"
-    elif (body.size and body.size != "auto") or body.width is not None or body.height is not None:
+    elif sized:
         param = "size" if body.size and body.size != "auto" else ("width" if body.width is not None else "height")
     else:
         param = "n"
-    raise APIError(400, f"this request costs n={n} × {params.width * params.height / 1e6:.2f} megapixels × "
-                        f"{params.steps} steps = {cost:.1f} megapixel-steps; the budget per request is {budget:g} "
-                        "(FLUX_MAX_MEGAPIXEL_STEPS): lower n, the size or num_inference_steps",
+    passes = family.transformer_passes(params.guidance)
+    raise APIError(400, f"this request costs {cost:.1f} megapixel-steps: n={n} × {params.steps} steps"
+                        f"{' × 2 (CFG)' if passes == 2 else ''} over {params.width}x{params.height} = "
+                        f"{transformer:.1f} for the transformer, plus {vae:.1f} for the VAE; the budget per request "
+                        f"is {budget:g} (FLUX_MAX_MEGAPIXEL_STEPS): lower {param}",
                    param=param, code="compute_budget_exceeded")
 
 

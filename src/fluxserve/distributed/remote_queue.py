@@ -84,7 +84,8 @@ class RemoteScheduler:
         self.settings = settings
         self.table = table or JobTable(max_jobs=settings.max_jobs, ttl=settings.job_ttl,
                                        results_max_bytes=settings.results_max_bytes,
-                                       max_stored_per_owner=settings.max_stored_per_key)
+                                       max_stored_per_owner=settings.max_stored_per_key,
+                                       results_max_bytes_per_owner=settings.results_max_bytes_per_key)
         self._hook = hook or (lambda _name, _data: None)
         self._accepting = True
         self.clients = dict(clients)

@@ -110,6 +110,9 @@ class FamilyDescriptor:
     """Registry key → the ``variant`` the runner's full-size builder takes for its architecture (benches)."""
     serves_any_pipeline: bool = False
     """This family serves pipelines that no other family claims (one per registry)."""
+    pixels_per_token: int = 256
+    """Output pixels one image token of the transformer covers: (VAE downsampling × patch size)², 8 × 2 for
+    every built-in family. The compute budget counts tokens with it."""
 
     @property
     def tasks(self) -> tuple[Task, ...]:
@@ -122,6 +125,14 @@ class FamilyDescriptor:
     def wants_negative(self, guidance: float) -> bool:
         """Whether a call at this guidance runs true CFG, so the engine encodes a negative prompt."""
         return self.uses_negative_prompt and guidance > self.cfg_above
+
+    def transformer_tokens(self, width: int, height: int, max_sequence_length: int) -> int:
+        """Tokens one transformer pass reads for one image: image tokens plus (at most) the text tokens."""
+        return width * height // self.pixels_per_token + max_sequence_length
+
+    def transformer_passes(self, guidance: float) -> int:
+        """Transformer passes per step: 2 where true CFG runs (conditional and unconditional), else 1."""
+        return 2 if self.wants_negative(guidance) else 1
 
     @property
     def edit_modes(self) -> EditModes | None:

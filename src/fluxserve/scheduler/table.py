@@ -5,8 +5,11 @@
   failed or were cancelled) leaves the table at once; a small status record (its summary, no prompt,
   no pixels) stays among the last ``max_jobs`` tombstones so a poll still learns how it ended.
 * Finished async jobs keep their encoded images for polling, within ``results_max_bytes`` in all,
-  ``max_stored_per_owner`` per owner and ``ttl`` seconds; past any of those the oldest result expires
-  and polling it answers 410 ``result_expired``.
+  ``results_max_bytes_per_owner`` and ``max_stored_per_owner`` per owner and ``ttl`` seconds. An owner over
+  its own caps loses its own oldest result; over the global cap, the owner furthest over its budget does
+  (the rule of :mod:`fluxserve.storage.budgets`), so one key's results never expire another's early. An
+  expired result answers 410 ``result_expired``; a result refused because every other key is within its
+  budget ends its job failed with ``results_store_full``.
 * Jobs belong to their owner (a hash of the API key, or None without keys): :meth:`JobTable.get` and
   :meth:`JobTable.find` never return another owner's job, so another key sees 404.
 
@@ -24,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fluxserve.scheduler.jobs import FINISHED, Job, JobError, JobStatus
+from fluxserve.storage.budgets import OwnerBudget
 
 
 @dataclass
@@ -44,18 +48,18 @@ class Tombstone:
 
 class JobTable:
     def __init__(self, *, max_jobs: int, ttl: float, results_max_bytes: int, max_stored_per_owner: int = 0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 results_max_bytes_per_owner: int = 0, clock: Callable[[], float] = time.monotonic) -> None:
         self.max_jobs = max_jobs
         self.ttl = ttl
         self.results_max_bytes = results_max_bytes
         self.max_stored_per_owner = max_stored_per_owner
+        self._budget = OwnerBudget(results_max_bytes, results_max_bytes_per_owner)
         self._clock = clock
         self._lock = threading.Lock()
         self._jobs: dict[str, Job] = {}
         self._labels: dict[tuple[str | None, str], str] = {}
         """(owner, request_id) → id of the live job with that label."""
         self._results: OrderedDict[str, StoredResult] = OrderedDict()
-        self._result_bytes = 0
         self._tombstones: OrderedDict[str, Tombstone] = OrderedDict()
 
     # --- jobs ------------------------------------------------------------------------------------
@@ -129,7 +133,7 @@ class JobTable:
             del self._labels[(job.owner, job.request_id)]
         stored = self._results.pop(job.id, None)
         if stored is not None:
-            self._result_bytes -= stored.size
+            self._budget.remove(job.owner, stored.size)
         if tombstone:
             self._tombstones[job.id] = Tombstone(job.owner, job.summary(), result_expired)
             while len(self._tombstones) > self.max_jobs:
@@ -138,17 +142,27 @@ class JobTable:
     # --- results ---------------------------------------------------------------------------------
     def store_result(self, job: Job, payload: Any, size: int) -> bool:
         """Keep an async job's encoded result for polling; evicts older results to stay within budget.
-        False when the result alone is over the budget (it expires at once)."""
+        False when the result alone is over a budget (it expires at once) or when keeping it would take
+        results of keys within their budgets (the job then ends failed, ``results_store_full``)."""
         with self._lock:
             if self._jobs.get(job.id) is not job:
                 return False
-            if size > self.results_max_bytes:
+            if not self._budget.fits_alone(size):
                 self._drop_locked(job, tombstone=True, result_expired=True)
                 return False
             self._results[job.id] = StoredResult(payload, size, self._clock())
-            self._result_bytes += size
-            self._evict_results_locked(owner=job.owner)
-            return job.id in self._results
+            self._budget.add(job.owner, size)
+            self._evict_results_locked(owner=job.owner, new=job.id)
+            if job.id in self._results:
+                return True
+            stone = self._tombstones.get(job.id)
+            if stone is not None and stone.summary.get("status") == JobStatus.SUCCEEDED.value \
+                    and not stone.result_expired:  # refused by rule 4, not expired: say so
+                stone.summary["status"] = JobStatus.FAILED.value
+                stone.summary["error"] = {"message": "the stored-results budget is full of other keys' results, each "
+                                                     "within its budget (FLUX_RESULTS_MAX_BYTES); retry later",
+                                          "code": "results_store_full"}
+            return False
 
     def result(self, job: Job) -> StoredResult | None:
         with self._lock:
@@ -166,19 +180,41 @@ class JobTable:
     @property
     def result_bytes(self) -> int:
         with self._lock:
-            return self._result_bytes
+            return self._budget.total
 
-    def _evict_results_locked(self, *, owner: str | None = None, need_slots: int = 0) -> None:
-        def over() -> bool:
-            return self._result_bytes > self.results_max_bytes or len(self._jobs) + need_slots > self.max_jobs
+    def _evict_results_locked(self, *, owner: str | None = None, new: str | None = None,
+                              need_slots: int = 0) -> None:
+        """Expire results by the rule of :mod:`fluxserve.storage.budgets`. ``new``: the id of ``owner``'s
+        result just stored; that owner, when over its own caps, loses its own oldest. Over the byte cap, the
+        owner furthest over its budget loses its oldest; with none over, ``new`` is refused (dropped without
+        expiring anyone else's). Short of job slots, the owner holding the most results loses its oldest."""
+        if new is not None:
+            if owner is not None and self.max_stored_per_owner > 0:
+                mine = [jid for jid in self._results if self._jobs[jid].owner == owner]
+                for jid in mine[:max(0, len(mine) - self.max_stored_per_owner)]:
+                    self._expire_locked(jid)
+            while self._budget.owner_over(owner):
+                self._expire_locked(self._oldest_result_of(owner))
+        while self._results and self._budget.total > self.results_max_bytes:
+            found, victim = self._budget.global_victim()
+            oldest = self._oldest_result_of(victim) if found else new
+            if oldest is None:
+                break  # cannot happen: only a new result takes the total over the cap
+            if oldest == new:
+                self._drop_locked(self._jobs[new], tombstone=True)
+                return
+            self._expire_locked(oldest)
+        while self._results and len(self._jobs) + need_slots > self.max_jobs:
+            counts: dict[str | None, int] = {}
+            for jid in self._results:
+                counts[self._jobs[jid].owner] = counts.get(self._jobs[jid].owner, 0) + 1
+            self._expire_locked(self._oldest_result_of(max(counts, key=lambda holder: counts[holder])))
 
-        while self._results and over():
-            oldest = next(iter(self._results))
-            self._drop_locked(self._jobs[oldest], tombstone=True, result_expired=True)
-        if owner is not None and self.max_stored_per_owner > 0:
-            mine = [jid for jid in self._results if self._jobs[jid].owner == owner]
-            for jid in mine[:max(0, len(mine) - self.max_stored_per_owner)]:
-                self._drop_locked(self._jobs[jid], tombstone=True, result_expired=True)
+    def _oldest_result_of(self, owner: str | None) -> str:
+        return next(jid for jid in self._results if self._jobs[jid].owner == owner)
+
+    def _expire_locked(self, job_id: str) -> None:
+        self._drop_locked(self._jobs[job_id], tombstone=True, result_expired=True)
 
     # --- housekeeping ----------------------------------------------------------------------------
     def sweep(self) -> None:
