@@ -125,7 +125,13 @@ async def test_max_concurrent_runs_separate_pipeline_views_on_one_device(app_fac
                                     client.post(GEN, json={**body, "seed": 2}))
         assert a.status_code == b.status_code == 200
         again = await client.post(GEN, json={**body, "seed": 2})
-        assert np.abs(pixels(again.json()["data"][0]) - pixels(b.json()["data"][0])).max() <= 2
+    # Two generations at once share the CPU's threads, so each may compute with another split of its sums than
+    # the one alone, and ten steps can grow that rounding past a level or two here and there. Views that shared
+    # state (a scheduler's step index, a pipeline's attributes) would instead give another image altogether:
+    # the seed-2 image run beside seed 1 must stay the seed-2 image, far closer to itself than to seed 1's.
+    alone, beside, other = (pixels(r.json()["data"][0]) for r in (again, b, a))
+    assert np.abs(alone - beside).mean() < 1.0
+    assert np.abs(alone - other).mean() > 10 * max(np.abs(alone - beside).mean(), 0.1)
 
 
 async def test_warmup_can_be_turned_off(app_factory: Callable[..., Any]) -> None:
