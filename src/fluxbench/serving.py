@@ -410,10 +410,8 @@ def transformer_inputs(pipe: Any, width: int = 1024, height: int = 1024, batch: 
     return kwargs
 
 
-def captured_transformer_inputs(pipe: Any, call_kwargs: dict[str, Any], width: int = 1024,
-                                height: int = 1024) -> TransformerCall:
-    """The transformer's arguments in a real one-step pipeline call at this size (any family): captured
-    with a forward pre-hook, so a forward can be timed with exactly the pipeline's shapes."""
+def _first_transformer_call(pipe: Any, **call: Any) -> TransformerCall:
+    """The transformer's arguments in the first forward of one pipeline call (a forward pre-hook)."""
     captured: list[TransformerCall] = []
 
     def hook(_module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -422,12 +420,18 @@ def captured_transformer_inputs(pipe: Any, call_kwargs: dict[str, Any], width: i
 
     handle = pipe.transformer.register_forward_pre_hook(hook, with_kwargs=True)
     try:
-        with torch.inference_mode():
-            text_to_image(pipe)(prompt="a lighthouse", width=width, height=height, num_inference_steps=1,
-                                output_type="latent", **call_kwargs)
+        text_to_image(pipe)(num_inference_steps=1, output_type="latent", **call)
     finally:
         handle.remove()
     return captured[0]
+
+
+def captured_transformer_inputs(pipe: Any, call_kwargs: dict[str, Any], width: int = 1024,
+                                height: int = 1024) -> TransformerCall:
+    """The transformer's arguments in a real one-step pipeline call at this size (any family): captured
+    with a forward pre-hook, so a forward can be timed with exactly the pipeline's shapes."""
+    with torch.inference_mode():
+        return _first_transformer_call(pipe, prompt="a lighthouse", width=width, height=height, **call_kwargs)
 
 
 def time_forward(pipe: Any, reps: int = 10, inputs: TransformerCall | None = None, *,
@@ -447,19 +451,8 @@ def pipeline_transformer_inputs(pipe: Any, case: Case) -> TransformerCall:
     """The transformer's arguments in a one-step plain call of ``pipe`` for ``case`` (its size, its call
     arguments), captured under the pipeline's own grad mode: the forward every path times for the compute
     section, with exactly the shapes and argument structure its pipeline calls use."""
-    captured: list[TransformerCall] = []
-
-    def hook(_module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        if not captured:
-            captured.append((args, dict(kwargs)))
-
-    handle = pipe.transformer.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        text_to_image(pipe)(prompt=QUALITY_PROMPT, width=case.width, height=case.height, num_inference_steps=1,
-                            output_type="latent", **_call_kwargs(case, pipe))
-    finally:
-        handle.remove()
-    return captured[0]
+    return _first_transformer_call(pipe, prompt=QUALITY_PROMPT, width=case.width, height=case.height,
+                                   **_call_kwargs(case, pipe))
 
 
 # --------------------------------------------------------------------------------------------------
