@@ -22,7 +22,7 @@ import httpx
 import pytest
 from asgi_lifespan import LifespanManager
 
-pytest_plugins = ["tests.services"]  # PostgreSQL, S3 and job store fixtures
+pytest_plugins = ["tests.services", "tests.webhooks.receiver"]  # PostgreSQL, S3, job store, webhook receivers
 
 ROOT = Path(__file__).resolve().parent.parent
 CACHE_DIR = Path(os.environ.get("FLUX_TEST_CACHE_DIR", ROOT / ".cache" / "test"))
@@ -31,6 +31,16 @@ ARTIFACTS = ROOT / "test-artifacts"
 # Tests never read a developer's .env or environment: each builds its own settings.
 for _name in [n for n in os.environ if n.startswith("FLUX_") and n != "FLUX_TEST_CACHE_DIR"]:
     del os.environ[_name]
+# Settings built without make_settings keep their job store in a directory of this run, never in the
+# developer's own state directory.
+os.environ["FLUX_STATE_DIR"] = tempfile.mkdtemp(prefix="fluxserve-test-state-")
+
+
+@pytest.fixture(autouse=True)
+def _own_state_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test's settings keep their job store in a directory of that test: no job of one test is ever
+    found by another's server."""
+    monkeypatch.setenv("FLUX_STATE_DIR", str(tmp_path / "state-env"))
 
 
 @pytest.fixture(scope="session")
@@ -251,7 +261,10 @@ def server_factory(cache_dir: Path, tmp_path: Path) -> Iterator[Callable[..., Se
     def start(env: dict[str, str] | None = None, *, args: list[str] | None = None, ready: bool = True,
               name: str = "server") -> ServerProcess:
         base = {"FLUX_MODEL": "tiny-flux", "FLUX_CACHE_DIR": str(cache_dir), "FLUX_DEVICE": "cpu",
-                "FLUX_OUTPUT_DIR": str(tmp_path / "outputs"), "FLUX_WARMUP_SIZES": "64x64"}
+                "FLUX_OUTPUT_DIR": str(tmp_path / "outputs"), "FLUX_WARMUP_SIZES": "64x64",
+                # each server its own job store (one SQLite file serves one process); a test that restarts a
+                # server on the same store passes FLUX_STATE_DIR or FLUX_JOB_STORE itself
+                "FLUX_STATE_DIR": str(tmp_path / f"state-{len(started)}")}
         base.update(env or {})
         server = ServerProcess(base, tmp_path / f"{name}.log", args)
         started.append(server)

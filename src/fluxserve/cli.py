@@ -201,6 +201,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fluxserve: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:
+        from fluxserve.storage.jobstore import JobStoreError
+        from fluxserve.storage.results import ResultStoreUnavailable
+
+        if isinstance(exc, JobStoreError | ResultStoreUnavailable):
+            print(f"fluxserve: cannot open the job store: {exc}", file=sys.stderr)
+            return 2
         from fluxserve.engine.device import DeviceSelectionError
         from fluxserve.generation import ModelLoadError
         from fluxserve.models.registry import UnknownModelError

@@ -190,10 +190,12 @@ class StorageConfig:
     files_max_bytes_per_key: int
     state_dir: Path
     job_store: str = field(repr=False)  # a PostgreSQL URL may carry a password
+    job_store_schema: str
     job_store_timeout: float
     job_store_pool_size: int
     job_max_attempts: int
     job_lease: float
+    job_poll_interval: float
     job_ttl: float
     results_max_bytes: int
     max_stored_per_key: int

@@ -405,6 +405,7 @@ def serve(settings: Settings) -> int:
     _check_auth_settings(settings)
     runtime = Runtime(settings)  # resolves devices now: a bad FLUX_DEVICE/FLUX_DTYPE stops start-up here
     app = create_app(settings, runtime)
+    app.state.jobs.open()  # a job store that cannot be used stops the start here, with the reason
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None,
                             timeout_graceful_shutdown=RESPONSE_GRACE,
                             access_log=False, proxy_headers=False, **http_limits(settings.http))

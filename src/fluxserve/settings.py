@@ -358,7 +358,14 @@ class Settings(BaseSettings):
     job_store: str = "sqlite"
     """Where async jobs are kept: ``sqlite`` (one file under FLUX_STATE_DIR, for one server process),
     ``sqlite:///absolute/path.sqlite3``, or a PostgreSQL URL ``postgresql://user:password@host:5432/db`` (several
-    processes or ingress replicas share it; needs ``fluxserve[postgres]``). The password is never logged."""
+    processes or ingress replicas share it; needs ``fluxserve[postgres]``). ``memory`` keeps them in the
+    process only (lost on restart; nothing written to disk). The password is never logged."""
+    job_poll_interval: float = Field(0.5, gt=0, le=60)
+    """Seconds between looks at the job store for work queued through another process (and for cancellations
+    asked for there). Jobs queued through this process start at once."""
+    job_store_schema: str = Field("fluxserve", pattern=r"^[a-z_][a-z0-9_]{0,62}$")
+    """The PostgreSQL schema that holds fluxserve's tables (several deployments may share one database, each
+    in its own schema). Not used by SQLite."""
     job_store_timeout: float = Field(5.0, gt=0)
     """Seconds a job store operation waits for the database (connecting, or a pooled connection) before it
     fails with 503 ``job_store_unavailable``."""
@@ -571,11 +578,12 @@ class Settings(BaseSettings):
     @classmethod
     def _job_store(cls, value: str) -> str:
         value = value.strip()
-        if value == "sqlite" or value.startswith(("postgresql://", "postgres://")):
+        if value in {"sqlite", "memory"} or value.startswith(("postgresql://", "postgres://")):
             return value
         if value.startswith("sqlite:///") and len(value) > len("sqlite:///"):
             return value
-        raise ValueError(f"must be sqlite, sqlite:///absolute/path or postgresql://..., got {redact_dsn(value)!r}")
+        raise ValueError("must be sqlite, sqlite:///absolute/path, postgresql://... or memory, got "
+                         f"{redact_dsn(value)!r}")
 
     @field_validator("webhook_secret")
     @classmethod

@@ -16,6 +16,7 @@ from fastapi.staticfiles import StaticFiles
 from fluxserve import __version__
 from fluxserve.api.editing import EditService
 from fluxserve.api.errors import install_error_handlers
+from fluxserve.api.jobs import AsyncJobs, build_async_jobs
 from fluxserve.api.middleware import (
     ApiKeyMiddleware,
     BodyLimitMiddleware,
@@ -49,11 +50,15 @@ def create_app(settings: Settings, runtime: Runtime | None = None, *, manage_run
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        jobs: AsyncJobs = app.state.jobs
         if manage_runtime:
             runtime.start()
+        await jobs.start()  # opens the job store: a store that cannot be used stops the start here
         yield
+        jobs.stop_claiming()
         if manage_runtime:
             await asyncio.get_running_loop().run_in_executor(None, runtime.close)
+        await jobs.stop()
 
     app = FastAPI(
         title="fluxserve", version=__version__, lifespan=lifespan,
@@ -64,6 +69,7 @@ def create_app(settings: Settings, runtime: Runtime | None = None, *, manage_run
     app.state.http = runtime.settings.http  # the HTTP layer's section, as the routes and services read it
     app.state.images = ImageService(runtime, app.state.http)
     app.state.edits = EditService(app.state.images)
+    app.state.jobs = build_async_jobs(app.state.images, app.state.edits)
     app.state.static_dir = STATIC_DIR
     install_error_handlers(app)
     app.include_router(system.router)

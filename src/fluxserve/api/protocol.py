@@ -163,6 +163,9 @@ class ImageGenerationRequest(APIModel):
     loras: list[LoraRef] | None = Field(
         None, description='LoRA adapters from the library: [{"name": "...", "scale": 0.8}] '
                           "(up to FLUX_MAX_LORAS_PER_REQUEST; multipart: the same list as a JSON string).")
+    webhook_url: str | None = Field(
+        None, max_length=2048, description="Async jobs only: POST the job record here when it ends, signed per "
+                                           "Standard Webhooks (hosts in FLUX_WEBHOOK_ALLOWED_HOSTS only).")
 
     @field_validator("loras", mode="before")
     @classmethod

@@ -60,6 +60,9 @@ class OutputOptions:
     """What was produced when the request asked about ``background`` (``opaque``: no model has alpha)."""
     event_prefix: str = "image_generation"
     """Streaming event names: ``image_generation.*`` for generations, ``image_edit.*`` for edits."""
+    deliver: bool = True
+    """Put the encoded images into the response (``b64_json`` or a ``url``); off for durable jobs, whose images
+    go to the result store and are delivered when polled."""
 
 
 class ImageService:
@@ -221,17 +224,24 @@ class ImageService:
 
     async def finalize(self, job: Job, options: OutputOptions) -> ImagesResponse:
         """Turn a finished job into the response, encoding and saving off the event loop."""
+        response, _ = await self.render(job, options)
+        return response
+
+    async def render(self, job: Job, options: OutputOptions) -> tuple[ImagesResponse, list[bytes]]:
+        """The response of a finished job and its encoded images (in the response too unless
+        ``options.deliver`` is off)."""
         if job.status is not JobStatus.SUCCEEDED or job.result is None:
             raise job.error or JobError("the job did not finish", code="internal_error", status=500)
         loop = asyncio.get_running_loop()
         stages = self._timing(job)  # shared by every image of the job
-        items = await asyncio.gather(*(
+        finished = await asyncio.gather(*(
             loop.run_in_executor(self.runtime.encoder, self._finish_image, job, index, pixels, options, stages)
             for index, pixels in enumerate(job.result.images)
         ))
+        items = [item for item, _ in finished]
         result = job.result
         response = ImagesResponse(
-            created=job.created, data=list(items), output_format=options.output_format,
+            created=job.created, data=items, output_format=options.output_format,
             size=f"{result.params.width}x{result.params.height}", quality=options.quality,
             ignored_fields=options.ignored, background=options.background,
         )
@@ -253,7 +263,7 @@ class ImageService:
             ctx["prompt"] = job.prompt
         log.info("generation finished", extra={"ctx": ctx})
         result.images = []  # the raw pixels are no longer needed (a 1024² image holds ~3 MB)
-        return response
+        return response, [data for _, data in finished]
 
     def _timing(self, job: Job) -> dict[str, float]:
         """Stage timings; model_load is split out of queue_wait when the job waited for a load."""
@@ -275,7 +285,7 @@ class ImageService:
                             compression=options.compression, png_level=self.settings.png_compress_level)
 
     def _finish_image(self, job: Job, index: int, pixels: np.ndarray, options: OutputOptions,
-                      stages: dict[str, float]) -> ImageData:
+                      stages: dict[str, float]) -> tuple[ImageData, bytes]:
         result = job.result
         assert result is not None
         timing = dict(stages)
@@ -330,7 +340,9 @@ class ImageService:
             request_id=job.request_id or job.id, job_id=job.id, saved_path=saved_path, metadata_path=metadata_path,
             save_error=save_error, replica=job.metadata.get("replica"),
         )
-        if options.response_format == "url":
+        if not options.deliver:
+            pass
+        elif options.response_format == "url":
             try:
                 file_id = self.runtime.files.put(data, MEDIA_TYPES[options.output_format],
                                                  _ext(options.output_format), owner=job.owner)
@@ -339,7 +351,7 @@ class ImageService:
             item.url = f"{options.base_url}/v1/images/files/{file_id}.{_ext(options.output_format)}"
         else:
             item.b64_json = to_base64(data)
-        return item
+        return item, data
 
     def finalize_in_background(self, job: Job, options: OutputOptions) -> None:
         """For async jobs: encode the images as soon as the job succeeds and keep them (within the job

@@ -89,6 +89,12 @@ class Metrics:
                                      "Generations that needed the out-of-memory/NaN recovery ladder, by what "
                                      "went wrong first (reason=failed: the ladder ran out)", ["reason"], registry=r)
         self.cancelled = Counter("fluxserve_cancelled_total", "Jobs cancelled", registry=r)
+        self.webhook_attempts = Counter("fluxserve_webhook_attempts_total",
+                                        "Webhook delivery attempts, by event type and outcome (delivered, failed)",
+                                        ["event", "outcome"], registry=r)
+        self.durable_jobs = Counter("fluxserve_durable_jobs_total",
+                                    "Async jobs this process recorded as ended in the job store, by state",
+                                    ["state"], registry=r)
         self.model_load = Gauge("fluxserve_model_load_seconds", "Seconds the last load of a model took",
                                 ["model"], registry=r)
         self.warmup = Gauge("fluxserve_warmup_seconds", "Seconds the last warmup generation of a model took",
@@ -114,6 +120,12 @@ class Metrics:
         return self._model_labels.get(name, OTHER_MODEL)
 
     # --- recording -------------------------------------------------------------------------------
+    def observe_webhook(self, event: str, outcome: str) -> None:
+        self.webhook_attempts.labels(event=event, outcome=outcome).inc()
+
+    def observe_durable_end(self, state: str) -> None:
+        self.durable_jobs.labels(state=state).inc()
+
     def observe_generation(self, model: str, images: int, timing: dict[str, float], *,
                            fallback_reason: str | None = None, task: str = "generate") -> None:
         """One succeeded generation request: stage histograms, image counter, rolling window."""

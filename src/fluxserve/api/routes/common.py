@@ -35,11 +35,14 @@ def disconnected(request: Request) -> Callable[[], Awaitable[None]]:
 
 
 def event_stream(events: AsyncIterator[dict[str, Any]], headers: dict[str, str] | None = None) -> StreamingResponse:
-    """``events`` as server-sent events (each named by its ``type``), ended by ``data: [DONE]``."""
+    """``events`` as server-sent events (each named by its ``type``, with an ``id:`` where the event has an
+    ``_id``), ended by ``data: [DONE]``."""
 
     async def encoded() -> AsyncIterator[bytes]:
         async for event in events:
-            yield f"event: {event['type']}\ndata: {json.dumps(event)}\n\n".encode()
+            event_id = event.pop("_id", None)  # a stored event's id: what Last-Event-ID resumes after
+            head = f"id: {event_id}\n" if event_id is not None else ""
+            yield f"{head}event: {event['type']}\ndata: {json.dumps(event)}\n\n".encode()
         yield b"data: [DONE]\n\n"
 
     return StreamingResponse(encoded(), media_type="text/event-stream", headers=headers)

@@ -14,8 +14,10 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
 from fluxserve.api.editing import EditService, Upload
+from fluxserve.api.jobs import KIND_EDIT, AsyncJobs, Submission
 from fluxserve.api.protocol import ERROR_RESPONSES, ImageEditRequest, ImagesResponse, ImageVariationRequest
 from fluxserve.api.routes.common import SSE_RESPONSES, client_label, disconnected, event_stream, owner
+from fluxserve.api.routes.images import refuse_webhook
 from fluxserve.api.serving import ImageService
 
 router = APIRouter(responses=ERROR_RESPONSES)
@@ -54,11 +56,11 @@ async def _run(request: Request, body: ImageEditRequest, uploads: list[Upload], 
     options.event_prefix = "image_edit" if not variation else "image_variation"
     headers = {"X-Job-ID": job.id}
     if background:
-        job.metadata["keep_result"] = True
-        images.submit(job)
-        images.finalize_in_background(job, options)
-        return JSONResponse(job.summary(), status_code=202, headers={**headers,
-                                                                     "Location": f"/v1/images/jobs/{job.id}"})
+        jobs: AsyncJobs = request.app.state.jobs
+        status = await jobs.submit(Submission(job, options, body, kind=KIND_EDIT, inputs=uploads, mask=mask,
+                                              webhook_url=body.webhook_url))
+        return JSONResponse(status, status_code=202, headers={**headers, "Location": f"/v1/images/jobs/{job.id}"})
+    refuse_webhook(body)
     if stream:  # a full queue or a shutdown is a 429/503 here, not a broken stream
         return event_stream(await images.open_stream(job, options, disconnected(request)), headers)
     images.submit(job)

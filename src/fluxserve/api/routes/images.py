@@ -2,42 +2,20 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from fluxserve.api.errors import APIError, sanitize
-from fluxserve.api.protocol import (
-    ERROR_RESPONSES,
-    CancelRequest,
-    ImageGenerationRequest,
-    ImagesResponse,
-    public_model_source,
-)
+from fluxserve.api.errors import APIError
+from fluxserve.api.jobs import AsyncJobs, Submission
+from fluxserve.api.protocol import ERROR_RESPONSES, CancelRequest, ImageGenerationRequest, ImagesResponse
 from fluxserve.api.routes.common import SSE_RESPONSES, client_label, disconnected, event_stream, owner
-from fluxserve.api.serving import ImageService, until_gone
-from fluxserve.scheduler.jobs import Job, JobStatus
+from fluxserve.api.serving import ImageService
 
 router = APIRouter(responses=ERROR_RESPONSES)
 _IMAGE: dict[int | str, dict[str, Any]] = {200: {"content": {
     media: {"schema": {"type": "string", "format": "binary"}} for media in ("image/png", "image/jpeg", "image/webp")}}}
-
-
-def _public(data: dict[str, Any]) -> dict[str, Any]:
-    """A job's status or event as clients see it: error messages without paths or addresses (the log
-    keeps them)."""
-    error = data.get("error")
-    if isinstance(error, dict) and isinstance(error.get("message"), str):
-        data["error"] = {**error, "message": sanitize(error["message"])}
-    if isinstance(data.get("message"), str):
-        data["message"] = sanitize(data["message"])
-    if isinstance(data.get("model"), str):
-        data["model"] = public_model_source(data["model"])
-    return data
 
 
 def _service(request: Request) -> ImageService:
@@ -53,6 +31,7 @@ async def create_images(body: ImageGenerationRequest, request: Request) -> Any:
     `image_generation.completed` per image (or `error`). `stream_progress: true` adds
     `image_generation.progress` events (queue position, step/total)."""
     service = _service(request)
+    refuse_webhook(body)
     job = service.build_job(body, request_id=client_label(request, body), owner=owner(request),
                             partial_images=(body.partial_images or 0) if body.stream else 0)
     request.state.model = job.spec.key
@@ -70,99 +49,74 @@ async def create_images(body: ImageGenerationRequest, request: Request) -> Any:
     return JSONResponse(response.model_dump(exclude_none=True), headers=headers)
 
 
+def _jobs(request: Request) -> AsyncJobs:
+    jobs: AsyncJobs = request.app.state.jobs
+    return jobs
+
+
+def refuse_webhook(body: ImageGenerationRequest) -> None:
+    """``webhook_url`` belongs to async jobs: a client waiting for its answer is told so, not ignored."""
+    if body.webhook_url is not None:
+        raise APIError(400, "webhook_url is for async jobs: send the request to /v1/images/jobs (or "
+                            "/v1/images/edits/jobs)", param="webhook_url", code="unsupported_parameter")
+
+
 @router.post("/v1/images/jobs", status_code=202, summary="Queue a generation and return at once")
 async def create_job(body: ImageGenerationRequest, request: Request) -> JSONResponse:
+    """Queue a generation; poll `GET /v1/images/jobs/{id}`, follow `/events`, or name a `webhook_url` to be
+    told when it ends. Jobs outlive a restart of the server (see docs/durability.md)."""
     service = _service(request)
     # No partial images: nothing would deliver them (the job's events carry its progress only).
     job = service.build_job(body, request_id=client_label(request, body), owner=owner(request))
     request.state.model = job.spec.key
     request.state.job_id = job.id
     job.metadata["trace_id"] = request.state.request_id  # log lines of the job carry the request's id
-    job.metadata["keep_result"] = True
     options = service.output_options(body, str(request.base_url))
-    service.submit(job)
-    service.finalize_in_background(job, options)
-    return JSONResponse(_public(job.summary()), status_code=202, headers={"X-Job-ID": job.id,
-                                                                "Location": f"/v1/images/jobs/{job.id}"})
-
-
-async def _settled(job: Job, timeout: float = 5.0) -> None:
-    """Wait (bounded) for a cancelled job to end: at once when queued, within one step when running."""
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(job.done(), timeout)
-
-
-def _get_job(request: Request, job_id: str) -> Job:
-    job = _service(request).runtime.scheduler.table.get(job_id, owner(request))
-    if job is None:
-        raise APIError(404, f"no job with id {job_id[:64]!r} (unknown, or expired after FLUX_JOB_TTL)",
-                       param="id", code="job_not_found")
-    return job
+    status = await _jobs(request).submit(Submission(job, options, body, webhook_url=body.webhook_url))
+    return JSONResponse(status, status_code=202, headers={"X-Job-ID": job.id,
+                                                          "Location": f"/v1/images/jobs/{job.id}"})
 
 
 @router.get("/v1/images/jobs/{job_id}", summary="Status and, when done, the result of a job")
 async def get_job(job_id: str, request: Request) -> JSONResponse:
-    table = _service(request).runtime.scheduler.table
-    job = table.get(job_id, owner(request))
-    if job is None:
-        stone = table.tombstone(job_id, owner(request))
-        if stone is None:
-            _get_job(request, job_id)  # raises the 404
-            raise AssertionError
-        if stone.result_expired:
-            raise APIError(410, f"the result of job {job_id!r} has expired (FLUX_JOB_TTL / FLUX_RESULTS_MAX_BYTES)",
-                           param="id", code="result_expired")
-        return JSONResponse(_public(dict(stone.summary)))
-    data = _public(job.summary())
-    if job.status is JobStatus.SUCCEEDED:
-        stored = table.result(job)
-        if stored is not None:
-            data["result"] = stored.payload
-        else:
-            data["status"] = "running"  # images are still being encoded
-    return JSONResponse(data)
+    return JSONResponse(await _jobs(request).status(job_id, owner(request), str(request.base_url)))
 
 
 @router.delete("/v1/images/jobs/{job_id}", summary="Cancel a job")
 async def delete_job(job_id: str, request: Request) -> JSONResponse:
-    job = _get_job(request, job_id)
-    if job.finished:
-        raise APIError(409, f"job {job_id!r} already {job.status.value}", param="id", code="job_finished")
-    _service(request).runtime.scheduler.cancel(job_id)
-    await _settled(job)
-    return JSONResponse(_public(job.summary()))
+    return JSONResponse(await _jobs(request).cancel(job_id, owner(request)))
 
 
 @router.get("/v1/images/jobs/{job_id}/events", summary="Server-sent events of a job's progress",
             responses=SSE_RESPONSES)
-async def job_events(job_id: str, request: Request) -> StreamingResponse:
-    job = _get_job(request, job_id)
-    gone_after = disconnected(request)
+async def job_events(job_id: str, request: Request, after: int | None = None) -> StreamingResponse:
+    """The job's status, then its events until it ends. Each stored event carries an `id:`; a client that
+    reconnects with `Last-Event-ID` (or `?after=`) gets the events after that one."""
+    last = after
+    header = request.headers.get("last-event-id")
+    if last is None and header is not None:
+        try:
+            last = int(header)
+        except ValueError:
+            raise APIError(400, "invalid 'Last-Event-ID': must be the id of an event of this job",
+                           param="Last-Event-ID", code="invalid_value") from None
+    if last is not None and last < 0:
+        raise APIError(400, "invalid 'after': must be 0 or more", param="after", code="invalid_value")
+    return event_stream(await _jobs(request).events(job_id, owner(request), last or 0))
 
-    async def events() -> AsyncIterator[dict[str, Any]]:
-        yield {"type": "status", **_public(job.summary())}
-        async with job.subscribe() as subscription:
-            gone = asyncio.ensure_future(gone_after())
-            try:
-                async with contextlib.aclosing(until_gone(subscription, gone)) as followed:
-                    async for event in followed:  # ends after the terminal event, or when the client leaves
-                        yield _public({k: v for k, v in event.items() if k != "preview"})
-            finally:
-                gone.cancel()
 
-    return event_stream(events())
+@router.get("/v1/images/jobs/{job_id}/files/{name}", summary="Download one image of a finished job",
+            responses=_IMAGE)
+async def get_job_file(job_id: str, name: str, request: Request) -> Response:
+    data, media_type = await _jobs(request).result_file(job_id, name, owner(request))
+    return Response(data, media_type=media_type,
+                    headers={"Cache-Control": "private, max-age=3600", "X-Content-Type-Options": "nosniff"})
 
 
 @router.post("/v1/images/cancel", summary="Cancel a job by request_id (the earlier web client's Cancel)")
 async def cancel(body: CancelRequest, request: Request) -> JSONResponse:
-    service = _service(request)
-    table = service.runtime.scheduler.table
-    job = table.find(body.request_id, owner(request)) or table.get(body.request_id, owner(request))
-    if job is None or service.runtime.scheduler.cancel(job.id) is None:
-        raise APIError(404, f"no queued or running job with request_id {body.request_id!r}", param="request_id",
-                       code="job_not_found")
-    await _settled(job)
-    return JSONResponse({"ok": True, "request_id": body.request_id, "job_id": job.id, "status": job.status.value})
+    ended = await _jobs(request).cancel_by_label(body.request_id, owner(request))
+    return JSONResponse({"ok": True, "request_id": body.request_id, **ended})
 
 
 @router.get("/v1/images/files/{name}", summary="Download an image returned with response_format=url",

@@ -40,11 +40,13 @@ class JobStoreConfig:
     limits: StoreLimits = field(default_factory=StoreLimits)
     timeout: float = 5.0
     pool_size: int = 4
+    schema: str = "fluxserve"
+    """PostgreSQL only: the schema of the tables."""
 
     @classmethod
     def from_settings(cls, settings: StorageConfig) -> JobStoreConfig:
         return cls(url=settings.job_store, state_dir=settings.state_dir, timeout=settings.job_store_timeout,
-                   pool_size=settings.job_store_pool_size,
+                   pool_size=settings.job_store_pool_size, schema=settings.job_store_schema,
                    limits=StoreLimits(ttl=settings.job_ttl, results_max_bytes=settings.results_max_bytes,
                                       max_stored_per_owner=settings.max_stored_per_key,
                                       max_attempts=settings.job_max_attempts, lease=settings.job_lease))
@@ -64,7 +66,8 @@ def open_job_store(config: JobStoreConfig) -> JobStore:
         except ImportError:
             raise JobStoreError("FLUX_JOB_STORE=postgresql://... needs psycopg 3 and its pool: "
                                 "pip install 'fluxserve[postgres]'") from None
-        return PostgresJobStore(config.url, config.limits, pool_size=config.pool_size, timeout=config.timeout)
+        return PostgresJobStore(config.url, config.limits, schema=config.schema, pool_size=config.pool_size,
+                                timeout=config.timeout)
     from fluxserve.storage.jobstore.sqlite import DEFAULT_FILE, SqliteJobStore
 
     path = config.state_dir / DEFAULT_FILE if config.url == "sqlite" else Path(config.url.removeprefix("sqlite://"))
