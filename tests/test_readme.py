@@ -68,6 +68,10 @@ def program(command: str) -> list[str]:
     """The words of the command's first line after any leading VAR=value assignments."""
     words = shlex.split(command.splitlines()[0], comments=True)
     while words and re.match(r"^[A-Za-z_][A-Za-z0-9_]*=", words[0]):
+        substituted = re.match(r"^[A-Za-z_][A-Za-z0-9_]*=\$\((.+)$", words[0])  # id=$(curl ...): the program is curl
+        if substituted:
+            words[0] = substituted.group(1)
+            break
         words.pop(0)
     return words
 

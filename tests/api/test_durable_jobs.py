@@ -187,6 +187,12 @@ def test_two_replicas_share_jobs_urls_and_cancels(server_factory: Callable[..., 
         assert url.startswith(s3_endpoint) and "Signature" in url  # a presigned object-store URL
         image = httpx.get(url, timeout=WAIT)
         assert image.status_code == 200 and image.content.startswith(b"\x89PNG")
+    # a synchronous url image is an object too: its presigned URL works whichever replica made it
+    sync = httpx.post(f"{replicas[1].base_url}/v1/images/generations", json=request(24, 2, response_format="url"),
+                      timeout=WAIT)
+    assert sync.status_code == 200, sync.text
+    sync_url = sync.json()["data"][0]["url"]
+    assert sync_url.startswith(s3_endpoint) and httpx.get(sync_url, timeout=WAIT).content.startswith(b"\x89PNG")
     # cancel through one replica a job that another runs
     long = httpx.post(f"{replicas[0].base_url}{JOBS}", json=request(31, 400), timeout=WAIT).json()
     events_until(replicas[1].base_url, long["id"], lambda event: event["type"] == "progress")

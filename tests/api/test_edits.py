@@ -3,7 +3,6 @@ models: multipart and JSON bodies, tasks, sizes, seeds, masks, streaming, async 
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import io
 import json
@@ -209,25 +208,33 @@ async def test_async_edit_job(client: Any) -> None:
     async with client.stream("GET", f"/v1/images/jobs/{job_id}/events") as events:
         seen = [json.loads(line[6:])["type"] async for line in events.aiter_lines()
                 if line.startswith("data: {")]
-    assert seen[-1] == "succeeded"
-    await asyncio.gather(*client.app.state.images._background)  # the images are encoded right after success
+    assert seen[-1] == "succeeded"  # the result is stored before the job is recorded as succeeded
     polled = (await client.get(f"/v1/images/jobs/{job_id}")).json()
     assert polled["status"] == "succeeded"
     assert polled["result"]["data"][0]["params"]["task"] == "img2img"
 
 
 async def test_finished_jobs_do_not_keep_their_inputs(client: Any) -> None:
-    """Async jobs stay in the job table with their result for FLUX_JOB_TTL; their input pixels (up to 16
-    images and a mask) must not."""
+    """Async jobs stay pollable with their result for FLUX_JOB_TTL; their input pixels (up to 16 images and a
+    mask) must not stay in memory: the job store keeps the uploaded files as objects beside the results (a
+    restart needs them) and deletes them with the job's results."""
     response = await client.post(EDIT + "/jobs", files={"image": ("in.png", png(photo()), "image/png"),
                                                         "mask": ("m.png", png(left_half_mask()), "image/png")},
                                  data=form(request_id="edit-kept-1"))
     assert response.status_code == 202
-    job = client.app.state.runtime.scheduler.table.get(response.json()["id"], None)
-    assert job is not None and job.images  # queued or running: it still needs them
-    await job.done()
-    assert job.status == "succeeded" and job.images == [] and job.mask is None  # dropped at the end
-    await asyncio.gather(*client.app.state.images._background)  # its result is encoded (and counted) next
+    job_id = response.json()["id"]
+    async with client.stream("GET", f"/v1/images/jobs/{job_id}/events") as events:
+        seen = [json.loads(line[6:])["type"] async for line in events.aiter_lines() if line.startswith("data: {")]
+    assert seen[-1] == "succeeded"
+    assert client.app.state.runtime.scheduler.table.get(job_id, None) is None  # no job (no pixels) in memory
+    jobs = client.app.state.jobs
+    stored = jobs.store.load(job_id)
+    assert stored is not None and "image" not in json.dumps(stored.request["body"])  # no pixels in the database
+    inputs = jobs.results.get(f"{job_id}/input-0")
+    assert inputs == png(photo())  # the upload, kept for a restart, deleted with the job's results
+    jobs.results.delete_job(job_id)
+    with pytest.raises(LookupError):
+        jobs.results.get(f"{job_id}/input-mask")
 
 
 async def test_metrics_count_images_by_task(client: Any) -> None:

@@ -58,3 +58,24 @@ def test_a_file_larger_than_a_budget_is_refused() -> None:
     with pytest.raises(StoreFull):
         put(files, "key-a", 1, size=3 * KIB)
     assert files.used_bytes("key-a") == 0
+
+
+def test_url_files_in_an_object_store_go_by_age_then_by_the_owner_rule() -> None:
+    from fluxserve.storage.budgets import files_over_budget
+    from fluxserve.storage.results.protocol import StoredObject
+
+    def obj(owner: str, n: int, at: float, size: int = 100) -> StoredObject:
+        return StoredObject(f"files/{owner}.f{n}.png", size, at)
+
+    files = [obj("old", 0, 0.0), obj("a", 1, 10.0), obj("a", 2, 11.0), obj("b", 3, 12.0), obj("a", 4, 13.0)]
+    # past the TTL: only the old one
+    assert files_over_budget(files, now=100.0, ttl=95.0, max_bytes=10_000) == ["files/old.f0.png"]
+    # over the global cap with a fair share each: "a" (3 files) is furthest over and loses its oldest
+    assert files_over_budget(files[1:], now=20.0, ttl=95.0, max_bytes=300) == ["files/a.f1.png"]
+    # "b" within its own cap keeps its file however much "a" sends
+    flood = [obj("a", n, 20.0 + n) for n in range(10)]
+    doomed = files_over_budget([obj("b", 99, 1.0), *flood], now=40.0, ttl=95.0, max_bytes=500, max_bytes_per_owner=300)
+    assert "files/b.f99.png" not in doomed and len(doomed) == 7
+    # nobody over its budget but all together over the cap: the oldest of all goes
+    assert files_over_budget([obj("a", 1, 1.0), obj("b", 2, 2.0)], now=3.0, ttl=95.0, max_bytes=150,
+                             max_bytes_per_owner=100) == ["files/a.f1.png"]

@@ -106,3 +106,24 @@ def test_config_comes_from_the_settings(make_settings: Callable[..., Any], tmp_p
                                                        s3_secret_access_key="key", s3_presign_expiry=60).storage)
     assert (s3.kind, s3.bucket, s3.access_key_id, s3.secret_access_key, s3.presign_expiry) == ("s3", "b", "id",
                                                                                                 "key", 60)
+
+
+def test_s3_lists_and_deletes_the_url_files_of_synchronous_requests(s3_endpoint: str, s3_bucket: str) -> None:
+    from fluxserve.storage.budgets import files_over_budget
+
+    store: Any = open_result_store(s3_config(s3_endpoint, s3_bucket))
+    for index, owner in enumerate(("keyA", "keyA", "keyB", "keyA")):
+        store.put("files", f"{owner}.f{index}.png", PNG, "image/png")
+    store.put("img_other", "0.png", PNG, "image/png")  # a job's result is never listed with the files
+    listed = store.objects("files")
+    assert sorted(obj.key for obj in listed) == sorted(f"files/{o}.f{i}.png" for i, o in
+                                                        enumerate(("keyA", "keyA", "keyB", "keyA")))
+    assert all(obj.size == len(PNG) for obj in listed)
+    newest = max(obj.modified for obj in listed)
+    # keyA holds 3 files over a per-key cap of 2: one of its own goes, keyB's stays
+    doomed = files_over_budget(listed, now=newest, ttl=3600, max_bytes=10 * len(PNG),
+                               max_bytes_per_owner=2 * len(PNG))
+    assert len(doomed) == 1 and doomed[0].startswith("files/keyA.")
+    store.delete(doomed)
+    assert doomed[0] not in {obj.key for obj in store.objects("files")}
+    assert len(store.objects("files")) == 3 and store.get("img_other/0.png") == PNG

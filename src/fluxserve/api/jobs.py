@@ -18,16 +18,18 @@ import base64
 import contextlib
 import functools
 import logging
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast
 
 from fluxserve.api.errors import APIError, sanitize
 from fluxserve.api.protocol import ImageEditRequest, ImageGenerationRequest, public_model_source
-from fluxserve.api.serving import ImageService, OutputOptions, until_gone
+from fluxserve.api.serving import FILES_PREFIX, ImageService, OutputOptions, until_gone
 from fluxserve.scheduler.jobs import TERMINAL_EVENTS, Job, JobError, JobStatus, Subscription
+from fluxserve.storage.budgets import files_over_budget
 from fluxserve.storage.images import MEDIA_TYPES
 from fluxserve.storage.jobstore import (
     DuplicateRequestId,
@@ -49,6 +51,7 @@ from fluxserve.storage.results import (
     ResultStoreUnavailable,
     open_result_store,
 )
+from fluxserve.storage.results.protocol import ObjectListing
 from fluxserve.webhooks.delivery import WebhookConfig, WebhookDispatcher
 from fluxserve.webhooks.urls import AllowedHosts, WebhookURLError, validate_webhook_url
 
@@ -296,8 +299,14 @@ class DurableJobs:
         self._pending: list[JobRecord] = []
         """Claimed jobs the scheduler had no room for yet (their leases are renewed like running ones)."""
         self._wake: asyncio.Event | None = None
-        self._changed: dict[str, asyncio.Event] = {}
-        self._loop_task: asyncio.Task[None] | None = None
+        """Set to make the runner look at the store now (on the runner's loop: use :meth:`_poke`)."""
+        self._runner: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._thread_lock = threading.Lock()
+        self._started = threading.Event()
+        self._changed: dict[str, list[tuple[asyncio.AbstractEventLoop, asyncio.Event]]] = {}
+        """Job id → readers waiting for its next change, each on its own loop."""
+        self._changed_lock = threading.Lock()
         self._stopping = False
         self._problem: str | None = None
         self._last_housekeeping = 0.0
@@ -309,6 +318,8 @@ class DurableJobs:
         if self.store is not None:
             return
         self.results = open_result_store(ResultStoreConfig.from_settings(self.storage))
+        if hasattr(self.results, "objects"):  # object storage: url images of synchronous requests go there too
+            self.service.object_files = self.results
         self.store = open_job_store(JobStoreConfig.from_settings(self.storage))
         recovered = self.store.recover()
         if recovered.requeued or recovered.failed:
@@ -320,27 +331,50 @@ class DurableJobs:
             self.dispatcher.start()
 
     async def start(self) -> None:
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._io, self.open)
+        await asyncio.get_running_loop().run_in_executor(self._io, self.open)
+        self._ensure_running()
+
+    def _ensure_running(self) -> None:
+        """Start the runner: a thread with its own event loop that claims, runs and records jobs. It does not
+        share the serving loop, so it works under any ASGI server (and an app whose lifespan never ran starts it
+        with the first request)."""
+        with self._thread_lock:
+            if self._thread is not None or self._stopping:
+                return
+            self._thread = threading.Thread(target=lambda: asyncio.run(self._main()), name="fluxserve-jobs",
+                                            daemon=True)
+            self._thread.start()
+        self._started.wait(30)
+
+    async def _main(self) -> None:
+        self._runner = asyncio.get_running_loop()
         self._wake = asyncio.Event()
-        self._loop_task = loop.create_task(self._run())
+        self._started.set()
+        await self._run()
+        # The drain ends what runs here; record each end before the stores close.
+        tasks = [local.task for local in list(self._local.values()) if local.task is not None]
+        if tasks:
+            await asyncio.wait(tasks, timeout=self.service.runtime.settings.shutdown_timeout + 10)
+
+    def _poke(self) -> None:
+        """Wake the runner (from any thread)."""
+        runner, wake = self._runner, self._wake
+        if runner is not None and wake is not None:
+            with contextlib.suppress(RuntimeError):  # its loop has ended
+                runner.call_soon_threadsafe(wake.set)
 
     def stop_claiming(self) -> None:
         self._stopping = True
-        if self._wake is not None:
-            self._wake.set()
+        self._poke()
 
     async def stop(self) -> None:
         """After the drain: jobs it cancelled are left as they are in the store (running), so a restart runs
         them again (same seeds); then the stores close."""
         self.stop_claiming()
-        if self._loop_task is not None:
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._loop_task
-        tasks = [local.task for local in self._local.values() if local.task is not None]
-        if tasks:
-            await asyncio.wait(tasks, timeout=self.service.runtime.settings.shutdown_timeout + 10)
+        thread = self._thread
         loop = asyncio.get_running_loop()
+        if thread is not None:
+            await loop.run_in_executor(None, thread.join, self.service.runtime.settings.shutdown_timeout + 30)
         await loop.run_in_executor(self._io, self.close)
 
     def close(self) -> None:
@@ -353,16 +387,20 @@ class DurableJobs:
         self._io.shutdown(wait=False)
 
     def problems(self) -> list[str]:
-        return [f"job store: {self._problem}"] if self._problem else []
+        # The reason (with the store's address) goes to the log, not to whoever asks /ready.
+        return ["the job store is unreachable: async jobs answer 503 until it is back"] if self._problem else []
 
     # --- helpers -------------------------------------------------------------------------------------
     async def _call(self, fn: Callable[[], T]) -> T:
         """Run a blocking store call off the event loop; an unreachable store is 503 for the client."""
         if self.store is None:
             await asyncio.get_running_loop().run_in_executor(self._io, self.open)
+        self._ensure_running()
         try:
             result = await asyncio.get_running_loop().run_in_executor(self._io, fn)
         except JobStoreUnavailable as exc:
+            if self._problem is None:
+                log.warning("job store unavailable: %s", exc)
             self._problem = str(exc)
             raise APIError(503, "the job store is unavailable; retry later (synchronous requests still work)",
                            code="job_store_unavailable", headers={"Retry-After": "5"}) from None
@@ -381,14 +419,28 @@ class DurableJobs:
         return self.results
 
     def _signal(self, job_id: str) -> None:
-        event = self._changed.pop(job_id, None)
-        if event is not None:
-            event.set()
+        """The job changed: wake its readers (any thread, any loop)."""
+        with self._changed_lock:
+            waiting = self._changed.pop(job_id, [])
+        for loop, event in waiting:
+            with contextlib.suppress(RuntimeError):  # that reader's loop has ended
+                loop.call_soon_threadsafe(event.set)
 
     async def _changed_or_timeout(self, job_id: str, timeout: float) -> None:
-        event = self._changed.setdefault(job_id, asyncio.Event())
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(event.wait(), timeout)
+        event = asyncio.Event()
+        entry = (asyncio.get_running_loop(), event)
+        with self._changed_lock:
+            self._changed.setdefault(job_id, []).append(entry)
+        try:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(event.wait(), timeout)
+        finally:
+            with self._changed_lock:
+                waiting = self._changed.get(job_id)
+                if waiting is not None and entry in waiting:
+                    waiting.remove(entry)
+                    if not waiting:
+                        del self._changed[job_id]
 
     def _webhook_attempted(self, delivery: Any, attempt: Any) -> None:
         outcome = "delivered" if attempt.delivered else "failed"
@@ -401,6 +453,9 @@ class DurableJobs:
     # --- submit --------------------------------------------------------------------------------------
     async def submit(self, submission: Submission) -> dict[str, Any]:
         job = submission.job
+        if self.service.runtime.shutting_down or self._stopping:
+            raise APIError(503, "the server is shutting down; retry on another replica", code="shutting_down",
+                           headers={"Retry-After": "5"})
         webhook_url = None
         if submission.webhook_url is not None:
             webhook_url = await asyncio.get_running_loop().run_in_executor(
@@ -439,8 +494,7 @@ class DurableJobs:
         except ValueError as exc:
             raise APIError(400, f"the request is too large to keep as a job: {exc}", param="prompt",
                            code="request_too_large") from None
-        if self._wake is not None:
-            self._wake.set()
+        self._poke()
         return self._public(record)
 
     def _check_webhook(self, url: str) -> str:
@@ -520,6 +574,8 @@ class DurableJobs:
         store, objects = self._db(), self._objects()
         store.recover()
         store.sweep()
+        if self.service.object_files is not None:
+            self._sweep_files(cast(ObjectListing, self.service.object_files))
         while garbage := store.take_garbage(100):
             for job_id in garbage:
                 try:
@@ -528,6 +584,15 @@ class DurableJobs:
                     log.warning("could not delete a job's results now: %s", exc)
                     return
             store.garbage_collected(garbage)
+
+    def _sweep_files(self, listing: ObjectListing) -> None:
+        """Budgets of the ``url`` images of synchronous requests in object storage, kept from a listing that
+        every replica sees the same (:func:`~fluxserve.storage.budgets.files_over_budget`)."""
+        doomed = files_over_budget(listing.objects(FILES_PREFIX), now=time.time(), ttl=self.storage.file_ttl,
+                                   max_bytes=self.storage.files_max_bytes,
+                                   max_bytes_per_owner=self.storage.files_max_bytes_per_key)
+        if doomed:
+            listing.delete(doomed)
 
     async def _launch(self, record: JobRecord) -> bool:
         """Run a claimed job here. False when the scheduler has no room now (the job stays claimed)."""
@@ -613,8 +678,7 @@ class DurableJobs:
         finally:
             self._local.pop(job.id, None)
             self._signal(job.id)
-            if self._wake is not None:
-                self._wake.set()
+            self._poke()
 
     async def _ended(self, local: _Local, options: OutputOptions) -> None:
         job = local.job
@@ -691,6 +755,8 @@ class DurableJobs:
     # --- reading -------------------------------------------------------------------------------------
     def _public(self, record: JobRecord, *, with_progress: bool = True) -> dict[str, Any]:
         data = record.public()
+        data.setdefault("queue_position", None)
+        data.setdefault("progress", {"step": 0, "total": record.request.get("body", {}).get("num_inference_steps")})
         local = self._local.get(record.id)
         if local is not None and with_progress:
             job = local.job

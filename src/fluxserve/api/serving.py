@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import logging
 import re
+import secrets
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ from fluxserve.scheduler.jobs import TERMINAL_EVENTS, Job, JobError, JobStatus
 from fluxserve.storage.budgets import StoreFull
 from fluxserve.storage.images import MEDIA_TYPES, encode_image, to_base64
 from fluxserve.storage.outputs import save_error_code
+from fluxserve.storage.results.protocol import ResultStore, ResultStoreUnavailable
 
 if TYPE_CHECKING:
     from fluxserve.runtime import Runtime
@@ -71,6 +73,9 @@ class ImageService:
         self.settings = settings
         self._background: set[asyncio.Task[None]] = set()
         self.loras = LoraLibrary(self.settings.lora_library_dir)
+        self.object_files: ResultStore | None = None
+        """With object storage (FLUX_RESULT_STORE=s3): where ``url`` images of synchronous requests go, answered
+        with presigned URLs that every replica's clients can fetch (the job service sweeps them by budget)."""
 
     # --- validation ------------------------------------------------------------------------------
     def resolve_model(self, name: str | None) -> ModelSpec:
@@ -342,6 +347,15 @@ class ImageService:
         )
         if not options.deliver:
             pass
+        elif options.response_format == "url" and self.object_files is not None:
+            objects = self.object_files
+            name = f"{owner_tag(job.owner)}.{secrets.token_urlsafe(18).replace('-', 'A')}.{_ext(options.output_format)}"
+            try:
+                ref = objects.put(FILES_PREFIX, name, data, MEDIA_TYPES[options.output_format])
+            except ResultStoreUnavailable:
+                raise APIError(503, "the object store is unavailable; retry later or ask for b64_json",
+                               param="response_format", code="result_store_unavailable") from None
+            item.url = objects.url(ref.key)
         elif options.response_format == "url":
             try:
                 file_id = self.runtime.files.put(data, MEDIA_TYPES[options.output_format],
@@ -556,6 +570,15 @@ def check_compute_budget(body: ImageGenerationRequest, params: GenerationParams,
                         f"{transformer:.1f} for the transformer, plus {vae:.1f} for the VAE; the budget per request "
                         f"is {budget:g} (FLUX_MAX_MEGAPIXEL_STEPS): lower {param}",
                    param=param, code="compute_budget_exceeded")
+
+
+FILES_PREFIX = "files"
+"""Where ``url`` images of synchronous requests go in an object store: ``files/<owner tag>.<random>.<ext>``."""
+
+
+def owner_tag(owner: str | None) -> str:
+    """The owner as it appears in object names (so budgets per key can be kept from a listing)."""
+    return re.sub(r"[^A-Za-z0-9]", "", owner or "")[:40] or "anonymous"
 
 
 def _ext(fmt: str) -> str:

@@ -17,6 +17,12 @@ An owner within its own budget therefore loses entries only to its TTL, never to
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from fluxserve.storage.results.protocol import StoredObject
+
 
 class StoreFull(Exception):
     """A new entry cannot be kept without expiring entries of an owner that is within its budget."""
@@ -73,3 +79,34 @@ class OwnerBudget:
         if not over:
             return False, None
         return True, max(over, key=lambda owner: over[owner])
+
+
+def files_over_budget(objects: Sequence[StoredObject], *, now: float, ttl: float, max_bytes: int,
+                      max_bytes_per_owner: int = 0) -> list[str]:
+    """Keys of the ``url`` files (``files/<owner tag>.<id>.<ext>`` in an object store, ``objects`` oldest first)
+    that must go: those older than ``ttl``; then, by the rule above, an owner's oldest while it is over its own
+    cap, and while all together are over ``max_bytes`` the oldest of the owner furthest over its budget (or the
+    oldest of all when nobody is)."""
+    def owner_of(key: str) -> str:
+        return key.partition("/")[2].partition(".")[0]
+
+    doomed = [obj.key for obj in objects if now - obj.modified > ttl]
+    gone = set(doomed)
+    alive = [obj for obj in objects if obj.key not in gone]
+    budget = OwnerBudget(max_bytes, max_bytes_per_owner)
+    for obj in alive:
+        budget.add(owner_of(obj.key), obj.size)
+
+    def drop_oldest(owner: str | None) -> None:
+        victim = next(obj for obj in alive if owner is None or owner_of(obj.key) == owner)
+        alive.remove(victim)
+        budget.remove(owner_of(victim.key), victim.size)
+        doomed.append(victim.key)
+
+    for owner in list(budget.used):
+        while budget.owner_over(owner):
+            drop_oldest(owner)
+    while alive and budget.total > budget.max_bytes:
+        over, victim_owner = budget.global_victim()
+        drop_oldest(victim_owner if over else None)
+    return doomed

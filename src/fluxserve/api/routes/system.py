@@ -49,10 +49,12 @@ async def health() -> JSONResponse:
 
 @router.get("/ready", summary="Readiness: default model loaded, warmed up, not shutting down, not failing OOM")
 async def ready(request: Request) -> JSONResponse:
-    """200 or 503 with the reasons; ``warnings`` (a full output directory) never make it 503."""
+    """200 or 503 with the reasons; ``warnings`` (a full output directory, an unreachable job store: synchronous
+    requests still work) never make it 503."""
     runtime = _runtime(request)
     ok, reasons = runtime.readiness()
-    warnings = {"warnings": found} if (found := runtime.readiness_warnings()) else {}
+    found = [*runtime.readiness_warnings(), *request.app.state.jobs.problems()]
+    warnings = {"warnings": found} if found else {}
     if ok:
         return JSONResponse({"status": "ready", **warnings})
     return JSONResponse({"status": "not_ready", "reasons": reasons, **warnings,

@@ -10,6 +10,7 @@ when results expire; the result store only holds bytes.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Protocol
 
 from fluxserve.storage.jobstore.protocol import ResultRef, check_job_id
@@ -41,6 +42,23 @@ def split_key(key: str) -> tuple[str, str]:
         raise ValueError(f"{key[:64]!r} is not a result key")
     result_key(job_id, name)
     return job_id, name
+
+
+@dataclass(frozen=True)
+class StoredObject:
+    key: str
+    size: int
+    modified: float
+    """Seconds since the epoch."""
+
+
+class ObjectListing(Protocol):
+    """What an object store adds for the ``url`` files of synchronous requests: listing and deleting them, so
+    that their budgets (FLUX_FILE_TTL, FLUX_FILES_MAX_BYTES, FLUX_FILES_MAX_BYTES_PER_KEY) hold across processes."""
+
+    def objects(self, job_id: str) -> list[StoredObject]: ...
+
+    def delete(self, keys: list[str]) -> None: ...
 
 
 class ResultStore(Protocol):

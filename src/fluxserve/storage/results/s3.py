@@ -18,7 +18,13 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
 from fluxserve.storage.jobstore.protocol import ResultRef, check_job_id
-from fluxserve.storage.results.protocol import ResultMissing, ResultStoreUnavailable, result_key, split_key
+from fluxserve.storage.results.protocol import (
+    ResultMissing,
+    ResultStoreUnavailable,
+    StoredObject,
+    result_key,
+    split_key,
+)
 
 
 def _why(exc: BaseException) -> str:
@@ -83,6 +89,27 @@ class S3ResultStore:
                         self._client.delete_objects(Bucket=self.bucket, Delete={"Objects": keys, "Quiet": True})
         except (BotoCoreError, ClientError) as exc:
             raise ResultStoreUnavailable(f"the object store did not delete results: {_why(exc)}") from None
+
+    def objects(self, job_id: str) -> list[StoredObject]:
+        """The objects under ``<job id>/``, oldest first (for sweeping the ``files`` of synchronous requests)."""
+        prefix = f"{self.prefix}{check_job_id(job_id)}/"
+        found: list[StoredObject] = []
+        try:
+            for page in self._client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix):
+                for item in page.get("Contents", []):
+                    found.append(StoredObject(item["Key"].removeprefix(self.prefix), int(item["Size"]),
+                                              item["LastModified"].timestamp()))
+        except (BotoCoreError, ClientError) as exc:
+            raise ResultStoreUnavailable(f"the object store did not list objects: {_why(exc)}") from None
+        return sorted(found, key=lambda obj: (obj.modified, obj.key))
+
+    def delete(self, keys: list[str]) -> None:
+        try:
+            for start in range(0, len(keys), 1000):
+                batch = [{"Key": self._object(key)} for key in keys[start:start + 1000]]
+                self._client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})
+        except (BotoCoreError, ClientError) as exc:
+            raise ResultStoreUnavailable(f"the object store did not delete objects: {_why(exc)}") from None
 
     def problem(self) -> str | None:
         try:
