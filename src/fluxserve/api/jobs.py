@@ -295,6 +295,9 @@ class DurableJobs:
         self.results: ResultStore | None = None
         self.dispatcher: WebhookDispatcher | None = None
         self._io = ThreadPoolExecutor(4, thread_name_prefix="jobstore")
+        self._live = MemoryJobs(service)
+        """Synchronous and streamed requests are not stored, but their status, events and cancel are served
+        by the process that runs them (the earlier web client follows its own request by id)."""
         self._local: dict[str, _Local] = {}
         self._pending: list[JobRecord] = []
         """Claimed jobs the scheduler had no room for yet (their leases are renewed like running ones)."""
@@ -779,7 +782,16 @@ class DurableJobs:
             raise _not_found(job_id)
         return record
 
+    def _live_job(self, job_id: str, owner: str | None) -> Job | None:
+        """A synchronous or streamed request running in this process (never one of the stored jobs)."""
+        if job_id in self._local:
+            return None
+        job: Job | None = self.service.runtime.scheduler.table.get(job_id, owner)
+        return job
+
     async def status(self, job_id: str, owner: str | None, base_url: str) -> dict[str, Any]:
+        if self._live_job(job_id, owner) is not None:
+            return await self._live.status(job_id, owner, base_url)
         record = await self._record(job_id, owner)
         data = self._public(record)
         if record.state is not JobState.SUCCEEDED:
@@ -819,6 +831,8 @@ class DurableJobs:
         return result
 
     async def cancel(self, job_id: str, owner: str | None) -> dict[str, Any]:
+        if self._live_job(job_id, owner) is not None:
+            return await self._live.cancel(job_id, owner)
         record = await self._record(job_id, owner)
         if record.finished:
             raise APIError(409, f"job {job_id!r} already {record.state.value}", param="id", code="job_finished")
@@ -865,6 +879,8 @@ class DurableJobs:
         return {"job_id": record.id, "status": record.state.value}
 
     async def events(self, job_id: str, owner: str | None, after: int) -> AsyncIterator[dict[str, Any]]:
+        if self._live_job(job_id, owner) is not None:
+            return await self._live.events(job_id, owner, after)
         record = await self._record(job_id, owner)
         return self._replay(record, owner, after)
 
