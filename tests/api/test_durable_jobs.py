@@ -252,7 +252,8 @@ def test_a_store_that_cannot_be_used_stops_the_start_with_the_reason(tmp_path: P
              {"FLUX_JOB_STORE": "postgresql://fluxserve:secret@127.0.0.1:9/nothing", "FLUX_JOB_STORE_TIMEOUT": "2"})
     for env in cases:
         full = {"FLUX_MODEL": "tiny-flux", "FLUX_CACHE_DIR": str(cache_dir), "FLUX_DEVICE": "cpu",
-                "FLUX_HUB_DOWNLOADS": "off", "FLUX_WARMUP_ENABLE": "0", "FLUX_PORT": str(free_port()), "PATH": "/usr/bin:/bin",
+                "FLUX_HUB_DOWNLOADS": "off", "FLUX_WARMUP_ENABLE": "0", "FLUX_PORT": str(free_port()),
+                "PATH": "/usr/bin:/bin",
                 "FLUX_STATE_DIR": str(tmp_path / "other"), **env}
         result = subprocess.run([sys.executable, "-m", "fluxserve", "serve"], env=full, capture_output=True,
                                 text=True, timeout=WAIT, cwd=tmp_path)
@@ -262,3 +263,34 @@ def test_a_store_that_cannot_be_used_stops_the_start_with_the_reason(tmp_path: P
         assert "secret" not in output  # the password is never shown
         assert "Traceback" not in output, output[-3000:]
     assert (state / "jobs.sqlite3").read_bytes().startswith(b"this is not a database")  # left as it was
+
+
+def test_a_database_lost_mid_run_refuses_new_jobs_loses_none_and_recovers(
+        server_factory: Callable[..., ServerProcess]) -> None:
+    from tests.postgres_server import temporary_server
+
+    with temporary_server() as database:
+        server = server_factory({"FLUX_JOB_STORE": database.dsn(), "FLUX_JOB_STORE_TIMEOUT": "2",
+                                 "FLUX_JOB_POLL_INTERVAL": "0.2", "FLUX_MAX_STEPS": "400"})
+        running = httpx.post(f"{server.base_url}{JOBS}", json=request(51, 400), timeout=WAIT).json()
+        events_until(server.base_url, running["id"], lambda event: event["type"] == "progress")
+        database.stop()
+        refused = httpx.post(f"{server.base_url}{JOBS}", json=request(52, 2), timeout=WAIT)
+        assert refused.status_code == 503, refused.text
+        error = refused.json()["error"]
+        assert error["code"] == "job_store_unavailable" and "postgresql" not in error["message"]
+        assert refused.headers["retry-after"]
+        ready = httpx.get(f"{server.base_url}/ready", timeout=WAIT)  # synchronous work goes on: still ready
+        assert ready.status_code == 200 and ready.json()["warnings"], ready.text
+        sync = httpx.post(f"{server.base_url}/v1/images/generations", json=request(53, 2), timeout=WAIT)
+        assert sync.status_code == 200
+        database.start()
+        for _ in range(60):  # each refused try waits FLUX_JOB_STORE_TIMEOUT for the database: no sleeping here
+            accepted = httpx.post(f"{server.base_url}{JOBS}", json=request(54, 2), timeout=WAIT)
+            if accepted.status_code == 202:
+                break
+        assert accepted.status_code == 202, accepted.text
+        assert finished(server.base_url, accepted.json()["id"])["status"] == "succeeded"
+        # the job that ran through the outage was recorded once the database came back
+        assert finished(server.base_url, running["id"])["status"] == "succeeded"
+        assert "warnings" not in httpx.get(f"{server.base_url}/ready", timeout=WAIT).json()
