@@ -37,22 +37,18 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from enum import StrEnum
 from types import TracebackType
 from typing import Any
 
 from fluxserve.generation import GenerationParams, ImageRequest, ImageResult
 from fluxserve.models.spec import ModelSpec
+from fluxserve.storage.jobstore.protocol import JobState
 
 log = logging.getLogger(__name__)
 
-class JobStatus(StrEnum):
-    QUEUED = "queued"
-    RUNNING = "running"
-    SUCCEEDED = "succeeded"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
-    EXPIRED = "expired"
+JobStatus = JobState
+"""A job's state: the one enum the scheduler, the routes and the job store share (queued, running, succeeded,
+failed, cancelled, expired)."""
 
 
 FINISHED = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED, JobStatus.EXPIRED})
