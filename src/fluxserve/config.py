@@ -198,6 +198,7 @@ class StorageConfig:
     job_poll_interval: float
     job_ttl: float
     results_max_bytes: int
+    results_max_bytes_per_key: int
     max_stored_per_key: int
     result_store: Literal["local", "s3"]
     s3_bucket: str | None

@@ -345,6 +345,126 @@ def test_each_owner_keeps_at_most_its_share_of_results(open_store: OpenStore) ->
     assert kept == ["img_1_a", "img_1_n", "img_2_a", "img_2_n"]
 
 
+def stored(store: Any, clock: FakeClock, job_id: str, size: int, *, owner: str | None = "key:aaaa",
+           webhook_url: str | None = None) -> None:
+    """Create a job for ``owner``, run it and finish it with one result of ``size`` bytes, a second later."""
+    store.create(new_job(job_id, owner=owner, webhook_url=webhook_url))
+    assert store.mark_running(job_id, "w1") is not None
+    clock.advance(1)
+    assert store.mark_succeeded(job_id, results=png(job_id, size))
+
+
+def kept(store: Any, *job_ids: str) -> list[str]:
+    """Those of ``job_ids`` whose result can still be fetched."""
+    return [job_id for job_id in job_ids if (record := store.load(job_id)).state is JobState.SUCCEEDED
+            and not record.result_expired and record.results]
+
+
+def test_one_owners_traffic_cannot_expire_anothers_results_within_its_budget(open_store: OpenStore) -> None:
+    """Key A keeps three results within its 150 bytes; key B then stores ten times that. B loses its own
+    oldest (its own cap), A loses nothing before its TTL."""
+    clock = FakeClock()
+    store = open_store(StoreLimits(results_max_bytes=300, results_max_bytes_per_owner=150), clock)
+    a_jobs = [f"img_a{index}" for index in range(3)]
+    for job_id in a_jobs:
+        stored(store, clock, job_id, 40, owner="key:aaaa")
+    b_jobs = [f"img_b{index:02d}" for index in range(40)]
+    for job_id in b_jobs:
+        stored(store, clock, job_id, 40, owner="key:bbbb")
+        assert kept(store, *a_jobs) == a_jobs, f"B's {job_id} expired a result of A"
+    assert kept(store, *b_jobs) == b_jobs[-3:]  # 120 of B's 150 bytes: its three newest
+    assert store.result_bytes() == 240
+    assert store.load("img_b00").result_expired and store.load("img_b00").state is JobState.SUCCEEDED
+    assert sorted(store.take_garbage(limit=100)) == b_jobs[:-3]
+
+
+def test_over_the_global_budget_the_owner_furthest_over_its_fair_share_loses_first(open_store: OpenStore) -> None:
+    """Without a per-owner cap each owner's budget is its share of the global one: the oldest result overall
+    (A's) stays, and B, holding more than its half, gives up its own oldest."""
+    clock = FakeClock()
+    store = open_store(StoreLimits(results_max_bytes=200), clock)
+    stored(store, clock, "img_a0", 40, owner="key:aaaa")
+    stored(store, clock, "img_a1", 40, owner="key:aaaa")
+    b_jobs = [f"img_b{index}" for index in range(4)]
+    for job_id in b_jobs:
+        stored(store, clock, job_id, 40, owner="key:bbbb")
+    assert kept(store, "img_a0", "img_a1") == ["img_a0", "img_a1"]
+    assert kept(store, *b_jobs) == b_jobs[1:] and store.result_bytes() == 200
+    stored(store, clock, "img_n0", 40, owner=None)  # clients without a key are an owner too
+    assert kept(store, "img_a0", "img_a1", "img_n0") == ["img_a0", "img_a1", "img_n0"]
+    assert kept(store, *b_jobs) == b_jobs[2:]
+
+
+def test_a_result_nobody_has_room_for_is_refused_and_its_job_fails_results_store_full(open_store: OpenStore) -> None:
+    """Every owner within its own cap and the global one full: the new result is refused instead of expiring
+    anyone's. Its job ends failed with ``results_store_full`` (event and webhook say so); the bytes are
+    queued for deletion; what its owner would have given up for it under its own cap is kept."""
+    clock = FakeClock()
+    store = open_store(StoreLimits(results_max_bytes=150, results_max_bytes_per_owner=100), clock)
+    stored(store, clock, "img_a0", 50, owner="key:aaaa")
+    stored(store, clock, "img_a1", 50, owner="key:aaaa")
+    stored(store, clock, "img_b0", 40, owner="key:bbbb")
+    # b1 takes B over its own 100 (b0 would go), and even then the total is 170 of 150 with nobody over.
+    stored(store, clock, "img_b1", 70, owner="key:bbbb", webhook_url="https://hooks.example.com/x")
+    refused = store.load("img_b1")
+    assert refused.state is JobState.FAILED and refused.results == () and refused.result_bytes == 0
+    assert refused.error is not None and refused.error.code == "results_store_full"
+    assert "FLUX_RESULTS_MAX_BYTES" in refused.error.message
+    assert refused.public()["error"]["code"] == "results_store_full" and "result" not in refused.public()
+    assert [event.type for event in store.events("img_b1")][-1] == "failed"
+    (delivery,) = store.due_deliveries("hooks", limit=10, hold=30)
+    assert delivery.event_type == "job.failed" and b"results_store_full" in delivery.payload
+    assert kept(store, "img_a0", "img_a1", "img_b0") == ["img_a0", "img_a1", "img_b0"]
+    assert store.result_bytes() == 140 and store.take_garbage() == ["img_b1"]
+    # A result larger than a cap alone is never kept: it expires at once, the job stays succeeded.
+    stored(store, clock, "img_b2", 101, owner="key:bbbb")
+    assert store.load("img_b2").state is JobState.SUCCEEDED and store.load("img_b2").result_expired
+    assert kept(store, "img_a0", "img_a1", "img_b0") == ["img_a0", "img_a1", "img_b0"]
+
+
+def test_caps_lowered_across_a_restart_are_enforced_by_the_sweep(open_store: OpenStore) -> None:
+    clock = FakeClock()
+    store = open_store(StoreLimits(), clock)
+    for index in range(3):
+        stored(store, clock, f"img_a{index}", 40, owner="key:aaaa")
+        stored(store, clock, f"img_b{index}", 40, owner="key:bbbb")
+    store.close()
+    store = open_store(StoreLimits(results_max_bytes=100, results_max_bytes_per_owner=80), clock)
+    store.sweep()
+    # Each owner first keeps its newest 80 bytes (a1 a2, b1 b2: 160 of 100, nobody over 80): then the
+    # oldest overall go, as no new result is there to refuse.
+    assert kept(store, *(f"img_{o}{i}" for i in range(3) for o in "ab")) == ["img_a2", "img_b2"]
+    assert store.result_bytes() == 80
+
+
+def test_owners_finishing_at_once_stay_within_the_budgets(open_store: OpenStore) -> None:
+    """Four workers (threads, each with the store's own connections) finish B's jobs at once while A's
+    results sit within A's budget: each completion sees the others', so no budget is passed and A keeps
+    everything."""
+    clock = FakeClock()
+    store = open_store(StoreLimits(results_max_bytes=400, results_max_bytes_per_owner=160), clock)
+    a_jobs = [f"img_a{index}" for index in range(4)]
+    for job_id in a_jobs:
+        stored(store, clock, job_id, 40, owner="key:aaaa")
+    b_jobs = [f"img_b{index:02d}" for index in range(24)]
+    for job_id in b_jobs:
+        store.create(new_job(job_id, owner="key:bbbb"))
+    start = threading.Barrier(4)
+
+    def worker(index: int) -> None:
+        start.wait()
+        while (record := store.claim_next(f"w{index}")) is not None:
+            assert store.mark_succeeded(record.id, results=png(record.id, 40), worker=f"w{index}")
+
+    threads = [threading.Thread(target=worker, args=(index,)) for index in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert kept(store, *a_jobs) == a_jobs
+    assert len(kept(store, *b_jobs)) == 4 and store.result_bytes() == 320  # B at its cap, A untouched
+
+
 # --- the webhook outbox ---------------------------------------------------------------------------------------
 def test_the_outbox_holds_retries_and_records_each_attempt(open_store: OpenStore) -> None:
     clock = FakeClock()

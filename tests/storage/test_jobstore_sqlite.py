@@ -24,9 +24,10 @@ def job(job_id: str) -> NewJob:
 
 
 def test_the_default_store_is_one_file_under_the_state_dir(make_settings: Callable[..., Any], tmp_path: Path) -> None:
-    settings = make_settings(state_dir=tmp_path / "state")
+    settings = make_settings(state_dir=tmp_path / "state", results_max_bytes_per_key=123_456)
     config = JobStoreConfig.from_settings(settings.storage)
     assert config.url == "sqlite" and config.limits.ttl == settings.job_ttl
+    assert config.limits.results_max_bytes_per_owner == 123_456  # FLUX_RESULTS_MAX_BYTES_PER_KEY
     store = open_job_store(config)
     try:
         store.create(job("img_a"))

@@ -48,6 +48,7 @@ class JobStoreConfig:
         return cls(url=settings.job_store, state_dir=settings.state_dir, timeout=settings.job_store_timeout,
                    pool_size=settings.job_store_pool_size, schema=settings.job_store_schema,
                    limits=StoreLimits(ttl=settings.job_ttl, results_max_bytes=settings.results_max_bytes,
+                                      results_max_bytes_per_owner=settings.results_max_bytes_per_key,
                                       max_stored_per_owner=settings.max_stored_per_key,
                                       max_attempts=settings.job_max_attempts, lease=settings.job_lease))
 

@@ -89,6 +89,9 @@ class PostgresJobStore(SqlJobStore):
         tx.fetchall("SELECT pg_advisory_xact_lock(hashtext(?))", (f"fluxserve-jobs:{self.schema}",))
         tx.execute(f"CREATE SCHEMA IF NOT EXISTS {self.schema}")  # a checked name (see _SCHEMA_NAME)
 
+    def _lock_budgets(self, tx: Tx) -> None:
+        tx.fetchall("SELECT pg_advisory_xact_lock(hashtext(?))", (f"fluxserve-jobs-budgets:{self.schema}",))
+
     def _jobs_table_ddl(self) -> str:
         return ("CREATE TABLE jobs (seq BIGINT GENERATED ALWAYS AS IDENTITY UNIQUE, id TEXT PRIMARY KEY,"
                 f"{JOB_COLUMNS_DDL})")

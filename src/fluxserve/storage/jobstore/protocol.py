@@ -22,11 +22,15 @@ A job's state changes only through the store's transitions, each one transaction
   request as JSON *without image pixels* (refused above :data:`MAX_REQUEST_BYTES`), seeds, timings,
   the error, references to the result objects (the images live in a result store), the attempt count
   and the job's recent events (progress coalesced to the latest one) for replaying a stream.
-* Budgets: finished results expire ``ttl`` seconds after the job ended, or earlier when all results
-  together pass ``results_max_bytes`` (oldest first) or an owner keeps more than
-  ``max_stored_per_owner``; a job's record (status, no images) is forgotten ``2 × ttl`` after it ended.
-  Expired results are queued for deletion (:meth:`JobStore.take_garbage`), so a crash between the
-  decision and the deletion leaks nothing.
+* Budgets: finished results expire ``ttl`` seconds after the job ended, or earlier by the rule of
+  :mod:`fluxserve.storage.budgets`: an owner over ``results_max_bytes_per_owner`` bytes or
+  ``max_stored_per_owner`` results loses its own oldest; when all results together pass
+  ``results_max_bytes``, the owner furthest over its budget loses its oldest; when no owner is over its
+  budget, the new result is refused and its job ends ``failed`` with code ``results_store_full``
+  (:data:`RESULTS_STORE_FULL`). An owner within its budget thus loses results only to the TTL. A job's
+  record (status, no images) is forgotten ``2 × ttl`` after it ended. Expired and refused results are
+  queued for deletion (:meth:`JobStore.take_garbage`), so a crash between the decision and the deletion
+  leaks nothing.
 
 Times are wall-clock seconds since the epoch (several hosts share a PostgreSQL store). This module
 imports neither torch nor a database driver.
@@ -55,6 +59,9 @@ MAX_EVENT_BYTES = 4 * 1024
 """Largest event JSON kept (previews and images never go into the event log)."""
 MAX_EVENTS_PER_JOB = 64
 """Events kept per job (progress events replace each other, so a job needs a handful)."""
+RESULTS_STORE_FULL = "results_store_full"
+"""Error code of a job that succeeded but whose result the results budget refused: keeping it would have
+expired results of owners within their budgets (the in-memory job table answers the same)."""
 
 
 class JobState(StrEnum):
@@ -240,10 +247,13 @@ class WebhookDelivery:
 @dataclass(frozen=True)
 class StoreLimits:
     """The budgets and retry bounds a store enforces (from FLUX_JOB_TTL, FLUX_RESULTS_MAX_BYTES,
-    FLUX_MAX_STORED_PER_KEY, FLUX_JOB_MAX_ATTEMPTS and FLUX_JOB_LEASE)."""
+    FLUX_RESULTS_MAX_BYTES_PER_KEY, FLUX_MAX_STORED_PER_KEY, FLUX_JOB_MAX_ATTEMPTS and FLUX_JOB_LEASE)."""
 
     ttl: float = 3600.0
     results_max_bytes: int = 512 * 1024 * 1024
+    results_max_bytes_per_owner: int = 0
+    """Bytes of results one owner may keep (0: no fixed cap; its budget is then a fair share of
+    ``results_max_bytes``), by the rule of :mod:`fluxserve.storage.budgets`."""
     max_stored_per_owner: int = 0
     max_attempts: int = 3
     lease: float = 60.0
@@ -296,8 +306,10 @@ class JobStore(Protocol):
 
     def mark_succeeded(self, job_id: str, *, results: Sequence[ResultRef], result_meta: dict[str, Any] | None = None,
                        timings: dict[str, float] | None = None, worker: str | None = None) -> bool:
-        """running → succeeded with the stored results (the results budget applies at once). False
-        when the job was already terminal, or ``worker`` no longer holds it."""
+        """running → succeeded with the stored results; the results budget applies at once (see the module
+        doc): a result larger than a cap alone expires at once (``result_expired``), and one the budget
+        refuses ends the job ``failed`` with code :data:`RESULTS_STORE_FULL` instead (the transition still
+        happened: True). False when the job was already terminal, or ``worker`` no longer holds it."""
         ...
 
     def mark_failed(self, job_id: str, *, code: str, message: str, timings: dict[str, float] | None = None,

@@ -10,16 +10,19 @@ from __future__ import annotations
 
 import json
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
+from fluxserve.storage.budgets import OwnerBudget
 from fluxserve.storage.jobstore.protocol import (
     LIVE_STATES,
     MAX_EVENT_BYTES,
     MAX_EVENTS_PER_JOB,
     MAX_REQUEST_BYTES,
+    RESULTS_STORE_FULL,
     SCHEMA_VERSION,
     STORE_APPLICATION,
     TERMINAL_STATES,
@@ -131,6 +134,8 @@ _SELECT_JOB = """SELECT j.id, j.seq, j.owner, j.model, j.state, j.request, j.see
     FROM jobs j LEFT JOIN webhook_deliveries d ON d.job_id = j.id"""
 
 _LIVE = "('queued', 'running')"
+_STORE_FULL_MESSAGE = ("the stored-results budget is full of other keys' results, each within its budget "
+                       "(FLUX_RESULTS_MAX_BYTES, FLUX_RESULTS_MAX_BYTES_PER_KEY); retry later")
 _TERMINAL = "(" + ", ".join(f"'{state.value}'" for state in sorted(TERMINAL_STATES)) + ")"
 
 
@@ -216,6 +221,11 @@ class SqlJobStore:
     def _lock_schema(self, tx: Tx) -> None:
         """Keep concurrent start-ups from creating the tables twice (PostgreSQL takes a lock)."""
 
+    def _lock_budgets(self, tx: Tx) -> None:
+        """Serialize the transactions that apply the results budget (completions and sweeps), so that two
+        processes finishing jobs at once each see the other's results (SQLite's writers are serialized
+        already; PostgreSQL takes a lock). Taken first in those transactions, before any row lock."""
+
     # --- jobs ----------------------------------------------------------------------------------------
     def create(self, job: NewJob) -> JobRecord:
         check_job_id(job.id)
@@ -299,6 +309,7 @@ class SqlJobStore:
         refs = json.dumps([ref.to_json() for ref in results])
         meta = None if result_meta is None else dump_json(result_meta, limit=MAX_REQUEST_BYTES, what="result_meta")
         with self._tx() as tx:
+            self._lock_budgets(tx)
             return self._finish(tx, job_id, JobState.SUCCEEDED, from_states=(JobState.RUNNING,), worker=worker,
                                 timings=timings, results=(refs, meta, sum(ref.size for ref in results)))
 
@@ -381,6 +392,12 @@ class SqlJobStore:
             params.append(worker)
         if not tx.execute(f"UPDATE jobs SET {', '.join(sets)} WHERE {where}", params):
             return False
+        if to is JobState.SUCCEEDED and not self._keep_result(tx, job_id, now):
+            to, error = JobState.FAILED, JobFailure(RESULTS_STORE_FULL, _STORE_FULL_MESSAGE)
+            tx.execute("""UPDATE jobs SET state = ?, error_code = ?, error_message = ?, results = '[]',
+                          result_meta = NULL, result_bytes = 0 WHERE id = ?""",
+                       (to.value, error.code, error.message, job_id))
+            self._garbage(tx, [job_id], now)
         event: dict[str, Any] = {}
         if error is not None:
             event = {"code": error.code, "message": error.message[:1000]}
@@ -394,11 +411,18 @@ class SqlJobStore:
             tx.execute("""INSERT INTO webhook_deliveries (id, job_id, url, event_type, payload, state, attempts,
                           next_attempt_at, created_at, updated_at) VALUES (?, ?, ?, ?, ?, 'pending', 0, ?, ?, ?)""",
                        (new_delivery_id(), job_id, record.webhook_url, event_type, payload, now, now, now))
-        if to is JobState.SUCCEEDED:
-            if record.result_bytes > self.limits.results_max_bytes:
-                self._expire_results(tx, [job_id], now)
-            self._enforce_budgets(tx, now, owner=record.owner)
         return True
+
+    def _keep_result(self, tx: Tx, job_id: str, now: float) -> bool:
+        """Apply the results budget to a job that just succeeded: False when its result is refused (keeping
+        it would expire results of owners within their budgets). A result larger than a cap alone is kept
+        as expired (its job stays succeeded; polling it answers ``result_expired``)."""
+        size = int(tx.fetchall("SELECT result_bytes FROM jobs WHERE id = ?", (job_id,))[0][0])
+        if not OwnerBudget(self.limits.results_max_bytes, self.limits.results_max_bytes_per_owner).fits_alone(size):
+            self._expire_results(tx, [job_id], now)
+            self._enforce_budgets(tx, now)
+            return True
+        return not self._enforce_budgets(tx, now, new=job_id)
 
     # --- events --------------------------------------------------------------------------------------
     def append_event(self, job_id: str, event: dict[str, Any], *, coalesce: bool = False) -> int | None:
@@ -435,10 +459,11 @@ class SqlJobStore:
     def sweep(self) -> None:
         now = self._clock()
         with self._tx() as tx:
+            self._lock_budgets(tx)
             rows = tx.fetchall("SELECT id FROM jobs WHERE state = 'succeeded' AND result_expired = 0 "
                                "AND finished_at < ?", (now - self.limits.ttl,))
             self._expire_results(tx, [row[0] for row in rows], now)
-            self._enforce_budgets(tx, now, owner=None)
+            self._enforce_budgets(tx, now)
             old = [row[0] for row in tx.fetchall(
                 f"""SELECT id FROM jobs WHERE state IN {_TERMINAL} AND finished_at < ? AND NOT EXISTS (
                     SELECT 1 FROM webhook_deliveries d WHERE d.job_id = jobs.id AND d.state = 'pending')""",
@@ -450,30 +475,65 @@ class SqlJobStore:
                 tx.execute(f"DELETE FROM webhook_deliveries WHERE job_id IN ({marks})", chunk)
                 tx.execute(f"DELETE FROM jobs WHERE id IN ({marks})", chunk)
 
-    def _enforce_budgets(self, tx: Tx, now: float, *, owner: str | None) -> None:
-        """Expire the oldest results until all fit ``results_max_bytes`` and each owner (all owners
-        when ``owner`` is None) keeps at most ``max_stored_per_owner``."""
-        per_owner = self.limits.max_stored_per_owner
-        if per_owner > 0:
-            owners = [owner or ""] if owner is not None else [row[0] for row in tx.fetchall(
-                "SELECT DISTINCT COALESCE(owner, '') FROM jobs WHERE state = 'succeeded' AND result_expired = 0")]
-            for key in owners:
-                mine = [row[0] for row in tx.fetchall(
-                    """SELECT id FROM jobs WHERE state = 'succeeded' AND result_expired = 0 AND COALESCE(owner, '') = ?
-                       ORDER BY finished_at, seq""", (key,))]
-                self._expire_results(tx, mine[:max(0, len(mine) - per_owner)], now)
-        total = int(tx.fetchall("SELECT COALESCE(SUM(result_bytes), 0) FROM jobs WHERE state = 'succeeded' "
-                                "AND result_expired = 0")[0][0])
-        if total <= self.limits.results_max_bytes:
-            return
-        doomed = []
-        for job_id, size in tx.fetchall("SELECT id, result_bytes FROM jobs WHERE state = 'succeeded' "
-                                        "AND result_expired = 0 ORDER BY finished_at, seq"):
-            if total <= self.limits.results_max_bytes:
+    def _enforce_budgets(self, tx: Tx, now: float, *, new: str | None = None) -> bool:
+        """Expire results by the rule of :mod:`fluxserve.storage.budgets` (the in-memory job table's):
+        an owner over ``results_max_bytes_per_owner`` or ``max_stored_per_owner`` loses its own oldest;
+        over ``results_max_bytes``, the owner furthest over its budget loses its oldest. ``new``: the job
+        whose result was just stored. True when ``new``'s result is refused (no owner over its budget; the
+        caller ends that job): its owner then keeps what it would have given up for it. Without ``new`` (a
+        sweep after the caps were lowered) and nobody over a budget, the oldest results go."""
+        limits = self.limits
+        budget = OwnerBudget(limits.results_max_bytes, limits.results_max_bytes_per_owner)
+        # 1. Most of the time every cap holds: one aggregate answers without reading the results one by one.
+        owners = tx.fetchall("SELECT owner, COUNT(*), COALESCE(SUM(result_bytes), 0) FROM jobs "
+                             "WHERE state = 'succeeded' AND result_expired = 0 GROUP BY owner")
+        for owner, _, size in owners:
+            budget.add(owner, int(size))
+        if budget.total <= limits.results_max_bytes and not any(
+                budget.owner_over(owner) or 0 < limits.max_stored_per_owner < int(count) for owner, count, _ in owners):
+            return False
+        budget = OwnerBudget(limits.results_max_bytes, limits.results_max_bytes_per_owner)
+        held: dict[str | None, deque[tuple[str, int]]] = {}
+        order: list[tuple[str, str | None, int]] = []
+        for job_id, owner, size in tx.fetchall("SELECT id, owner, result_bytes FROM jobs WHERE state = 'succeeded' "
+                                               "AND result_expired = 0 ORDER BY finished_at, seq"):
+            held.setdefault(owner, deque()).append((job_id, int(size)))
+            order.append((job_id, owner, int(size)))
+            budget.add(owner, int(size))
+        doomed: set[str] = set()
+        made_room: set[str] = set()
+        """What ``new``'s owner gave up for it under its own caps (kept after all if ``new`` is refused)."""
+        new_owner = next((owner for job_id, owner, _ in order if job_id == new), None)
+
+        def expire_oldest(owner: str | None) -> str:
+            job_id, size = held[owner].popleft()
+            budget.remove(owner, size)
+            doomed.add(job_id)
+            return job_id
+
+        # 2. Owners over their own caps (count, then bytes) lose their own oldest.
+        for owner in list(held):
+            while 0 < limits.max_stored_per_owner < len(held[owner]) or budget.owner_over(owner):
+                gone = expire_oldest(owner)
+                if new is not None and owner == new_owner:
+                    made_room.add(gone)
+        # 3. Over the global cap: the owner furthest over its budget loses its oldest; nobody over: refuse new.
+        refused = False
+        while budget.total > limits.results_max_bytes:
+            found, victim = budget.global_victim()
+            if found and held[victim][0][0] != new:
+                expire_oldest(victim)
+            elif new is not None:
+                refused = True
+                doomed -= made_room
                 break
-            doomed.append(job_id)
-            total -= int(size)
-        self._expire_results(tx, doomed, now)
+            else:  # caps lowered since these were stored: the oldest go
+                job_id, owner, size = next(entry for entry in order if entry[0] not in doomed)
+                held[owner].remove((job_id, size))
+                budget.remove(owner, size)
+                doomed.add(job_id)
+        self._expire_results(tx, [job_id for job_id, _, _ in order if job_id in doomed], now)
+        return refused
 
     def _expire_results(self, tx: Tx, job_ids: Sequence[str], now: float) -> None:
         for chunk in _chunks(list(job_ids), 200):
