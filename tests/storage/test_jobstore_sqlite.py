@@ -43,7 +43,7 @@ def test_the_default_store_is_one_file_under_the_state_dir(make_settings: Callab
 
 def test_the_state_dir_defaults_to_the_xdg_state_directory(tmp_path: Path) -> None:
     code = "from fluxserve.settings import Settings; print(Settings(_env_file=None).state_dir)"
-    env = {name: value for name, value in os.environ.items() if name != "XDG_STATE_HOME"}
+    env = {name: value for name, value in os.environ.items() if name not in {"XDG_STATE_HOME", "FLUX_STATE_DIR"}}
     env.update(XDG_STATE_HOME=str(tmp_path), HOME=str(tmp_path / "home"))
     shown = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert shown.stdout.strip() == str(tmp_path / "fluxserve")

@@ -247,8 +247,16 @@ class MemoryJobs:
         return live
 
     async def events(self, job_id: str, owner: str | None, after: int) -> AsyncIterator[dict[str, Any]]:
-        job = self._job(job_id, owner)
+        job: Job | None = self._table.get(job_id, owner)
+        if job is None:
+            stone = self._table.tombstone(job_id, owner)
+            if stone is None:
+                raise _not_found(job_id)
+            return self._ended(dict(stone.summary))  # it has ended: its status is all there is to tell
         return self._follow(job)
+
+    async def _ended(self, summary: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        yield {"type": "status", **public_job(summary)}
 
     async def _follow(self, job: Job) -> AsyncIterator[dict[str, Any]]:
         yield {"type": "status", **public_job(job.summary())}
