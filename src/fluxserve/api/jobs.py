@@ -797,10 +797,23 @@ class DurableJobs:
         job: Job | None = self.service.runtime.scheduler.table.get(job_id, owner)
         return job
 
-    async def status(self, job_id: str, owner: str | None, base_url: str) -> dict[str, Any]:
+    async def _stored_or_none(self, job_id: str, owner: str | None) -> JobRecord | None:
+        """The stored job, or None when this process answers for it instead: a synchronous or streamed request
+        it runs, or ran (its status stays among the table's records)."""
         if self._live_job(job_id, owner) is not None:
+            return None
+        try:
+            return await self._record(job_id, owner)
+        except APIError as exc:
+            if exc.status == 404 and (self._live_job(job_id, owner) is not None
+                                      or self.service.runtime.scheduler.table.tombstone(job_id, owner) is not None):
+                return None
+            raise
+
+    async def status(self, job_id: str, owner: str | None, base_url: str) -> dict[str, Any]:
+        record = await self._stored_or_none(job_id, owner)
+        if record is None:
             return await self._live.status(job_id, owner, base_url)
-        record = await self._record(job_id, owner)
         data = self._public(record)
         if record.state is not JobState.SUCCEEDED:
             if record.state is JobState.RUNNING and "progress" not in data:
@@ -839,9 +852,9 @@ class DurableJobs:
         return result
 
     async def cancel(self, job_id: str, owner: str | None) -> dict[str, Any]:
-        if self._live_job(job_id, owner) is not None:
+        record = await self._stored_or_none(job_id, owner)
+        if record is None:
             return await self._live.cancel(job_id, owner)
-        record = await self._record(job_id, owner)
         if record.finished:
             raise APIError(409, f"job {job_id!r} already {record.state.value}", param="id", code="job_finished")
         record = await self._cancel(record, owner)
@@ -887,9 +900,9 @@ class DurableJobs:
         return {"job_id": record.id, "status": record.state.value}
 
     async def events(self, job_id: str, owner: str | None, after: int) -> AsyncIterator[dict[str, Any]]:
-        if self._live_job(job_id, owner) is not None:
+        record = await self._stored_or_none(job_id, owner)
+        if record is None:
             return await self._live.events(job_id, owner, after)
-        record = await self._record(job_id, owner)
         return self._replay(record, owner, after)
 
     async def _replay(self, record: JobRecord, owner: str | None, after: int) -> AsyncIterator[dict[str, Any]]:
