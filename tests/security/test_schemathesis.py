@@ -109,7 +109,9 @@ def test_responses_fuzzing_cannot_reach_conform(api_schema: Any, live_client: An
     request_id in use, an event stream) are checked against the schema with hand-made cases."""
     gen = {"prompt": "explicit", "size": "64x64", "num_inference_steps": 1}
     url = live_client.post("/v1/images/generations", json={**gen, "response_format": "url"}).json()["data"][0]["url"]
-    job = live_client.post("/v1/images/jobs", json=gen).json()["id"]
+    created = live_client.post("/v1/images/jobs", json=gen)
+    assert created.status_code == 202, created.text
+    job = created.json()["id"]
     for _ in range(200):  # let it finish (and its images be encoded) so GET returns the result
         if live_client.get(f"/v1/images/jobs/{job}").json()["status"] == "succeeded":
             break

@@ -319,6 +319,7 @@ class DurableJobs:
         """Job id → readers waiting for its next change, each on its own loop."""
         self._changed_lock = threading.Lock()
         self._stopping = False
+        self._starts = 0
         self._problem: str | None = None
         self._last_housekeeping = 0.0
 
@@ -342,6 +343,11 @@ class DurableJobs:
             self.dispatcher.start()
 
     async def start(self) -> None:
+        self._starts += 1  # one app may be started by several lifespans at once (test clients): the last stop stops
+        if self.store is None:  # a new start of the same app (after a stop): the runner starts again too
+            self._stopping = False
+            self._thread = None
+            self._started.clear()
         await asyncio.get_running_loop().run_in_executor(self._io, self.open)
         self._ensure_running()
 
@@ -375,12 +381,17 @@ class DurableJobs:
                 runner.call_soon_threadsafe(wake.set)
 
     def stop_claiming(self) -> None:
+        if self._starts > 1:
+            return
         self._stopping = True
         self._poke()
 
     async def stop(self) -> None:
         """After the drain: jobs it cancelled are left as they are in the store (running), so a restart runs
         them again (same seeds); then the stores close."""
+        self._starts = max(0, self._starts - 1)
+        if self._starts:
+            return
         self.stop_claiming()
         thread = self._thread
         loop = asyncio.get_running_loop()
@@ -396,6 +407,7 @@ class DurableJobs:
             self.store.close()
             self.store = None
         self._io.shutdown(wait=False)
+        self._io = ThreadPoolExecutor(4, thread_name_prefix="jobstore")  # threads start only when used again
 
     def problems(self) -> list[str]:
         # The reason (with the store's address) goes to the log, not to whoever asks /ready.
