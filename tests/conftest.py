@@ -189,7 +189,9 @@ class ServerProcess:
         self._readiness = ReadinessSocket()
         full_env = {k: v for k, v in os.environ.items() if not k.startswith("FLUX_")}
         full_env.update({"FLUX_PORT": str(self.port), "FLUX_HOST": "127.0.0.1", "PYTHONUNBUFFERED": "1",
-                         "NOTIFY_SOCKET": self._readiness.address, "FLUX_HUB_DOWNLOADS": "off"})
+                         "NOTIFY_SOCKET": self._readiness.address, "FLUX_HUB_DOWNLOADS": "off",
+                         # a job store of its own unless the test names one (one SQLite store serves one process)
+                         "FLUX_STATE_DIR": tempfile.mkdtemp(prefix="fluxserve-state-")})
         full_env.update(env)
         self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
         self._lines: list[str] = []
