@@ -1,6 +1,11 @@
 """Throughput of fluxserve on Ray Serve: replicas and batching strategies, through the full HTTP stack.
 
     python -m fluxbench.ray --replicas 1,2 --batching engine,serve,none
+    python -m fluxbench.ray --model /path/to/flux-schnell --device cuda --gpus 1 --replicas 1 \
+        --size 1024x1024 --steps 4 --concurrency 8 --single      # Ray's overhead on one GPU
+
+With ``--single``, the same load first runs against one plain ``fluxserve serve`` on the same device and
+settings, and each Ray row gets its ratio to it (requests/s and p50 latency), measured in the same run.
 
 Each configuration is deployed fresh on one local Ray cluster (CPU replicas of tiny-flux, one CPU
 each), warmed up, then driven by the official openai client from ``--concurrency`` threads. Batching:
@@ -94,14 +99,15 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _drive(base_url: str, requests: int, concurrency: int, size: str, steps: int, offset: int) -> dict[str, Any]:
+def _drive(base_url: str, requests: int, concurrency: int, size: str, steps: int, offset: int,
+           model: str = "tiny-flux") -> dict[str, Any]:
     import openai
 
     client = openai.OpenAI(base_url=base_url + "/v1", api_key="unused", max_retries=0, timeout=300)
 
     def one(i: int) -> tuple[float, str, int]:
         started = time.perf_counter()
-        response = client.images.generate(model="tiny-flux", prompt=f"bench {offset + i}", size=size,
+        response = client.images.generate(model=model, prompt=f"bench {offset + i}", size=size,
                                           extra_body={"seed": offset + i, "num_inference_steps": steps})
         assert response.data, "an answer without images"
         extra = response.data[0].model_extra or {}
@@ -117,6 +123,45 @@ def _drive(base_url: str, requests: int, concurrency: int, size: str, steps: int
             "p95_s": round(latencies[min(len(latencies) - 1, int(len(latencies) * 0.95))], 3),
             "mean_batch": round(statistics.fmean(r[2] for r in rows), 2),
             "per_replica": dict(Counter(r[1].split("#")[-1] for r in rows))}
+
+
+def _single_server(args: argparse.Namespace) -> dict[str, Any]:
+    """The same load against one plain ``fluxserve serve`` (same model, device, batching), stopped afterwards."""
+    import subprocess
+    import tempfile
+
+    import httpx
+
+    port = _free_port()
+    env = {**os.environ, "FLUX_MODEL": args.model, "FLUX_DEVICE": args.device, "FLUX_PORT": str(port),
+           "FLUX_HOST": "127.0.0.1", "FLUX_STORE_LOCAL": "0", "FLUX_WARMUP_SIZES": args.size,
+           "FLUX_MAX_BATCH": str(args.max_batch), "FLUX_JOB_STORE": "memory",
+           "FLUX_STATE_DIR": tempfile.mkdtemp(prefix="fluxbench-ray-")}
+    if args.cache_dir is not None:
+        env["FLUX_CACHE_DIR"] = str(args.cache_dir)
+    proc = subprocess.Popen([sys.executable, "-m", "fluxserve", "serve"], env=env)
+    base_url = f"http://127.0.0.1:{port}"
+    try:
+        started = time.perf_counter()
+        deadline = time.monotonic() + 900
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(base_url + "/ready", timeout=10).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if proc.poll() is not None:
+                raise RuntimeError(f"the single server exited with {proc.returncode}")
+            time.sleep(0.5)
+        ready_s = time.perf_counter() - started
+        _drive(base_url, 2 * args.concurrency, args.concurrency, args.size, args.steps, 10_000, args.model)
+        row = {"replicas": 0, "batching": "single server", "deploy_s": round(ready_s, 1),
+               **_drive(base_url, args.requests, args.concurrency, args.size, args.steps, 0, args.model)}
+        print(json.dumps(row), flush=True)
+        return row
+    finally:
+        proc.terminate()
+        proc.wait(120)
 
 
 def _cpu_seconds() -> dict[str, float]:
@@ -163,6 +208,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache-dir", type=Path, help="FLUX_CACHE_DIR with the tiny model (built if missing)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--cpu", action="store_true", help="also report the cores each kind of process used")
+    parser.add_argument("--model", default="tiny-flux", help="model key or local checkpoint (default tiny-flux)")
+    parser.add_argument("--device", default="cpu", help="device of the replicas (cpu, cuda)")
+    parser.add_argument("--gpus", type=float, default=0.0, help="GPUs per replica (FLUX_RAY_NUM_GPUS)")
+    parser.add_argument("--single", action="store_true",
+                        help="first run the same load against one plain server on the same device, for the ratio")
     args = parser.parse_args(argv)
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -172,8 +222,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from fluxserve.distributed.ray_serve import APP_NAME, build_app
 
-    ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, log_to_driver=False,
-             configure_logging=False)
+    single = _single_server(args) if args.single else None  # before Ray takes the device
+    ray.init(address="local", num_cpus=args.cpus, num_gpus=max(1, int(args.gpus)) if args.gpus else 0,
+             include_dashboard=False, log_to_driver=False, configure_logging=False)
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     base_url = f"http://127.0.0.1:{port}"
@@ -182,8 +233,9 @@ def main(argv: list[str] | None = None) -> int:
         for batching in args.batching.split(","):
             for replicas in (int(r) for r in args.replicas.split(",")):
                 overrides: dict[str, Any] = {
-                    "model": "tiny-flux", "device": "cpu", "store_local": False, "warmup_sizes": [args.size],
-                    "ray_num_gpus": 0, "ray_num_cpus": 1, "ray_min_replicas": replicas, "ray_max_replicas": replicas,
+                    "model": args.model, "device": args.device, "store_local": False, "warmup_sizes": [args.size],
+                    "ray_num_gpus": args.gpus, "ray_num_cpus": 1, "ray_min_replicas": replicas,
+                    "ray_max_replicas": replicas, "job_store": "memory",
                     "max_batch": 1 if batching == "none" else args.max_batch, "_env_file": None}
                 if args.cache_dir is not None:
                     overrides["cache_dir"] = args.cache_dir
@@ -192,14 +244,18 @@ def main(argv: list[str] | None = None) -> int:
                              if batching == "serve" else None)
                 started = time.perf_counter()
                 serve.run(build_app(settings, model_deployment=model_cls), name=APP_NAME, route_prefix="/")
-                deadline = time.monotonic() + 120
+                deadline = time.monotonic() + 900
                 while httpx.get(base_url + "/ready", timeout=10).status_code != 200 and time.monotonic() < deadline:
                     time.sleep(0.2)
                 deploy_s = time.perf_counter() - started
-                _drive(base_url, 2 * args.concurrency, args.concurrency, args.size, args.steps, 10_000)  # warm
+                _drive(base_url, 2 * args.concurrency, args.concurrency, args.size, args.steps, 10_000,
+                       args.model)  # warm
                 before = _cpu_seconds() if args.cpu else {}
                 row = {"replicas": replicas, "batching": batching, "deploy_s": round(deploy_s, 1),
-                       **_drive(base_url, args.requests, args.concurrency, args.size, args.steps, 0)}
+                       **_drive(base_url, args.requests, args.concurrency, args.size, args.steps, 0, args.model)}
+                if single is not None:
+                    row["vs_single_rps"] = round(row["images_per_s"] / single["images_per_s"], 3)
+                    row["vs_single_p50"] = round(row["p50_s"] / single["p50_s"], 3)
                 if args.cpu:  # average cores busy during the measured run, per kind of process
                     after = _cpu_seconds()
                     row["cores"] = {k: round((after[k] - before.get(k, 0.0)) / row["seconds"], 2)
@@ -210,14 +266,17 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         serve.shutdown()
         ray.shutdown()
+    if single is not None:
+        results.insert(0, single)
     command = "python -m fluxbench.ray " + " ".join(sys.argv[1:] if argv is None else argv)
     print(f"\n{command}\n{args.requests} requests, {args.concurrency} concurrent, {args.size}, {args.steps} steps, "
-          f"tiny-flux, CPU replicas (1 CPU each), {os.cpu_count()} cores\n")
-    print("| replicas | batching | images/s | p50 s | p95 s | mean batch | per replica |")
-    print("|---:|---|---:|---:|---:|---:|---|")
+          f"{args.model} on {args.device} ({args.gpus:g} GPU, 1 CPU per replica), {os.cpu_count()} cores\n")
+    print("| replicas | batching | images/s | p50 s | p95 s | mean batch | per replica | vs single (rps, p50) |")
+    print("|---:|---|---:|---:|---:|---:|---|---|")
     for r in results:
+        versus = f"{r['vs_single_rps']}×, {r['vs_single_p50']}×" if "vs_single_rps" in r else ""
         print(f"| {r['replicas']} | {r['batching']} | {r['images_per_s']} | {r['p50_s']} | {r['p95_s']} | "
-              f"{r['mean_batch']} | {r['per_replica']} |")
+              f"{r['mean_batch']} | {r['per_replica']} | {versus} |")
     if args.json is not None:
         args.json.write_text(json.dumps({"command": command, "results": results}, indent=2))
     return 0

@@ -193,6 +193,16 @@ def test_two_replicas_share_jobs_urls_and_cancels(server_factory: Callable[..., 
     assert sync.status_code == 200, sync.text
     sync_url = sync.json()["data"][0]["url"]
     assert sync_url.startswith(s3_endpoint) and httpx.get(sync_url, timeout=WAIT).content.startswith(b"\x89PNG")
+    # a saved image (store_local) goes to the bucket too, under outputs/, with its metadata beside it
+    saved = httpx.post(f"{replicas[0].base_url}/v1/images/generations",
+                       json=request(25, 2, store_local=True, write_metadata=True), timeout=WAIT).json()["data"][0]
+    assert saved["saved_path"].startswith("outputs/") and "save_error" not in saved, saved
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1", aws_access_key_id="test",
+                      aws_secret_access_key="test")
+    stored = s3.get_object(Bucket=bucket, Key="fluxserve/" + saved["saved_path"])["Body"].read()
+    assert stored == base64.b64decode(saved["b64_json"])
+    meta = json.loads(s3.get_object(Bucket=bucket, Key="fluxserve/" + saved["metadata_path"])["Body"].read())
+    assert meta["seed"] == 25 and meta["job_id"] == saved["job_id"]
     # cancel through one replica a job that another runs
     long = httpx.post(f"{replicas[0].base_url}{JOBS}", json=request(31, 400), timeout=WAIT).json()
     events_until(replicas[1].base_url, long["id"], lambda event: event["type"] == "progress")

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast
 
 from fluxserve.api.errors import APIError, sanitize
 from fluxserve.api.protocol import ImageEditRequest, ImageGenerationRequest, public_model_source
-from fluxserve.api.serving import FILES_PREFIX, ImageService, OutputOptions, until_gone
+from fluxserve.api.serving import FILES_PREFIX, OUTPUTS_PREFIX, ImageService, OutputOptions, until_gone
 from fluxserve.scheduler.jobs import TERMINAL_EVENTS, Job, JobError, JobStatus, Subscription
 from fluxserve.storage.budgets import files_over_budget
 from fluxserve.storage.images import MEDIA_TYPES
@@ -598,7 +598,9 @@ class DurableJobs:
         store.recover()
         store.sweep()
         if self.service.object_files is not None:
-            self._sweep_files(cast(ObjectListing, self.service.object_files))
+            listing = cast(ObjectListing, self.service.object_files)
+            self._sweep_files(listing)
+            self.service.object_outputs_used = sum(obj.size for obj in listing.objects(OUTPUTS_PREFIX))
         while garbage := store.take_garbage(100):
             for job_id in garbage:
                 try:

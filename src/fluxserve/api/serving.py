@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import re
 import secrets
@@ -73,6 +74,8 @@ class ImageService:
         self.settings = settings
         self._background: set[asyncio.Task[None]] = set()
         self.loras = LoraLibrary(self.settings.lora_library_dir)
+        self.object_outputs_used = 0
+        """Bytes under ``outputs/`` in the object store, as the job service's last listing counted them."""
         self.object_files: ResultStore | None = None
         """With object storage (FLUX_RESULT_STORE=s3): where ``url`` images of synchronous requests go, answered
         with presigned URLs that every replica's clients can fetch (the job service sweeps them by budget)."""
@@ -323,16 +326,10 @@ class ImageService:
                     "created": job.created, "batch_size": result.batch_size, "timing": timing,
                     "format": options.output_format,
                 }
-            try:
-                image_path, meta_path = self.runtime.outputs.save_image(data, _ext(options.output_format), metadata)
-            except (OSError, ValueError) as exc:  # a disk problem never costs the client its image
-                save_error = save_error_code(exc)
-                log.warning("could not save an image; it is returned without a local copy",
-                            extra={"ctx": {"job_id": job.id, "error": f"{type(exc).__name__}: {exc}"}})
-            else:  # relative to FLUX_OUTPUT_DIR: clients never see where the server keeps files (the log does)
-                outputs = self.runtime.outputs
-                saved_path = outputs.relative(image_path)
-                metadata_path = outputs.relative(meta_path) if meta_path else None
+            if self.object_files is not None:  # object storage: saved images go to the bucket, under outputs/
+                saved_path, metadata_path, save_error = self._save_object(job, data, options, metadata)
+            else:
+                saved_path, metadata_path, save_error = self._save_local(job, data, options, metadata)
         timing["save"] = time.perf_counter() - started
         timing["generation"] = sum(result.timings.values())
         timing["pipeline_load"] = timing["model_load"]
@@ -366,6 +363,45 @@ class ImageService:
         else:
             item.b64_json = to_base64(data)
         return item, data
+
+    def _save_local(self, job: Job, data: bytes, options: OutputOptions, metadata: dict[str, Any] | None
+                    ) -> tuple[str | None, str | None, str | None]:
+        """(saved path, metadata path, save error) of a save under FLUX_OUTPUT_DIR."""
+        try:
+            image_path, meta_path = self.runtime.outputs.save_image(data, _ext(options.output_format), metadata)
+        except (OSError, ValueError) as exc:  # a disk problem never costs the client its image
+            log.warning("could not save an image; it is returned without a local copy",
+                        extra={"ctx": {"job_id": job.id, "error": f"{type(exc).__name__}: {exc}"}})
+            return None, None, save_error_code(exc)
+        # relative to FLUX_OUTPUT_DIR: clients never see where the server keeps files (the log does)
+        outputs = self.runtime.outputs
+        return outputs.relative(image_path), outputs.relative(meta_path) if meta_path else None, None
+
+    def _save_object(self, job: Job, data: bytes, options: OutputOptions, metadata: dict[str, Any] | None
+                     ) -> tuple[str | None, str | None, str | None]:
+        """The same save in object storage: ``outputs/<date>-<stem>.<ext>`` (and ``.json``), within
+        FLUX_OUTPUT_MAX_BYTES as the last listing counted it (saves past it are refused, never older images)."""
+        objects = self.object_files
+        assert objects is not None
+        stem = f"img-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{secrets.token_hex(6)}"
+        sidecar = None
+        if metadata is not None:
+            sidecar = json.dumps(dict(metadata, image=f"{stem}.{_ext(options.output_format)}"), indent=2,
+                                 sort_keys=True, default=str).encode()
+        cap = self.runtime.settings.storage.output_max_bytes
+        size = len(data) + len(sidecar or b"")
+        if cap and self.object_outputs_used + size > cap:
+            return None, None, "output_dir_full"
+        try:
+            ref = objects.put(OUTPUTS_PREFIX, f"{stem}.{_ext(options.output_format)}", data,
+                              MEDIA_TYPES[options.output_format])
+            meta = objects.put(OUTPUTS_PREFIX, f"{stem}.json", sidecar, "application/json") if sidecar else None
+        except ResultStoreUnavailable as exc:
+            log.warning("could not save an image to the object store; it is returned without a saved copy",
+                        extra={"ctx": {"job_id": job.id, "error": str(exc)}})
+            return None, None, "output_store_unavailable"
+        self.object_outputs_used += size
+        return ref.key, meta.key if meta else None, None
 
     def finalize_in_background(self, job: Job, options: OutputOptions) -> None:
         """For async jobs: encode the images as soon as the job succeeds and keep them (within the job
@@ -572,6 +608,8 @@ def check_compute_budget(body: ImageGenerationRequest, params: GenerationParams,
                    param=param, code="compute_budget_exceeded")
 
 
+OUTPUTS_PREFIX = "outputs"
+"""Where saved images (``store_local``) go in an object store."""
 FILES_PREFIX = "files"
 """Where ``url`` images of synchronous requests go in an object store: ``files/<owner tag>.<random>.<ext>``."""
 
