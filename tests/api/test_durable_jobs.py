@@ -304,3 +304,20 @@ def test_a_database_lost_mid_run_refuses_new_jobs_loses_none_and_recovers(
         # the job that ran through the outage was recorded once the database came back
         assert finished(server.base_url, running["id"])["status"] == "succeeded"
         assert "warnings" not in httpx.get(f"{server.base_url}/ready", timeout=WAIT).json()
+
+
+def test_sigterm_finishes_the_running_job_and_leaves_the_queue_for_the_next_start(
+        server_factory: Callable[..., ServerProcess], tmp_path: Path) -> None:
+    env = {"FLUX_STATE_DIR": str(tmp_path / "state"), "FLUX_MAX_BATCH": "1", "FLUX_JOB_POLL_INTERVAL": "0.2",
+           "FLUX_MAX_STEPS": "400", "FLUX_SHUTDOWN_TIMEOUT": "120"}
+    first = server_factory(env, name="first")
+    running = httpx.post(f"{first.base_url}{JOBS}", json=request(61, 60), timeout=WAIT).json()
+    events_until(first.base_url, running["id"], lambda event: event["type"] == "progress")
+    queued = [httpx.post(f"{first.base_url}{JOBS}", json=request(seed, 2), timeout=WAIT).json() for seed in (62, 63)]
+    first.proc.send_signal(signal.SIGTERM)
+    assert first.proc.wait(WAIT) == 0
+    second = server_factory(env, name="second")
+    statuses = [finished(second.base_url, job["id"]) for job in (running, *queued)]
+    assert [status["status"] for status in statuses] == ["succeeded"] * 3
+    assert [status["attempts"] for status in statuses] == [1, 1, 1]  # the drain finished it: nothing ran twice
+    assert statuses[0]["finished_at"] < statuses[1]["started_at"]  # the queue waited for the next start
