@@ -553,12 +553,16 @@ class PeerSource:
 
 def run_peer(path: str, source: PeerSource, cases: list[Case], reps: int, device: str, encoder: ServerEncoder,
              refs: dict[str, np.ndarray], options: PeerOptions, warmups: int,
-             forward_inputs: TransformerCall | None) -> tuple[list[Measurement], dict[str, Any]]:
+             forward_inputs: TransformerCall | None, info: dict[str, Any] | None = None,
+             flush: Callable[[], None] = lambda: None) -> tuple[list[Measurement], dict[str, Any]]:
     """One peer path on the text-to-image cases: a fresh transformer and VAE from the checkpoint over the
-    baseline's text encoders, the recipe applied, then timed like the baseline. Where it cannot run, or
-    fails, its rows carry the reason instead of timings."""
+    baseline's text encoders, the recipe applied, each compiled target timed on its own (:func:`compile_peer`),
+    then timed like the baseline. Where it cannot run, or fails, its rows carry the reason instead of timings.
+
+    ``info`` (the report's entry for this peer) is filled in as the path goes and ``flush`` writes the report
+    after each step, so a run stopped in the middle of a long compile still says how far it got."""
     generate = [c for c in cases if c.task == "generate"]
-    info: dict[str, Any] = {}
+    info = {} if info is None else info
     rows = [Measurement(c.name, path, "—", skipped=f"{path} is timed on text-to-image cases only")
             for c in cases if c.task != "generate"]
     problem = peer_problem(path, source.pipeline_class, device)
@@ -579,6 +583,8 @@ def run_peer(path: str, source: PeerSource, cases: list[Case], reps: int, device
                 setup = prepare_recipe(pipe, fp8=path == "recipe-fp8", options=options, device=device)
             info["applied"] = setup.applied
             info["fp8"] = setup.fp8
+            flush()
+            compile_peer(pipe, generate[0], forward_inputs, device, info, flush)
             mode = "fp8" if setup.fp8 else "lossless"
             measured, _ = run_direct(pipe, generate, reps, device, encoder, path=path, mode=mode, note=setup.note,
                                      warmups=warmups, refs=refs)
@@ -595,11 +601,53 @@ def run_peer(path: str, source: PeerSource, cases: list[Case], reps: int, device
         rows.extend(Measurement(c.name, path, "—", skipped=reason) for c in generate if c.name not in done)
     finally:
         del pipe
-        after = _compile_cache_counters()
-        info["compile_cache_counters"] = {k: v - before.get(k, 0) for k, v in after.items() if v != before.get(k, 0)}
+        info["compile_cache_counters"] = _counters_since(before)
         torch._dynamo.reset()  # its compiled graphs and CUDA graph pools go with it
         _free(device)
     return rows, info
+
+
+def compile_peer(pipe: Any, case: Case, forward_inputs: TransformerCall | None, device: str,
+                 info: dict[str, Any], flush: Callable[[], None]) -> None:
+    """Compile a prepared peer's targets one at a time before its first pipeline call, each on the inputs that
+    call will pass (the transformer: the captured forward, :func:`pipeline_transformer_inputs`; ``vae.decode``:
+    latents of the case's size), and record each one's seconds and cache hits in ``info["compile"]`` as it
+    finishes. The pipeline's warm-up then meets compiled code (a test checks it compiles nothing more).
+
+    Inductor writes a graph to its cache only when that graph's compile completes, so a run stopped in the
+    middle of one target keeps nothing of it but its autotuning results; these entries say which target
+    completed. Nothing happens for a pipeline that was not compiled (its targets are plain modules)."""
+    steps: dict[str, Any] = info.setdefault("compile", {})
+    targets: list[tuple[str, Callable[[], Any]]] = []
+    if forward_inputs is not None and _is_compiled(pipe.transformer):
+        args, kwargs = forward_inputs
+        targets.append(("transformer", lambda: pipe.transformer(*args, **kwargs)))
+    if _is_compiled(pipe.vae.decode):
+        vae = pipe.vae
+        factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        latents = torch.randn(1, vae.config.latent_channels, case.height // factor, case.width // factor,
+                              device=vae.device, dtype=vae.dtype)
+        targets.append(("vae.decode", lambda: vae.decode(latents, return_dict=False)))
+    for name, call in targets:
+        before = _compile_cache_counters()
+        log.info("compiling %s ...", name)
+        started = time.perf_counter()
+        with torch.no_grad():  # a pipeline call's grad mode: the same guards, so the pipeline reuses the graph
+            call()
+        _sync(device)
+        steps[name] = {"seconds": round(time.perf_counter() - started, 1), "counters": _counters_since(before)}
+        log.info("compiled %s: %s", name, steps[name])
+        flush()
+
+
+def _is_compiled(target: Any) -> bool:
+    """A ``torch.compile`` result: an ``OptimizedModule`` or a compiled function."""
+    return isinstance(target, torch._dynamo.eval_frame.OptimizedModule) or hasattr(target, "_torchdynamo_orig_callable")
+
+
+def _counters_since(before: dict[str, int]) -> dict[str, int]:
+    after = _compile_cache_counters()
+    return {k: v - before.get(k, 0) for k, v in after.items() if v != before.get(k, 0)}
 
 
 def _compile_cache_counters() -> dict[str, int]:
@@ -964,8 +1012,11 @@ def _prepare_family_model(key: str, device: str, work: Path, timings: dict[str, 
 
 
 def _prepare_model(variant: str, device: str, work: Path, timings: dict[str, float],
-                   store_dtype: str = "bfloat16") -> tuple[str, Any, Path]:
-    """Return (model name for fluxserve, in-memory baseline pipeline, its checkpoint directory)."""
+                   store_dtype: str = "bfloat16", keep_model: bool = False) -> tuple[str, Any, Path]:
+    """Return (model name for fluxserve, in-memory baseline pipeline, its checkpoint directory).
+
+    ``keep_model`` (full-size FLUX.1): a checkpoint of the same variant that an earlier run left in ``work``
+    is loaded instead of building and saving a new one (the save is ~35 s of a GPU run)."""
     if variant not in FLUX_VARIANTS:
         return _prepare_family_model(variant, device, work, timings, store_dtype)
     if variant == "tiny":
@@ -981,14 +1032,41 @@ def _prepare_model(variant: str, device: str, work: Path, timings: dict[str, flo
         pipe = FluxPipeline.from_pretrained(path, torch_dtype=torch.float32)
         pipe.set_progress_bar_config(disable=True)
         return "tiny-flux", pipe.to(device), path
+    path = work / f"flux-{variant}-random"
+    stamp = {"variant": variant, "store_dtype": store_dtype, "diffusers": _versions()["diffusers"]}
+    if keep_model and _kept_checkpoint(path) == stamp:
+        from diffusers import FluxPipeline
+
+        try:
+            with _phase(f"load_kept_{variant}", timings):  # the checkpoint a run before this one wrote and kept
+                kwargs: dict[str, Any] = {"device_map": device} if device.startswith("cuda") else {}
+                pipe = FluxPipeline.from_pretrained(path, torch_dtype=torch.bfloat16, **kwargs)
+                pipe.set_progress_bar_config(disable=True)
+            return str(path), pipe, path
+        except (OSError, ValueError, RuntimeError):  # unreadable: build and save a new one instead
+            log.exception("the kept checkpoint %s could not be loaded; building a new one", path)
+            _free(device)
     with _phase(f"build_{variant}", timings):
         pipe = build_fullsize_flux(guidance_embeds=variant == "dev", device=device)
-    path = work / f"flux-{variant}-random"
     with _phase(f"save_{variant}", timings):
         if path.exists():
             shutil.rmtree(path)
         save_pipeline(pipe, path, store_dtype)
+        (path / KEPT_STAMP).write_text(json.dumps(stamp))
     return str(path), pipe, path
+
+
+KEPT_STAMP = "fluxbench-checkpoint.json"
+"""Written last into a saved random-weight checkpoint: what it is, for ``--keep-model`` runs that reuse it."""
+
+
+def _kept_checkpoint(path: Path) -> dict[str, Any] | None:
+    """The stamp of a complete checkpoint at ``path`` (None: none there, or one whose save did not finish)."""
+    try:
+        stamp = json.loads((path / KEPT_STAMP).read_text())
+    except (OSError, ValueError):
+        return None
+    return stamp if isinstance(stamp, dict) else None
 
 
 def add_ratios(rows: list[dict[str, Any]]) -> None:
@@ -1153,6 +1231,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "and server) and a bundle of the compiled artifacts in DIR, loaded before anything "
                              "compiles and written when the run ends: a later run that finds DIR skips the "
                              "recipes' max-autotune compile")
+    parser.add_argument("--keep-model", action="store_true",
+                        help="keep the random-weight checkpoint in --work-dir after the run, and load the one an "
+                             "earlier run kept there instead of building and saving another (full-size FLUX.1)")
     parser.add_argument("--autotune-budget", choices=tuple(AUTOTUNE_BUDGETS), default="recipe",
                         help="recipe: the recipes' autotuning as published; bounded: coordinate descent without "
                              "the all-directions check and shorter benchmarks of each candidate kernel (the "
@@ -1297,7 +1378,8 @@ def _run_variants(args: argparse.Namespace, device: str, cases: list[Case], mode
 
     for variant in dict.fromkeys(c.variant for c in cases):
         vcases = [c for c in cases if c.variant == variant]
-        model_name, pipe, local_dir = _prepare_model(variant, device, work, timings, args.store_dtype)
+        model_name, pipe, local_dir = _prepare_model(variant, device, work, timings, args.store_dtype,
+                                                     keep_model=args.keep_model)
         refs: dict[str, np.ndarray] = {}
         # The compute section: one forward of each path at the first single text-to-image case's size.
         compute_case = next((c for c in vcases if c.task == "generate" and c.clients == 1), None)
@@ -1342,11 +1424,12 @@ def _run_variants(args: argparse.Namespace, device: str, cases: list[Case], mode
         for path in PEER_PATHS:
             if path not in paths:
                 continue
+            info: dict[str, Any] = {}
+            report["peers"][f"{variant}_{path}"] = info
             with _phase(f"{path}_{variant}", timings):
                 res, info = run_peer(path, source, vcases, args.reps, device, encoder, refs, peer_options,
-                                     args.warmups, forward_inputs)
+                                     args.warmups, forward_inputs, info, flush)
             measurements.extend(res)
-            report["peers"][f"{variant}_{path}"] = info
             add_compute(path, info.get("forward_s"), fp8_key if info.get("fp8") else base_key)
             flush()
         del source
@@ -1405,7 +1488,7 @@ def _run_variants(args: argparse.Namespace, device: str, cases: list[Case], mode
                     report["engine"][f"{variant}_{mode}_error"] = f"{type(exc).__name__}: {exc}"
                 _free(device)
                 flush()
-        if variant not in ("tiny",) and not variant.startswith("tiny-"):
+        if variant not in ("tiny",) and not variant.startswith("tiny-") and not args.keep_model:
             shutil.rmtree(Path(model_name), ignore_errors=True)  # 38 GB: free the disk for the next variant
     encoder.close()
 

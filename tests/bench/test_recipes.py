@@ -241,3 +241,34 @@ def test_the_recipe_pipeline_is_captured_whole_and_draws_what_plain_diffusers_dr
     assert any("fullgraph=True) on transformer and vae.decode" in words for words in setup.applied)
     assert counters["stats"]["unique_graphs"] >= 2 and not counters["graph_break"]
     assert got.dtype == np.uint8 and psnr(got, expected)[0] > 40
+
+
+def test_the_compile_step_compiles_each_target_once_and_the_pipeline_reuses_it(tmp_path: Path) -> None:
+    """compile_peer compiles the transformer and vae.decode on their own, one at a time (so a run stopped in a
+    long compile says which target finished), on exactly the inputs the pipeline passes: the pipeline call that
+    follows captures no further graph (eager backend: the same capture and guards, no kernel build)."""
+    from torch._dynamo.utils import counters
+
+    from fluxbench.recipes import PeerOptions, fresh_pipeline, prepare_recipe, scoped_compile_config
+    from fluxbench.serving import CPU_CASES, _prepare_model, compile_peer, pipeline_transformer_inputs
+
+    case = next(c for c in CPU_CASES if c.name == "64-1")
+    _, plain, local_dir = _prepare_model("tiny", "cpu", tmp_path, {})
+    forward_inputs = pipeline_transformer_inputs(plain, case)
+    shared = {k: v for k, v in plain.components.items() if k not in ("transformer", "vae")}
+    torch._dynamo.reset()
+    counters.clear()
+    info: dict[str, Any] = {}
+    flushed: list[list[str]] = []
+    with scoped_compile_config():
+        pipe = fresh_pipeline(shared, local_dir, "cpu", torch.float32)
+        prepare_recipe(pipe, fp8=False, options=PeerOptions(compile_mode="default", backend="eager"), device="cpu")
+        compile_peer(pipe, case, forward_inputs, "cpu", info, lambda: flushed.append(list(info["compile"])))
+        graphs = counters["stats"]["unique_graphs"]
+        pipe(prompt="a lighthouse", width=case.width, height=case.height, num_inference_steps=case.steps,
+             guidance_scale=0.0, max_sequence_length=256)
+        after = counters["stats"]["unique_graphs"]
+    torch._dynamo.reset()
+    assert flushed == [["transformer"], ["transformer", "vae.decode"]]  # written as each target finished
+    assert all(step["seconds"] >= 0 for step in info["compile"].values())
+    assert graphs == 2 and after == graphs  # one graph per target, none added by the pipeline call

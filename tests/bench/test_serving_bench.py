@@ -64,3 +64,20 @@ def test_the_edit_cases_run_on_every_path(tmp_path: Path) -> None:
         stages = rows[case, "http"]["server_stage_median_s"]
         assert stages["denoise"] > 0 and stages["vae_decode"] > 0
     assert report["server"]["tiny_plain_first_start_to_ready_s"] > 0
+
+
+def test_a_kept_checkpoint_is_reused_only_when_its_save_finished(tmp_path: Path) -> None:
+    """--keep-model: the stamp is written after the save, so a directory whose save was cut short (no stamp, or
+    a torn one) is never taken for a checkpoint; a stamped one says what it holds."""
+    from fluxbench.serving import KEPT_STAMP, _kept_checkpoint
+
+    checkpoint = tmp_path / "flux-schnell-random"
+    assert _kept_checkpoint(checkpoint) is None  # nothing there
+    checkpoint.mkdir()
+    (checkpoint / "model_index.json").write_text("{}")
+    assert _kept_checkpoint(checkpoint) is None  # saved files but no stamp: the save did not finish
+    (checkpoint / KEPT_STAMP).write_text('{"variant": "schn')
+    assert _kept_checkpoint(checkpoint) is None  # a torn stamp
+    stamp = {"variant": "schnell", "store_dtype": "bfloat16", "diffusers": "0.42.1"}
+    (checkpoint / KEPT_STAMP).write_text(json.dumps(stamp))
+    assert _kept_checkpoint(checkpoint) == stamp

@@ -276,3 +276,46 @@ def test_fp8_releases_each_bf16_linear_once_its_fp8_copy_exists(monkeypatch: pyt
     assert optimize._quantize_fp8(model) == 4
     assert alive_at_each_conversion == [4, 3, 2, 1]  # the current layer and those not converted yet
     assert all(ref() is None for ref in originals)
+
+
+_SERVE_ONCE = """
+import json, sys, torch
+from torch._dynamo.utils import counters
+from fluxserve.engine.device import select_device_dtype
+from fluxserve.engine.optimize import apply_optimizations
+from fluxserve.engine.tiny import build_tiny_pipeline
+from fluxserve.settings import Settings
+
+pipe = build_tiny_pipeline("flux")
+pipe.set_progress_bar_config(disable=True)
+settings = Settings(cache_dir=sys.argv[1], compile="regional", fuse_qkv=True).engine
+apply_optimizations(pipe, settings, select_device_dtype("cpu"))
+with torch.inference_mode():
+    pipe("a red fox", num_inference_steps=1, guidance_scale=0.0, height=64, width=64, max_sequence_length=32)
+print(json.dumps({k: v for k, v in counters["inductor"].items() if k.startswith("fxgraph_cache")}))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_a_second_start_with_the_same_cache_dir_compiles_nothing(tmp_path: Any) -> None:
+    """What makes a replica's warm start: a second process given the FLUX_CACHE_DIR of a first one finds every
+    regionally compiled graph in FLUX_CACHE_DIR/inductor (FX-graph cache hits, no miss), so it compiles
+    nothing; the first one compiled them there."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")}
+
+    def start() -> dict[str, int]:
+        done = subprocess.run([sys.executable, "-c", _SERVE_ONCE, str(tmp_path)], env=env, capture_output=True,
+                              text=True, timeout=380, check=True)
+        return dict(json.loads(done.stdout.strip().splitlines()[-1]))
+
+    first = start()
+    assert first.get("fxgraph_cache_miss", 0) >= 2 and not first.get("fxgraph_cache_hit")  # double + single block
+    assert any((tmp_path / "inductor").rglob("*"))
+    second = start()
+    assert second.get("fxgraph_cache_hit", 0) == first["fxgraph_cache_miss"] and not second.get("fxgraph_cache_miss")
