@@ -584,7 +584,8 @@ class DurableJobs:
             self._pending.pop(0)
         while (not self._pending and not self._stopping and len(self._local) < self.claim_limit
                and self.service.runtime.scheduler.accepting):
-            claimed: JobRecord | None = await loop.run_in_executor(self._io, store.claim_next, self.worker)
+            claimed: JobRecord | None = await loop.run_in_executor(
+                self._io, functools.partial(store.claim_next, self.worker, models=self._servable()))
             record = claimed
             if record is None:
                 break
@@ -592,6 +593,15 @@ class DurableJobs:
             if not await self._launch(record):
                 self._pending.append(record)
                 break
+
+    def _servable(self) -> list[str] | None:
+        """The models whose jobs this process takes (replicas serving other models leave theirs in the queue);
+        None: any (FLUX_ALLOW_ANY_MODEL)."""
+        runtime = self.service.runtime
+        if runtime.settings.allow_any_model:
+            return None
+        names = runtime.models.names
+        return sorted({*names.configured, *names.allowed, names.active_key})
 
     def _housekeeping(self) -> None:
         store, objects = self._db(), self._objects()
