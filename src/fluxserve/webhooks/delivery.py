@@ -244,12 +244,12 @@ class WebhookDispatcher:
                 retry_at = self.clock() + self.config.backoff(made)
             self.store.delivery_attempted(delivery.id, status=attempt.status, error=attempt.error,
                                           delivered=attempt.delivered, retry_at=retry_at)
-            log.info("webhook attempt", extra={"ctx": {
+            if self.on_attempt is not None:
+                self.on_attempt(delivery, attempt)
+            log.info("webhook attempt", extra={"ctx": {  # last: once logged, the attempt is recorded and counted
                 "job_id": delivery.job_id, "webhook_id": delivery.id, "event": delivery.event_type,
                 "attempt": made, "status": attempt.status, "delivered": attempt.delivered,
                 "given_up": retry_at is None and not attempt.delivered, "error": attempt.error}})
-            if self.on_attempt is not None:
-                self.on_attempt(delivery, attempt)
         except JobStoreError as exc:  # recorded nowhere: the delivery is taken again after its hold time
             log.warning("could not record a webhook attempt: %s", exc)
         except Exception:
