@@ -69,7 +69,8 @@ _NOT_STORED = frozenset({"image", "images", "mask", "webhook_url", "stream", "pa
 connection uses."""
 _INPUT_MEDIA = "application/octet-stream"
 _HOUSEKEEPING = 10.0
-"""Seconds between sweeps of the durable store (expired results, leases of dead processes)."""
+"""Seconds between sweeps of the durable store (expired results, leases of dead processes); at most half of
+FLUX_JOB_LEASE, so a dead process's job is taken up again soon after its lease ends."""
 
 
 def public_job(data: dict[str, Any]) -> dict[str, Any]:
@@ -561,7 +562,7 @@ class DurableJobs:
         loop = asyncio.get_running_loop()
         store = self._db()
         now = time.monotonic()
-        if now - self._last_housekeeping >= _HOUSEKEEPING:
+        if now - self._last_housekeeping >= min(_HOUSEKEEPING, self.storage.job_lease / 2):
             self._last_housekeeping = now
             await loop.run_in_executor(self._io, self._housekeeping)
         if self._local or self._pending:
@@ -589,6 +590,8 @@ class DurableJobs:
             record = claimed
             if record is None:
                 break
+            if record.id in self._local:  # our own job, re-queued while a stall kept its lease from renewing
+                continue
             self._signal(record.id)
             if not await self._launch(record):
                 self._pending.append(record)
