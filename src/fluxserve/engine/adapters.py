@@ -23,7 +23,8 @@ Two ways to switch:
   ``torch._foreach_*`` calls (zero the slot, copy, write the scales): the same numbers as the hotswap, without
   its ``state_dict()`` of the whole model and module-tree walks on every switch. Unused slots get scale 0.
   Shapes and Python state never change, so the compiled graphs stay valid: no recompilation after the first
-  adapter has been put into a slot.
+  adapter has been put into a slot. That copying switch serves one slot (FLUX_MAX_LORAS_PER_REQUEST=1); with
+  more, every switch is diffusers' hotswap as before (a slot after the first is not padded to the target rank).
 
 Locks, in the order they may be taken (never the reverse):
 
@@ -259,7 +260,7 @@ class AdapterState:
         with self.gate.alone():
             active = self.gate.active
             seconds = self._ensure(info, keep=frozenset(n for n, _ in active))
-            if self.hotswap and self._slot_filled and self._slot_filled[0]:
+            if self.hotswap and self.slots == 1 and self._slot_filled and self._slot_filled[0]:
                 self._contents(info.name, 0)  # read into the first slot now, so that a switch to it only copies
             self._activate(active)  # load_lora_weights activates what it loads: restore the set
             return seconds
@@ -381,6 +382,9 @@ class AdapterState:
         ``set_adapters`` would write Python floats into PEFT's ``scaling`` (one recompile per scale value),
         so after the slots exist scales are only ever written into the scaling tensors that
         ``enable_lora_hotswap`` made: the adapter's ``alpha / rank``, multiplied by the request's scale."""
+        if self.slots > 1:
+            self._activate_slots_by_hotswap(wanted)
+            return
         if len(wanted) > self.slots:
             raise AdapterError(f"{len(wanted)} adapters at once, but compiled models have {self.slots} slots "
                                "(FLUX_MAX_LORAS_PER_REQUEST)")
@@ -418,6 +422,53 @@ class AdapterState:
                     torch._foreach_copy_(contents[index].targets, contents[index].sources)
                 torch._foreach_copy_(slot.scalings, contents[index].scalings)
                 torch._foreach_mul_(slot.scalings, wanted[index][1])
+
+    def _activate_slots_by_hotswap(self, wanted: LoraSet) -> None:
+        """With several slots: diffusers' hotswap of each adapter into its slot on every switch, then the scales
+        *in place*. (A slot after the first is not padded to FLUX_LORA_MAX_RANK, so an adapter of another rank
+        changes its shape there; the copying switch below is kept to one slot until that is settled.)
+
+        ``set_adapters`` would write Python floats into PEFT's ``scaling`` (one recompile per scale value),
+        so after the slots exist scales are only ever ``fill_``/``mul_`` on the scaling tensors that
+        ``enable_lora_hotswap`` made. A hot-swap resets a slot's scaling to its adapter's ``alpha / rank``;
+        every switch swaps again, then multiplies by the request's scale."""
+        from peft.tuners.lora import LoraLayer
+        from peft.utils.hotswap import _convert_scalings_to_tensor
+
+        if len(wanted) > self.slots:
+            raise AdapterError(f"{len(wanted)} adapters at once, but compiled models have {self.slots} slots "
+                               "(FLUX_MAX_LORAS_PER_REQUEST)")
+        while len(self._slot_filled) < self.slots:
+            self._slot_filled.append(False)
+        created = False
+        for index, (name, _) in enumerate(wanted):
+            with self._lock:
+                state = self._loaded[name].state_dict
+            assert state is not None
+            # A copy: load_lora_weights pops from the dict it gets.
+            with MODEL_BUILD_LOCK, _quiet_loader():  # PEFT patches process-global state while it loads
+                self.pipe.load_lora_weights(dict(state), adapter_name=_slot(index),
+                                            hotswap=self._slot_filled[index])
+            created = created or not self._slot_filled[index]
+            self._slot_filled[index] = True
+        filled = [_slot(i) for i, full in enumerate(self._slot_filled) if full]
+        modules = [m for component in self.pipe.components.values() if isinstance(component, torch.nn.Module)
+                   for m in component.modules() if isinstance(m, LoraLayer)]
+        if created:  # a new slot (once per slot, the only time the modules change): every slot on, scales as tensors
+            self.pipe.set_adapters(filled, adapter_weights=[1.0] * len(filled))
+            for component in self.pipe.components.values():
+                if isinstance(component, torch.nn.Module):
+                    _convert_scalings_to_tensor(component)
+        scales = {_slot(i): scale for i, (_, scale) in enumerate(wanted)}
+        with torch.no_grad():
+            for module in modules:
+                for slot, value in module.scaling.items():
+                    if not isinstance(value, torch.Tensor):
+                        continue
+                    if slot in scales:
+                        value.mul_(scales[slot])
+                    else:
+                        value.fill_(0.0)  # an unused slot: the model without it
 
     def _hotswap_into(self, name: str, index: int, *, create: bool) -> None:
         """diffusers' own load of adapter ``name`` into slot ``index`` (creating the slot when ``create``)."""
