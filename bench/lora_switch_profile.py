@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     eager = AdapterState(pipe, capacity=8)
     for info in infos.values():
         eager.preload(info)
-    profile_switches(eager, cycle, infos, args.switches, args.top, "eager (set_adapters)")
+    profile_switches(eager, cycle, infos, args.switches, args.top, "eager (collected layers)")
     for name in list(infos):
         eager.unload(name)
     pipe.unload_lora_weights()
@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         hot.preload(info)
     with hot.use((("a4", 1.0),), infos.get):  # the first adapter into the slot creates it
         pass
-    profile_switches(hot, cycle, infos, args.switches, args.top, "hot-swap (load_lora_weights(hotswap=True))")
+    profile_switches(hot, cycle, infos, args.switches, args.top, "hot-swap (copies into the slot)")
     return 0
 
 

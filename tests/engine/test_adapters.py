@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from fluxserve.engine.adapters import AdapterGate, _peft_name, build_tiny_lora, ensure_demo_lora
+from fluxserve.engine.adapters import TINY_TARGETS, AdapterGate, _peft_name, build_tiny_lora, ensure_demo_lora
 from fluxserve.engine.engine import DeviceEngine
 from fluxserve.engine.loading import LoadedModel, load_model
 from fluxserve.generation import AdapterError, GenerationParams, ImageRequest
@@ -377,3 +377,102 @@ def test_loading_an_adapter_outside_a_batch_waits_for_the_batches_in_and_newcome
     for thread in threads:
         thread.join(BOUND)
     assert order == ["batch", "alone", "newcomer"]
+
+
+# --- the switch against the previous one (diffusers' set_adapters and load_lora_weights(hotswap=True)) ------
+class PreviousSwitch:
+    """How a switch was made before it copied into pre-collected layers and slots: through diffusers on every
+    switch. Kept here as the reference the fast switch must equal bit for bit (same computation)."""
+
+    @staticmethod
+    def activate(state: Any, wanted: tuple[tuple[str, float], ...]) -> None:
+        from peft.tuners.lora import LoraLayer
+        from peft.utils.hotswap import _convert_scalings_to_tensor
+
+        pipe = state.pipe
+        if not state.hotswap:
+            if not wanted:
+                if pipe.get_list_adapters():
+                    pipe.disable_lora()
+                return
+            pipe.enable_lora()
+            pipe.set_adapters([_peft_name(n) for n, _ in wanted], adapter_weights=[s for _, s in wanted])
+            return
+        while len(state._slot_filled) < state.slots:
+            state._slot_filled.append(False)
+        created = False
+        for index, (name, _) in enumerate(wanted):
+            pipe.load_lora_weights(dict(state._loaded[name].state_dict), adapter_name=f"fluxserve_slot{index}",
+                                   hotswap=state._slot_filled[index])
+            created = created or not state._slot_filled[index]
+            state._slot_filled[index] = True
+        filled = [f"fluxserve_slot{i}" for i, full in enumerate(state._slot_filled) if full]
+        modules = [m for c in pipe.components.values() if isinstance(c, torch.nn.Module)
+                   for m in c.modules() if isinstance(m, LoraLayer)]
+        if created:
+            pipe.set_adapters(filled, adapter_weights=[1.0] * len(filled))
+            for component in pipe.components.values():
+                if isinstance(component, torch.nn.Module):
+                    _convert_scalings_to_tensor(component)
+        scales = {f"fluxserve_slot{i}": scale for i, (_, scale) in enumerate(wanted)}
+        with torch.no_grad():
+            for module in modules:
+                for slot, value in module.scaling.items():
+                    if isinstance(value, torch.Tensor):
+                        value.mul_(scales[slot]) if slot in scales else value.fill_(0.0)
+
+
+@pytest.fixture(scope="module")
+def switch_library(cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> LoraLibrary:
+    """Adapters of ranks 4 and 8 (the slot's), one on fewer layers, one kohya file with a text-encoder part."""
+    directory = tmp_path_factory.mktemp("switch-loras")
+    flux = cache_dir / "models" / "tiny-flux"
+    for name, seed, rank, targets in (("a", 1, 4, TINY_TARGETS), ("b", 2, 4, TINY_TARGETS),
+                                      ("c", 3, 8, TINY_TARGETS), ("qk", 4, 2, ("to_q", "to_k"))):
+        build_tiny_lora(flux, directory / "flux" / f"{name}.safetensors", family="flux", base_model="tiny-flux",
+                        seed=seed, rank=rank, targets=targets)
+    return LoraLibrary(directory)
+
+
+def latents_after_each_switch(cache_dir: Path, library: LoraLibrary, hotswap: bool, previous: bool,
+                              sequence: list[tuple[tuple[str, float], ...]]) -> list[torch.Tensor]:
+    from fluxserve.engine.adapters import AdapterState
+
+    settings = Settings(model="tiny-flux", cache_dir=cache_dir, device="cpu", _env_file=None)  # type: ignore[call-arg]
+    pipe = load_model(BUILTIN_MODELS["tiny-flux"], CPU, settings.engine).primary
+    if hotswap:
+        pipe.enable_lora_hotswap(target_rank=8)
+    state = AdapterState(pipe, capacity=8, hotswap=hotswap, slots=2, max_rank=8)
+    if previous:
+        state._activate = lambda wanted: PreviousSwitch.activate(state, wanted)  # type: ignore[method-assign]
+    outputs = []
+    for wanted in sequence:
+        with state.use(wanted, library.get), torch.inference_mode():
+            latents = pipe(prompt="a red fox", height=64, width=64, num_inference_steps=2, max_sequence_length=64,
+                           output_type="latent", generator=torch.Generator().manual_seed(5)).images
+        outputs.append(latents)
+    return outputs
+
+
+@pytest.mark.parametrize(("hotswap", "sequence"), [
+    (False, [(("a", 0.8),), (("b", 0.8),), (("a", 0.8), ("b", 0.5)), (), (("c", 1.0),), (("qk", 1.3),),
+             (("kohya", 1.0),), (("a", 0.3), ("kohya", 0.6)), (), (("a", 0.8),)]),
+    (True, [(("a", 1.0),), (("b", 0.7),), (("c", 1.0),), (), (("qk", 1.3),), (("a", 0.5),),
+            # from here on each adapter is already read back from its slot: the switch only copies
+            (("c", 0.3),), (("qk", 1.0),), (("b", 1.0),), (("c", 1.0),), (("a", 1.0),), (), (("qk", 0.9),)]),
+], ids=["eager", "hotswap"])
+def test_the_switch_gives_exactly_the_previous_switchs_outputs(
+        cache_dir: Path, switch_library: LoraLibrary, hotswap: bool,
+        sequence: list[tuple[tuple[str, float], ...]]) -> None:
+    """Ranks 2, 4 and 8 in one slot padded to 8 (two slots do not match yet), an adapter on fewer layers
+    (zeroed in the slot), scales, none; eager also two at once and a kohya file with a text-encoder part: after
+    every switch the pipeline's latents equal the previous switch's bit for bit."""
+    if not hotswap:
+        write_kohya_flux_lora(load_model(BUILTIN_MODELS["tiny-flux"], CPU, Settings(  # type: ignore[call-arg]
+            model="tiny-flux", cache_dir=cache_dir, device="cpu", _env_file=None).engine).primary,
+            switch_library.directory / "flux" / "kohya.safetensors")
+    fast = latents_after_each_switch(cache_dir, switch_library, hotswap, False, sequence)
+    previous = latents_after_each_switch(cache_dir, switch_library, hotswap, True, sequence)
+    for index, (ours, theirs) in enumerate(zip(fast, previous, strict=True)):
+        assert torch.equal(ours, theirs), f"switch {index} to {sequence[index]} differs"
+    assert not torch.equal(fast[0], fast[1]) and not torch.equal(fast[0], fast[3])  # the adapters really act

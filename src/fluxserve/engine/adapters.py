@@ -10,13 +10,21 @@ waiting switch (no starvation).
 Two ways to switch:
 
 - eager (FLUX_COMPILE=off): each adapter is its own PEFT adapter, loaded once (``load_lora_weights``) and
-  kept (LRU, FLUX_LORA_CACHE); activating a set is ``set_adapters(names, scales)``, no set is
-  ``disable_lora()``. Never a reload.
+  kept (LRU, FLUX_LORA_CACHE); activating a set does what ``set_adapters(names, scales)`` does to each PEFT
+  layer (active adapters, enabled, ``set_scale``), on layers collected once, and no set disables the layers
+  (``disable_lora()``). Never a reload. PEFT's own ``set_adapter`` also resets ``requires_grad`` by walking
+  each layer's modules; inference never needs that, and it was most of a switch's time.
 - compiled (FLUX_COMPILE=regional/full): ``enable_lora_hotswap(target_rank=FLUX_LORA_MAX_RANK)`` before
   the model is compiled, and FLUX_MAX_LORAS_PER_REQUEST fixed *slots*. An adapter's converted state dict
-  is read from disk once and kept on the device (LRU); activating it copies its tensors into a slot in
-  place (diffusers' hotswap), unused slots get scale 0. Shapes and Python state never change, so the
-  compiled graphs stay valid: no recompilation after the first adapter has been put into a slot.
+  is read from disk once and kept on the device (LRU). The first time an adapter goes into a slot, diffusers'
+  hotswap (``load_lora_weights(hotswap=True)``) puts it there, and what it wrote is read back and kept
+  (:class:`_SlotContents`: the adapter's part of each padded ``lora_A``/``lora_B`` weight and each layer's
+  ``alpha / rank``). Every later switch copies those tensors into the slot in place with batched
+  ``torch._foreach_*`` calls (zero the slot, copy, write the scales): the same numbers as the hotswap, without
+  its ``state_dict()`` of the whole model and module-tree walks on every switch. Unused slots get scale 0.
+  Shapes and Python state never change, so the compiled graphs stay valid: no recompilation after the first
+  adapter has been put into a slot. That copying switch serves one slot (FLUX_MAX_LORAS_PER_REQUEST=1); with
+  more, every switch is diffusers' hotswap as before (a slot after the first is not padded to the target rank).
 
 Locks, in the order they may be taken (never the reverse):
 
@@ -171,11 +179,43 @@ class AdapterGate:
 
 
 @dataclass
+class _Slot:
+    """One hot-swap slot's tensors in the model, collected when the slots change (never per switch)."""
+
+    weights: list[torch.Tensor]
+    """Every LoRA tensor of the slot (each layer's padded ``lora_A``/``lora_B`` weights)."""
+    rank_dims: list[int]
+    """Per weight, the dimension the slot pads to FLUX_LORA_MAX_RANK: the rows of ``lora_A`` (rank × in), the
+    columns of ``lora_B`` (out × rank)."""
+    scalings: list[torch.Tensor]
+    """Each adapted layer's scaling tensor for the slot (what the forward multiplies by)."""
+
+
+@dataclass
+class _SlotContents:
+    """An adapter as the hotswap put it into one slot, read back once and copied in on every later switch.
+
+    Applying it: zero every weight of the slot, copy ``sources`` into ``targets``, copy ``scalings`` into the
+    slot's scalings and multiply them by the request's scale. The slot then holds exactly what the hotswap
+    wrote (the padding is zero, and so is every layer the adapter does not adapt)."""
+
+    targets: list[torch.Tensor]
+    """Views of the slot's weights: the leading rows (``lora_A``) or columns (``lora_B``) up to the last one that
+    is not zero; the rest of each weight is the zero padding."""
+    sources: list[torch.Tensor]
+    """The adapter's values for ``targets`` (a copy, same shapes)."""
+    scalings: list[torch.Tensor]
+    """Per layer of :attr:`_Slot.scalings`: the adapter's ``alpha / rank`` there (0 where it adapts nothing)."""
+
+
+@dataclass
 class _Loaded:
     info: LoraInfo
     seconds: float
     state_dict: dict[str, torch.Tensor] | None = None
-    """Compiled mode: the converted tensors, on the device, hot-swapped into a slot when activated."""
+    """Compiled mode: the converted tensors, on the device, hot-swapped into a slot the first time it takes them."""
+    in_slots: dict[int, _SlotContents] = field(default_factory=dict)
+    """Compiled mode: what the adapter is in each slot it has been in (copied in on a switch)."""
 
 
 @dataclass
@@ -191,6 +231,10 @@ class AdapterState:
     gate: AdapterGate = field(default_factory=AdapterGate)
     _loaded: OrderedDict[str, _Loaded] = field(default_factory=OrderedDict)
     _slot_filled: list[bool] = field(default_factory=list)
+    _slot_tensors: list[_Slot] = field(default_factory=list)
+    _tuner_layers: list[Any] | None = None
+    """Eager mode: the pipeline's PEFT layers, collected on the first switch after adapters were loaded or
+    dropped."""
     _lock: threading.Lock = field(default_factory=threading.Lock)
     switches: int = 0
     last_switch_seconds: float = 0.0
@@ -216,6 +260,8 @@ class AdapterState:
         with self.gate.alone():
             active = self.gate.active
             seconds = self._ensure(info, keep=frozenset(n for n, _ in active))
+            if self.hotswap and self.slots == 1 and self._slot_filled and self._slot_filled[0]:
+                self._contents(info.name, 0)  # read into the first slot now, so that a switch to it only copies
             self._activate(active)  # load_lora_weights activates what it loads: restore the set
             return seconds
 
@@ -251,6 +297,7 @@ class AdapterState:
                 state = {k: v.to(device) for k, v in state.items()}
                 entry = _Loaded(info, 0.0, state)
             else:
+                self._tuner_layers = None  # the load may wrap more layers
                 with MODEL_BUILD_LOCK, _quiet_loader():  # PEFT patches process-global state while it loads
                     self.pipe.load_lora_weights(str(info.path), adapter_name=_peft_name(info.name))
                 entry = _Loaded(info, 0.0)
@@ -285,6 +332,7 @@ class AdapterState:
             entry = self._loaded.pop(name, None)
         if entry is None or self.hotswap:
             return  # hotswap: the slots keep their shapes; the cached tensors go with the entry
+        self._tuner_layers = None
         self.pipe.delete_adapters(_peft_name(name))
 
     # --- switching -----------------------------------------------------------------------------------
@@ -305,14 +353,80 @@ class AdapterState:
             self._activate_slots(wanted)
             return
         if not wanted:
-            if _adapter_names(self.pipe):
-                self.pipe.disable_lora()
+            if _adapter_names(self.pipe):  # disable_lora() on every layer
+                for layer in self._layers():
+                    layer._disable_adapters = True
             return
-        self.pipe.enable_lora()
-        self.pipe.set_adapters([_peft_name(n) for n, _ in wanted], adapter_weights=[s for _, s in wanted])
+        # What enable_lora() + set_adapters(names, adapter_weights=scales) do to each PEFT layer, without
+        # PEFT's set_adapter, which also walks each layer's modules to reset requires_grad (frozen here).
+        names = [_peft_name(n) for n, _ in wanted]
+        for layer in self._layers():
+            layer._active_adapter = names
+            layer._disable_adapters = False
+            for peft_name, (_, scale) in zip(names, wanted, strict=True):
+                layer.set_scale(peft_name, scale)  # scale * lora_alpha / r, as set_adapters writes it
+
+    def _layers(self) -> list[Any]:
+        """Eager mode: the PEFT layers of every component diffusers' ``set_adapters`` reaches."""
+        if self._tuner_layers is None:
+            from peft.tuners.tuners_utils import BaseTunerLayer
+
+            components = [getattr(self.pipe, name, None) for name in getattr(self.pipe, "_lora_loadable_modules", ())]
+            self._tuner_layers = [module for component in components if isinstance(component, torch.nn.Module)
+                                  for module in component.modules() if isinstance(module, BaseTunerLayer)]
+        return self._tuner_layers
 
     def _activate_slots(self, wanted: LoraSet) -> None:
-        """Hot-swap each adapter's tensors into its slot and set the scales *in place*.
+        """Put each adapter's tensors into its slot and set the scales, all *in place*.
+
+        ``set_adapters`` would write Python floats into PEFT's ``scaling`` (one recompile per scale value),
+        so after the slots exist scales are only ever written into the scaling tensors that
+        ``enable_lora_hotswap`` made: the adapter's ``alpha / rank``, multiplied by the request's scale."""
+        if self.slots > 1:
+            self._activate_slots_by_hotswap(wanted)
+            return
+        if len(wanted) > self.slots:
+            raise AdapterError(f"{len(wanted)} adapters at once, but compiled models have {self.slots} slots "
+                               "(FLUX_MAX_LORAS_PER_REQUEST)")
+        while len(self._slot_filled) < self.slots:
+            self._slot_filled.append(False)
+        # 1. A slot no adapter has been in yet is created by loading this one (once per slot, the only time
+        #    the modules change): every slot on, scales as tensors; what was read back from the slots is stale.
+        created = False
+        for index, (name, _) in enumerate(wanted):
+            if not self._slot_filled[index]:
+                self._hotswap_into(name, index, create=True)
+                self._slot_filled[index] = True
+                created = True
+        if created:
+            from peft.utils.hotswap import _convert_scalings_to_tensor
+
+            filled = [_slot(i) for i, full in enumerate(self._slot_filled) if full]
+            self.pipe.set_adapters(filled, adapter_weights=[1.0] * len(filled))
+            for component in self.pipe.components.values():
+                if isinstance(component, torch.nn.Module):
+                    _convert_scalings_to_tensor(component)
+            self._collect_slots()
+        # 2. Each adapter as it is in its slot (the hotswap reads it in the first time, then it is kept).
+        contents = [self._contents(name, index) for index, (name, _) in enumerate(wanted)]
+        # 3. Copy it in: a few batched calls per slot, whatever the number of layers.
+        with torch.no_grad():
+            for index, slot in enumerate(self._slot_tensors):
+                if not slot.weights:
+                    continue  # a slot on no layer at all
+                if index >= len(wanted):
+                    torch._foreach_zero_(slot.scalings)  # an unused slot: the model without it
+                    continue
+                torch._foreach_zero_(slot.weights)
+                if contents[index].targets:
+                    torch._foreach_copy_(contents[index].targets, contents[index].sources)
+                torch._foreach_copy_(slot.scalings, contents[index].scalings)
+                torch._foreach_mul_(slot.scalings, wanted[index][1])
+
+    def _activate_slots_by_hotswap(self, wanted: LoraSet) -> None:
+        """With several slots: diffusers' hotswap of each adapter into its slot on every switch, then the scales
+        *in place*. (A slot after the first is not padded to FLUX_LORA_MAX_RANK, so an adapter of another rank
+        changes its shape there; the copying switch below is kept to one slot until that is settled.)
 
         ``set_adapters`` would write Python floats into PEFT's ``scaling`` (one recompile per scale value),
         so after the slots exist scales are only ever ``fill_``/``mul_`` on the scaling tensors that
@@ -355,6 +469,89 @@ class AdapterState:
                         value.mul_(scales[slot])
                     else:
                         value.fill_(0.0)  # an unused slot: the model without it
+
+    def _hotswap_into(self, name: str, index: int, *, create: bool) -> None:
+        """diffusers' own load of adapter ``name`` into slot ``index`` (creating the slot when ``create``)."""
+        with self._lock:
+            state = self._loaded[name].state_dict
+        assert state is not None
+        # A copy: load_lora_weights pops from the dict it gets.
+        with MODEL_BUILD_LOCK, _quiet_loader():  # PEFT patches process-global state while it loads
+            self.pipe.load_lora_weights(dict(state), adapter_name=_slot(index), hotswap=not create)
+
+    def _collect_slots(self) -> None:
+        """Find every slot's tensors in the model, and forget what was read back from the old ones."""
+        from peft.tuners.lora import LoraLayer
+
+        layers = [m for component in self.pipe.components.values() if isinstance(component, torch.nn.Module)
+                  for m in component.modules() if isinstance(m, LoraLayer)]
+        self._slot_tensors = []
+        for index, filled in enumerate(self._slot_filled):
+            if not filled:  # slots fill from the first: the rest are empty
+                break
+            slot = _slot(index)
+            weights: list[torch.Tensor] = []
+            rank_dims: list[int] = []
+            for layer in layers:
+                for attribute in layer.adapter_layer_names:  # lora_A, lora_B, and the kinds Flux has none of
+                    holder = getattr(layer, attribute)
+                    if slot not in holder:
+                        continue
+                    part = holder[slot]
+                    for parameter in part.parameters() if isinstance(part, torch.nn.Module) else [part]:
+                        weights.append(parameter)
+                        rank_dims.append(1 if attribute.endswith("_B") and parameter.dim() >= 2 else 0)
+            scalings = [layer.scaling[slot] for layer in layers
+                        if isinstance(layer.scaling.get(slot), torch.Tensor)]
+            self._slot_tensors.append(_Slot(weights, rank_dims, scalings))
+        with self._lock:
+            for entry in self._loaded.values():
+                entry.in_slots.clear()
+
+    def _contents(self, name: str, index: int) -> _SlotContents:
+        """Adapter ``name`` as it is in slot ``index``: read back after diffusers' hotswap put it there, once."""
+        with self._lock:
+            entry = self._loaded[name]
+        known = entry.in_slots.get(index)
+        if known is not None:
+            return known
+        slot = self._slot_tensors[index]
+        if slot.scalings:
+            with torch.no_grad():
+                torch._foreach_zero_(slot.scalings)  # layers the adapter leaves out keep 0, not an earlier value
+        self._hotswap_into(name, index, create=False)
+        targets, sources = [], []
+        used_lengths = _used_lengths(slot.weights, slot.rank_dims)
+        for weight, dim, used in zip(slot.weights, slot.rank_dims, used_lengths, strict=True):
+            if used:
+                target = weight.detach().narrow(dim, 0, used)
+                targets.append(target)
+                sources.append(target.clone())
+        contents = _SlotContents(targets, sources, [s.detach().clone() for s in slot.scalings])
+        entry.in_slots[index] = contents
+        return contents
+
+
+def _used_lengths(weights: list[torch.Tensor], dims: list[int]) -> list[int]:
+    """For each weight, how many leading slices along its dimension in ``dims`` hold anything but +0.0 (a -0.0
+    counts as used), so that zeroing the rest gives back the weight bit for bit: what is left out is the zero
+    padding, and it would be correct whatever was left out. One device sync for all of them."""
+    if not weights:
+        return []
+    flags = []
+    for weight, dim in zip(weights, dims, strict=True):
+        w = weight.detach()
+        nonzero = (w != 0) | torch.signbit(w)
+        flags.append(nonzero.movedim(dim, 0).reshape(w.shape[dim], -1).any(dim=1))
+    lengths = [int(f.numel()) for f in flags]
+    flat = torch.cat(flags).cpu()
+    used = []
+    offset = 0
+    for length in lengths:
+        rows = torch.nonzero(flat[offset:offset + length])
+        used.append(int(rows[-1]) + 1 if rows.numel() else 0)
+        offset += length
+    return used
 
 
 @contextmanager
