@@ -190,11 +190,11 @@ def test_sixteen_clients_against_a_small_queue(server_factory: Callable[..., Ser
     assert httpx.get(server.base_url + "/ready").status_code == 200
 
 
-def test_loadtest_command(server: ServerProcess) -> None:
+def test_loadtest_command(live: ServerProcess) -> None:
     import subprocess
     import sys
 
-    done = subprocess.run([sys.executable, "-m", "fluxserve", "loadtest", "--url", server.base_url, "--clients", "3",
+    done = subprocess.run([sys.executable, "-m", "fluxserve", "loadtest", "--url", live.base_url, "--clients", "3",
                            "--requests", "6", "--steps", "1", "--json"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert '"200": 6' in done.stdout
