@@ -1,6 +1,7 @@
-"""Fixtures of the studio's browser tests (test_browser*.py): a real headless Chromium (Debian's package,
-driven by Playwright) and one real ``fluxserve serve`` for the studio, each started once for this package
-and shared by its modules: each start costs seconds on two cores. Every test gets a fresh tab."""
+"""Fixtures shared by the modules of this package, each started once for it (a start costs seconds on two
+cores): for the studio's browser tests (test_browser*.py) a real headless Chromium (Debian's package, driven by
+Playwright) and one real ``fluxserve serve`` for the studio, every test with a fresh tab; for the API tests
+(the openai client, edits, every family, clients people already use) one real ``fluxserve serve``."""
 
 from __future__ import annotations
 
@@ -10,14 +11,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from playwright.sync_api import Browser, ConsoleMessage, Error, Page, Playwright, expect, sync_playwright
+from playwright.sync_api import Browser, ConsoleMessage, Error, Page, Playwright, ViewportSize, expect, sync_playwright
 
+from fluxserve.models.registry import BUILTIN_MODELS
 from tests.conftest import ARTIFACTS, ServerProcess
 
 CHROMIUM = Path(os.environ.get("FLUX_TEST_CHROMIUM", "/usr/bin/chromium"))
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-DESKTOP = {"width": 1440, "height": 900}
+DESKTOP: ViewportSize = {"width": 1440, "height": 900}
 SLOW_STEPS = 100_000  # at 256x256: many minutes of work, even for a fast CPU
 
 
@@ -81,6 +83,7 @@ def studio_server(cache_dir: Path, studio_outputs: Path) -> Iterator[ServerProce
     """
     server = ServerProcess({"FLUX_MODEL": "tiny-flux", "FLUX_CACHE_DIR": str(cache_dir), "FLUX_DEVICE": "cpu",
                             "FLUX_OUTPUT_DIR": str(studio_outputs), "FLUX_WARMUP_SIZES": "64x64",
+                            "FLUX_STATE_DIR": str(studio_outputs.parent / "state"),  # its own job store
                             "FLUX_MAX_STEPS": str(SLOW_STEPS), "FLUX_MAX_MEGAPIXEL_STEPS": "1e9",
                             "FLUX_HUB_DOWNLOADS": "on", "HF_TOKEN": "hf_placeholder_for_the_picker"},
                            studio_outputs.parent / "server.log")
@@ -89,3 +92,31 @@ def studio_server(cache_dir: Path, studio_outputs: Path) -> Iterator[ServerProce
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="package")
+def live(cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """One real server on tiny-flux for the API tests of every module here that need no settings of their own.
+
+    Requests may name every tiny family (FLUX_MODELS); the models the edit and client tests use first are
+    loaded at start; its job store is its own (never the user's state directory, which another server may
+    hold); logs are structured (JSON lines) for the tests that read access records; steps and
+    compute limits are raised so that a job can run long enough to be cancelled. A test that switches the
+    active model switches it back; a test that releases memory leaves models to load again on demand.
+    """
+    out = tmp_path_factory.mktemp("e2e-api")
+    tiny = [key for key, spec in BUILTIN_MODELS.items() if spec.tiny is not None]
+    server = ServerProcess({"FLUX_MODEL": "tiny-flux", "FLUX_MODELS": ",".join(tiny),
+                            "FLUX_PRELOAD_MODELS": "tiny-qwen,tiny-kontext,tiny-qwen-edit",
+                            "FLUX_CACHE_DIR": str(cache_dir), "FLUX_DEVICE": "cpu", "FLUX_WARMUP_SIZES": "64x64",
+                            "FLUX_OUTPUT_DIR": str(out / "outputs"), "FLUX_STATE_DIR": str(out / "state"),
+                            "FLUX_STRUCTURED_LOGS": "1",
+                            "FLUX_MAX_STEPS": "100000", "FLUX_MAX_MEGAPIXEL_STEPS": "1e9"},
+                           out / "server.log")
+    try:
+        server.wait_ready(timeout=300)
+    except BaseException:
+        server.stop()
+        raise
+    yield server
+    assert server.stop() == 0
