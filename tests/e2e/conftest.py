@@ -1,7 +1,7 @@
 """Fixtures shared by the modules of this package, each started once for it (a start costs seconds on two
 cores): for the studio's browser tests (test_browser*.py) a real headless Chromium (Debian's package, driven by
 Playwright) and one real ``fluxserve serve`` for the studio, every test with a fresh tab; for the API tests
-(the openai client, edits, every family, clients people already use) one real ``fluxserve serve``."""
+(the openai client, edits, LoRAs, every family, clients people already use) one real ``fluxserve serve``."""
 
 from __future__ import annotations
 
@@ -95,22 +95,29 @@ def studio_server(cache_dir: Path, studio_outputs: Path) -> Iterator[ServerProce
 
 
 @pytest.fixture(scope="package")
-def live(cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+def live_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The shared API server's own files: its log, outputs, job store and LoRA library (``loras/``)."""
+    return tmp_path_factory.mktemp("e2e-api")
+
+
+@pytest.fixture(scope="package")
+def live(cache_dir: Path, live_dir: Path) -> Iterator[ServerProcess]:
     """One real server on tiny-flux for the API tests of every module here that need no settings of their own.
 
     Requests may name every tiny family (FLUX_MODELS); the models the edit and client tests use first are
     loaded at start; its job store is its own (never the user's state directory, which another server may
-    hold); logs are structured (JSON lines) for the tests that read access records; steps and
+    hold), and so is its LoRA library (it holds only the demo adapter serving tiny-flux writes until a test
+    adds one); logs are structured (JSON lines) for the tests that read access records; steps and
     compute limits are raised so that a job can run long enough to be cancelled. A test that switches the
     active model switches it back; a test that releases memory leaves models to load again on demand.
     """
-    out = tmp_path_factory.mktemp("e2e-api")
+    out = live_dir
     tiny = [key for key, spec in BUILTIN_MODELS.items() if spec.tiny is not None]
     server = ServerProcess({"FLUX_MODEL": "tiny-flux", "FLUX_MODELS": ",".join(tiny),
                             "FLUX_PRELOAD_MODELS": "tiny-qwen,tiny-kontext,tiny-qwen-edit",
                             "FLUX_CACHE_DIR": str(cache_dir), "FLUX_DEVICE": "cpu", "FLUX_WARMUP_SIZES": "64x64",
                             "FLUX_OUTPUT_DIR": str(out / "outputs"), "FLUX_STATE_DIR": str(out / "state"),
-                            "FLUX_STRUCTURED_LOGS": "1",
+                            "FLUX_LORA_DIR": str(out / "loras"), "FLUX_STRUCTURED_LOGS": "1",
                             "FLUX_MAX_STEPS": "100000", "FLUX_MAX_MEGAPIXEL_STEPS": "1e9"},
                            out / "server.log")
     try:
