@@ -1,7 +1,7 @@
-"""Fixtures shared by the modules of this package, each started once for it (a start costs seconds on two
-cores): for the studio's browser tests (test_browser*.py) a real headless Chromium (Debian's package, driven by
-Playwright) and one real ``fluxserve serve`` for the studio, every test with a fresh tab; for the API tests
-(the openai client, edits, LoRAs, every family, clients people already use) one real ``fluxserve serve``."""
+"""Fixtures of this package. Real servers are started once for the package and shared by its modules (a start
+costs seconds on two cores): one for the studio's browser tests (test_browser*.py) and one for the API tests
+(the openai client, edits, LoRAs, every family, clients people already use). The browser tests also get a
+real headless Chromium (Debian's package, driven by Playwright) per module, and a fresh tab per test."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ DESKTOP: ViewportSize = {"width": 1440, "height": 900}
 SLOW_STEPS = 100_000  # at 256x256: many minutes of work, even for a fast CPU
 
 
-@pytest.fixture(scope="package")
+@pytest.fixture(scope="module")  # not longer: a started sync Playwright is a running event loop for asyncio
 def playwright() -> Iterator[Playwright]:
     if not CHROMIUM.exists():
         message = f"{CHROMIUM} is missing: run scripts/ensure-chromium.sh"
@@ -36,7 +36,7 @@ def playwright() -> Iterator[Playwright]:
     manager.stop()
 
 
-@pytest.fixture(scope="package")
+@pytest.fixture(scope="module")
 def browser(playwright: Playwright) -> Iterator[Browser]:
     browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
     yield browser
