@@ -1,5 +1,5 @@
 """The web studio in a real headless Chromium (Debian's package, driven by Playwright) against real
-``fluxserve serve`` processes on loopback.
+``fluxserve serve`` processes on loopback (the browser and the shared studio server: tests/e2e/conftest.py).
 
 The page keeps its strict Content-Security-Policy during these tests, so anything inline (scripts,
 handlers, styles) would show up as a CSP violation and fail the test that loaded it.
@@ -7,7 +7,6 @@ handlers, styles) would show up as a CSP violation and fail the test that loaded
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import importlib.util
 import json
@@ -24,19 +23,15 @@ from typing import Any
 
 import httpx
 import pytest
-from playwright.sync_api import Browser, ConsoleMessage, Error, Locator, Page, Playwright, expect, sync_playwright
+from playwright.sync_api import Locator, Page, expect
 
 from tests.conftest import ARTIFACTS, ROOT, ServerProcess
+from tests.e2e.conftest import CHROMIUM, SLOW_STEPS
 
 pytestmark = [pytest.mark.e2e, pytest.mark.browser]
 
-CHROMIUM = Path(os.environ.get("FLUX_TEST_CHROMIUM", "/usr/bin/chromium"))
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-DESKTOP = {"width": 1440, "height": 900}
 PHONE = {"width": 390, "height": 844}
 GENERATION_TIMEOUT_MS = 30_000
-SLOW_STEPS = 100_000  # at 256x256: many minutes of work, even for a fast CPU
 
 
 def _web_dir() -> Path:
@@ -44,75 +39,6 @@ def _web_dir() -> Path:
     spec = importlib.util.find_spec("fluxserve")
     assert spec is not None and spec.submodule_search_locations
     return Path(next(iter(spec.submodule_search_locations))) / "web"
-
-
-@pytest.fixture(scope="module")
-def playwright() -> Iterator[Playwright]:
-    if not CHROMIUM.exists():
-        message = f"{CHROMIUM} is missing: run scripts/ensure-chromium.sh"
-        if os.environ.get("CI"):
-            pytest.fail(message)  # CI installs it; a silent skip there would hide a broken setup
-        pytest.skip(message)
-    expect.set_options(timeout=10_000)  # a loaded 2-core machine is slow; the default 5 s flakes
-    manager = sync_playwright().start()
-    yield manager
-    manager.stop()
-
-
-@pytest.fixture(scope="module")
-def browser(playwright: Playwright) -> Iterator[Browser]:
-    browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
-    yield browser
-    browser.close()
-
-
-@pytest.fixture
-def page(browser: Browser, request: pytest.FixtureRequest) -> Iterator[Page]:
-    """A fresh desktop-sized tab. Fails the test on uncaught script errors and CSP violations."""
-    context = browser.new_context(viewport=DESKTOP, color_scheme="light", locale="en-US")
-    context.set_default_timeout(15_000)
-    page = context.new_page()
-    problems: list[str] = []
-
-    def on_console(message: ConsoleMessage) -> None:
-        if message.type == "error" and "Content Security Policy" in message.text:
-            problems.append(f"CSP: {message.text}")
-
-    page.on("console", on_console)
-    page.on("pageerror", lambda exc: problems.append(f"uncaught: {exc}"))
-    yield page
-    ARTIFACTS.mkdir(exist_ok=True)
-    with contextlib.suppress(Error):  # only a debugging aid: the page may be gone after a hard failure
-        page.screenshot(path=str(ARTIFACTS / f"browser-{request.node.name}.png"))
-    context.close()
-    assert not problems, "the page reported errors:\n" + "\n".join(problems)
-
-
-@pytest.fixture(scope="module")
-def studio_outputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("studio") / "outputs"
-
-
-@pytest.fixture(scope="module")
-def studio_server(cache_dir: Path, studio_outputs: Path) -> Iterator[ServerProcess]:
-    """One real server (tiny-flux, plus tiny-qwen on demand) for the tests that need no special settings.
-
-    Like conftest's ``server`` fixture but shared by the module: each start costs seconds on two cores.
-    Tests select the model they need first, so they do not depend on their order. Steps may go high
-    enough that a generation can be cancelled long before it would end. It declares hub downloads (and a
-    token) so its picker offers every registry model, as a server with hub access does: the picker's
-    labels for gated and non-commercial models are under test; no test selects a model that would download.
-    """
-    server = ServerProcess({"FLUX_MODEL": "tiny-flux", "FLUX_CACHE_DIR": str(cache_dir), "FLUX_DEVICE": "cpu",
-                            "FLUX_OUTPUT_DIR": str(studio_outputs), "FLUX_WARMUP_SIZES": "64x64",
-                            "FLUX_MAX_STEPS": str(SLOW_STEPS), "FLUX_MAX_MEGAPIXEL_STEPS": "1e9",
-                            "FLUX_HUB_DOWNLOADS": "on", "HF_TOKEN": "hf_placeholder_for_the_picker"},
-                           studio_outputs.parent / "server.log")
-    try:
-        server.wait_ready()
-        yield server
-    finally:
-        server.stop()
 
 
 def use_model(server: ServerProcess, model: str) -> None:

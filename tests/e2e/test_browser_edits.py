@@ -1,5 +1,6 @@
-"""The studio's edit panel in a real headless Chromium against a real server: upload, paint a mask with
-brush, eraser and undo, edit with a strength, see the result, continue with "Edit this", and cancel."""
+"""The studio's edit panel in a real headless Chromium against the shared studio server
+(tests/e2e/conftest.py): upload, paint a mask with brush, eraser and undo, edit with a strength, see the
+result, continue with "Edit this", and cancel."""
 
 from __future__ import annotations
 
@@ -7,8 +8,6 @@ import base64
 import io
 import json
 import re
-from collections.abc import Iterator
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,14 +15,8 @@ from PIL import Image
 from playwright.sync_api import Page, expect
 
 from tests.conftest import ServerProcess
-from tests.e2e.test_browser import (  # noqa: F401  (fixtures: a real Chromium and a checked tab)
-    GENERATION_TIMEOUT_MS,
-    SLOW_STEPS,
-    browser,
-    open_studio,
-    page,
-    playwright,
-)
+from tests.e2e.conftest import SLOW_STEPS
+from tests.e2e.test_browser import GENERATION_TIMEOUT_MS, open_studio, use_model
 
 pytestmark = [pytest.mark.e2e, pytest.mark.browser]
 
@@ -33,20 +26,6 @@ def photo_png(width: int = 64, height: int = 64) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(np.kron(blocks, np.ones((8, 8, 1))).astype(np.uint8)).save(buffer, format="PNG")
     return buffer.getvalue()
-
-
-@pytest.fixture(scope="module")
-def edit_server(cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    out = tmp_path_factory.mktemp("studio-edits")
-    server = ServerProcess({"FLUX_MODEL": "tiny-flux", "FLUX_CACHE_DIR": str(cache_dir), "FLUX_DEVICE": "cpu",
-                            "FLUX_OUTPUT_DIR": str(out / "outputs"), "FLUX_WARMUP_SIZES": "64x64",
-                            "FLUX_MAX_STEPS": str(SLOW_STEPS), "FLUX_MAX_MEGAPIXEL_STEPS": "1e9"},
-                           out / "server.log")
-    try:
-        server.wait_ready()
-        yield server
-    finally:
-        server.stop()
 
 
 def paint(tab: Page, x0: float, y0: float, x1: float, y1: float) -> None:
@@ -60,8 +39,9 @@ def paint(tab: Page, x0: float, y0: float, x1: float, y1: float) -> None:
     tab.mouse.up()
 
 
-def test_upload_paint_a_mask_and_edit(edit_server: ServerProcess, page: Page) -> None:  # noqa: F811
-    open_studio(page, edit_server.base_url + "/")
+def test_upload_paint_a_mask_and_edit(studio_server: ServerProcess, page: Page) -> None:
+    use_model(studio_server, "tiny-flux")  # the studio server is shared: its model may have been switched
+    open_studio(page, studio_server.base_url + "/")
     expect(page.locator("#model-select")).to_be_enabled()
     page.locator("#edit-files").set_input_files([{"name": "photo.png", "mimeType": "image/png",
                                                   "buffer": photo_png()}])
@@ -117,8 +97,9 @@ def test_upload_paint_a_mask_and_edit(edit_server: ServerProcess, page: Page) ->
     expect(page.locator("#generate")).to_contain_text("Generate")
 
 
-def test_cancel_a_slow_edit(edit_server: ServerProcess, page: Page) -> None:  # noqa: F811
-    open_studio(page, edit_server.base_url + "/")
+def test_cancel_a_slow_edit(studio_server: ServerProcess, page: Page) -> None:
+    use_model(studio_server, "tiny-flux")
+    open_studio(page, studio_server.base_url + "/")
     expect(page.locator("#model-select")).to_be_enabled()
     page.locator("#edit-files").set_input_files([{"name": "photo.png", "mimeType": "image/png",
                                                   "buffer": photo_png(256, 256)}])

@@ -15,17 +15,7 @@ import pytest
 from playwright.sync_api import FilePayload, Page, ViewportSize, expect
 
 from tests.conftest import ARTIFACTS, ServerProcess
-from tests.e2e.test_browser import (  # noqa: F401  (fixtures: a real Chromium, a checked tab, one shared server)
-    GENERATION_TIMEOUT_MS,
-    browser,
-    latest_reply,
-    open_studio,
-    page,
-    playwright,
-    studio_outputs,
-    studio_server,
-    use_model,
-)
+from tests.e2e.test_browser import GENERATION_TIMEOUT_MS, latest_reply, open_studio, use_model
 from tests.e2e.test_browser_edits import photo_png
 
 pytestmark = [pytest.mark.e2e, pytest.mark.browser]
@@ -57,7 +47,7 @@ def screenshot(tab: Page, name: str) -> None:
 
 
 @pytest.mark.parametrize("viewport", VIEWPORTS)
-def test_the_studio_fits_its_page(studio_server: ServerProcess, page: Page,  # noqa: F811
+def test_the_studio_fits_its_page(studio_server: ServerProcess, page: Page,
                                   viewport: ViewportSize) -> None:
     use_model(studio_server, "tiny-flux")
     page.set_viewport_size(viewport)

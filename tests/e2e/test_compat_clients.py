@@ -1,5 +1,6 @@
-"""Clients people already use, against a real `fluxserve serve` with default settings: the official
-openai SDK with OpenAI's own model names, HEAD probes, and a streamed request the client hangs up on."""
+"""Clients people already use, against a real `fluxserve serve` (the package's shared ``live`` server,
+tests/e2e/conftest.py): the official openai SDK with OpenAI's own model names, HEAD probes, and a streamed
+request the client hangs up on."""
 
 from __future__ import annotations
 
@@ -15,17 +16,6 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.conftest import ServerProcess
 
 pytestmark = pytest.mark.e2e
-
-
-@pytest.fixture(scope="module")
-def live(cache_dir: Any, tmp_path_factory: pytest.TempPathFactory) -> Any:
-    out = tmp_path_factory.mktemp("compat")
-    server = ServerProcess({"FLUX_MODEL": "tiny-flux", "FLUX_CACHE_DIR": str(cache_dir), "FLUX_DEVICE": "cpu",
-                            "FLUX_WARMUP_SIZES": "64x64", "FLUX_OUTPUT_DIR": str(out / "outputs"),
-                            "FLUX_STRUCTURED_LOGS": "1", "FLUX_MAX_STEPS": "100000"}, out / "server.log")
-    server.wait_ready()
-    yield server
-    assert server.stop() == 0
 
 
 def test_openai_sdk_with_openai_model_names(live: ServerProcess) -> None:

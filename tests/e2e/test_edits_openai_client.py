@@ -1,5 +1,6 @@
-"""The official openai client's ``images.edit`` against a real ``fluxserve serve`` for every tiny edit family:
-one image, a mask, several images, streaming; seeds reproduce byte-identical images."""
+"""The official openai client's ``images.edit`` against a real ``fluxserve serve`` (the package's shared
+``live`` server, tests/e2e/conftest.py) for every tiny edit family: one image, a mask, several images,
+streaming; seeds reproduce byte-identical images."""
 
 from __future__ import annotations
 
@@ -42,17 +43,6 @@ def mask_png(width: int = 64, height: int = 64) -> bytes:
 def decoded(b64: str | None) -> np.ndarray:
     assert b64 is not None
     return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGB"))
-
-
-@pytest.fixture(scope="module")
-def live(cache_dir: Any, tmp_path_factory: pytest.TempPathFactory) -> Any:
-    out = tmp_path_factory.mktemp("e2e-edits")
-    server = ServerProcess({"FLUX_MODEL": "tiny-flux", "FLUX_PRELOAD_MODELS": "tiny-kontext,tiny-qwen-edit",
-                            "FLUX_CACHE_DIR": str(cache_dir), "FLUX_DEVICE": "cpu", "FLUX_WARMUP_SIZES": "64x64",
-                            "FLUX_OUTPUT_DIR": str(out / "outputs")}, out / "server.log")
-    server.wait_ready(timeout=300)
-    yield server
-    assert server.stop() == 0
 
 
 def client_for(server: ServerProcess) -> openai.OpenAI:

@@ -1,4 +1,5 @@
-"""Every registered family served over HTTP by a real ``fluxserve serve``, driven by the official openai client."""
+"""Every registered family served over HTTP by a real ``fluxserve serve`` (the package's shared ``live``
+server, tests/e2e/conftest.py), driven by the official openai client."""
 
 from __future__ import annotations
 
@@ -19,18 +20,6 @@ from tests.conftest import ServerProcess
 pytestmark = pytest.mark.e2e
 
 TINY_KEYS = [key for key, spec in BUILTIN_MODELS.items() if spec.tiny is not None]
-
-
-@pytest.fixture(scope="module")
-def live(cache_dir: Any, tmp_path_factory: pytest.TempPathFactory) -> Any:
-    out = tmp_path_factory.mktemp("families")
-    server = ServerProcess({"FLUX_MODEL": "tiny-flux", "FLUX_CACHE_DIR": str(cache_dir), "FLUX_DEVICE": "cpu",
-                            "FLUX_WARMUP_SIZES": "64x64", "FLUX_OUTPUT_DIR": str(out / "outputs"),
-                            "FLUX_MODELS": ",".join(TINY_KEYS)},  # requests may name every tiny family
-                           out / "server.log")
-    server.wait_ready()
-    yield server
-    assert server.stop() == 0
 
 
 def test_models_list_every_family_with_licence_and_gated_state(live: ServerProcess) -> None:

@@ -1,12 +1,12 @@
-"""LoRA adapters through a real ``fluxserve serve`` (a fresh FLUX_LORA_DIR: only what serving tiny-flux writes)
-and the official openai client's ``extra_body``: the demo adapter is listed, it changes the image, scale 0 is
-the model itself, A→B→A gives A's bytes again, and a bad name is the OpenAI error naming ``loras``."""
+"""LoRA adapters through a real ``fluxserve serve`` (the package's shared ``live`` server, tests/e2e/conftest.py,
+whose FLUX_LORA_DIR is fresh: only what serving tiny-flux writes) and the official openai client's
+``extra_body``: the demo adapter is listed, it changes the image, scale 0 is the model itself, A→B→A gives A's
+bytes again, and a bad name is the OpenAI error naming ``loras``."""
 
 from __future__ import annotations
 
 import base64
 import io
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,10 +27,8 @@ def _pixels(b64: str | None) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGB")).astype(int)
 
 
-def test_openai_client_with_loras(server_factory: Callable[..., ServerProcess], cache_dir: Path,
-                                  tmp_path: Path) -> None:
-    library = tmp_path / "loras"
-    server = server_factory({"FLUX_LORA_DIR": str(library)})
+def test_openai_client_with_loras(live: ServerProcess, live_dir: Path, cache_dir: Path) -> None:
+    server, library = live, live_dir / "loras"
     listing = httpx.get(server.base_url + "/v1/loras", timeout=30).json()
     assert [card["name"] for card in listing["data"]] == ["tiny-flux-demo"]  # written by serving tiny-flux
     # A second adapter dropped into the library is picked up without a restart.

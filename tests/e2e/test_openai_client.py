@@ -1,4 +1,5 @@
-"""A real `fluxserve serve` on loopback, driven by the official openai client and plain HTTP."""
+"""A real `fluxserve serve` on loopback (the package's shared ``live`` server, tests/e2e/conftest.py, unless a
+test needs settings of its own), driven by the official openai client and plain HTTP."""
 
 from __future__ import annotations
 
@@ -17,19 +18,6 @@ from PIL import Image
 from tests.conftest import ServerProcess, assert_same_image_within_rounding
 
 pytestmark = pytest.mark.e2e
-
-
-@pytest.fixture(scope="module")
-def live(cache_dir: Any, tmp_path_factory: pytest.TempPathFactory) -> Any:
-    out = tmp_path_factory.mktemp("e2e")
-    server = ServerProcess({"FLUX_MODEL": "tiny-flux", "FLUX_PRELOAD_MODELS": "tiny-qwen",
-                            "FLUX_CACHE_DIR": str(cache_dir), "FLUX_DEVICE": "cpu", "FLUX_WARMUP_SIZES": "64x64",
-                            "FLUX_OUTPUT_DIR": str(out / "outputs"), "FLUX_MAX_STEPS": "100000",
-                            "FLUX_MAX_MEGAPIXEL_STEPS": "1e9"},
-                           out / "server.log")
-    server.wait_ready()
-    yield server
-    assert server.stop() == 0
 
 
 def client_for(server: ServerProcess) -> openai.OpenAI:
@@ -190,11 +178,11 @@ def test_sixteen_clients_against_a_small_queue(server_factory: Callable[..., Ser
     assert httpx.get(server.base_url + "/ready").status_code == 200
 
 
-def test_loadtest_command(server: ServerProcess) -> None:
+def test_loadtest_command(live: ServerProcess) -> None:
     import subprocess
     import sys
 
-    done = subprocess.run([sys.executable, "-m", "fluxserve", "loadtest", "--url", server.base_url, "--clients", "3",
+    done = subprocess.run([sys.executable, "-m", "fluxserve", "loadtest", "--url", live.base_url, "--clients", "3",
                            "--requests", "6", "--steps", "1", "--json"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert '"200": 6' in done.stdout
