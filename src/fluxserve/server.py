@@ -410,7 +410,10 @@ def serve(settings: Settings) -> int:
                             timeout_graceful_shutdown=RESPONSE_GRACE,
                             access_log=False, proxy_headers=False, **http_limits(settings.http))
     server = GracefulServer(config, runtime)
-    server.run()
+    try:
+        server.run()
+    finally:
+        app.state.jobs.close()  # already closed by the app's lifespan, unless the server never served
     log.info("exited cleanly", extra={"ctx": {"cancelled_jobs": server.cancelled_jobs}})
     for handler in logging.getLogger().handlers:
         handler.flush()

@@ -23,7 +23,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from fluxserve.api.errors import APIError, sanitize
 from fluxserve.api.protocol import ImageEditRequest, ImageGenerationRequest, public_model_source
@@ -117,6 +117,10 @@ class AsyncJobs(Protocol):
         """Open the stores (blocking); raises with the reason when they cannot be used."""
         ...
 
+    def close(self) -> None:
+        """Close the stores (blocking; closing twice is harmless)."""
+        ...
+
     async def start(self) -> None: ...
 
     def stop_claiming(self) -> None:
@@ -184,6 +188,9 @@ class MemoryJobs:
         return self.service.runtime.scheduler.table
 
     def open(self) -> None:
+        return None
+
+    def close(self) -> None:
         return None
 
     async def start(self) -> None:
@@ -331,7 +338,7 @@ class DurableJobs:
         if self.store is not None:
             return
         self.results = open_result_store(ResultStoreConfig.from_settings(self.storage))
-        if hasattr(self.results, "objects"):  # object storage: url images of synchronous requests go there too
+        if isinstance(self.results, ObjectListing):  # object storage: url images of synchronous requests go there
             self.service.object_files = self.results
         self.store = open_job_store(JobStoreConfig.from_settings(self.storage))
         recovered = self.store.recover()
@@ -611,7 +618,8 @@ class DurableJobs:
         store.recover()
         store.sweep()
         if self.service.object_files is not None:
-            listing = cast(ObjectListing, self.service.object_files)
+            listing = self.service.object_files
+            assert isinstance(listing, ObjectListing)
             self._sweep_files(listing)
             self.service.object_outputs_used = sum(obj.size for obj in listing.objects(OUTPUTS_PREFIX))
         while garbage := store.take_garbage(100):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from fluxserve.storage.jobstore.protocol import ResultRef, check_job_id
 
@@ -52,6 +52,7 @@ class StoredObject:
     """Seconds since the epoch."""
 
 
+@runtime_checkable
 class ObjectListing(Protocol):
     """What an object store adds for the ``url`` files of synchronous requests: listing and deleting them, so
     that their budgets (FLUX_FILE_TTL, FLUX_FILES_MAX_BYTES, FLUX_FILES_MAX_BYTES_PER_KEY) hold across processes."""
