@@ -79,3 +79,16 @@ def test_short_of_job_slots_the_key_holding_most_results_gives_one_up() -> None:
     b_jobs = finished(table, "key-b", 8)
     assert kept(table, a_jobs) == [True, True]
     assert kept(table, b_jobs) == [False, False] + [True] * 6
+
+
+def test_a_refused_result_costs_its_key_none_of_its_older_results() -> None:
+    """B is at its own cap: a new result would cost B its oldest, but with everyone then within budget the table
+    is still over its cap, so the new result is refused — and B keeps its older results (decided first)."""
+    table = JobTable(max_jobs=1000, ttl=3600, results_max_bytes=8 * SIZE, results_max_bytes_per_owner=5 * SIZE)
+    a_jobs = finished(table, "key-a", 4)
+    b_jobs = finished(table, "key-b", 4)
+    [refused] = finished(table, "key-b", 1, size=2 * SIZE)  # B: 4 + 2 > its 5, and 4 + 5 > the 8 in all
+    assert kept(table, a_jobs) == [True] * 4 and kept(table, b_jobs) == [True] * 4
+    stone = table.tombstone(refused.id, "key-b")
+    assert stone is not None and stone.summary["error"]["code"] == "results_store_full"
+    assert table.result_bytes == 8 * SIZE

@@ -19,6 +19,7 @@ terminal listener runs under it), never the reverse.
 
 from __future__ import annotations
 
+import copy
 import threading
 import time
 from collections import OrderedDict
@@ -189,26 +190,50 @@ class JobTable:
         owner furthest over its budget loses its oldest; with none over, ``new`` is refused (dropped without
         expiring anyone else's). Short of job slots, the owner holding the most results loses its oldest."""
         if new is not None:
-            if owner is not None and self.max_stored_per_owner > 0:
-                mine = [jid for jid in self._results if self._jobs[jid].owner == owner]
-                for jid in mine[:max(0, len(mine) - self.max_stored_per_owner)]:
-                    self._expire_locked(jid)
-            while self._budget.owner_over(owner):
-                self._expire_locked(self._oldest_result_of(owner))
-        while self._results and self._budget.total > self.results_max_bytes:
-            found, victim = self._budget.global_victim()
-            oldest = self._oldest_result_of(victim) if found else new
-            if oldest is None:
-                break  # cannot happen: only a new result takes the total over the cap
-            if oldest == new:
+            plan = self._plan_for(new, owner)
+            if plan is None:  # refused: nobody else pays, nor the owner's older results
                 self._drop_locked(self._jobs[new], tombstone=True)
                 return
-            self._expire_locked(oldest)
+            for jid in plan:
+                self._expire_locked(jid)
+        while self._results and self._budget.total > self.results_max_bytes:  # cannot happen after a plan
+            found, victim = self._budget.global_victim()
+            if not found:
+                break
+            self._expire_locked(self._oldest_result_of(victim))
         while self._results and len(self._jobs) + need_slots > self.max_jobs:
             counts: dict[str | None, int] = {}
             for jid in self._results:
                 counts[self._jobs[jid].owner] = counts.get(self._jobs[jid].owner, 0) + 1
             self._expire_locked(self._oldest_result_of(max(counts, key=lambda holder: counts[holder])))
+
+    def _plan_for(self, new: str, owner: str | None) -> list[str] | None:
+        """The results to expire so that ``owner``'s just-stored result ``new`` fits, by the rule of
+        :mod:`fluxserve.storage.budgets`, or None when it is refused (rule 4: nobody over its budget and the total
+        still over the cap). Worked out on a copy first, so a refused result costs nothing that was kept."""
+        budget = copy.deepcopy(self._budget)
+        order = [(jid, self._jobs[jid].owner, stored.size) for jid, stored in self._results.items()]
+        doomed: list[str] = []
+
+        def expire(index: int) -> str:
+            jid, holder, size = order.pop(index)
+            budget.remove(holder, size)
+            doomed.append(jid)
+            return jid
+
+        if owner is not None and self.max_stored_per_owner > 0:
+            mine = [i for i, (_, holder, _) in enumerate(order) if holder == owner]
+            for offset, index in enumerate(mine[:max(0, len(mine) - self.max_stored_per_owner)]):
+                expire(index - offset)
+        while budget.owner_over(owner):  # its own oldest; the new one fits alone (checked before storing)
+            expire(next(i for i, (_, holder, _) in enumerate(order) if holder == owner))
+        while order and budget.total > self.results_max_bytes:
+            found, victim = budget.global_victim()
+            if not found:
+                return None
+            if expire(next(i for i, (_, holder, _) in enumerate(order) if holder == victim)) == new:
+                return None
+        return doomed
 
     def _oldest_result_of(self, owner: str | None) -> str:
         return next(jid for jid in self._results if self._jobs[jid].owner == owner)
