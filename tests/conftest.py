@@ -43,15 +43,30 @@ def _own_state_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FLUX_STATE_DIR", str(tmp_path / "state-env"))
 
 
+@contextlib.contextmanager
+def exclusive(name: str) -> Iterator[None]:
+    """Held by one test process at a time on this machine (the suite runs in parallel processes): for what
+    two processes must not do at once, such as building the tiny models or running a local Ray cluster."""
+    import fcntl
+
+    with open(Path(tempfile.gettempdir()) / f"fluxserve-tests-{name}.lock", "a+") as lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+
+
 @pytest.fixture(scope="session")
 def cache_dir() -> Path:
     """Tiny models are built here once and shared by every test (and every server subprocess)."""
     from fluxserve.engine.tiny import ensure_tiny_model
     from fluxserve.models.registry import BUILTIN_MODELS
 
-    for key, spec in BUILTIN_MODELS.items():  # every family's tiny-<key> (tiny-flux, tiny-qwen, tiny-klein, ...)
-        if spec.tiny is not None:
-            ensure_tiny_model(CACHE_DIR / "models" / key, spec.tiny)
+    with exclusive("tiny-models"):
+        for key, spec in BUILTIN_MODELS.items():  # every family's tiny-<key> (tiny-flux, tiny-qwen, ...)
+            if spec.tiny is not None:
+                ensure_tiny_model(CACHE_DIR / "models" / key, spec.tiny)
     return CACHE_DIR
 
 

@@ -34,7 +34,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import ServerProcess
+from tests.conftest import ServerProcess, exclusive
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 
@@ -110,7 +110,7 @@ def _ray(cache_dir: Path, work: Path) -> Iterator[Deployment]:
     from fluxserve.distributed.ray_serve import APP_NAME, build_app
     from fluxserve.settings import Settings
 
-    with pytest.MonkeyPatch.context() as env:
+    with exclusive("ray"), pytest.MonkeyPatch.context() as env:  # one local Ray cluster at a time
         env.setenv("RAY_USAGE_STATS_ENABLED", "0")
         env.delenv("RAY_ADDRESS", raising=False)  # always a fresh local cluster
         try:

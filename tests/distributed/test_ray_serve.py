@@ -31,6 +31,7 @@ import pytest
 from fluxserve.distributed.messages import ReplicaStatus, deployment_name
 from fluxserve.distributed.ray_serve import APP_NAME, build_app
 from fluxserve.settings import Settings
+from tests.conftest import exclusive
 
 IN_CI = bool(os.environ.get("CI"))
 
@@ -102,7 +103,7 @@ def _ready(base_url: str) -> bool:
 @pytest.fixture(scope="module")
 def ray_app(cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayApp]:
     out = tmp_path_factory.mktemp("ray")
-    with pytest.MonkeyPatch.context() as env:
+    with exclusive("ray"), pytest.MonkeyPatch.context() as env:  # one local Ray cluster at a time
         env.setenv("RAY_USAGE_STATS_ENABLED", "0")
         env.delenv("RAY_ADDRESS", raising=False)  # always a fresh local cluster, never a developer's
         try:
