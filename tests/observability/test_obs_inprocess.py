@@ -5,7 +5,6 @@ Scrapes go through prometheus_client's own text parser, before and after each sc
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -187,11 +186,10 @@ async def test_faults_timings_cancel_and_prompt_logging(app_factory: Callable[..
         assert long_job.status_code == queued.status_code == 202
         cancelled = await client.delete(f"/v1/images/jobs/{queued.json()['id']}")
         assert cancelled.json()["status"] == "cancelled"
-        for _ in range(400):
-            done = (await client.get(f"/v1/images/jobs/{long_job.json()['id']}")).json()
-            if done["status"] == "succeeded":
-                break
-            await asyncio.sleep(0.05)
+        async with client.stream("GET", f"/v1/images/jobs/{long_job.json()['id']}/events") as events:
+            async for _ in events.aiter_lines():  # until the job has ended
+                pass
+        done = (await client.get(f"/v1/images/jobs/{long_job.json()['id']}")).json()
         assert done["status"] == "succeeded"
         check_timing(done["result"]["data"][0]["timing"])
         after = await scrape(client)

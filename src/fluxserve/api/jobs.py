@@ -581,8 +581,9 @@ class DurableJobs:
                     self.service.runtime.scheduler.cancel(job_id)
             for waiting in [r for r in self._pending if r.id in asked]:
                 self._pending.remove(waiting)
-                await loop.run_in_executor(self._io, functools.partial(store.mark_cancelled, waiting.id,
-                                                                         worker=self.worker))
+                if await loop.run_in_executor(self._io, functools.partial(store.mark_cancelled, waiting.id,
+                                                                            worker=self.worker)):
+                    self.service.runtime.metrics.cancelled.inc()  # claimed, but never in the scheduler
                 self._signal(waiting.id)
                 self._notify_webhooks()
         self._problem = None
@@ -900,7 +901,9 @@ class DurableJobs:
         updated = await self._call(lambda: self._db().request_cancel(job_id, owner=owner))
         if updated is None:
             raise _not_found(job_id)
-        if updated.finished:
+        if updated.finished:  # it was still queued in the store: no process ran it, so it is counted here
+            if updated.state is JobState.CANCELLED and not record.finished:
+                self.service.runtime.metrics.cancelled.inc()
             self._signal(job_id)
             self._notify_webhooks()
             return updated
