@@ -342,11 +342,11 @@ class ImageService:
             request_id=job.request_id or job.id, job_id=job.id, saved_path=saved_path, metadata_path=metadata_path,
             save_error=save_error, replica=job.metadata.get("replica"),
         )
-        if not options.deliver:
-            pass
-        elif options.response_format == "url" and self.object_files is not None:
+        if not options.deliver:  # a durable job: its images go to the result store, delivered when polled
+            return item, data
+        if options.response_format == "url" and self.object_files is not None:
             objects = self.object_files
-            name = f"{owner_tag(job.owner)}.{secrets.token_urlsafe(18).replace('-', 'A')}.{_ext(options.output_format)}"
+            name = f"{owner_tag(job.owner)}.{secrets.token_urlsafe(18)}.{_ext(options.output_format)}"
             try:
                 ref = objects.put(FILES_PREFIX, name, data, MEDIA_TYPES[options.output_format])
             except ResultStoreUnavailable:

@@ -382,14 +382,14 @@ class AdapterState:
         ``set_adapters`` would write Python floats into PEFT's ``scaling`` (one recompile per scale value),
         so after the slots exist scales are only ever written into the scaling tensors that
         ``enable_lora_hotswap`` made: the adapter's ``alpha / rank``, multiplied by the request's scale."""
-        if self.slots > 1:
-            self._activate_slots_by_hotswap(wanted)
-            return
         if len(wanted) > self.slots:
             raise AdapterError(f"{len(wanted)} adapters at once, but compiled models have {self.slots} slots "
                                "(FLUX_MAX_LORAS_PER_REQUEST)")
         while len(self._slot_filled) < self.slots:
             self._slot_filled.append(False)
+        if self.slots > 1:
+            self._activate_slots_by_hotswap(wanted)
+            return
         # 1. A slot no adapter has been in yet is created by loading this one (once per slot, the only time
         #    the modules change): every slot on, scales as tensors; what was read back from the slots is stale.
         created = False
@@ -399,13 +399,7 @@ class AdapterState:
                 self._slot_filled[index] = True
                 created = True
         if created:
-            from peft.utils.hotswap import _convert_scalings_to_tensor
-
-            filled = [_slot(i) for i, full in enumerate(self._slot_filled) if full]
-            self.pipe.set_adapters(filled, adapter_weights=[1.0] * len(filled))
-            for component in self.pipe.components.values():
-                if isinstance(component, torch.nn.Module):
-                    _convert_scalings_to_tensor(component)
+            self._turn_filled_slots_on()
             self._collect_slots()
         # 2. Each adapter as it is in its slot (the hotswap reads it in the first time, then it is kept).
         contents = [self._contents(name, index) for index, (name, _) in enumerate(wanted)]
@@ -433,32 +427,16 @@ class AdapterState:
         ``enable_lora_hotswap`` made. A hot-swap resets a slot's scaling to its adapter's ``alpha / rank``;
         every switch swaps again, then multiplies by the request's scale."""
         from peft.tuners.lora import LoraLayer
-        from peft.utils.hotswap import _convert_scalings_to_tensor
 
-        if len(wanted) > self.slots:
-            raise AdapterError(f"{len(wanted)} adapters at once, but compiled models have {self.slots} slots "
-                               "(FLUX_MAX_LORAS_PER_REQUEST)")
-        while len(self._slot_filled) < self.slots:
-            self._slot_filled.append(False)
         created = False
         for index, (name, _) in enumerate(wanted):
-            with self._lock:
-                state = self._loaded[name].state_dict
-            assert state is not None
-            # A copy: load_lora_weights pops from the dict it gets.
-            with MODEL_BUILD_LOCK, _quiet_loader():  # PEFT patches process-global state while it loads
-                self.pipe.load_lora_weights(dict(state), adapter_name=_slot(index),
-                                            hotswap=self._slot_filled[index])
+            self._hotswap_into(name, index, create=not self._slot_filled[index])
             created = created or not self._slot_filled[index]
             self._slot_filled[index] = True
-        filled = [_slot(i) for i, full in enumerate(self._slot_filled) if full]
         modules = [m for component in self.pipe.components.values() if isinstance(component, torch.nn.Module)
                    for m in component.modules() if isinstance(m, LoraLayer)]
-        if created:  # a new slot (once per slot, the only time the modules change): every slot on, scales as tensors
-            self.pipe.set_adapters(filled, adapter_weights=[1.0] * len(filled))
-            for component in self.pipe.components.values():
-                if isinstance(component, torch.nn.Module):
-                    _convert_scalings_to_tensor(component)
+        if created:
+            self._turn_filled_slots_on()
         scales = {_slot(i): scale for i, (_, scale) in enumerate(wanted)}
         with torch.no_grad():
             for module in modules:
@@ -469,6 +447,17 @@ class AdapterState:
                         value.mul_(scales[slot])
                     else:
                         value.fill_(0.0)  # an unused slot: the model without it
+
+    def _turn_filled_slots_on(self) -> None:
+        """After a new slot (once per slot, the only time the modules change): every filled slot on, and the
+        scales as tensors, so that later scale changes are writes, never a recompile."""
+        from peft.utils.hotswap import _convert_scalings_to_tensor
+
+        filled = [_slot(i) for i, full in enumerate(self._slot_filled) if full]
+        self.pipe.set_adapters(filled, adapter_weights=[1.0] * len(filled))
+        for component in self.pipe.components.values():
+            if isinstance(component, torch.nn.Module):
+                _convert_scalings_to_tensor(component)
 
     def _hotswap_into(self, name: str, index: int, *, create: bool) -> None:
         """diffusers' own load of adapter ``name`` into slot ``index`` (creating the slot when ``create``)."""
