@@ -148,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-compile", action="store_true", help="skip the compiled measurements")
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--out", default=os.environ.get("OUT"))
+    parser.add_argument("--slots", type=int, default=4, help="hot-swap slots (FLUX_MAX_LORAS_PER_REQUEST; default 4)")
     args = parser.parse_args(argv)
 
     tiny = args.tiny
@@ -219,14 +220,18 @@ def main(argv: list[str] | None = None) -> int:
         results["forward_compiled_none_s"] = time_forward(transformer, inputs, device, reps)
         save()
 
-        # 4. Compiled with hotswap slots (FLUX_MAX_LORAS_PER_REQUEST=1 here), padded to max_rank.
+        # 4. Compiled with hotswap slots (--slots, FLUX_MAX_LORAS_PER_REQUEST's default), padded to max_rank.
         pipe.enable_lora_hotswap(target_rank=max_rank)
-        hot = AdapterState(pipe, capacity=8, hotswap=True, slots=1, max_rank=max_rank)
+        hot = AdapterState(pipe, capacity=8, hotswap=True, slots=args.slots, max_rank=max_rank)
+        results["slots"] = args.slots
         for info in infos.values():
             hot.preload(info)
         first = time.perf_counter()
-        with hot.use(((f"a{low}", 1.0),), infos.get), torch.inference_mode():
-            transformer(**inputs)  # the first adapter in the slot changes the modules: compiled once more
+        # The first adapter in a slot changes the modules: compiled once more (both slots at once where two are
+        # used, so that the switches below run on the slots they use).
+        first_set = ((f"a{low}", 1.0), (f"b{low}", 0.5)) if args.slots > 1 else ((f"a{low}", 1.0),)
+        with hot.use(first_set, infos.get), torch.inference_mode():
+            transformer(**inputs)
         sync(device)
         results["first_adapter_compile_s"] = time.perf_counter() - first
         with hot.use(((f"a{low}", 1.0),), infos.get):
@@ -234,7 +239,10 @@ def main(argv: list[str] | None = None) -> int:
         save()
 
         before = compile_counters()
-        hot_cycle = [((f"b{low}", 0.7),), ((f"c{high}", 1.0),), ((f"a{low}", 1.0),), ((f"a{low}", 0.3),), ()]
+        hot_cycle: list[tuple[tuple[str, float], ...]] = [
+            ((f"b{low}", 0.7),), ((f"c{high}", 1.0),), ((f"a{low}", 1.0),), ((f"a{low}", 0.3),), ()]
+        if args.slots > 1:  # two at once: the second slot is created by a low-rank adapter, then takes the high
+            hot_cycle += [((f"a{low}", 1.0), (f"b{low}", 0.5)), ((f"b{low}", 0.8), (f"c{high}", 0.6))]
         switch_times = []
         for i in range(SWITCHES):
             wanted = hot_cycle[i % len(hot_cycle)]
@@ -270,7 +278,7 @@ def _print_table(r: dict[str, Any], low: int) -> None:
                  ("forward compiled, no adapter (s)", r["forward_compiled_none_s"]),
                  (f"forward compiled, {slot.removeprefix('forward_compiled_').removesuffix('_s')} (s)", r[slot]),
                  ("compiled overhead", f"{(r[slot] / r['forward_compiled_none_s'] - 1) * 100:.1f} %"),
-                 ("first adapter into the slot (s, includes its compile)", r["first_adapter_compile_s"]),
+                 ("first adapters into the slots (s, includes the compile)", r["first_adapter_compile_s"]),
                  ("compiled switch, hotswap (ms, median / max)", _pair(r.get("compiled_switch_ms"))),
                  (f"recompiles across {r['switches']} switches", r["recompiles_across_switches"])]
     width = max(len(name) for name, _ in rows)

@@ -13,7 +13,14 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from fluxserve.engine.adapters import TINY_TARGETS, AdapterGate, _peft_name, build_tiny_lora, ensure_demo_lora
+from fluxserve.engine.adapters import (
+    TINY_TARGETS,
+    AdapterGate,
+    _peft_name,
+    build_tiny_lora,
+    ensure_demo_lora,
+    pad_new_slots,
+)
 from fluxserve.engine.engine import DeviceEngine
 from fluxserve.engine.loading import LoadedModel, load_model
 from fluxserve.generation import AdapterError, GenerationParams, ImageRequest
@@ -54,6 +61,8 @@ def lora_dir(cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     flux = cache_dir / "models" / "tiny-flux"
     build_tiny_lora(flux, directory / "flux" / "a.safetensors", family="flux", base_model="tiny-flux", seed=1)
     build_tiny_lora(flux, directory / "flux" / "b.safetensors", family="flux", base_model="tiny-flux", seed=2)
+    build_tiny_lora(flux, directory / "flux" / "c8.safetensors", family="flux", base_model="tiny-flux", seed=4,
+                    rank=8)
     build_tiny_lora(cache_dir / "models" / "tiny-qwen", directory / "qwen" / "q.safetensors", family="qwen",
                     base_model="tiny-qwen", seed=3)
     return directory
@@ -314,6 +323,28 @@ def test_under_regional_compile_switching_never_recompiles(cache_dir: Path, lora
     compiled.unload("tiny-flux")
 
 
+def test_two_compiled_slots_switch_without_recompiling(cache_dir: Path, lora_dir: Path) -> None:
+    """Two slots under FLUX_COMPILE=regional: the second slot is created by a rank-4 adapter and padded, so a
+    rank-8 adapter there, pairs in either order, one adapter and none add no compiled graph; the first pair
+    comes back byte-identical."""
+    from torch._dynamo.utils import counters
+
+    compiled = make_engine(cache_dir, lora_dir, compile="regional", lora_max_rank=8, max_loras_per_request=2)
+    model = compiled.load(BUILTIN_MODELS["tiny-flux"])[0]
+    first = image(compiled, model, (("a", 1.0), ("b", 0.8)))  # both slots are created, the blocks compile
+    graphs = counters["stats"]["unique_graphs"]
+    higher = image(compiled, model, (("a", 1.0), ("c8", 0.8)))  # rank 8 into the slot a rank-4 adapter made
+    swapped = image(compiled, model, (("b", 0.8), ("a", 1.0)))
+    image(compiled, model, (("c8", 0.5),))
+    image(compiled, model)
+    again = image(compiled, model, (("a", 1.0), ("b", 0.8)))
+    assert counters["stats"]["unique_graphs"] == graphs, "a switch recompiled"
+    assert not np.array_equal(first, higher)
+    assert_same_image_within_rounding(swapped, first)  # the same sum, added in the other order
+    assert np.array_equal(again, first)
+    compiled.unload("tiny-flux")
+
+
 # --- the gate alone (no model): who waits for whom --------------------------------------------------------
 BOUND = 20.0
 
@@ -408,6 +439,8 @@ class PreviousSwitch:
         for index, (name, _) in enumerate(wanted):
             pipe.load_lora_weights(dict(state._loaded[name].state_dict), adapter_name=f"fluxserve_slot{index}",
                                    hotswap=state._slot_filled[index])
+            if not state._slot_filled[index]:
+                pad_new_slots(pipe, state.max_rank)  # what a slot needs to keep one shape (module doc)
             created = created or not state._slot_filled[index]
             state._slot_filled[index] = True
         filled = [f"fluxserve_slot{i}" for i, full in enumerate(state._slot_filled) if full]
@@ -455,6 +488,10 @@ def latents_after_each_switch(cache_dir: Path, library: LoraLibrary, hotswap: bo
             latents = pipe(prompt="a red fox", height=64, width=64, num_inference_steps=2, max_sequence_length=64,
                            output_type="latent", generator=torch.Generator().manual_seed(5)).images
         outputs.append(latents)
+    if hotswap and not previous:  # every slot kept the padded rank, whatever rank created it
+        assert len(state._slot_tensors) == 2
+        for slot in state._slot_tensors:
+            assert slot.weights and {w.shape[d] for w, d in zip(slot.weights, slot.rank_dims, strict=True)} == {8}
     return outputs
 
 
@@ -463,14 +500,17 @@ def latents_after_each_switch(cache_dir: Path, library: LoraLibrary, hotswap: bo
              (("kohya", 1.0),), (("a", 0.3), ("kohya", 0.6)), (), (("a", 0.8),)]),
     (True, [(("a", 1.0),), (("b", 0.7),), (("c", 1.0),), (), (("qk", 1.3),), (("a", 0.5),),
             # from here on each adapter is already read back from its slot: the switch only copies
-            (("c", 0.3),), (("qk", 1.0),), (("b", 1.0),), (("c", 1.0),), (("a", 1.0),), (), (("qk", 0.9),)]),
+            (("c", 0.3),), (("qk", 1.0),), (("b", 1.0),), (("c", 1.0),), (("a", 1.0),), (), (("qk", 0.9),),
+            # the second slot: created by a rank-4 adapter, then ranks 8 and 2 there, and one slot again
+            (("a", 0.8), ("b", 0.5)), (("b", 1.0), ("c", 0.7)), (("c", 0.6), ("qk", 1.1)), (("a", 1.0),),
+            (("qk", 1.0), ("a", 0.4)), (("b", 0.5), ("c", 0.7))]),
 ], ids=["eager", "hotswap"])
 def test_the_switch_gives_exactly_the_previous_switchs_outputs(
         cache_dir: Path, switch_library: LoraLibrary, hotswap: bool,
         sequence: list[tuple[tuple[str, float], ...]]) -> None:
-    """Ranks 2, 4 and 8 in one slot padded to 8 (two slots do not match yet), an adapter on fewer layers
-    (zeroed in the slot), scales, none; eager also two at once and a kohya file with a text-encoder part: after
-    every switch the pipeline's latents equal the previous switch's bit for bit."""
+    """Ranks 2, 4 and 8 in slots padded to 8, an adapter on fewer layers (zeroed in the slot), scales, none, two
+    at once (the second slot created by a rank-4 adapter, then ranks 8 and 2 in it); eager also a kohya file with
+    a text-encoder part: after every switch the pipeline's latents equal the previous switch's bit for bit."""
     if not hotswap:
         write_kohya_flux_lora(load_model(BUILTIN_MODELS["tiny-flux"], CPU, Settings(  # type: ignore[call-arg]
             model="tiny-flux", cache_dir=cache_dir, device="cpu", _env_file=None).engine).primary,

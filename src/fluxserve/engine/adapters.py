@@ -23,8 +23,8 @@ Two ways to switch:
   ``torch._foreach_*`` calls (zero the slot, copy, write the scales): the same numbers as the hotswap, without
   its ``state_dict()`` of the whole model and module-tree walks on every switch. Unused slots get scale 0.
   Shapes and Python state never change, so the compiled graphs stay valid: no recompilation after the first
-  adapter has been put into a slot. That copying switch serves one slot (FLUX_MAX_LORAS_PER_REQUEST=1); with
-  more, every switch is diffusers' hotswap as before (a slot after the first is not padded to the target rank).
+  adapter has been put into a slot. diffusers pads only the first slot it creates to the target rank; every
+  later slot is padded here when it is created (PEFT's own padding), so that every slot keeps one shape.
 
 Locks, in the order they may be taken (never the reverse):
 
@@ -260,7 +260,7 @@ class AdapterState:
         with self.gate.alone():
             active = self.gate.active
             seconds = self._ensure(info, keep=frozenset(n for n, _ in active))
-            if self.hotswap and self.slots == 1 and self._slot_filled and self._slot_filled[0]:
+            if self.hotswap and self._slot_filled and self._slot_filled[0]:
                 self._contents(info.name, 0)  # read into the first slot now, so that a switch to it only copies
             self._activate(active)  # load_lora_weights activates what it loads: restore the set
             return seconds
@@ -387,9 +387,6 @@ class AdapterState:
                                "(FLUX_MAX_LORAS_PER_REQUEST)")
         while len(self._slot_filled) < self.slots:
             self._slot_filled.append(False)
-        if self.slots > 1:
-            self._activate_slots_by_hotswap(wanted)
-            return
         # 1. A slot no adapter has been in yet is created by loading this one (once per slot, the only time
         #    the modules change): every slot on, scales as tensors; what was read back from the slots is stale.
         created = False
@@ -417,37 +414,6 @@ class AdapterState:
                 torch._foreach_copy_(slot.scalings, contents[index].scalings)
                 torch._foreach_mul_(slot.scalings, wanted[index][1])
 
-    def _activate_slots_by_hotswap(self, wanted: LoraSet) -> None:
-        """With several slots: diffusers' hotswap of each adapter into its slot on every switch, then the scales
-        *in place*. (A slot after the first is not padded to FLUX_LORA_MAX_RANK, so an adapter of another rank
-        changes its shape there; the copying switch below is kept to one slot until that is settled.)
-
-        ``set_adapters`` would write Python floats into PEFT's ``scaling`` (one recompile per scale value),
-        so after the slots exist scales are only ever ``fill_``/``mul_`` on the scaling tensors that
-        ``enable_lora_hotswap`` made. A hot-swap resets a slot's scaling to its adapter's ``alpha / rank``;
-        every switch swaps again, then multiplies by the request's scale."""
-        from peft.tuners.lora import LoraLayer
-
-        created = False
-        for index, (name, _) in enumerate(wanted):
-            self._hotswap_into(name, index, create=not self._slot_filled[index])
-            created = created or not self._slot_filled[index]
-            self._slot_filled[index] = True
-        modules = [m for component in self.pipe.components.values() if isinstance(component, torch.nn.Module)
-                   for m in component.modules() if isinstance(m, LoraLayer)]
-        if created:
-            self._turn_filled_slots_on()
-        scales = {_slot(i): scale for i, (_, scale) in enumerate(wanted)}
-        with torch.no_grad():
-            for module in modules:
-                for slot, value in module.scaling.items():
-                    if not isinstance(value, torch.Tensor):
-                        continue
-                    if slot in scales:
-                        value.mul_(scales[slot])
-                    else:
-                        value.fill_(0.0)  # an unused slot: the model without it
-
     def _turn_filled_slots_on(self) -> None:
         """After a new slot (once per slot, the only time the modules change): every filled slot on, and the
         scales as tensors, so that later scale changes are writes, never a recompile."""
@@ -467,6 +433,8 @@ class AdapterState:
         # A copy: load_lora_weights pops from the dict it gets.
         with MODEL_BUILD_LOCK, _quiet_loader():  # PEFT patches process-global state while it loads
             self.pipe.load_lora_weights(dict(state), adapter_name=_slot(index), hotswap=not create)
+            if create:
+                pad_new_slots(self.pipe, self.max_rank)
 
     def _collect_slots(self) -> None:
         """Find every slot's tensors in the model, and forget what was read back from the old ones."""
@@ -519,6 +487,17 @@ class AdapterState:
         contents = _SlotContents(targets, sources, [s.detach().clone() for s in slot.scalings])
         entry.in_slots[index] = contents
         return contents
+
+
+def pad_new_slots(pipe: Any, rank: int) -> None:
+    """Pad every LoRA weight of ``pipe`` to ``rank`` (a no-op for those already padded). diffusers pads only the
+    adapter loaded first after ``enable_lora_hotswap``; a slot created later would keep its first adapter's rank,
+    and an adapter of a higher rank would change its shapes (a recompile), one of a lower rank its arithmetic."""
+    from peft.utils.hotswap import _pad_lora_weights
+
+    for component in pipe.components.values():
+        if isinstance(component, torch.nn.Module):
+            _pad_lora_weights(component, target_rank=rank)
 
 
 def _used_lengths(weights: list[torch.Tensor], dims: list[int]) -> list[int]:
