@@ -64,6 +64,14 @@ AUTOTUNE_BUDGETS: dict[str, dict[str, Any]] = {
         "inductor_default_autotune_rep": 20,
     },
 }
+AUTOTUNE_BUDGETS["aten"] = {
+    **AUTOTUNE_BUDGETS["bounded"],
+    # matrix products and convolutions from ATen's kernels only (cuBLAS, cuDNN), no Triton templates to tune:
+    # the bf16 recipe's search picks cuBLAS for FLUX.1's large GEMMs anyway, and torchao's fp8 scaled_mm has
+    # 55-106 Triton candidates per shape, which keep its published compile from finishing in 12 minutes
+    "max_autotune_gemm_backends": "ATEN",
+    "max_autotune_conv_backends": "ATEN",
+}
 """``--autotune-budget``: Inductor settings laid over the recipe's. Inductor has no wall-clock budget for its
 search; these are the settings that bound it (those missing from the installed torch are reported, not set)."""
 

@@ -1236,8 +1236,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "earlier run kept there instead of building and saving another (full-size FLUX.1)")
     parser.add_argument("--autotune-budget", choices=tuple(AUTOTUNE_BUDGETS), default="recipe",
                         help="recipe: the recipes' autotuning as published; bounded: coordinate descent without "
-                             "the all-directions check and shorter benchmarks of each candidate kernel (the "
-                             "rows say which)")
+                             "the all-directions check and shorter benchmarks of each candidate kernel; aten: "
+                             "bounded, and matrix products and convolutions from cuBLAS/cuDNN only, no Triton "
+                             "templates (the rows say which)")
     parser.add_argument("--recipe-compile", choices=COMPILE_MODES, default="max-autotune",
                         help="the peers' torch.compile mode: max-autotune (the recipe's, with CUDA graphs), "
                              "default (no autotuning, no CUDA graphs) or none")

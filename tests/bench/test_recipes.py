@@ -160,6 +160,21 @@ def test_the_recipe_settings_do_not_leak_into_the_rest_of_the_run() -> None:
     assert inductor_config.get_config_copy() == before
 
 
+@pytest.mark.parametrize("budget", ["bounded", "aten"])
+def test_every_autotune_budget_names_settings_this_torch_has(budget: str) -> None:
+    """A misspelt or retired Inductor setting would be reported missing and the budget silently not bounded."""
+    import torch._inductor.config as inductor_config
+
+    from fluxbench.recipes import AUTOTUNE_BUDGETS, RECIPE_INDUCTOR_FLAGS, scoped_compile_config, set_inductor_flags
+
+    with scoped_compile_config():
+        _, missing = set_inductor_flags({**RECIPE_INDUCTOR_FLAGS, **AUTOTUNE_BUDGETS[budget]})
+        assert missing == []
+        if budget == "aten":
+            assert inductor_config.max_autotune_gemm_backends == "ATEN"
+            assert inductor_config.max_autotune_conv_backends == "ATEN"
+
+
 def test_peers_say_why_they_cannot_run() -> None:
     from fluxbench.recipes import fp8_problem, peer_problem
 
