@@ -16,7 +16,14 @@ from fastapi.responses import JSONResponse
 from fluxserve.api.editing import EditService, Upload
 from fluxserve.api.jobs import KIND_EDIT, AsyncJobs, Submission
 from fluxserve.api.protocol import ERROR_RESPONSES, ImageEditRequest, ImagesResponse, ImageVariationRequest
-from fluxserve.api.routes.common import SSE_RESPONSES, client_label, disconnected, event_stream, owner
+from fluxserve.api.routes.common import (
+    SSE_RESPONSES,
+    client_label,
+    disconnected,
+    event_stream,
+    images_json,
+    owner,
+)
 from fluxserve.api.routes.images import refuse_webhook
 from fluxserve.api.serving import ImageService
 
@@ -67,7 +74,7 @@ async def _run(request: Request, body: ImageEditRequest, uploads: list[Upload], 
     if not await images.wait(job, disconnected(request)()):
         return Response(status_code=499)  # nobody reads it; logs and metrics say what happened
     response = await images.finalize(job, options)
-    return JSONResponse(response.model_dump(exclude_none=True), headers=headers)
+    return images_json(response, headers)
 
 
 async def _edit_body(request: Request) -> tuple[ImageEditRequest, list[Upload], Upload | None]:

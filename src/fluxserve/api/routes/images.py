@@ -10,7 +10,14 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from fluxserve.api.errors import APIError
 from fluxserve.api.jobs import AsyncJobs, Submission
 from fluxserve.api.protocol import ERROR_RESPONSES, CancelRequest, ImageGenerationRequest, ImagesResponse
-from fluxserve.api.routes.common import SSE_RESPONSES, client_label, disconnected, event_stream, owner
+from fluxserve.api.routes.common import (
+    SSE_RESPONSES,
+    client_label,
+    disconnected,
+    event_stream,
+    images_json,
+    owner,
+)
 from fluxserve.api.serving import ImageService
 
 router = APIRouter(responses=ERROR_RESPONSES)
@@ -46,7 +53,7 @@ async def create_images(body: ImageGenerationRequest, request: Request) -> Any:
         request.state.outcome = "client_disconnected"
         return Response(status_code=499)  # nobody reads it; logs and metrics say what happened
     response = await service.finalize(job, options)
-    return JSONResponse(response.model_dump(exclude_none=True), headers=headers)
+    return images_json(response, headers)
 
 
 def _jobs(request: Request) -> AsyncJobs:
