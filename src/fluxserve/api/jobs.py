@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 from fluxserve.api.errors import APIError, sanitize
 from fluxserve.api.protocol import ImageEditRequest, ImageGenerationRequest, public_model_source
 from fluxserve.api.serving import FILES_PREFIX, OUTPUTS_PREFIX, ImageService, OutputOptions, until_gone
+from fluxserve.observability.events import stored_job_cancelled
 from fluxserve.scheduler.jobs import TERMINAL_EVENTS, Job, JobError, JobStatus, Subscription
 from fluxserve.storage.budgets import files_over_budget
 from fluxserve.storage.images import MEDIA_TYPES
@@ -583,7 +584,9 @@ class DurableJobs:
                 self._pending.remove(waiting)
                 if await loop.run_in_executor(self._io, functools.partial(store.mark_cancelled, waiting.id,
                                                                             worker=self.worker)):
-                    self.service.runtime.metrics.cancelled.inc()  # claimed, but never in the scheduler
+                    # claimed, but never in the scheduler
+                    stored_job_cancelled(self.service.runtime.metrics, waiting,
+                                         log_prompts=self.service.settings.log_prompts)
                 self._signal(waiting.id)
                 self._notify_webhooks()
         self._problem = None
@@ -903,7 +906,8 @@ class DurableJobs:
             raise _not_found(job_id)
         if updated.finished:  # it was still queued in the store: no process ran it, so it is counted here
             if updated.state is JobState.CANCELLED and not record.finished:
-                self.service.runtime.metrics.cancelled.inc()
+                stored_job_cancelled(self.service.runtime.metrics, updated,
+                                     log_prompts=self.service.settings.log_prompts)
             self._signal(job_id)
             self._notify_webhooks()
             return updated

@@ -15,6 +15,7 @@ from fluxserve.observability.metrics import Metrics
 
 if TYPE_CHECKING:
     from fluxserve.scheduler.jobs import Job
+    from fluxserve.storage.jobstore.protocol import JobRecord
 
 log = logging.getLogger("fluxserve.generation")
 
@@ -43,3 +44,20 @@ def job_ended(metrics: Metrics, job: Job, *, log_prompts: bool = False) -> None:
         ctx["prompt"] = job.prompt
     level = logging.WARNING if outcome in ("failed", "expired") else logging.INFO
     log.log(level, "generation finished", extra={"ctx": ctx})
+
+
+def stored_job_cancelled(metrics: Metrics, record: JobRecord, *, log_prompts: bool = False) -> None:
+    """Log and count a durable job cancelled while it waited in the job store: no scheduler ever held it, so
+    no hook reports it (its ``generation finished`` line and ``fluxserve_cancelled_total``)."""
+    metrics.cancelled.inc()
+    body = record.request.get("body")
+    request: dict[str, Any] = body if isinstance(body, dict) else {}
+    ctx: dict[str, Any] = {
+        "request_id": record.request_id or record.id, "job_id": record.id, "model": record.model,
+        "outcome": "cancelled", "params": {k: v for k, v in request.items() if k != "prompt"}, "images": 0,
+        "timings": {"queue_wait": round(max(0.0, record.updated_at - record.created_at), 6)},
+        "error": {"code": "cancelled", "status": 409, "message": "the job was cancelled while queued"},
+    }
+    if log_prompts and "prompt" in request:
+        ctx["prompt"] = request["prompt"]
+    log.info("generation finished", extra={"ctx": ctx})
