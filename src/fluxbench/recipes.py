@@ -13,6 +13,10 @@
   its examples do; no step caching (``cache_config=None``), which changes the output and does not help
   4-step models.
 
+The recipes are FLUX.1's; on the other families' pipelines each step is applied where it fits (fused QKV where
+the family has a fused attention path, channels-last for a 2-D VAE, the whole-graph compile where Dynamo can
+capture it), and the row's note names what was left out.
+
 The recipe's published default serializes the same max-autotune + CUDA-graph compile ahead of time (export +
 AOTInductor); ``--compile-cache`` plays that part here (:class:`CompileCache`). Each path starts from the
 transformer and VAE loaded fresh from the checkpoint that the engine and the server load (the recipes change
@@ -52,6 +56,10 @@ RECIPE_INDUCTOR_FLAGS: dict[str, Any] = {
 COMPILE_MODES = ("max-autotune", "default", "none")
 """``--recipe-compile``: the recipe's mode; Inductor's default mode (no GEMM autotuning, no CUDA graphs); none."""
 COMPILE_TARGETS = ("transformer", "vae")
+NOT_WHOLE_GRAPH: dict[str, str] = {
+    "ZImagePipeline": "Z-Image's transformer enters a torch.device context, which Dynamo cannot capture",
+}
+"""Pipelines whose transformer ``fullgraph=True`` cannot capture: the recipe compiles them with graph breaks."""
 AUTOTUNE_BUDGETS: dict[str, dict[str, Any]] = {
     "recipe": {},
     "bounded": {
@@ -119,14 +127,29 @@ def fp8_problem(device: str) -> str | None:
     return None
 
 
+def recipe_family(pipeline_class: str) -> Any | None:
+    """The fluxserve family descriptor of a pipeline class the recipes can be applied to (None: no family
+    serves it)."""
+    from fluxserve.models.registry import FAMILIES
+
+    return next((family for family in FAMILIES.values()
+                 if family.pipeline_classes.get("generate") == pipeline_class), None)
+
+
 def peer_problem(path: str, pipeline_class: str, device: str) -> str | None:
-    """Why peer ``path`` cannot run for this pipeline on ``device`` (None: it can)."""
-    if pipeline_class != "FluxPipeline":
-        return f"the recipes are written for FLUX.1's FluxPipeline, not {pipeline_class}"
+    """Why peer ``path`` cannot run for this pipeline on ``device`` (None: it can). The recipes are applied to
+    every family fluxserve serves, as far as each step fits it (:func:`prepare_recipe`); cache-dit's row is
+    FLUX.1's only."""
+    if path == "cache-dit":
+        if pipeline_class != "FluxPipeline":
+            return f"the cache-dit row is measured on FLUX.1's FluxPipeline only, not {pipeline_class}"
+        if importlib.util.find_spec("cache_dit") is None:
+            return "cache-dit is not installed (pip install cache-dit; its wheel travels as bench/NOTES.md describes)"
+        return None
+    if recipe_family(pipeline_class) is None:
+        return f"no fluxserve family serves {pipeline_class}, so there is no recipe row for it"
     if path == "recipe-fp8":
         return fp8_problem(device)
-    if path == "cache-dit" and importlib.util.find_spec("cache_dit") is None:
-        return "cache-dit is not installed (pip install cache-dit; its wheel travels as bench/NOTES.md describes)"
     return None
 
 
@@ -165,22 +188,26 @@ def set_inductor_flags(flags: dict[str, Any]) -> tuple[list[str], list[str]]:
 # --------------------------------------------------------------------------------------------------
 # building a peer pipeline
 
-def fresh_pipeline(shared: dict[str, Any], local_dir: Path, device: str, dtype: torch.dtype) -> Any:
-    """A ``FluxPipeline`` over the baseline's text encoders and tokenizers, with its transformer and VAE loaded
-    fresh from ``local_dir`` (straight onto the GPU on CUDA) and a scheduler of the same config."""
-    from diffusers import AutoencoderKL, FluxPipeline, FluxTransformer2DModel
+def fresh_pipeline(shared: dict[str, Any], local_dir: Path, device: str, dtype: torch.dtype,
+                   pipeline_class: str = "FluxPipeline") -> Any:
+    """A pipeline of ``pipeline_class`` over the baseline's text encoders and tokenizers, with its transformer and
+    VAE loaded fresh from ``local_dir`` by the classes its ``model_index.json`` names (straight onto the GPU on
+    CUDA) and a scheduler of the same config."""
+    import json
 
+    import diffusers
+
+    index = json.loads((local_dir / "model_index.json").read_text())
     kwargs: dict[str, Any] = {"torch_dtype": dtype}
     if device.startswith("cuda"):
         kwargs["device_map"] = device  # a model's from_pretrained takes any device name
-    transformer = FluxTransformer2DModel.from_pretrained(local_dir, subfolder="transformer", **kwargs)
-    vae = AutoencoderKL.from_pretrained(local_dir, subfolder="vae", **kwargs)
+    loaded = {name: getattr(diffusers, index[name][1]).from_pretrained(local_dir, subfolder=name, **kwargs)
+              for name in ("transformer", "vae")}
     if not device.startswith("cuda"):
-        transformer, vae = transformer.to(device), vae.to(device)
+        loaded = {name: module.to(device) for name, module in loaded.items()}
     scheduler = shared["scheduler"]
-    components = {**shared, "scheduler": type(scheduler).from_config(scheduler.config),
-                  "transformer": transformer, "vae": vae}
-    pipe: Any = FluxPipeline(**components)
+    components = {**shared, "scheduler": type(scheduler).from_config(scheduler.config), **loaded}
+    pipe: Any = getattr(diffusers, pipeline_class)(**components)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -190,7 +217,8 @@ def _compile(pipe: Any, options: PeerOptions, setup: PeerSetup, device: str) -> 
     if options.compile_mode == "none":
         setup.applied.append("not compiled (--recipe-compile none)")
         return
-    kwargs: dict[str, Any] = {"fullgraph": True}
+    whole = type(pipe).__name__ not in NOT_WHOLE_GRAPH
+    kwargs: dict[str, Any] = {"fullgraph": whole}
     if options.backend != "inductor":
         kwargs["backend"] = options.backend
     elif options.compile_mode != "default":
@@ -198,9 +226,11 @@ def _compile(pipe: Any, options: PeerOptions, setup: PeerSetup, device: str) -> 
     if "transformer" in options.compile_targets:
         pipe.transformer = torch.compile(pipe.transformer, **kwargs)
     if "vae" in options.compile_targets:
-        pipe.vae.decode = torch.compile(pipe.vae.decode, **kwargs)
+        pipe.vae.decode = torch.compile(pipe.vae.decode, **{**kwargs, "fullgraph": True})
     targets = " and ".join("vae.decode" if t == "vae" else t for t in options.compile_targets)
     words = f"torch.compile(mode={options.compile_mode!r}, fullgraph=True) on {targets}"
+    if not whole and "transformer" in options.compile_targets:
+        words += f" (fullgraph=False on the transformer: {NOT_WHOLE_GRAPH[type(pipe).__name__]})"
     if options.backend != "inductor":
         words += f" (backend {options.backend!r})"
     if options.compile_mode == "max-autotune":
@@ -212,20 +242,33 @@ def prepare_recipe(pipe: Any, *, fp8: bool, options: PeerOptions, device: str) -
     """Apply the flux-fast recipe to ``pipe`` in its order: fused QKV, attention kernel (fp8 only), channels-last
     VAE, float8 (fp8 only), Inductor flags, compile. Call inside :func:`scoped_compile_config`."""
     setup = PeerSetup(applied=[f"{str(pipe.transformer.dtype).removeprefix('torch.')}"])
-    # 1. Fused QKV projections in the transformer and the VAE (the same products, fewer launches).
-    pipe.transformer.fuse_qkv_projections()
-    pipe.vae.fuse_qkv_projections()
-    setup.applied.append("fused QKV")
-    # 2. The attention kernel: FlashAttention-3 on fp8 inputs, as the recipe's lossy path, where it installs.
-    if fp8:
+    flux1 = type(pipe).__name__ == "FluxPipeline"
+    family = recipe_family(type(pipe).__name__)
+    # 1. Fused QKV projections in the transformer and the VAE (the same products, fewer launches), where the
+    #    family's attention has a fused path (diffusers' generic fusing would silently fuse nothing there).
+    if family is not None and family.optimizations.fused_qkv and hasattr(pipe.transformer, "fuse_qkv_projections"):
+        pipe.transformer.fuse_qkv_projections()
+        fused = ["transformer"]
+        if hasattr(pipe.vae, "fuse_qkv_projections"):
+            pipe.vae.fuse_qkv_projections()
+            fused.append("VAE")
+        setup.applied.append("fused QKV" if flux1 else f"fused QKV ({' and '.join(fused)})")
+    else:
+        setup.applied.append(f"no fused QKV ({type(pipe.transformer).__name__} has no fused attention path)")
+    # 2. The attention kernel: FlashAttention-3 on fp8 inputs, as the recipe's lossy path, where it installs
+    #    (FLUX.1's attention processor; other families keep theirs).
+    if fp8 and not flux1:
+        setup.applied.append("the family's own attention (the FlashAttention-3 processor is FLUX.1's)")
+    elif fp8:
         if fa3_available():
             pipe.transformer.set_attn_processor(KernelFluxAttnProcessor(fa3_fp8_attention))
             setup.applied.append("FlashAttention-3 on fp8 inputs")
         else:
             setup.applied.append("SDPA attention (flash_attn_interface, FlashAttention-3, is not importable)")
-    # 3. Channels-last memory for the VAE's convolutions.
-    pipe.vae.to(memory_format=torch.channels_last)
-    setup.applied.append("channels-last VAE")
+    # 3. Channels-last memory for the VAE's convolutions (2-D ones: a video VAE's 3-D convolutions have none).
+    if not any(isinstance(m, torch.nn.Conv3d) for m in pipe.vae.modules()):
+        pipe.vae.to(memory_format=torch.channels_last)
+        setup.applied.append("channels-last VAE")
     # 4. Dynamic float8 activations and weights in the transformer's linears (torchao).
     if fp8:
         problem = fp8_problem(device)

@@ -575,7 +575,7 @@ def run_peer(path: str, source: PeerSource, cases: list[Case], reps: int, device
     try:
         with scoped_compile_config():
             started = time.perf_counter()
-            pipe = fresh_pipeline(source.components, source.local_dir, device, source.dtype)
+            pipe = fresh_pipeline(source.components, source.local_dir, device, source.dtype, source.pipeline_class)
             info["load_s"] = round(time.perf_counter() - started, 2)
             if path == "cache-dit":
                 setup: PeerSetup = prepare_cache_dit(pipe, options=options, device=device)
@@ -622,7 +622,8 @@ def compile_peer(pipe: Any, case: Case, forward_inputs: TransformerCall | None, 
     if forward_inputs is not None and _is_compiled(pipe.transformer):
         args, kwargs = forward_inputs
         targets.append(("transformer", lambda: pipe.transformer(*args, **kwargs)))
-    if _is_compiled(pipe.vae.decode):
+    # FLUX.1's latents are known; other families' VAEs take other shapes, so their first pipeline call compiles it
+    if _is_compiled(pipe.vae.decode) and type(pipe).__name__ == "FluxPipeline":
         vae = pipe.vae
         factor = 2 ** (len(vae.config.block_out_channels) - 1)
         latents = torch.randn(1, vae.config.latent_channels, case.height // factor, case.width // factor,

@@ -179,8 +179,11 @@ def test_peers_say_why_they_cannot_run() -> None:
     from fluxbench.recipes import fp8_problem, peer_problem
 
     assert "CUDA" in (fp8_problem("cpu") or "")
-    assert "FluxPipeline" in (peer_problem("recipe-lossless", "QwenImagePipeline", "cpu") or "")
-    assert peer_problem("recipe-lossless", "FluxPipeline", "cpu") is None
+    assert "no fluxserve family serves" in (peer_problem("recipe-lossless", "StableDiffusionPipeline", "cpu") or "")
+    assert "FluxPipeline only" in (peer_problem("cache-dit", "QwenImagePipeline", "cpu") or "")
+    for pipeline_class in ("FluxPipeline", "QwenImagePipeline", "Flux2KleinPipeline", "ZImagePipeline"):
+        assert peer_problem("recipe-lossless", pipeline_class, "cpu") is None
+        assert "CUDA" in (peer_problem("recipe-fp8", pipeline_class, "cpu") or "")
 
 
 _COMPILE_ONCE = textwrap.dedent("""
@@ -287,3 +290,38 @@ def test_the_compile_step_compiles_each_target_once_and_the_pipeline_reuses_it(t
     assert flushed == [["transformer"], ["transformer", "vae.decode"]]  # written as each target finished
     assert all(step["seconds"] >= 0 for step in info["compile"].values())
     assert graphs == 2 and after == graphs  # one graph per target, none added by the pipeline call
+
+
+@pytest.mark.parametrize("key", ["tiny-klein", "tiny-zimage", "tiny-qwen"])
+def test_the_recipe_applies_to_every_family_and_draws_what_plain_diffusers_draws(tmp_path: Path, key: str) -> None:
+    """recipe-lossless on another family's pipeline (klein, Z-Image, Qwen-Image), as far as each step fits it:
+    fused QKV only where the family has a fused path, channels-last only for a 2-D VAE; traced whole by Dynamo
+    (eager backend) and drawing the image of plain diffusers."""
+    import numpy as np
+    from torch._dynamo.utils import counters
+
+    from fluxbench.recipes import PeerOptions, fresh_pipeline, prepare_recipe, scoped_compile_config
+    from fluxbench.serving import _call_kwargs, _prepare_model, family_cases, psnr
+
+    case = family_cases(key.removeprefix("tiny-"), "cpu")[0]
+    _, plain, local_dir = _prepare_model(key, "cpu", tmp_path, {})
+    call = {"prompt": "a lighthouse", "width": 64, "height": 64, "num_inference_steps": 2,
+            **_call_kwargs(case, plain)}
+    expected = np.asarray(plain(**call, generator=torch.Generator().manual_seed(3)).images[0])
+    shared = {k: v for k, v in plain.components.items() if k not in ("transformer", "vae")}
+    torch._dynamo.reset()
+    counters.clear()
+    with scoped_compile_config():
+        pipe = fresh_pipeline(shared, local_dir, "cpu", torch.float32, type(plain).__name__)
+        assert type(pipe) is type(plain)
+        setup = prepare_recipe(pipe, fp8=False, options=PeerOptions(compile_mode="default", backend="eager"),
+                               device="cpu")
+        got = np.asarray(pipe(**call, generator=torch.Generator().manual_seed(3)).images[0])
+    torch._dynamo.reset()
+    fusable = key != "tiny-zimage" and key != "tiny-qwen"  # the families' descriptors: klein fuses, the others not
+    assert any(words.startswith("fused QKV") for words in setup.applied) is fusable
+    assert ("channels-last VAE" in setup.applied) is (key != "tiny-qwen")  # Qwen-Image's VAE is a 3-D one
+    assert counters["stats"]["unique_graphs"] >= 2
+    assert bool(counters["graph_break"]) is (key == "tiny-zimage")  # whole graphs but Z-Image's (the row says so)
+    assert any("fullgraph=False on the transformer" in words for words in setup.applied) is (key == "tiny-zimage")
+    assert got.dtype == np.uint8 and psnr(got, expected)[0] > 40
