@@ -13,7 +13,8 @@ from fluxserve.storage.jobstore.protocol import JobRecord, JobState
 
 
 def _record() -> JobRecord:
-    body = {"prompt": "a red fox", "size": "64x64", "num_inference_steps": 2, "seed": 7}
+    body = {"prompt": "a red fox", "size": "64x64", "num_inference_steps": 2, "seed": 7,
+            "webhook_url": "https://hooks.example/t0ken", "user": "someone"}
     return JobRecord(id="img_1", seq=1, owner=None, model="tiny-flux", state=JobState.CANCELLED,
                      request={"kind": "generation", "body": body, "inputs": 0}, seeds=(7,), request_id="client-9",
                      webhook_url=None, attempts=0, created_at=100.0, updated_at=102.5, started_at=None,
@@ -32,6 +33,6 @@ def test_a_job_cancelled_in_the_store_is_logged_and_counted_once(caplog: pytest.
     ctx = lines[0].ctx  # type: ignore[attr-defined]
     assert ctx["outcome"] == "cancelled" and ctx["job_id"] == "img_1" and ctx["request_id"] == "client-9"
     assert ctx["images"] == 0 and ctx["timings"]["queue_wait"] == 2.5
-    assert ctx["params"]["num_inference_steps"] == 2 and "prompt" not in ctx["params"]
+    assert ctx["params"] == {"size": "64x64", "num_inference_steps": 2, "seed": 7}  # no prompt, URL or user
     assert ("prompt" in ctx) is log_prompts and ctx.get("prompt", "a red fox") == "a red fox"
     assert metrics.cancelled._value.get() == 1

@@ -20,6 +20,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("fluxserve.generation")
 
 _OOM_PREFIX = "out of memory: "
+_NOT_PARAMS = frozenset({"prompt", "negative_prompt", "webhook_url", "user"})
+"""Request fields a stored job's log line leaves out of ``params``: prompts (only with FLUX_LOG_PROMPTS) and what
+may carry a secret or a person (a webhook URL's token, the client's user label)."""
 
 
 def job_ended(metrics: Metrics, job: Job, *, log_prompts: bool = False) -> None:
@@ -54,7 +57,7 @@ def stored_job_cancelled(metrics: Metrics, record: JobRecord, *, log_prompts: bo
     request: dict[str, Any] = body if isinstance(body, dict) else {}
     ctx: dict[str, Any] = {
         "request_id": record.request_id or record.id, "job_id": record.id, "model": record.model,
-        "outcome": "cancelled", "params": {k: v for k, v in request.items() if k != "prompt"}, "images": 0,
+        "outcome": "cancelled", "params": {k: v for k, v in request.items() if k not in _NOT_PARAMS}, "images": 0,
         "timings": {"queue_wait": round(max(0.0, record.updated_at - record.created_at), 6)},
         "error": {"code": "cancelled", "status": 409, "message": "the job was cancelled while queued"},
     }
