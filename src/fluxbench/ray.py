@@ -127,41 +127,25 @@ def _drive(base_url: str, requests: int, concurrency: int, size: str, steps: int
 
 def _single_server(args: argparse.Namespace) -> dict[str, Any]:
     """The same load against one plain ``fluxserve serve`` (same model, device, batching), stopped afterwards."""
-    import subprocess
     import tempfile
 
-    import httpx
+    from fluxbench.serving import ServerProcess
+    from fluxserve.settings import load_settings
 
-    port = _free_port()
-    env = {**os.environ, "FLUX_MODEL": args.model, "FLUX_DEVICE": args.device, "FLUX_PORT": str(port),
-           "FLUX_HOST": "127.0.0.1", "FLUX_STORE_LOCAL": "0", "FLUX_WARMUP_SIZES": args.size,
-           "FLUX_MAX_BATCH": str(args.max_batch), "FLUX_JOB_STORE": "memory",
-           "FLUX_STATE_DIR": tempfile.mkdtemp(prefix="fluxbench-ray-")}
-    if args.cache_dir is not None:
-        env["FLUX_CACHE_DIR"] = str(args.cache_dir)
-    proc = subprocess.Popen([sys.executable, "-m", "fluxserve", "serve"], env=env)
-    base_url = f"http://127.0.0.1:{port}"
+    work = Path(tempfile.mkdtemp(prefix="fluxbench-ray-"))
+    cache_dir = args.cache_dir if args.cache_dir is not None else Path(load_settings().cache_dir)
+    server = ServerProcess(args.model, args.device, "plain", cache_dir, work / "single-server.log", [args.size],
+                           env={"FLUX_MAX_BATCH": str(args.max_batch), "FLUX_JOB_STORE": "memory",
+                                "FLUX_STATE_DIR": str(work / "state")})
     try:
-        started = time.perf_counter()
-        deadline = time.monotonic() + 900
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(base_url + "/ready", timeout=10).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if proc.poll() is not None:
-                raise RuntimeError(f"the single server exited with {proc.returncode}")
-            time.sleep(0.5)
-        ready_s = time.perf_counter() - started
-        _drive(base_url, 2 * args.concurrency, args.concurrency, args.size, args.steps, 10_000, args.model)
+        ready_s = server.start()
+        _drive(server.base_url, 2 * args.concurrency, args.concurrency, args.size, args.steps, 10_000, args.model)
         row = {"replicas": 0, "batching": "single server", "deploy_s": round(ready_s, 1),
-               **_drive(base_url, args.requests, args.concurrency, args.size, args.steps, 0, args.model)}
+               **_drive(server.base_url, args.requests, args.concurrency, args.size, args.steps, 0, args.model)}
         print(json.dumps(row), flush=True)
         return row
     finally:
-        proc.terminate()
-        proc.wait(120)
+        server.stop()
 
 
 def _cpu_seconds() -> dict[str, float]:

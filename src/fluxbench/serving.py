@@ -785,10 +785,12 @@ class ServerProcess:
     """``fluxserve serve`` in a subprocess; ``start`` returns seconds from spawn to ``/ready`` == 200."""
 
     def __init__(self, model: str, device: str, mode: str, cache_dir: Path, log_path: Path,
-                 warmup_sizes: list[str]) -> None:
+                 warmup_sizes: list[str], env: dict[str, str] | None = None) -> None:
         self.port = _free_port()
         self.model, self.device, self.mode = model, device, mode
         self.cache_dir, self.log_path, self.warmup_sizes = cache_dir, log_path, warmup_sizes
+        self.env = env or {}
+        """FLUX_ settings laid over the bench's own (``FLUX_MAX_BATCH``, ``FLUX_JOB_STORE``, ...)."""
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -804,6 +806,7 @@ class ServerProcess:
             "FLUX_OUTPUT_DIR": str(self.cache_dir / "outputs"), "FLUX_MAX_BATCH": "4",
             "PYTHONUNBUFFERED": "1",
         })
+        env.update(self.env)
         cmd = [sys.executable, "-m", "fluxserve", "serve", "--model", self.model, "--device", self.device,
                "--port", str(self.port)]
         started = time.perf_counter()

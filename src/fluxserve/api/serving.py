@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import re
 import secrets
@@ -31,7 +30,7 @@ from fluxserve.models.spec import ModelSpec
 from fluxserve.scheduler.jobs import TERMINAL_EVENTS, Job, JobError, JobStatus
 from fluxserve.storage.budgets import StoreFull
 from fluxserve.storage.images import MEDIA_TYPES, encode_image, to_base64
-from fluxserve.storage.outputs import save_error_code
+from fluxserve.storage.outputs import new_stem, save_error_code, sidecar_json
 from fluxserve.storage.results.protocol import ResultStore, ResultStoreUnavailable
 
 if TYPE_CHECKING:
@@ -383,11 +382,8 @@ class ImageService:
         FLUX_OUTPUT_MAX_BYTES as the last listing counted it (saves past it are refused, never older images)."""
         objects = self.object_files
         assert objects is not None
-        stem = f"img-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{secrets.token_hex(6)}"
-        sidecar = None
-        if metadata is not None:
-            sidecar = json.dumps(dict(metadata, image=f"{stem}.{_ext(options.output_format)}"), indent=2,
-                                 sort_keys=True, default=str).encode()
+        stem = new_stem()
+        sidecar = None if metadata is None else sidecar_json(metadata, f"{stem}.{_ext(options.output_format)}")
         cap = self.runtime.settings.storage.output_max_bytes
         size = len(data) + len(sidecar or b"")
         if cap and self.object_outputs_used + size > cap:

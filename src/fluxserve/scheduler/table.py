@@ -19,7 +19,6 @@ terminal listener runs under it), never the reverse.
 
 from __future__ import annotations
 
-import copy
 import threading
 import time
 from collections import OrderedDict
@@ -28,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fluxserve.scheduler.jobs import FINISHED, Job, JobError, JobStatus
-from fluxserve.storage.budgets import OwnerBudget
+from fluxserve.storage.budgets import OwnerBudget, plan_expiry
 
 
 @dataclass
@@ -210,30 +209,13 @@ class JobTable:
     def _plan_for(self, new: str, owner: str | None) -> list[str] | None:
         """The results to expire so that ``owner``'s just-stored result ``new`` fits, by the rule of
         :mod:`fluxserve.storage.budgets`, or None when it is refused (rule 4: nobody over its budget and the total
-        still over the cap). Worked out on a copy first, so a refused result costs nothing that was kept."""
-        budget = copy.deepcopy(self._budget)
-        order = [(jid, self._jobs[jid].owner, stored.size) for jid, stored in self._results.items()]
-        doomed: list[str] = []
-
-        def expire(index: int) -> str:
-            jid, holder, size = order.pop(index)
-            budget.remove(holder, size)
-            doomed.append(jid)
-            return jid
-
-        if owner is not None and self.max_stored_per_owner > 0:
-            mine = [i for i, (_, holder, _) in enumerate(order) if holder == owner]
-            for offset, index in enumerate(mine[:max(0, len(mine) - self.max_stored_per_owner)]):
-                expire(index - offset)
-        while budget.owner_over(owner):  # its own oldest; the new one fits alone (checked before storing)
-            expire(next(i for i, (_, holder, _) in enumerate(order) if holder == owner))
-        while order and budget.total > self.results_max_bytes:
-            found, victim = budget.global_victim()
-            if not found:
-                return None
-            if expire(next(i for i, (_, holder, _) in enumerate(order) if holder == victim)) == new:
-                return None
-        return doomed
+        still over the cap). Worked out before anything expires, so a refused result costs nothing that was kept.
+        Anonymous results (no API key) have no count cap here."""
+        entries = [(jid, self._jobs[jid].owner, stored.size) for jid, stored in self._results.items()]
+        doomed, refused = plan_expiry(entries, self.results_max_bytes, self._budget.max_bytes_per_owner,
+                                      max_count_per_owner=self.max_stored_per_owner,
+                                      count_capped=lambda holder: holder is not None, new=new)
+        return None if refused else doomed
 
     def _oldest_result_of(self, owner: str | None) -> str:
         return next(jid for jid in self._results if self._jobs[jid].owner == owner)

@@ -17,7 +17,8 @@ An owner within its own budget therefore loses entries only to its TTL, never to
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -81,6 +82,55 @@ class OwnerBudget:
         return True, max(over, key=lambda owner: over[owner])
 
 
+def plan_expiry(entries: Sequence[tuple[str, str | None, int]], max_bytes: int, max_bytes_per_owner: int = 0, *,
+                max_count_per_owner: int = 0, count_capped: Callable[[str | None], bool] = lambda _owner: True,
+                new: str | None = None) -> tuple[list[str], bool]:
+    """Which of ``entries`` ((key, owner, bytes), oldest first) must go by the rule above: (their keys in the
+    entries' order, whether ``new`` is refused).
+
+    Rule 2 for every owner: while it holds more than ``max_count_per_owner`` entries (an owner for which
+    ``count_capped`` is true) or more than its byte cap, its own oldest go. Rule 3 while everything is over
+    ``max_bytes``. Rule 4: with ``new`` (the entry just stored) it is refused, and its owner keeps what it was
+    to give up for it under its own caps; without one (caps lowered since the entries were stored), the
+    oldest of all go."""
+    budget = OwnerBudget(max_bytes, max_bytes_per_owner)
+    held: dict[str | None, deque[tuple[str, int]]] = {}
+    for key, owner, size in entries:
+        held.setdefault(owner, deque()).append((key, size))
+        budget.add(owner, size)
+    doomed: set[str] = set()
+    made_room: set[str] = set()
+    """What ``new``'s owner gave up for it under its own caps."""
+    new_owner = next((owner for key, owner, _ in entries if key == new), None)
+
+    def expire_oldest(owner: str | None) -> str:
+        key, size = held[owner].popleft()
+        budget.remove(owner, size)
+        doomed.add(key)
+        return key
+
+    for owner in list(held):
+        while (0 < max_count_per_owner < len(held[owner]) and count_capped(owner)) or budget.owner_over(owner):
+            gone = expire_oldest(owner)
+            if new is not None and owner == new_owner:
+                made_room.add(gone)
+    refused = False
+    while budget.total > max_bytes:
+        found, victim = budget.global_victim()
+        if found and held[victim][0][0] != new:
+            expire_oldest(victim)
+        elif new is not None:
+            refused = True
+            doomed -= made_room
+            break
+        else:
+            key, owner, size = next(entry for entry in entries if entry[0] not in doomed)
+            held[owner].remove((key, size))
+            budget.remove(owner, size)
+            doomed.add(key)
+    return [key for key, _, _ in entries if key in doomed], refused
+
+
 def files_over_budget(objects: Sequence[StoredObject], *, now: float, ttl: float, max_bytes: int,
                       max_bytes_per_owner: int = 0) -> list[str]:
     """Keys of the ``url`` files (``files/<owner tag>.<id>.<ext>`` in an object store, ``objects`` oldest first)
@@ -92,21 +142,6 @@ def files_over_budget(objects: Sequence[StoredObject], *, now: float, ttl: float
 
     doomed = [obj.key for obj in objects if now - obj.modified > ttl]
     gone = set(doomed)
-    alive = [obj for obj in objects if obj.key not in gone]
-    budget = OwnerBudget(max_bytes, max_bytes_per_owner)
-    for obj in alive:
-        budget.add(owner_of(obj.key), obj.size)
-
-    def drop_oldest(owner: str | None) -> None:
-        victim = next(obj for obj in alive if owner is None or owner_of(obj.key) == owner)
-        alive.remove(victim)
-        budget.remove(owner_of(victim.key), victim.size)
-        doomed.append(victim.key)
-
-    for owner in list(budget.used):
-        while budget.owner_over(owner):
-            drop_oldest(owner)
-    while alive and budget.total > budget.max_bytes:
-        over, victim_owner = budget.global_victim()
-        drop_oldest(victim_owner if over else None)
-    return doomed
+    alive = [(obj.key, owner_of(obj.key), obj.size) for obj in objects if obj.key not in gone]
+    over, _ = plan_expiry(alive, max_bytes, max_bytes_per_owner)
+    return doomed + over

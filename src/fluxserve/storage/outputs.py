@@ -115,10 +115,6 @@ class OutputStore:
         """The name clients see for a saved file: relative to the output directory."""
         return Path(path).resolve().relative_to(self.root).as_posix()
 
-    def _new_stem(self, prefix: str = "img") -> str:
-        stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
-        return f"{prefix}-{stamp}-{secrets.token_hex(6)}"
-
     def _atomic_write(self, target: Path, data: bytes) -> None:
         target = target.resolve()
         if self.root not in target.parents:
@@ -131,12 +127,8 @@ class OutputStore:
         Raises :class:`OutputQuotaExceeded` when FLUX_OUTPUT_MAX_BYTES would be passed, OSError when the
         disk refuses (see :func:`save_error_code`)."""
         day = time.strftime("%Y-%m-%d", time.gmtime())
-        stem = self._new_stem()
-        image_path = self.root / day / f"{stem}.{ext}"
-        sidecar = None
-        if metadata is not None:
-            payload = dict(metadata, image=image_path.name)
-            sidecar = json.dumps(payload, indent=2, sort_keys=True, default=str).encode()
+        image_path = self.root / day / f"{new_stem()}.{ext}"
+        sidecar = None if metadata is None else sidecar_json(metadata, image_path.name)
         self._reserve(len(data) + len(sidecar or b""))
         self._atomic_write(image_path, data)
         self._count(len(data))
@@ -156,6 +148,17 @@ class OutputStore:
                 tmp.unlink(missing_ok=True)
                 removed += 1
         return removed
+
+
+def new_stem(prefix: str = "img") -> str:
+    """A saved image's file name without its extension: ``img-<UTC date>-<UTC time>-<random>``."""
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    return f"{prefix}-{stamp}-{secrets.token_hex(6)}"
+
+
+def sidecar_json(metadata: dict[str, Any], image_name: str) -> bytes:
+    """The JSON sidecar saved beside an image: its metadata and the image's file name."""
+    return json.dumps(dict(metadata, image=image_name), indent=2, sort_keys=True, default=str).encode()
 
 
 def write_atomically(target: Path, data: bytes) -> None:

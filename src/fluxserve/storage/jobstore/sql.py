@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import json
 import time
-from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
-from fluxserve.storage.budgets import OwnerBudget
+from fluxserve.storage.budgets import OwnerBudget, plan_expiry
 from fluxserve.storage.jobstore.protocol import (
     LIVE_STATES,
     MAX_EVENT_BYTES,
@@ -476,8 +475,8 @@ class SqlJobStore:
                 tx.execute(f"DELETE FROM jobs WHERE id IN ({marks})", chunk)
 
     def _enforce_budgets(self, tx: Tx, now: float, *, new: str | None = None) -> bool:
-        """Expire results by the rule of :mod:`fluxserve.storage.budgets` (the in-memory job table's):
-        an owner over ``results_max_bytes_per_owner`` or ``max_stored_per_owner`` loses its own oldest;
+        """Expire results by the rule of :mod:`fluxserve.storage.budgets` (:func:`plan_expiry`, as the in-memory
+        job table): an owner over ``results_max_bytes_per_owner`` or ``max_stored_per_owner`` loses its own oldest;
         over ``results_max_bytes``, the owner furthest over its budget loses its oldest. ``new``: the job
         whose result was just stored. True when ``new``'s result is refused (no owner over its budget; the
         caller ends that job): its owner then keeps what it would have given up for it. Without ``new`` (a
@@ -492,47 +491,12 @@ class SqlJobStore:
         if budget.total <= limits.results_max_bytes and not any(
                 budget.owner_over(owner) or 0 < limits.max_stored_per_owner < int(count) for owner, count, _ in owners):
             return False
-        budget = OwnerBudget(limits.results_max_bytes, limits.results_max_bytes_per_owner)
-        held: dict[str | None, deque[tuple[str, int]]] = {}
-        order: list[tuple[str, str | None, int]] = []
-        for job_id, owner, size in tx.fetchall("SELECT id, owner, result_bytes FROM jobs WHERE state = 'succeeded' "
-                                               "AND result_expired = 0 ORDER BY finished_at, seq"):
-            held.setdefault(owner, deque()).append((job_id, int(size)))
-            order.append((job_id, owner, int(size)))
-            budget.add(owner, int(size))
-        doomed: set[str] = set()
-        made_room: set[str] = set()
-        """What ``new``'s owner gave up for it under its own caps (kept after all if ``new`` is refused)."""
-        new_owner = next((owner for job_id, owner, _ in order if job_id == new), None)
-
-        def expire_oldest(owner: str | None) -> str:
-            job_id, size = held[owner].popleft()
-            budget.remove(owner, size)
-            doomed.add(job_id)
-            return job_id
-
-        # 2. Owners over their own caps (count, then bytes) lose their own oldest.
-        for owner in list(held):
-            while 0 < limits.max_stored_per_owner < len(held[owner]) or budget.owner_over(owner):
-                gone = expire_oldest(owner)
-                if new is not None and owner == new_owner:
-                    made_room.add(gone)
-        # 3. Over the global cap: the owner furthest over its budget loses its oldest; nobody over: refuse new.
-        refused = False
-        while budget.total > limits.results_max_bytes:
-            found, victim = budget.global_victim()
-            if found and held[victim][0][0] != new:
-                expire_oldest(victim)
-            elif new is not None:
-                refused = True
-                doomed -= made_room
-                break
-            else:  # caps lowered since these were stored: the oldest go
-                job_id, owner, size = next(entry for entry in order if entry[0] not in doomed)
-                held[owner].remove((job_id, size))
-                budget.remove(owner, size)
-                doomed.add(job_id)
-        self._expire_results(tx, [job_id for job_id, _, _ in order if job_id in doomed], now)
+        entries = [(job_id, owner, int(size)) for job_id, owner, size in tx.fetchall(
+            "SELECT id, owner, result_bytes FROM jobs WHERE state = 'succeeded' AND result_expired = 0 "
+            "ORDER BY finished_at, seq")]
+        doomed, refused = plan_expiry(entries, limits.results_max_bytes, limits.results_max_bytes_per_owner,
+                                      max_count_per_owner=limits.max_stored_per_owner, new=new)
+        self._expire_results(tx, doomed, now)
         return refused
 
     def _expire_results(self, tx: Tx, job_ids: Sequence[str], now: float) -> None:
