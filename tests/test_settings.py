@@ -53,6 +53,8 @@ def test_dotenv_file_is_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
         ("FLUX_ATTENTION_SLICING", "sometimes", "FLUX_ATTENTION_SLICING"),
         ("FLUX_OFFLOAD", "disk", "FLUX_OFFLOAD"),
         ("FLUX_CACHE", "teacache", "FLUX_CACHE"),
+        ("FLUX_WARMUP_TEXT_LENGTHS", "256,long", "FLUX_WARMUP_TEXT_LENGTHS"),
+        ("FLUX_WARMUP_TEXT_LENGTHS", "0", "FLUX_WARMUP_TEXT_LENGTHS"),
     ],
 )
 def test_invalid_values_name_the_variable(monkeypatch: pytest.MonkeyPatch, var: str, value: str,

@@ -803,6 +803,9 @@ class ServerProcess:
         env.update({
             "FLUX_CACHE_DIR": str(self.cache_dir), "FLUX_STORE_LOCAL": "0", "FLUX_ALLOW_ANY_MODEL": "1",
             "FLUX_WARMUP_SIZES": ",".join(self.warmup_sizes), "FLUX_LOG_LEVEL": "INFO",
+            # Every request sends this text length; warming only the model's default (512 for a FLUX.1
+            # checkpoint outside the registry) left a compile for the first request after /ready.
+            "FLUX_WARMUP_TEXT_LENGTHS": str(MAX_SEQUENCE_LENGTH),
             "FLUX_OUTPUT_DIR": str(self.cache_dir / "outputs"), "FLUX_MAX_BATCH": "4",
             "PYTHONUNBUFFERED": "1",
         })

@@ -107,6 +107,16 @@ class WarmupRecord:
     size: str
     seconds: float
     outcome: str
+    text_length: int
+    """The ``max_sequence_length`` warmed up (part of a compiled transformer's shape)."""
+
+
+def warmup_text_lengths(spec: ModelSpec, configured: Sequence[str]) -> tuple[list[int], list[int]]:
+    """(lengths to warm up, lengths refused): FLUX_WARMUP_TEXT_LENGTHS within the model's limit, or its default
+    length when none is set or none fits."""
+    lengths = [int(value) for value in configured]
+    fitting = [n for n in lengths if n <= spec.max_sequence_length_limit]
+    return fitting or [spec.max_sequence_length], [n for n in lengths if n > spec.max_sequence_length_limit]
 
 
 class LocalCatalog:
@@ -165,34 +175,45 @@ class LocalCatalog:
         return []
 
     def warmup(self, spec: ModelSpec) -> None:
-        """One 1-step generation per engine and warmup size; logs duration and outcome. Each engine's model
-        is held as a batch holds it: an unload waits for its warm-up."""
+        """One 1-step generation per engine, warmup size and warmup text length; logs duration and outcome.
+        Each engine's model is held as a batch holds it: an unload waits for its warm-up."""
         sizes = self.settings.warmup_sizes or [f"{spec.width}x{spec.height}"]
+        lengths, too_long = warmup_text_lengths(spec, self.settings.warmup_text_lengths)
+        if too_long:
+            log.warning("warmup text lengths above the model's limit are not warmed up (requests cannot use them)",
+                        extra={"ctx": {"model": spec.key, "lengths": too_long,
+                                       "limit": spec.max_sequence_length_limit}})
         for index, model in self.scheduler.holding(spec.key):
             engine = self.engines[index]
             for size in sizes:
                 width, height = (int(x) for x in size.split("x"))
-                # The default text length, so a compiled transformer meets the shape real requests use.
-                params = GenerationParams(spec.key, width, height, 1, spec.guidance, spec.max_sequence_length)
-                started = time.perf_counter()
-                fallback: str | None = None
-                try:
-                    with engine.faults.suspended():  # injected faults are for requests, not warm-up
-                        result = engine.generate(model, params, [ImageRequest("warmup", [0])])[0]
-                    outcome = "ok"
-                    fallback = result.fallback_reason if result.fallback_applied else None
-                except OutOfMemory as exc:
-                    outcome = f"out of memory: {exc.reason}"
-                    fallback = exc.reason
-                seconds = time.perf_counter() - started
-                if fallback:
-                    self.metrics.record_fallback(fallback, failed=outcome != "ok")
-                self.warmups.append(WarmupRecord(spec.key, size, seconds, outcome))
-                self.metrics.warmup.labels(model=self.metrics.model_label(spec.key)).set(seconds)
-                model.warmup[size] = {"seconds": round(seconds, 4), "outcome": outcome}
-                log.info("warmup", extra={"ctx": {"model": spec.key, "device": engine.device, "size": size,
-                                                   "seconds": round(seconds, 4), "outcome": outcome,
-                                                   **({"fallback_reason": fallback} if fallback else {})}})
+                for length in lengths:
+                    self._warm_one(engine, model, spec, width, height, length)
+
+    def _warm_one(self, engine: Any, model: Any, spec: ModelSpec, width: int, height: int, length: int) -> None:
+        # The text length is part of a compiled transformer's shape: the one real requests use.
+        params = GenerationParams(spec.key, width, height, 1, spec.guidance, length)
+        size = f"{width}x{height}"
+        started = time.perf_counter()
+        fallback: str | None = None
+        try:
+            with engine.faults.suspended():  # injected faults are for requests, not warm-up
+                result = engine.generate(model, params, [ImageRequest("warmup", [0])])[0]
+            outcome = "ok"
+            fallback = result.fallback_reason if result.fallback_applied else None
+        except OutOfMemory as exc:
+            outcome = f"out of memory: {exc.reason}"
+            fallback = exc.reason
+        seconds = time.perf_counter() - started
+        if fallback:
+            self.metrics.record_fallback(fallback, failed=outcome != "ok")
+        self.warmups.append(WarmupRecord(spec.key, size, seconds, outcome, length))
+        self.metrics.warmup.labels(model=self.metrics.model_label(spec.key)).set(seconds)
+        key = size if length == spec.max_sequence_length else f"{size}, {length} tokens"
+        model.warmup[key] = {"seconds": round(seconds, 4), "outcome": outcome, "text_length": length}
+        log.info("warmup", extra={"ctx": {"model": spec.key, "device": engine.device, "size": size,
+                                           "text_length": length, "seconds": round(seconds, 4),
+                                           "outcome": outcome, **({"fallback_reason": fallback} if fallback else {})}})
 
     # --- models ----------------------------------------------------------------------------------
     def resolve(self, name: str | None, *, from_request: bool = True, operator: bool = False) -> ModelSpec:

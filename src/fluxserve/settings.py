@@ -475,9 +475,13 @@ class Settings(BaseSettings):
     (target_rank=...)``), so switching adapters or scales never recompiles. Adapters of a higher rank are
     refused there (400)."""
     warmup_enable: bool = True
-    """Run a 1-step generation per model and warmup size after loading; /ready waits for it."""
+    """Run a 1-step generation per model, warmup size and warmup text length after loading; /ready waits for it."""
     warmup_sizes: CsvList = Field(default_factory=list)
     """Sizes to warm up (e.g. ``1024x1024,512x512``); empty: the model's default size."""
+    warmup_text_lengths: CsvList = Field(default_factory=list)
+    """Text lengths (``max_sequence_length``) to warm up at each size (e.g. ``256,512``); empty: the model's
+    default. Under FLUX_COMPILE each length is its own compiled shape: a length requests send that no
+    warm-up covered compiles on the first such request, after /ready."""
 
     # --- observability -------------------------------------------------------------------------
     metrics_window: int = Field(200, ge=1)
@@ -499,7 +503,8 @@ class Settings(BaseSettings):
 
     # --- validators ----------------------------------------------------------------------------
     @field_validator("preload_models", "devices", "api_keys", "cors_origins", "oom_policy", "warmup_sizes",
-                     "model_aliases", "models", "admin_keys", "webhook_allowed_hosts", mode="before")
+                     "warmup_text_lengths", "model_aliases", "models", "admin_keys", "webhook_allowed_hosts",
+                     mode="before")
     @classmethod
     def _csv(cls, value: Any) -> Any:
         return _split_csv(value)
@@ -573,6 +578,14 @@ class Settings(BaseSettings):
             if not (sep and w.isdigit() and h.isdigit()):
                 raise ValueError(f"sizes look like 1024x1024, got {size!r}")
         return [s.lower() for s in value]
+
+    @field_validator("warmup_text_lengths")
+    @classmethod
+    def _text_lengths(cls, value: list[str]) -> list[str]:
+        for length in value:
+            if not (length.isdigit() and int(length) > 0):
+                raise ValueError(f"text lengths are positive whole numbers (tokens), got {length!r}")
+        return [str(int(length)) for length in dict.fromkeys(value)]
 
     @field_validator("job_store")
     @classmethod

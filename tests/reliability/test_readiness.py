@@ -52,6 +52,32 @@ async def test_not_ready_until_warmup_is_done(app_factory: Callable[..., Any], m
         assert runtime.warmups and runtime.warmups[0].outcome == "ok"
 
 
+async def test_warmup_covers_each_configured_text_length(app_factory: Callable[..., Any],
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under FLUX_COMPILE a text length is part of a compiled shape: /ready must mean the lengths clients send are
+    warm, not only the model's default. Each FLUX_WARMUP_TEXT_LENGTHS entry within the model's limit reaches the
+    engine as the warm-up's max_sequence_length; one above the limit (requests could not use it) does not."""
+    from fluxserve.engine.engine import DeviceEngine
+
+    seen: list[int] = []
+    real_generate = DeviceEngine.generate
+
+    def recording(self: DeviceEngine, model: Any, params: Any, requests: Any) -> Any:
+        seen.append(params.max_sequence_length)
+        return real_generate(self, model, params, requests)
+
+    monkeypatch.setattr(DeviceEngine, "generate", recording)
+    async with app_factory(warmup_sizes=["64x64"], warmup_text_lengths=["48", "32", "48", "100000"]) as client:
+        runtime = client.app.state.runtime  # type: ignore[attr-defined]
+        assert seen == [48, 32]  # in the configured order, once each, nothing above the limit
+        assert [(w.size, w.text_length, w.outcome) for w in runtime.warmups] == [("64x64", 48, "ok"),
+                                                                                ("64x64", 32, "ok")]
+        listed = (await client.get("/v1/models/tiny-flux")).json()
+        warm = [entry for device in listed["warmup"].values() for entry in device.values()]
+        assert sorted(entry["text_length"] for entry in warm) == [32, 48]
+        assert (await client.post(GEN, json={**OK, "max_sequence_length": 32})).status_code == 200
+
+
 async def test_an_admin_unload_of_the_served_model_keeps_the_server_ready(app_factory: Callable[..., Any]) -> None:
     async with app_factory() as client:
         runtime = client.app.state.runtime  # type: ignore[attr-defined]

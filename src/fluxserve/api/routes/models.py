@@ -116,7 +116,7 @@ def runtime_snapshot(runtime: Runtime) -> dict[str, Any]:
         "vae_tiling": s.vae_tiling, "compile": s.compile, "quantize": s.quantize, "step_cache": s.step_cache,
         "queue": runtime.scheduler.stats(), "max_batch": s.max_batch, "batch_wait_ms": s.batch_wait_ms,
         "max_concurrent": s.max_concurrent, "queue_timeout": s.queue_timeout,
-        "warmup": {"enabled": s.warmup_enable, "sizes": s.warmup_sizes,
+        "warmup": {"enabled": s.warmup_enable, "sizes": s.warmup_sizes, "text_lengths": s.warmup_text_lengths,
                    "runs": [w.__dict__ for w in runtime.warmups]},
         "limits": {"max_images_per_request": s.max_images_per_request, "max_prompt_chars": s.max_prompt_chars,
                    "min_size": s.min_size, "max_size": s.max_size, "max_pixels": s.max_pixels,
