@@ -1300,9 +1300,11 @@ def main(argv: list[str] | None = None) -> int:
                                                        else ["plain"]))
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="fluxserve-bench-"))
     work.mkdir(parents=True, exist_ok=True)
-    if device.startswith("cuda"):
-        torch.backends.cuda.matmul.allow_tf32 = True
-    else:  # fluxserve leaves one core to the HTTP server on CPU; every path gets the same threads
+    # Every path, the server's too, runs torch's default matmul precision: TF32 in this process alone would change
+    # its float32 matmuls (T5's feed-forward outputs stay float32 in a bf16 pipeline), so the in-process paths'
+    # prompt embeddings, and images, would differ from the server's.
+    # On CPU fluxserve leaves one core to the HTTP server; every path gets the same threads.
+    if not device.startswith("cuda"):
         torch.set_num_threads(max(1, min(torch.get_num_threads(), (os.cpu_count() or 1) - 1)))
 
     report: dict[str, Any] = {
