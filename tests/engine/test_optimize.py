@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -161,15 +162,6 @@ def test_float8_rowwise_linear_matches_within_fp8_error() -> None:
     assert rel < 0.06  # e4m3 keeps 3 mantissa bits: a few percent relative error
 
 
-def test_regional_compile_on_cpu(tmp_path: Any) -> None:
-    """Regional compile of the tiny model on CPU: same image within float tolerance (~5–40 s cold)."""
-    reference = _run(_pipe())
-    pipe = _pipe()
-    names = apply_optimizations(pipe, _settings(tmp_path, compile="regional", fuse_qkv=True), CPU)
-    assert names == ["fuse_qkv", "compile_regional"]  # no VAE compile on CPU: it only costs start-up
-    assert np.abs(_run(pipe) - reference).max() < 1e-4
-
-
 def _bytes(module: torch.nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in module.state_dict().values())
 
@@ -279,7 +271,7 @@ def test_fp8_releases_each_bf16_linear_once_its_fp8_copy_exists(monkeypatch: pyt
 
 
 _SERVE_ONCE = """
-import json, sys, torch
+import json, sys, numpy, torch
 from torch._dynamo.utils import counters
 from fluxserve.engine.device import select_device_dtype
 from fluxserve.engine.optimize import apply_optimizations
@@ -289,33 +281,64 @@ from fluxserve.settings import Settings
 pipe = build_tiny_pipeline("flux")
 pipe.set_progress_bar_config(disable=True)
 settings = Settings(cache_dir=sys.argv[1], compile="regional", fuse_qkv=True).engine
-apply_optimizations(pipe, settings, select_device_dtype("cpu"))
-with torch.inference_mode():
-    pipe("a red fox", num_inference_steps=1, guidance_scale=0.0, height=64, width=64, max_sequence_length=32)
+print(json.dumps(apply_optimizations(pipe, settings, select_device_dtype("cpu"))))
+with torch.inference_mode():  # the call _run makes
+    image = pipe("a red fox", num_inference_steps=2, guidance_scale=0.0, height=64, width=64, output_type="np",
+                 max_sequence_length=32, generator=torch.Generator("cpu").manual_seed(0)).images
+numpy.save(sys.argv[2], image)
 print(json.dumps({k: v for k, v in counters["inductor"].items() if k.startswith("fxgraph_cache")}))
 """
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(400)
-def test_a_second_start_with_the_same_cache_dir_compiles_nothing(tmp_path: Any) -> None:
-    """What makes a replica's warm start: a second process given the FLUX_CACHE_DIR of a first one finds every
-    regionally compiled graph in FLUX_CACHE_DIR/inductor (FX-graph cache hits, no miss), so it compiles
-    nothing; the first one compiled them there."""
+def _start(cache_dir: Path, image: Path) -> tuple[list[str], dict[str, int]]:
+    """One process that regionally compiles the tiny model with FLUX_CACHE_DIR=cache_dir and runs it once, saving
+    the image: (the optimizations applied, its FX-graph cache counters)."""
     import json
     import os
     import subprocess
     import sys
 
     env = {k: v for k, v in os.environ.items() if k not in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")}
+    done = subprocess.run([sys.executable, "-c", _SERVE_ONCE, str(cache_dir), str(image)], env=env,
+                          capture_output=True, text=True, timeout=380, check=True)
+    names, counts = done.stdout.strip().splitlines()[-2:]
+    return list(json.loads(names)), dict(json.loads(counts))
 
-    def start() -> dict[str, int]:
-        done = subprocess.run([sys.executable, "-c", _SERVE_ONCE, str(tmp_path)], env=env, capture_output=True,
-                              text=True, timeout=380, check=True)
-        return dict(json.loads(done.stdout.strip().splitlines()[-1]))
 
-    first = start()
+@pytest.fixture(scope="module")
+def first_start(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str], dict[str, int]]:
+    """A first process compiles the tiny model's regional graphs into a fresh FLUX_CACHE_DIR (cold: the
+    slowest step here, done once for the tests below): (that directory, its optimizations, its counters)."""
+    cache_dir = tmp_path_factory.mktemp("compile-cache")
+    names, counts = _start(cache_dir, cache_dir / "first.npy")
+    return cache_dir, names, counts
+
+
+@pytest.mark.timeout(400)
+def test_regional_compile_on_cpu(first_start: tuple[Path, list[str], dict[str, int]],
+                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Regional compile of the tiny model on CPU: same image within float tolerance, both from the process
+    that compiled it cold and from this one, which compiles it with that process's FLUX_CACHE_DIR."""
+    cache_dir, first_names, _ = first_start
+    reference = _run(_pipe())
+    assert first_names == ["fuse_qkv", "compile_regional"]  # no VAE compile on CPU: it only costs start-up
+    assert np.abs(np.load(cache_dir / "first.npy") - reference).max() < 1e-4
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)  # FLUX_CACHE_DIR decides, as in a server
+    pipe = _pipe()
+    names = apply_optimizations(pipe, _settings(cache_dir, compile="regional", fuse_qkv=True), CPU)
+    assert names == ["fuse_qkv", "compile_regional"]
+    assert np.abs(_run(pipe) - reference).max() < 1e-4
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_a_second_start_with_the_same_cache_dir_compiles_nothing(
+        first_start: tuple[Path, list[str], dict[str, int]], tmp_path: Path) -> None:
+    """What makes a replica's warm start: a second process given the FLUX_CACHE_DIR of a first one finds every
+    regionally compiled graph in FLUX_CACHE_DIR/inductor (FX-graph cache hits, no miss), so it compiles
+    nothing; the first one compiled them there."""
+    cache_dir, _, first = first_start
     assert first.get("fxgraph_cache_miss", 0) >= 2 and not first.get("fxgraph_cache_hit")  # double + single block
-    assert any((tmp_path / "inductor").rglob("*"))
-    second = start()
+    assert any((cache_dir / "inductor").rglob("*"))
+    _, second = _start(cache_dir, tmp_path / "second.npy")
     assert second.get("fxgraph_cache_hit", 0) == first["fxgraph_cache_miss"] and not second.get("fxgraph_cache_miss")
