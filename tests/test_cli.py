@@ -75,6 +75,16 @@ def test_make_tiny_model(tmp_path: Path) -> None:
     assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_the_command_exits_with_its_code_and_what_it_left_alive_frozen(tmp_path: Path) -> None:
+    """``run`` (the command's entry point) exits with main's code, with what main left alive frozen, so the
+    interpreter's final garbage collections do not walk it again."""
+    script = ("import atexit, gc\nfrom fluxserve import cli\ncli.main = lambda: 3\n"
+              "atexit.register(lambda: print('frozen:', gc.get_freeze_count() > 0))\ncli.run()\n")
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 3, done.stderr
+    assert done.stdout.strip() == "frozen: True"
+
+
 def imported_modules(importtime_stderr: str) -> set[str]:
     """Top-level names of every module that ``python -X importtime`` reports as imported."""
     names = set()

@@ -1,5 +1,3 @@
-import sys
+from fluxserve.cli import run
 
-from fluxserve.cli import main
-
-sys.exit(main())
+run()

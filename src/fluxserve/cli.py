@@ -7,11 +7,12 @@ registry to list model keys, and everything else (settings, the server, the engi
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 log = logging.getLogger("fluxserve")
 
@@ -217,5 +218,15 @@ def main(argv: list[str] | None = None) -> int:
         raise
 
 
+def run() -> NoReturn:
+    """The process's entry point (the ``fluxserve`` command, ``python -m fluxserve``): :func:`main`, then exit."""
+    code = main()
+    # Whatever is alive now lives until the exit: frozen, it is not walked again by the interpreter's final
+    # garbage collections (torch, diffusers and transformers leave ~0.5M objects: ~1.5 s after every command
+    # and every server stop).
+    gc.freeze()
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()
