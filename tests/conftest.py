@@ -34,6 +34,12 @@ for _name in [n for n in os.environ if n.startswith("FLUX_") and n != "FLUX_TEST
 # Settings built without make_settings keep their job store in a directory of this run, never in the
 # developer's own state directory.
 os.environ["FLUX_STATE_DIR"] = tempfile.mkdtemp(prefix="fluxserve-test-state-")
+# One torch (OpenMP) thread in each test process and in the processes it starts, unless the environment says
+# otherwise. The suite runs in parallel processes, each with servers of its own, that share the machine's cores:
+# with a thread per core in each, OpenMP threads spin while they wait for descheduled ones, and two processes
+# computing at once took ~10x as long as one. The tiny models gain nothing from a second thread, and a server on
+# the CPU leaves a core to its event loop anyway (one thread on two cores). Set before torch is imported.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @pytest.fixture(autouse=True)
