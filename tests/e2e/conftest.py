@@ -1,7 +1,10 @@
-"""Fixtures of this package. Real servers are started once for the package and shared by its modules (a start
-costs seconds on two cores): one for the studio's browser tests (test_browser*.py) and one for the API tests
-(the openai client, edits, LoRAs, every family, clients people already use). The browser tests also get a
-real headless Chromium (Debian's package, driven by Playwright) per module, and a fresh tab per test."""
+"""Fixtures of this package. Real servers are started once and shared by its modules (a start costs seconds on two
+cores): one for the studio's browser tests (test_browser*.py) and one for the API tests (the openai client,
+edits, LoRAs, every family, clients people already use). Each is started by the first test of a test process
+that needs it and kept until the session ends: with the suite in parallel processes, modules of other packages
+run between this package's modules, and a package-scoped server was stopped and started again around each of
+them. The browser tests also get a real headless Chromium (Debian's package, driven by Playwright) per module,
+and a fresh tab per test."""
 
 from __future__ import annotations
 
@@ -65,12 +68,12 @@ def page(browser: Browser, request: pytest.FixtureRequest) -> Iterator[Page]:
     assert not problems, "the page reported errors:\n" + "\n".join(problems)
 
 
-@pytest.fixture(scope="package")
+@pytest.fixture(scope="session")
 def studio_outputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("studio") / "outputs"
 
 
-@pytest.fixture(scope="package")
+@pytest.fixture(scope="session")
 def studio_server(cache_dir: Path, studio_outputs: Path) -> Iterator[ServerProcess]:
     """One real server (tiny-flux, plus tiny-qwen on demand) for the browser tests that need no special
     settings, in every module.
@@ -94,13 +97,13 @@ def studio_server(cache_dir: Path, studio_outputs: Path) -> Iterator[ServerProce
         server.stop()
 
 
-@pytest.fixture(scope="package")
+@pytest.fixture(scope="session")
 def live_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The shared API server's own files: its log, outputs, job store and LoRA library (``loras/``)."""
     return tmp_path_factory.mktemp("e2e-api")
 
 
-@pytest.fixture(scope="package")
+@pytest.fixture(scope="session")
 def live(cache_dir: Path, live_dir: Path) -> Iterator[ServerProcess]:
     """One real server on tiny-flux for the API tests of every module here that need no settings of their own.
 
