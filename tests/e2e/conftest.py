@@ -1,7 +1,7 @@
 """Fixtures of this package. Real servers are started once and shared by its modules (a start costs seconds on two
 cores): one for the studio's browser tests (test_browser*.py) and one for the API tests (the openai client,
 edits, LoRAs, every family, clients people already use). Each is started by the first test of a test process
-that needs it and kept until the session ends: with the suite in parallel processes, modules of other packages
+that needs it and kept until that process ends: with the suite in parallel processes, modules of other packages
 run between this package's modules, and a package-scoped server was stopped and started again around each of
 them. The browser tests also get a real headless Chromium (Debian's package, driven by Playwright) per module,
 and a fresh tab per test."""
