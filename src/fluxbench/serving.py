@@ -803,9 +803,6 @@ class ServerProcess:
         env.update({
             "FLUX_CACHE_DIR": str(self.cache_dir), "FLUX_STORE_LOCAL": "0", "FLUX_ALLOW_ANY_MODEL": "1",
             "FLUX_WARMUP_SIZES": ",".join(self.warmup_sizes), "FLUX_LOG_LEVEL": "INFO",
-            # Every request sends this text length; warming only the model's default (512 for a FLUX.1
-            # checkpoint outside the registry) left a compile for the first request after /ready.
-            "FLUX_WARMUP_TEXT_LENGTHS": str(MAX_SEQUENCE_LENGTH),
             "FLUX_OUTPUT_DIR": str(self.cache_dir / "outputs"), "FLUX_MAX_BATCH": "4",
             "PYTHONUNBUFFERED": "1",
         })
@@ -1452,8 +1449,10 @@ def _run_variants(args: argparse.Namespace, device: str, cases: list[Case], mode
             pair = not device.startswith("cuda") and "engine" in paths and "http" in paths
             if "http" in paths:
                 sizes = list(dict.fromkeys(f"{c.width}x{c.height}" for c in vcases))
+                # run_http sends MAX_SEQUENCE_LENGTH: warming only the model's default (512 for a FLUX.1
+                # checkpoint outside the registry) would leave a compile for the first request after /ready.
                 server = ServerProcess(model_name, device, mode, cache_dir, work / f"server-{variant}-{mode}.log",
-                                       sizes)
+                                       sizes, env={"FLUX_WARMUP_TEXT_LENGTHS": str(MAX_SEQUENCE_LENGTH)})
                 key = f"{variant}_{mode}"
                 try:
                     with _phase(f"http_{key}", timings):
